@@ -1,0 +1,487 @@
+"""var_jax.losses against an independent NumPy float64 reference written here, from the math page alone."""
+import math
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from var_jax import losses
+
+F32_EPS = np.finfo(np.float32).eps
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# NumPy float64 reference (written from ../shared/docs/var-math.md, not from losses.py).
+
+
+def np_logsumexp(x):
+  x = np.asarray(x, np.float64)
+  if x.size == 0:
+    return -np.inf
+  m = x.max()
+  return m + math.log(np.exp(x - m).sum())
+
+
+def np_sequence_logprobs(logits, targets, mask):
+  logits = np.asarray(logits, np.float64)
+  b, t, _ = logits.shape
+  out, count = np.zeros(b), np.zeros(b)
+  for i in range(b):
+    for j in range(t):
+      if mask[i, j]:
+        out[i] += logits[i, j, targets[i, j]] - np_logsumexp(logits[i, j])
+        count[i] += 1
+  return out, count
+
+
+def np_candidates(owner, num_prompts, normalizer, valid):
+  """List, per prompt p, of the candidate response indices n."""
+  n = len(owner)
+  real = [k for k in range(n) if valid[k]]
+  if normalizer == "per_prompt":
+    return [[k for k in real if owner[k] == p] for p in range(num_prompts)]
+  return [list(real) for _ in range(num_prompts)]
+
+
+def np_var_weights(ref, rew, owner, lam, normalizer, valid=None):
+  ref, rew = np.asarray(ref, np.float64), np.asarray(rew, np.float64)
+  num_prompts, n = ref.shape
+  valid = np.ones(n, bool) if valid is None else np.asarray(valid)
+  cands = np_candidates(owner, num_prompts, normalizer, valid)
+
+  def score(p, k):
+    if normalizer == "cross_context":
+      return ref[p, k] + rew[p, k] / lam
+    return ref[owner[k], k] + rew[owner[k], k] / lam  # own-context score, whatever row it sits in
+
+  log_z = [np_logsumexp([score(p, k) for k in cands[p]]) for p in range(num_prompts)]
+  w = np.zeros(n)
+  for k in range(n):
+    if valid[k]:
+      p = owner[k]
+      w[k] = math.exp(score(p, k) - log_z[p])
+  return w
+
+
+def np_var_loss(logps, w, num_prompts, num_tokens=None, reduction="prompt_mean"):
+  logps, w = np.asarray(logps, np.float64), np.asarray(w, np.float64)
+  total = sum(wi * li for wi, li in zip(w, logps))
+  if reduction == "prompt_mean":
+    return -total / num_prompts
+  return -total / sum(wi * ni for wi, ni in zip(w, num_tokens))
+
+
+def np_log_sigmoid(x):
+  x = np.asarray(x, np.float64)
+  return -np.logaddexp(0.0, -x)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Random groups with uneven numbers of responses per prompt.
+
+
+def random_owner(rng, num_prompts, max_per_prompt):
+  counts = rng.integers(1, max_per_prompt + 1, size=num_prompts)
+  owner = np.repeat(np.arange(num_prompts), counts)
+  return rng.permutation(owner).astype(np.int32)
+
+
+def random_group(rng, num_prompts, max_per_prompt=3, pad=0):
+  owner = random_owner(rng, num_prompts, max_per_prompt)
+  n = len(owner) + pad
+  owner = np.concatenate([owner, rng.integers(0, num_prompts, size=pad).astype(np.int32)])
+  valid = np.arange(n) < n - pad
+  ref = rng.normal(-40.0, 15.0, size=(num_prompts, n)).astype(np.float32)
+  rew = rng.normal(0.0, 2.0, size=(num_prompts, n)).astype(np.float32)
+  return ref, rew, owner, valid
+
+
+SHAPES = [(1, 2), (2, 3), (4, 2), (8, 3), (5, 4)]
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 5), (2, 7, 11), (3, 16, 50)])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_sequence_logprobs_matches_numpy(shape, dtype):
+  rng = np.random.default_rng(sum(shape))
+  b, t, v = shape
+  logits = (rng.normal(size=shape) * 4).astype(np.float32)
+  logits = np.asarray(jnp.asarray(logits, dtype).astype(jnp.float32))  # the values the function actually sees
+  targets = rng.integers(0, v, size=(b, t)).astype(np.int32)
+  mask = rng.random((b, t)) < 0.6
+  got_sum, got_count = losses.sequence_logprobs(jnp.asarray(logits, dtype), jnp.asarray(targets), jnp.asarray(mask))
+  ref_sum, ref_count = np_sequence_logprobs(logits, targets, mask)
+  assert got_sum.dtype == jnp.float32
+  np.testing.assert_allclose(got_sum, ref_sum, rtol=1e-5, atol=1e-4)
+  np.testing.assert_array_equal(got_count, ref_count)
+
+
+def test_sequence_logprobs_ignores_garbage_under_mask():
+  logits = jnp.zeros((1, 3, 4)).at[0, 2].set(jnp.nan)
+  targets = jnp.array([[1, 2, 99]])  # out-of-vocabulary pad id under the mask
+  mask = jnp.array([[1, 1, 0]])
+  logp, count = losses.sequence_logprobs(logits, targets, mask)
+  np.testing.assert_allclose(logp, [2 * -math.log(4)], rtol=1e-6)
+  assert float(count[0]) == 2
+
+
+def test_var_scores_matches_numpy():
+  rng = np.random.default_rng(0)
+  ref, rew = rng.normal(size=(3, 5)).astype(np.float32), rng.normal(size=(3, 5)).astype(np.float32)
+  np.testing.assert_allclose(losses.var_scores(ref, rew, 0.3), ref.astype(np.float64) + rew / 0.3, rtol=1e-6)
+
+
+@pytest.mark.parametrize("normalizer", losses.NORMALIZERS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_candidate_mask_matches_numpy(normalizer, shape):
+  rng = np.random.default_rng(shape[0] * 10 + shape[1])
+  _, _, owner, valid = random_group(rng, shape[0], shape[1], pad=1)
+  got = np.asarray(losses.candidate_mask(jnp.asarray(owner), shape[0], normalizer, jnp.asarray(valid)))
+  want = np.zeros_like(got)
+  for p, cands in enumerate(np_candidates(owner, shape[0], normalizer, valid)):
+    want[p, cands] = True
+  np.testing.assert_array_equal(got, want)
+
+
+def test_log_partition_matches_numpy():
+  rng = np.random.default_rng(1)
+  scores = rng.normal(scale=50, size=(6, 9)).astype(np.float32)
+  valid = rng.random((6, 9)) < 0.5
+  valid[:, 0] = True
+  got = losses.log_partition(jnp.asarray(scores), jnp.asarray(valid))
+  want = [np_logsumexp(scores[p][valid[p]]) for p in range(6)]
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("normalizer", losses.NORMALIZERS)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("pad", [0, 2])
+@pytest.mark.parametrize("lam", [0.1, 7.0])
+def test_var_weights_matches_numpy(normalizer, shape, pad, lam):
+  rng = np.random.default_rng(zlib.crc32(repr((normalizer, shape, pad, lam)).encode()))
+  ref, rew, owner, valid = random_group(rng, *shape, pad=pad)
+  got = losses.var_weights(jnp.asarray(ref), jnp.asarray(rew), jnp.asarray(owner), lam, normalizer,
+                           valid=jnp.asarray(valid))
+  want = np_var_weights(ref, rew, owner, lam, normalizer, valid)
+  np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-7)
+  assert np.all(np.asarray(got)[~valid] == 0)
+  if normalizer == "per_prompt":
+    np.testing.assert_allclose(np.bincount(owner[valid], np.asarray(got)[valid], minlength=shape[0]), 1.0,
+                               rtol=1e-5)
+  if normalizer == "batch":
+    np.testing.assert_allclose(np.sum(got), 1.0, rtol=1e-5)
+
+
+def test_var_weights_own_context_normalizers_read_only_own_entries():
+  rng = np.random.default_rng(2)
+  ref, rew, owner, _ = random_group(rng, 4, 3)
+  off = np.ones_like(ref, bool)
+  off[owner, np.arange(len(owner))] = False
+  ref2, rew2 = ref.copy(), rew.copy()
+  ref2[off], rew2[off] = np.nan, 1e30  # must never be read
+  for normalizer in ("per_prompt", "batch"):
+    a = losses.var_weights(ref, rew, owner, 0.5, normalizer)
+    b = losses.var_weights(ref2, rew2, owner, 0.5, normalizer)
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("reduction", losses.REDUCTIONS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_var_loss_matches_numpy(reduction, shape):
+  rng = np.random.default_rng(shape[0] + 100 * shape[1])
+  ref, rew, owner, valid = random_group(rng, *shape, pad=1)
+  w = np.asarray(losses.var_weights(ref, rew, owner, 0.7, "cross_context", valid=valid))
+  logps = rng.normal(-30, 10, size=len(owner)).astype(np.float32)
+  ntok = rng.integers(1, 40, size=len(owner)).astype(np.float32)
+  got = losses.var_loss(jnp.asarray(logps), jnp.asarray(w), shape[0], num_tokens=jnp.asarray(ntok),
+                        reduction=reduction)
+  np.testing.assert_allclose(got, np_var_loss(logps, w, shape[0], ntok, reduction), rtol=1e-5)
+
+
+def test_sft_loss_matches_numpy_and_var_loss_with_chosen_weights():
+  rng = np.random.default_rng(3)
+  logps = rng.normal(-30, 10, size=8).astype(np.float32)
+  ntok = rng.integers(1, 40, size=8).astype(np.float32)
+  np.testing.assert_allclose(losses.sft_loss(logps, ntok), -logps.astype(np.float64).sum() / ntok.sum(), rtol=1e-6)
+  chosen = np.arange(8) % 2 == 0
+  as_var = losses.var_loss(logps, chosen.astype(np.float32), 4, num_tokens=ntok, reduction="token_mean")
+  np.testing.assert_allclose(as_var, losses.sft_loss(logps[chosen], ntok[chosen]), rtol=1e-6)
+
+
+@pytest.mark.parametrize("beta", [0.01, 0.1, 1.0])
+def test_dpo_and_bradley_terry_match_numpy(beta):
+  rng = np.random.default_rng(int(beta * 100))
+  pc, pr, rc, rr = (rng.normal(-50, 20, size=7).astype(np.float32) for _ in range(4))
+  want = -np.mean(np_log_sigmoid(beta * ((pc.astype(np.float64) - rc) - (pr.astype(np.float64) - rr))))
+  np.testing.assert_allclose(losses.dpo_loss(pc, pr, rc, rr, beta), want, rtol=1e-5)
+  np.testing.assert_allclose(losses.bradley_terry_loss(pc / 10, pr / 10),
+                             -np.mean(np_log_sigmoid(pc.astype(np.float64) / 10 - pr / 10)), rtol=1e-5)
+  # Stable for huge margins (no log(0)).
+  big = losses.dpo_loss(jnp.array([0.0]), jnp.array([-1e6]), jnp.array([0.0]), jnp.array([0.0]), 1.0)
+  assert float(big) == 0.0
+  huge_wrong = losses.bradley_terry_loss(jnp.array([-1e6]), jnp.array([0.0]))
+  np.testing.assert_allclose(huge_wrong, 1e6, rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Gradients.
+
+
+@pytest.mark.parametrize("normalizer", losses.NORMALIZERS)
+def test_var_loss_gradient_is_minus_w_over_p_and_none_flows_into_scores(normalizer):
+  rng = np.random.default_rng(4)
+  ref, rew, owner, valid = random_group(rng, 4, 3, pad=1)
+  logps = jnp.asarray(rng.normal(-30, 10, size=len(owner)).astype(np.float32))
+
+  def loss(logps, ref, rew):
+    w = losses.var_weights(ref, rew, jnp.asarray(owner), 0.5, normalizer, valid=jnp.asarray(valid))
+    return losses.var_loss(logps, w, 4)
+
+  g_logps, g_ref, g_rew = jax.grad(loss, argnums=(0, 1, 2))(logps, jnp.asarray(ref), jnp.asarray(rew))
+  w = np_var_weights(ref, rew, owner, 0.5, normalizer, valid)
+  np.testing.assert_allclose(g_logps, -w / 4, rtol=1e-5, atol=1e-9)
+  assert not np.any(g_ref) and not np.any(g_rew)
+
+
+def test_log_partition_gradient_is_softmax_and_finite_with_masks():
+  scores = jnp.array([[1.0, 2.0, -jnp.inf], [3.0, 0.0, 0.0]])
+  valid = jnp.array([[True, True, False], [True, False, True]])
+  g = jax.grad(lambda s: losses.log_partition(s, valid).sum())(scores)
+  want = np.array([[1 / (1 + math.e), math.e / (1 + math.e), 0], [math.e**3 / (1 + math.e**3), 0, 1 / (1 + math.e**3)]])
+  np.testing.assert_allclose(g, want, rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Extremes, invariances and known limits.
+
+
+@pytest.mark.parametrize("normalizer", losses.NORMALIZERS)
+@pytest.mark.parametrize("lam", [1e-3, 1.0, 1e3])
+def test_extreme_values_are_finite_and_match_float64(normalizer, lam):
+  rng = np.random.default_rng(5)
+  num_prompts, n = 4, 8
+  owner = np.repeat(np.arange(num_prompts), 2).astype(np.int32)
+  ref = rng.uniform(-1e5, 0, size=(num_prompts, n)).astype(np.float32)
+  rew = (rng.uniform(-1e4, 1e4, size=(num_prompts, n)) * lam).astype(np.float32)  # |r / lam| up to 1e4
+  got = np.asarray(losses.var_weights(ref, rew, owner, lam, normalizer))
+  want = np_var_weights(ref, rew, owner, lam, normalizer)
+  assert np.all(np.isfinite(got))
+  # float32 tolerance: s is formed in float32 from values of magnitude ~1e5, so exp(s - logZ) carries a relative
+  # error of about eps32 * |s|; compare log-weights where they are representable, and weights everywhere.
+  scale = float(np.max(np.abs(ref)) + np.max(np.abs(rew / lam)))
+  tol = 4 * F32_EPS * scale
+  big = want > 1e-30
+  np.testing.assert_allclose(np.log(got[big]), np.log(want[big]), atol=tol)
+  np.testing.assert_allclose(got, want, atol=tol * max(want.max(), 1e-30) + 1e-30)
+
+
+@pytest.mark.parametrize("normalizer", ["cross_context", "per_prompt"])
+def test_adding_a_constant_to_a_prompts_row_leaves_weights_unchanged(normalizer):
+  rng = np.random.default_rng(6)
+  ref, rew, owner, _ = random_group(rng, 5, 3)
+  w0 = losses.var_weights(ref, rew, owner, 0.8, normalizer)
+  shifted = ref.copy()
+  shifted[2] += 1234.5
+  shifted[4] -= 77.0
+  np.testing.assert_allclose(losses.var_weights(shifted, rew, owner, 0.8, normalizer), w0, rtol=1e-4, atol=1e-7)
+  shifted_rew = rew.copy()
+  shifted_rew[1] += 3.0
+  np.testing.assert_allclose(losses.var_weights(ref, shifted_rew, owner, 0.8, normalizer), w0, rtol=1e-4, atol=1e-7)
+
+
+def test_adding_a_constant_to_all_scores_leaves_batch_weights_unchanged():
+  rng = np.random.default_rng(7)
+  ref, rew, owner, _ = random_group(rng, 4, 2)
+  w0 = losses.var_weights(ref, rew, owner, 0.8, "batch")
+  np.testing.assert_allclose(losses.var_weights(ref + 500.0, rew, owner, 0.8, "batch"), w0, rtol=1e-4, atol=1e-8)
+
+
+def test_per_prompt_pair_weight_is_sigmoid_of_score_difference():
+  rng = np.random.default_rng(8)
+  num_prompts = 6
+  owner = np.repeat(np.arange(num_prompts), 2).astype(np.int32)
+  ref = rng.normal(-20, 5, size=(num_prompts, 12)).astype(np.float32)
+  rew = rng.normal(size=(num_prompts, 12)).astype(np.float32)
+  lam = 0.4
+  w = np.asarray(losses.var_weights(ref, rew, owner, lam, "per_prompt"))
+  for p in range(num_prompts):
+    c, r = 2 * p, 2 * p + 1
+    s_c = float(ref[p, c]) + float(rew[p, c]) / lam
+    s_r = float(ref[p, r]) + float(rew[p, r]) / lam
+    np.testing.assert_allclose(w[c], 1 / (1 + math.exp(-(s_c - s_r))), rtol=1e-5)
+
+
+@pytest.mark.parametrize("normalizer", losses.NORMALIZERS)
+def test_large_lambda_gives_uniform_weights_with_zero_ref(normalizer):
+  rng = np.random.default_rng(9)
+  ref, rew, owner, _ = random_group(rng, 4, 3)
+  w = np.asarray(losses.var_weights(np.zeros_like(ref), rew, owner, 1e9, normalizer))
+  n, num_prompts = len(owner), 4
+  counts = np.bincount(owner, minlength=num_prompts)
+  want = {"cross_context": np.full(n, 1 / n), "per_prompt": 1 / counts[owner], "batch": np.full(n, 1 / n)}[normalizer]
+  np.testing.assert_allclose(w, want, rtol=1e-5)
+
+
+def test_small_lambda_concentrates_on_the_best_reward():
+  rng = np.random.default_rng(10)
+  ref, rew, owner, _ = random_group(rng, 4, 3)
+  w = np.asarray(losses.var_weights(ref, rew, owner, 1e-4, "per_prompt"))
+  for p in range(4):
+    mine = np.flatnonzero(owner == p)
+    best = mine[np.argmax(rew[p, mine])]
+    np.testing.assert_allclose(w[best], 1.0, atol=1e-6)
+  wb = np.asarray(losses.var_weights(ref, rew, owner, 1e-4, "batch"))
+  own_rew = rew[owner, np.arange(len(owner))]
+  np.testing.assert_allclose(wb[np.argmax(own_rew)], 1.0, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Metrics.
+
+
+def test_var_metrics_match_numpy():
+  rng = np.random.default_rng(11)
+  ref, rew, owner, valid = random_group(rng, 5, 3, pad=2)
+  is_chosen = rng.random(len(owner)) < 0.5
+  w = np_var_weights(ref, rew, owner, 0.6, "cross_context", valid)
+  got = losses.var_metrics(jnp.asarray(w, jnp.float32), jnp.asarray(owner), 5, is_chosen=jnp.asarray(is_chosen),
+                           valid=jnp.asarray(valid))
+  wv = np.where(valid, w, 0)
+  sums = np.array([wv[(owner == p) & valid].sum() for p in range(5)])
+  sqs = np.array([(wv[(owner == p) & valid] ** 2).sum() for p in range(5)])
+  np.testing.assert_allclose(got["weight_mean"], wv[valid].mean(), rtol=1e-5)
+  np.testing.assert_allclose(got["weight_max"], wv.max(), rtol=1e-5)
+  np.testing.assert_allclose(got["ess"], np.mean(sums**2 / sqs), rtol=1e-5)
+  np.testing.assert_allclose(got["own_mass"], sums.mean(), rtol=1e-5)
+  np.testing.assert_allclose(got["chosen_weight_frac"], wv[is_chosen].sum() / wv.sum(), rtol=1e-5)
+  assert float(got["zero_weight_prompts"]) == 0
+
+
+def test_per_prompt_ess_is_one_over_sum_of_squares():
+  owner = jnp.array([0, 0, 1, 1])
+  w = jnp.array([0.5, 0.5, 1.0, 0.0])
+  got = losses.var_metrics(w, owner, 2)
+  np.testing.assert_allclose(got["ess"], (2.0 + 1.0) / 2)
+
+
+def test_dpo_and_bt_metrics_match_numpy():
+  rng = np.random.default_rng(12)
+  pc, pr, rc, rr = (rng.normal(-50, 20, size=9).astype(np.float64) for _ in range(4))
+  m = losses.dpo_metrics(*(jnp.asarray(x, jnp.float32) for x in (pc, pr, rc, rr)), 0.1)
+  rwc, rwr = 0.1 * (pc - rc), 0.1 * (pr - rr)
+  np.testing.assert_allclose(m["rewards_chosen"], rwc.mean(), rtol=1e-4)
+  np.testing.assert_allclose(m["rewards_rejected"], rwr.mean(), rtol=1e-4)
+  np.testing.assert_allclose(m["margin"], (rwc - rwr).mean(), rtol=1e-4)
+  np.testing.assert_allclose(m["accuracy"], np.mean(rwc > rwr))
+  bt = losses.bradley_terry_metrics(jnp.asarray(pc, jnp.float32), jnp.asarray(pr, jnp.float32))
+  np.testing.assert_allclose(bt["accuracy"], np.mean(pc > pr))
+  np.testing.assert_allclose(bt["margin"], np.mean(pc - pr), rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# jit, vmap and compile-once.
+
+
+def test_jit_compiles_once_per_shape_and_matches_eager():
+  traces = []
+
+  @jax.jit
+  def step(ref, rew, owner, valid, logps, ntok):
+    traces.append(1)
+    w = losses.var_weights(ref, rew, owner, 0.5, "cross_context", valid=valid)
+    return (losses.var_loss(logps, w, ref.shape[0], num_tokens=ntok, reduction="token_mean"),
+            losses.var_metrics(w, owner, ref.shape[0], valid=valid))
+
+  rng = np.random.default_rng(13)
+  for _ in range(4):
+    n = 7
+    ref, rew = rng.normal(size=(3, n)).astype(np.float32), rng.normal(size=(3, n)).astype(np.float32)
+    owner = np.array([0, 0, 1, 1, 2, 2, 2], np.int32)
+    valid = np.ones(n, bool)
+    logps, ntok = rng.normal(-10, 2, size=n).astype(np.float32), np.full(n, 5.0, np.float32)
+    loss, _ = step(ref, rew, owner, valid, logps, ntok)
+    w = np_var_weights(ref, rew, owner, 0.5, "cross_context")
+    np.testing.assert_allclose(loss, np_var_loss(logps, w, 3, ntok, "token_mean"), rtol=1e-5)
+  assert len(traces) == 1
+
+
+def test_vmap_over_groups_matches_per_group_calls():
+  rng = np.random.default_rng(14)
+  g, num_prompts, n = 3, 4, 8
+  owner = np.tile(np.repeat(np.arange(num_prompts), 2), (g, 1)).astype(np.int32)
+  ref = rng.normal(-20, 5, size=(g, num_prompts, n)).astype(np.float32)
+  rew = rng.normal(size=(g, num_prompts, n)).astype(np.float32)
+  batched = jax.vmap(lambda r, q, o: losses.var_weights(r, q, o, 0.3, "cross_context"))(ref, rew, owner)
+  for i in range(g):
+    np.testing.assert_allclose(batched[i], np_var_weights(ref[i], rew[i], owner[i], 0.3, "cross_context"), rtol=2e-5)
+
+
+def test_nonfinite_inside_jit_is_excluded_not_propagated():
+  owner = jnp.array([0, 0, 1, 1])
+  ref = jnp.zeros((2, 4))
+  rew = jnp.array([[1.0, jnp.nan, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
+  w = jax.jit(lambda r: losses.var_weights(ref, r, owner, 1.0, "per_prompt"))(rew)
+  np.testing.assert_allclose(w, [1.0, 0.0, 0.5, 0.5], rtol=1e-6)
+  all_bad = rew.at[0, 0].set(jnp.inf)
+  w2 = jax.jit(lambda r: losses.var_weights(ref, r, owner, 1.0, "per_prompt"))(all_bad)
+  assert np.all(np.isfinite(w2))
+  assert float(losses.var_metrics(w2, owner, 2)["zero_weight_prompts"]) == 1
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Bad input: clear errors at the boundary.
+
+
+@pytest.mark.parametrize("lam", [0.0, -1.0, float("nan"), float("inf")])
+def test_bad_lambda_raises(lam):
+  with pytest.raises(ValueError, match="lam must be a finite number > 0"):
+    losses.var_weights(jnp.zeros((1, 2)), jnp.zeros((1, 2)), jnp.array([0, 0]), lam)
+
+
+def test_mismatched_shapes_raise_naming_the_argument():
+  with pytest.raises(ValueError, match=r"rewards has shape \(2, 3\), expected \(2, 4\)"):
+    losses.var_weights(jnp.zeros((2, 4)), jnp.zeros((2, 3)), jnp.array([0, 0, 1, 1]), 1.0)
+  with pytest.raises(ValueError, match="owner has shape"):
+    losses.var_weights(jnp.zeros((2, 4)), jnp.zeros((2, 4)), jnp.array([0, 1]), 1.0)
+  with pytest.raises(ValueError, match="weights has shape"):
+    losses.var_loss(jnp.zeros(4), jnp.zeros(3), 2)
+  with pytest.raises(ValueError, match="targets has shape"):
+    losses.sequence_logprobs(jnp.zeros((2, 3, 5)), jnp.zeros((2, 4), jnp.int32), jnp.zeros((2, 3)))
+  with pytest.raises(ValueError, match="ref_rejected has shape"):
+    losses.dpo_loss(jnp.zeros(3), jnp.zeros(3), jnp.zeros(3), jnp.zeros(2), 0.1)
+  # Shape errors are raised at trace time inside jit too.
+  with pytest.raises(ValueError, match="rewards has shape"):
+    jax.jit(lambda a, b: losses.var_weights(a, b, jnp.array([0, 1]), 1.0))(jnp.zeros((2, 2)), jnp.zeros((2, 3)))
+
+
+def test_owner_out_of_range_raises():
+  with pytest.raises(ValueError, match=r"owner\[2\] = 5 is out of range for 2 prompts"):
+    losses.var_weights(jnp.zeros((2, 3)), jnp.zeros((2, 3)), jnp.array([0, 1, 5]), 1.0)
+
+
+def test_prompt_with_no_candidate_raises():
+  with pytest.raises(ValueError, match="prompt 1 has no candidate response under normalizer 'per_prompt'"):
+    losses.var_weights(jnp.zeros((2, 3)), jnp.zeros((2, 3)), jnp.array([0, 0, 1]), 1.0, "per_prompt",
+                       valid=jnp.array([True, True, False]))
+
+
+@pytest.mark.parametrize("normalizer", losses.NORMALIZERS)
+def test_nonfinite_scores_raise_naming_the_entry(normalizer):
+  rew = np.zeros((2, 4), np.float32)
+  rew[1, 3] = np.nan
+  with pytest.raises(ValueError, match=r"rewards.*non-finite.*\(1, 3\)|rewards.*non-finite.*\(3,\)"):
+    losses.var_weights(jnp.zeros((2, 4)), jnp.asarray(rew), jnp.array([0, 0, 1, 1]), 1.0, normalizer)
+  ref = np.zeros((2, 4), np.float32)
+  ref[0, 1] = -np.inf
+  with pytest.raises(ValueError, match="ref_logps.*non-finite"):
+    losses.var_weights(jnp.asarray(ref), jnp.zeros((2, 4)), jnp.array([0, 0, 1, 1]), 1.0, normalizer)
+
+
+def test_unknown_option_raises():
+  with pytest.raises(ValueError, match="normalizer='global' is not one of"):
+    losses.var_weights(jnp.zeros((1, 2)), jnp.zeros((1, 2)), jnp.array([0, 0]), 1.0, "global")
+  with pytest.raises(ValueError, match="reduction='sum' is not one of"):
+    losses.var_loss(jnp.zeros(2), jnp.zeros(2), 1, reduction="sum")
+  with pytest.raises(ValueError, match="needs num_tokens"):
+    losses.var_loss(jnp.zeros(2), jnp.zeros(2), 1, reduction="token_mean")

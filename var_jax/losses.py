@@ -1,0 +1,331 @@
+"""The VAR objective and its baselines, as pure functions of arrays.
+
+Notation (see ../shared/docs/var-math.md):
+  P prompts x_1..x_P and N responses y_1..y_N in one normalizer group; response n belongs to prompt owner[n].
+  s[p, n] = log pi_ref(y_n | x_p) + r(x_p, y_n) / lam          score of candidate n under prompt p
+  logZ[p] = logsumexp_{n candidate of p} s[p, n]
+  w[n]    = exp(s[owner[n], n] - logZ[owner[n]])                 VAR weight, in [0, 1], no gradient
+  L       = -(1/P) sum_n w[n] log pi_theta(y_n | x_owner[n])
+
+Every function works under `jax.jit` (string options are static), `jax.grad` and `jax.vmap`.
+
+Bad input: shapes are checked at trace time (ValueError). Values (lam <= 0, owner out of range, a prompt with
+no candidate, NaN/inf scores) are checked when the arguments are concrete arrays, i.e. when called outside jit,
+which is how the data boundary calls them. Inside jit no host sync is possible; there a non-finite candidate is
+excluded from its partition (it gets weight 0) instead of turning every weight into NaN, and `var_metrics`
+reports prompts left with no weight so the training loop can stop with a message.
+"""
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+NORMALIZERS = ("cross_context", "per_prompt", "batch")
+REDUCTIONS = ("prompt_mean", "token_mean")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Input checks.
+
+
+def _is_concrete(*xs) -> bool:
+  """True when no argument is a tracer, i.e. values can be inspected on the host without a sync inside jit."""
+  return not any(isinstance(x, jax.core.Tracer) for x in xs)
+
+
+def _check_choice(name: str, value: str, choices) -> None:
+  if value not in choices:
+    raise ValueError(f"{name}={value!r} is not one of {choices}")
+
+
+def _check_shape(name: str, x, shape) -> None:
+  if tuple(jnp.shape(x)) != tuple(shape):
+    raise ValueError(f"{name} has shape {tuple(jnp.shape(x))}, expected {tuple(shape)}")
+
+
+def _check_lam(lam) -> None:
+  if jnp.ndim(lam) != 0:
+    raise ValueError(f"lam must be a scalar, got shape {jnp.shape(lam)}")
+  if _is_concrete(lam):
+    value = float(lam)
+    if not (np.isfinite(value) and value > 0):
+      raise ValueError(f"lam must be a finite number > 0, got {value}")
+
+
+def _check_finite(name: str, x, where=None) -> None:
+  """Raises naming the first non-finite entry of x (only where `where` is true). Concrete inputs only."""
+  if not _is_concrete(x, where):
+    return
+  bad = ~np.isfinite(np.asarray(x, dtype=np.float64))
+  if where is not None:
+    bad &= np.broadcast_to(np.asarray(where, dtype=bool), bad.shape)
+  if bad.any():
+    first = tuple(int(i) for i in np.argwhere(bad)[0])
+    raise ValueError(f"{name} has {int(bad.sum())} non-finite value(s), first at index {first}: "
+                     f"{np.asarray(x)[first]}")
+
+
+def _check_owner(owner, num_prompts: int) -> None:
+  if jnp.ndim(owner) != 1:
+    raise ValueError(f"owner must be a vector [N], got shape {jnp.shape(owner)}")
+  if not jnp.issubdtype(jnp.asarray(owner).dtype, jnp.integer):
+    raise ValueError(f"owner must be an integer array, got dtype {jnp.asarray(owner).dtype}")
+  if _is_concrete(owner):
+    o = np.asarray(owner)
+    bad = (o < 0) | (o >= num_prompts)
+    if bad.any():
+      n = int(np.argmax(bad))
+      raise ValueError(f"owner[{n}] = {int(o[n])} is out of range for {num_prompts} prompts")
+
+
+def _check_rows_nonempty(mask, normalizer: str) -> None:
+  if _is_concrete(mask):
+    empty = ~np.asarray(mask).any(axis=-1)
+    if empty.any():
+      p = int(np.argmax(empty))
+      raise ValueError(f"prompt {p} has no candidate response under normalizer {normalizer!r} "
+                       f"({int(empty.sum())} such prompt(s))")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Log-probabilities.
+
+
+def sequence_logprobs(logits, targets, mask):
+  """Per-sequence summed log-probability of the target tokens.
+
+  Args:
+    logits: [B, T, V] next-token logits, already aligned with targets (logits[b, t] predicts targets[b, t]).
+    targets: [B, T] int token ids.
+    mask: [B, T] 1 (or True) on response tokens, 0 on prompt and padding.
+  Returns:
+    (logp_sum [B] float32, num_tokens [B] float32). The log-softmax goes through logsumexp in float32 whatever
+    the logits dtype; masked positions contribute exactly 0 even if their logits are garbage.
+  """
+  if jnp.ndim(logits) != 3:
+    raise ValueError(f"logits must be [B, T, V], got shape {jnp.shape(logits)}")
+  _check_shape("targets", targets, jnp.shape(logits)[:2])
+  _check_shape("mask", mask, jnp.shape(logits)[:2])
+  logits = logits.astype(jnp.float32)
+  lse = jax.nn.logsumexp(logits, axis=-1)
+  target_logit = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  mask = mask.astype(jnp.float32)
+  token_logp = jnp.where(mask > 0, target_logit - lse, 0.0) * mask
+  return token_logp.sum(axis=-1), mask.sum(axis=-1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# VAR weights.
+
+
+def var_scores(ref_logps, rewards, lam):
+  """s = ref_logps + rewards / lam (elementwise; any matching shapes). lam > 0 is a scalar."""
+  _check_lam(lam)
+  if jnp.shape(ref_logps) != jnp.shape(rewards):
+    raise ValueError(f"ref_logps {jnp.shape(ref_logps)} and rewards {jnp.shape(rewards)} must have the same shape")
+  return ref_logps.astype(jnp.float32) + rewards.astype(jnp.float32) / jnp.asarray(lam, jnp.float32)
+
+
+def candidate_mask(owner, num_prompts: int, normalizer: str, valid=None):
+  """[P, N] bool: mask[p, n] says response n is a candidate in prompt p's partition function.
+
+  cross_context: every (valid) response of the group, scored under x_p (the paper's estimator).
+  per_prompt:    only p's own responses.
+  batch:         every response, with its own-context score (one logZ shared by all prompts; `var_weights`
+                 reads own-context scores for it, so all rows are the same).
+  Args:
+    owner: [N] int, owner[n] in [0, P) is the prompt of response n.
+    num_prompts: P (static).
+    normalizer: one of NORMALIZERS (static).
+    valid: optional [N] bool; False marks padded response slots, which are never candidates.
+  """
+  _check_choice("normalizer", normalizer, NORMALIZERS)
+  _check_owner(owner, num_prompts)
+  n = jnp.shape(owner)[0]
+  valid = jnp.ones((n,), bool) if valid is None else valid.astype(bool)
+  _check_shape("valid", valid, (n,))
+  if normalizer == "per_prompt":
+    mask = owner[None, :] == jnp.arange(num_prompts)[:, None]
+  else:
+    mask = jnp.ones((num_prompts, n), bool)
+  return mask & valid[None, :]
+
+
+def log_partition(scores, valid):
+  """[P] logsumexp over the valid candidates of each row of scores [P, N]; -inf for a row with none.
+
+  Stable for scores of any magnitude, and free of NaN in value and gradient for masked entries (they are
+  replaced before the exponential rather than masked after it).
+  """
+  if jnp.ndim(scores) != 2:
+    raise ValueError(f"scores must be [P, N], got shape {jnp.shape(scores)}")
+  _check_shape("valid", valid, jnp.shape(scores))
+  scores = scores.astype(jnp.float32)
+  valid = valid.astype(bool)
+  row_max = jnp.max(jnp.where(valid, scores, -jnp.inf), axis=-1)
+  row_max = jax.lax.stop_gradient(jnp.where(jnp.isfinite(row_max), row_max, 0.0))
+  shifted = jnp.where(valid, scores, row_max[:, None]) - row_max[:, None]
+  total = jnp.sum(jnp.where(valid, jnp.exp(shifted), 0.0), axis=-1)
+  return row_max + jnp.log(total)
+
+
+def own_context(matrix, owner):
+  """[N] entries matrix[owner[n], n] of a [P, N] matrix: each response under its own prompt."""
+  return jnp.take_along_axis(matrix, owner[None, :].astype(jnp.int32), axis=0)[0]
+
+
+def var_weights(ref_logps, rewards, owner, lam, normalizer: str = "cross_context", *, valid=None,
+                include_ref_logp: bool = True):
+  """VAR weights w [N] = exp(s[owner[n], n] - logZ[owner[n]]), stop-gradient.
+
+  Args:
+    ref_logps: [P, N] log pi_ref(y_n | x_p) (summed, or per-token mean for length normalisation).
+    rewards: [P, N] r(x_p, y_n). For "per_prompt" and "batch" only entries [owner[n], n] are read.
+    owner: [N] int prompt index of each response.
+    lam: scalar > 0, the KL coefficient lambda.
+    normalizer: "cross_context" | "per_prompt" | "batch" (static).
+    valid: optional [N] bool; padded response slots get weight 0 and are never candidates.
+    include_ref_logp: False when the responses were sampled from pi_ref itself (then pi_ref must not appear in s,
+      see the math page, section 3).
+  Returns:
+    w [N] float32 in [0, 1]; for "per_prompt" each prompt's weights sum to 1, for "batch" all weights sum to 1.
+  """
+  _check_choice("normalizer", normalizer, NORMALIZERS)
+  if jnp.ndim(ref_logps) != 2:
+    raise ValueError(f"ref_logps must be [P, N], got shape {jnp.shape(ref_logps)}")
+  num_prompts, n = jnp.shape(ref_logps)
+  _check_shape("rewards", rewards, (num_prompts, n))
+  _check_shape("owner", owner, (n,))
+  mask = candidate_mask(owner, num_prompts, normalizer, valid)
+  own_valid = valid if valid is not None else jnp.ones((n,), bool)
+  if not include_ref_logp:
+    ref_logps = jnp.zeros_like(ref_logps)
+  scores = var_scores(ref_logps, rewards, lam)
+  if normalizer == "cross_context":
+    _check_finite("ref_logps", ref_logps, mask)
+    _check_finite("rewards", rewards, mask)
+  else:
+    scores = jnp.broadcast_to(own_context(scores, owner)[None, :], (num_prompts, n))
+    _check_finite("ref_logps (own-context entries)", own_context(ref_logps, owner), own_valid)
+    _check_finite("rewards (own-context entries)", own_context(rewards, owner), own_valid)
+  # Inside jit the checks above cannot see values: a non-finite score is excluded instead of poisoning logZ.
+  mask = mask & jnp.isfinite(scores)
+  _check_rows_nonempty(mask, normalizer)
+  log_z = log_partition(scores, mask)
+  own_score = own_context(scores, owner)
+  own_ok = own_context(mask, owner)
+  weights = jnp.where(own_ok, jnp.exp(jnp.where(own_ok, own_score - log_z[owner], 0.0)), 0.0)
+  return jax.lax.stop_gradient(weights)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Losses.
+
+
+def var_loss(policy_logps, weights, num_prompts: int, *, num_tokens=None, reduction: str = "prompt_mean"):
+  """Reward-weighted SFT loss (scalar).
+
+  Args:
+    policy_logps: [N] log pi_theta(y_n | x_owner[n]), summed over response tokens.
+    weights: [N] VAR weights (treated as constants).
+    num_prompts: P, the number of prompts the weights were normalised over.
+    num_tokens: [N] response lengths; required for reduction="token_mean".
+    reduction: "prompt_mean": -(1/P) sum_n w_n log pi(y_n);
+               "token_mean":  -sum_n w_n log pi(y_n) / sum_n w_n |y_n|.
+  """
+  _check_choice("reduction", reduction, REDUCTIONS)
+  if jnp.ndim(policy_logps) != 1:
+    raise ValueError(f"policy_logps must be [N], got shape {jnp.shape(policy_logps)}")
+  _check_shape("weights", weights, jnp.shape(policy_logps))
+  weights = jax.lax.stop_gradient(weights.astype(jnp.float32))
+  weighted = jnp.sum(weights * policy_logps.astype(jnp.float32))
+  if reduction == "prompt_mean":
+    return -weighted / num_prompts
+  if num_tokens is None:
+    raise ValueError('reduction="token_mean" needs num_tokens')
+  _check_shape("num_tokens", num_tokens, jnp.shape(policy_logps))
+  return -weighted / jnp.maximum(jnp.sum(weights * num_tokens.astype(jnp.float32)), 1e-9)
+
+
+def sft_loss(policy_logps, num_tokens):
+  """Token-mean negative log-likelihood: -sum_n log pi(y_n) / sum_n |y_n|. Both [N]."""
+  _check_shape("num_tokens", num_tokens, jnp.shape(policy_logps))
+  return -jnp.sum(policy_logps.astype(jnp.float32)) / jnp.maximum(jnp.sum(num_tokens.astype(jnp.float32)), 1.0)
+
+
+def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta):
+  """Mean sigmoid DPO loss -log sigmoid(beta * [(pi_c - ref_c) - (pi_r - ref_r)]); all inputs [M] summed log-probs."""
+  for name, x in (("policy_rejected", policy_rejected), ("ref_chosen", ref_chosen), ("ref_rejected", ref_rejected)):
+    _check_shape(name, x, jnp.shape(policy_chosen))
+  logits = _dpo_logits(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)
+  return -jnp.mean(jax.nn.log_sigmoid(logits))
+
+
+def bradley_terry_loss(r_chosen, r_rejected):
+  """Mean Bradley-Terry reward-model loss -log sigmoid(r_c - r_r); inputs [M]."""
+  _check_shape("r_rejected", r_rejected, jnp.shape(r_chosen))
+  return -jnp.mean(jax.nn.log_sigmoid(r_chosen.astype(jnp.float32) - r_rejected.astype(jnp.float32)))
+
+
+def _dpo_logits(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta):
+  chosen = policy_chosen.astype(jnp.float32) - ref_chosen.astype(jnp.float32)
+  rejected = policy_rejected.astype(jnp.float32) - ref_rejected.astype(jnp.float32)
+  return beta * (chosen - rejected)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Metrics a researcher watches. Each returns a flat dict of float32 scalars, jit-friendly.
+
+
+def var_metrics(weights, owner, num_prompts: int, *, is_chosen=None, valid=None):
+  """Statistics of VAR weights w [N] over a group of P prompts.
+
+  weight_mean / weight_max: over valid responses.
+  ess: mean over prompts of (sum w)^2 / sum w^2 over the prompt's responses, the effective number of responses
+       the prompt trains on (= 1 / sum w^2 when its weights sum to 1, as under "per_prompt").
+  own_mass: mean over prompts of the prompt's total weight (1 for "per_prompt"; under "cross_context", the share of
+       Z on the prompt's own responses).
+  chosen_weight_frac: sum of weight on chosen responses / total weight (when is_chosen [N] is given).
+  zero_weight_prompts: prompts whose responses got no weight at all (a sign of non-finite scores).
+  """
+  n = jnp.shape(weights)[0]
+  valid = jnp.ones((n,), bool) if valid is None else valid.astype(bool)
+  w = jnp.where(valid, weights.astype(jnp.float32), 0.0)
+  one_hot = (owner[None, :] == jnp.arange(num_prompts)[:, None]) & valid[None, :]  # [P, N]
+  per_prompt_sum = one_hot @ w
+  per_prompt_sq = one_hot @ (w * w)
+  has_responses = one_hot.any(axis=-1)
+  ess = jnp.where(per_prompt_sq > 0, per_prompt_sum ** 2 / jnp.where(per_prompt_sq > 0, per_prompt_sq, 1.0), 0.0)
+  num_real_prompts = jnp.maximum(has_responses.sum(), 1)
+  metrics = {
+      "weight_mean": w.sum() / jnp.maximum(valid.sum(), 1),
+      "weight_max": w.max(),
+      "ess": ess.sum() / num_real_prompts,
+      "own_mass": per_prompt_sum.sum() / num_real_prompts,
+      "zero_weight_prompts": jnp.sum(has_responses & (per_prompt_sum <= 0)).astype(jnp.float32),
+  }
+  if is_chosen is not None:
+    metrics["chosen_weight_frac"] = jnp.sum(jnp.where(is_chosen, w, 0.0)) / jnp.maximum(w.sum(), 1e-30)
+  return metrics
+
+
+def dpo_metrics(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta):
+  """TRL-style DPO metrics: implicit rewards beta*(pi - ref) of chosen/rejected, their margin and accuracy."""
+  reward_chosen = beta * (policy_chosen.astype(jnp.float32) - ref_chosen.astype(jnp.float32))
+  reward_rejected = beta * (policy_rejected.astype(jnp.float32) - ref_rejected.astype(jnp.float32))
+  margin = reward_chosen - reward_rejected
+  return {
+      "rewards_chosen": reward_chosen.mean(),
+      "rewards_rejected": reward_rejected.mean(),
+      "margin": margin.mean(),
+      "accuracy": jnp.mean((margin > 0).astype(jnp.float32)),
+      "logps_chosen": policy_chosen.astype(jnp.float32).mean(),
+      "logps_rejected": policy_rejected.astype(jnp.float32).mean(),
+  }
+
+
+def bradley_terry_metrics(r_chosen, r_rejected):
+  """Reward-model pair accuracy and mean margin r_c - r_r."""
+  margin = r_chosen.astype(jnp.float32) - r_rejected.astype(jnp.float32)
+  return {"accuracy": jnp.mean((margin > 0).astype(jnp.float32)), "margin": margin.mean()}
