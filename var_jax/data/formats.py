@@ -1,0 +1,450 @@
+"""Preference records: read local files or HF datasets and normalise them to `PreferenceRecord`.
+
+Supported layouts (``fmt``; ``"auto"`` detects from the first record's keys):
+
+- ``"hh"``       Anthropic HH-RLHF: ``chosen``/``rejected`` are full transcripts
+                 ``"\\n\\nHuman: ...\\n\\nAssistant: ..."``. The prompt is their shared prefix up to its last
+                 ``"\\n\\nAssistant:"``; it is split into chat messages.
+- ``"pairs"``    ``prompt``/``chosen``/``rejected`` columns; each either a string or a chat message list
+                 ([{role, content}]; for a response the last message is taken).
+- ``"sharegpt"`` ``conversations`` [{from, value}] plus ``chosen``/``rejected`` {from, value} (LLaMA-Factory DPO).
+- ``"ranked"``   ``prompt`` plus a ``responses`` list with either ``rewards`` (higher is better) or ``ranks``
+                 (0 = best), any number of responses per prompt.
+
+Pairs may carry per-response rewards computed elsewhere (``chosen_reward``/``rejected_reward`` or
+``score_chosen``/``score_rejected``, configurable via ``reward_keys``).
+
+Bad input never disappears silently: by default it raises a ValueError naming the file/line (or record) and the
+field; with ``skip_invalid=True`` the record is skipped and counted per reason in the returned `LoadStats`
+(also logged).
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import gzip
+import io
+import json
+import logging
+import math
+import os
+from typing import Any, Iterable, Iterator, Sequence
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("hh", "pairs", "sharegpt", "ranked")
+_HUMAN, _ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
+_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                   "system": "system", "observation": "tool", "function_call": "assistant"}
+DEFAULT_REWARD_KEYS = (("chosen_reward", "rejected_reward"), ("score_chosen", "score_rejected"))
+
+
+@dataclasses.dataclass(frozen=True)
+class PreferenceRecord:
+  """One prompt with >= 1 candidate responses.
+
+  Attributes:
+    prompt: chat messages [{"role": "system"|"user"|"assistant", "content": str}], ending with the turn the
+      responses answer.
+    responses: response texts; for pairs ``[chosen, rejected]`` (chosen first).
+    rewards: one float per response when the data provides them, else None.
+    chosen: index of the preferred response.
+    ranking: response indices, best first (for pairs ``(0, 1)``).
+    source: where it came from, e.g. ``"harmless-base_test.jsonl.gz:17"``.
+  """
+  prompt: tuple[dict, ...]
+  responses: tuple[str, ...]
+  rewards: tuple[float, ...] | None
+  chosen: int
+  ranking: tuple[int, ...]
+  source: str
+
+
+@dataclasses.dataclass
+class LoadStats:
+  """How many records were read, kept, and skipped (per reason) by `load_preferences`."""
+  read: int = 0
+  kept: int = 0
+  skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+
+  def __str__(self):
+    reasons = ", ".join(f"{k}={v}" for k, v in sorted(self.skipped.items())) or "none"
+    return f"read {self.read}, kept {self.kept}, skipped {sum(self.skipped.values())} ({reasons})"
+
+
+class RecordError(ValueError):
+  """A bad record. `reason` is the short key counted under skip_invalid."""
+
+  def __init__(self, reason: str, message: str):
+    super().__init__(message)
+    self.reason = reason
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Raw rows: (source id, dict) from files or HF datasets.
+
+def _open_text(path: str):
+  if path.endswith(".gz"):
+    return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
+  return open(path, encoding="utf-8")
+
+
+def _strip_gz(path: str) -> str:
+  return path[:-3] if path.endswith(".gz") else path
+
+
+def iter_rows(path: str, skip_invalid: bool = False,
+              stats: LoadStats | None = None) -> Iterator[tuple[str, Any]]:
+  """Yields (source id, row) from a local .jsonl/.json/.parquet file (optionally .gz).
+
+  A ``.json`` file holds one JSON list (or object with a single list value); anything else is read as JSON
+  lines. Malformed lines raise ValueError("<file>:<line>: malformed JSON ...") or, with skip_invalid, are
+  counted as ``malformed_json``.
+  """
+  name = os.path.basename(path)
+  base = _strip_gz(path)
+  if base.endswith(".parquet"):
+    import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+    for i, row in enumerate(pq.read_table(path).to_pylist()):
+      yield f"{name}[{i}]", row
+    return
+  with _open_text(path) as f:
+    if base.endswith(".json"):
+      text = f.read()
+      if text.lstrip().startswith(("[", "{")):
+        try:
+          data = json.loads(text)
+        except json.JSONDecodeError as e:
+          if not text.lstrip().startswith("{"):
+            raise ValueError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from e
+          data = None  # A JSON-lines file named .json: fall through.
+        if data is not None:
+          if isinstance(data, dict):
+            lists = [v for v in data.values() if isinstance(v, list)]
+            data = lists[0] if len(lists) == 1 else [data]
+          for i, row in enumerate(data):
+            yield f"{name}[{i}]", row
+          return
+      lines: Iterable[str] = io.StringIO(text)
+    else:
+      lines = f
+    for lineno, line in enumerate(lines, start=1):
+      if not line.strip():
+        continue
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError as e:
+        msg = f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})"
+        if not skip_invalid:
+          raise ValueError(msg) from e
+        log.warning("skipping %s", msg)
+        if stats is not None:
+          stats.read += 1
+          stats.skipped["malformed_json"] += 1
+        continue
+      yield f"{name}:{lineno}", row
+
+
+def iter_hf_rows(name: str, split: str = "train", data_dir: str | None = None,
+                 **kwargs) -> Iterator[tuple[str, Any]]:
+  """Yields (source id, row) from `datasets.load_dataset(name, data_dir=..., split=...)`.
+
+  ``name`` is a hub id (e.g. "Anthropic/hh-rlhf" with data_dir="harmless-base") or a local folder / builder
+  name ("json", with data_files=...).
+  """
+  import datasets  # pylint: disable=g-import-not-at-top
+  ds = datasets.load_dataset(name, data_dir=data_dir, split=split, **kwargs)
+  label = f"{name}/{data_dir}" if data_dir else name
+  for i, row in enumerate(ds):
+    yield f"{label}:{split}[{i}]", row
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Field access with errors that name the field and the record.
+
+def _field(row: dict, key: str, source: str) -> Any:
+  if not isinstance(row, dict):
+    raise RecordError("not_an_object", f"{source}: record is a {type(row).__name__}, not a JSON object")
+  if key not in row or row[key] is None:
+    raise RecordError("missing_field", f"{source}: missing field '{key}'")
+  return row[key]
+
+
+def _text(value: Any, key: str, source: str) -> str:
+  if not isinstance(value, str):
+    raise RecordError("non_string_field", f"{source}: field '{key}' is a {type(value).__name__}, not a string")
+  return value
+
+
+def _messages(value: Any, key: str, source: str) -> tuple[dict, ...]:
+  """A prompt field (string or [{role, content}]) as a tuple of chat messages."""
+  if isinstance(value, str):
+    return ({"role": "user", "content": value},)
+  if not isinstance(value, (list, tuple)) or not value:
+    raise RecordError("non_string_field",
+                      f"{source}: field '{key}' must be a string or a non-empty list of messages")
+  out = []
+  for j, m in enumerate(value):
+    if not isinstance(m, dict) or "role" not in m or "content" not in m:
+      raise RecordError("missing_field", f"{source}: field '{key}[{j}]' needs 'role' and 'content'")
+    out.append({"role": _text(m["role"], f"{key}[{j}].role", source),
+                "content": _text(m["content"], f"{key}[{j}].content", source)})
+  return tuple(out)
+
+
+def _response(value: Any, key: str, source: str) -> str:
+  """A response field: a string, a {role, content} / {from, value} dict, or a message list (last taken)."""
+  if isinstance(value, (list, tuple)):
+    if not value:
+      raise RecordError("empty_response", f"{source}: field '{key}' is an empty list")
+    value, key = value[-1], f"{key}[-1]"
+  if isinstance(value, dict):
+    for k in ("content", "value"):
+      if k in value:
+        return _text(value[k], f"{key}.{k}", source)
+    raise RecordError("missing_field", f"{source}: field '{key}' needs 'content' or 'value'")
+  return _text(value, key, source)
+
+
+def _reward(value: Any, key: str, source: str) -> float:
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    raise RecordError("non_numeric_reward", f"{source}: field '{key}' is not a number: {value!r}")
+  if not math.isfinite(value):
+    raise RecordError("nan_reward", f"{source}: field '{key}' is {value} (rewards must be finite)")
+  return float(value)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Per-format parsers: row -> PreferenceRecord (unvalidated responses).
+
+def hh_transcript_to_messages(text: str) -> list[dict]:
+  """Splits "\\n\\nHuman: a\\n\\nAssistant: b ..." into [{role, content}] (content stripped).
+
+  A trailing empty assistant turn (the generation prompt) is dropped.
+  """
+  messages, pos = [], 0
+  markers = ((_HUMAN, "user"), (_ASSISTANT, "assistant"))
+  while True:
+    hits = [(text.find(m, pos), m, r) for m, r in markers]
+    hits = [h for h in hits if h[0] >= 0]
+    if not hits:
+      break
+    start, marker, role = min(hits)
+    if start > pos and messages:  # Text before the first marker is kept as a system note (rare).
+      messages[-1]["content"] += text[pos:start]
+    elif start > pos and text[pos:start].strip():
+      messages.append({"role": "system", "content": text[pos:start]})
+    messages.append({"role": role, "content": ""})
+    pos = start + len(marker)
+    nxt = [i for i in (text.find(_HUMAN, pos), text.find(_ASSISTANT, pos)) if i >= 0]
+    end = min(nxt) if nxt else len(text)
+    messages[-1]["content"] = text[pos:end]
+    pos = end
+  for m in messages:
+    m["content"] = m["content"].strip()
+  if messages and messages[-1]["role"] == "assistant" and not messages[-1]["content"]:
+    messages.pop()
+  return messages
+
+
+def split_hh_pair(chosen: str, rejected: str, source: str = "") -> tuple[str, str, str]:
+  """(prompt transcript, chosen response, rejected response) for one HH pair.
+
+  The prompt is the longest common prefix of both transcripts cut back to its last "\\n\\nAssistant:" (inclusive),
+  so pairs whose transcripts diverge before the final turn (a few in HH) still get a shared prompt.
+  """
+  n = 0
+  limit = min(len(chosen), len(rejected))
+  while n < limit and chosen[n] == rejected[n]:
+    n += 1
+  cut = chosen.rfind(_ASSISTANT, 0, n)  # Identical transcripts give two empty-diff responses: validation reports.
+  if cut < 0:
+    raise RecordError("no_shared_prompt",
+                      f"{source}: chosen and rejected share no prefix ending in '\\n\\nAssistant:'")
+  end = cut + len(_ASSISTANT)
+  return chosen[:end], chosen[end:].strip(), rejected[end:].strip()
+
+
+def _parse_hh(row, source, reward_keys):
+  chosen = _text(_field(row, "chosen", source), "chosen", source)
+  rejected = _text(_field(row, "rejected", source), "rejected", source)
+  prompt_text, c, r = split_hh_pair(chosen, rejected, source)
+  prompt = tuple(hh_transcript_to_messages(prompt_text))
+  if not prompt:
+    raise RecordError("empty_prompt", f"{source}: empty prompt")
+  return _pair_record(row, prompt, c, r, source, reward_keys)
+
+
+def _pair_rewards(row, source, reward_keys):
+  for ck, rk in reward_keys:
+    if ck in row or rk in row:
+      return (_reward(_field(row, ck, source), ck, source), _reward(_field(row, rk, source), rk, source))
+  return None
+
+
+def _pair_record(row, prompt, chosen, rejected, source, reward_keys):
+  return PreferenceRecord(prompt=prompt, responses=(chosen, rejected),
+                          rewards=_pair_rewards(row, source, reward_keys), chosen=0, ranking=(0, 1),
+                          source=source)
+
+
+def _parse_pairs(row, source, reward_keys):
+  prompt = _messages(_field(row, "prompt", source), "prompt", source)
+  c = _response(_field(row, "chosen", source), "chosen", source).strip()
+  r = _response(_field(row, "rejected", source), "rejected", source).strip()
+  return _pair_record(row, prompt, c, r, source, reward_keys)
+
+
+def _parse_sharegpt(row, source, reward_keys):
+  conv = _field(row, "conversations", source)
+  if not isinstance(conv, list) or not conv:
+    raise RecordError("non_string_field", f"{source}: field 'conversations' must be a non-empty list")
+  prompt = []
+  if isinstance(row.get("system"), str) and row["system"]:
+    prompt.append({"role": "system", "content": row["system"]})
+  for j, turn in enumerate(conv):
+    key = f"conversations[{j}]"
+    if not isinstance(turn, dict):
+      raise RecordError("non_string_field", f"{source}: field '{key}' is not an object")
+    who = _text(_field(turn, "from", source), f"{key}.from", source)
+    if who not in _SHAREGPT_ROLES:
+      raise RecordError("unknown_role", f"{source}: field '{key}.from' has unknown role {who!r}")
+    prompt.append({"role": _SHAREGPT_ROLES[who],
+                   "content": _text(_field(turn, "value", source), f"{key}.value", source)})
+  c = _response(_field(row, "chosen", source), "chosen", source).strip()
+  r = _response(_field(row, "rejected", source), "rejected", source).strip()
+  return _pair_record(row, tuple(prompt), c, r, source, reward_keys)
+
+
+def _parse_ranked(row, source, reward_keys):
+  del reward_keys
+  prompt = _messages(_field(row, "prompt", source), "prompt", source)
+  resp = _field(row, "responses", source)
+  if not isinstance(resp, list):
+    raise RecordError("non_string_field", f"{source}: field 'responses' must be a list")
+  responses = tuple(_response(x, f"responses[{j}]", source).strip() for j, x in enumerate(resp))
+  rewards = None
+  if row.get("rewards") is not None:
+    raw = row["rewards"]
+    if not isinstance(raw, list) or len(raw) != len(responses):
+      raise RecordError("bad_rewards",
+                        f"{source}: field 'rewards' must be a list with one number per response")
+    rewards = tuple(_reward(x, f"rewards[{j}]", source) for j, x in enumerate(raw))
+    # Stable sort: equal rewards keep file order; the best (highest) first.
+    ranking = tuple(sorted(range(len(rewards)), key=lambda j: -rewards[j]))
+  elif row.get("ranks") is not None:
+    ranks = row["ranks"]
+    if not isinstance(ranks, list) or len(ranks) != len(responses):
+      raise RecordError("bad_ranks", f"{source}: field 'ranks' must be a list with one rank per response")
+    for j, x in enumerate(ranks):
+      if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
+        raise RecordError("bad_ranks", f"{source}: field 'ranks[{j}]' is not a finite number: {x!r}")
+    ranking = tuple(sorted(range(len(ranks)), key=lambda j: ranks[j]))
+  else:
+    raise RecordError("missing_field", f"{source}: missing field 'rewards' (or 'ranks')")
+  return PreferenceRecord(prompt=prompt, responses=responses, rewards=rewards,
+                          chosen=ranking[0] if ranking else 0, ranking=ranking, source=source)
+
+
+_PARSERS = {"hh": _parse_hh, "pairs": _parse_pairs, "sharegpt": _parse_sharegpt, "ranked": _parse_ranked}
+
+
+def detect_format(row: Any) -> str:
+  """Guesses the layout from one row's keys (see module docstring)."""
+  if not isinstance(row, dict):
+    raise ValueError(f"cannot detect format: first record is a {type(row).__name__}, not an object")
+  keys = set(row)
+  if "conversations" in keys:
+    return "sharegpt"
+  if "responses" in keys:
+    return "ranked"
+  if {"prompt", "chosen", "rejected"} <= keys:
+    return "pairs"
+  if {"chosen", "rejected"} <= keys:
+    return "hh"
+  raise ValueError(f"cannot detect format from keys {sorted(keys)}; pass fmt= one of {FORMATS}")
+
+
+def validate_record(rec: PreferenceRecord, min_responses: int = 2) -> None:
+  """Raises RecordError for records a VAR normalizer cannot use.
+
+  Checks: empty prompt, fewer than ``min_responses`` responses, empty responses, duplicate responses (an
+  identical chosen/rejected pair carries no preference), non-finite rewards.
+  """
+  src = rec.source
+  if not rec.prompt or not any(m["content"].strip() for m in rec.prompt):
+    raise RecordError("empty_prompt", f"{src}: empty prompt")
+  if len(rec.responses) < min_responses:
+    raise RecordError("too_few_responses",
+                      f"{src}: {len(rec.responses)} response(s), the normalizer needs at least {min_responses}")
+  for j, r in enumerate(rec.responses):
+    if not r.strip():
+      what = ("chosen" if j == 0 else "rejected") if rec.ranking == (0, 1) else f"responses[{j}]"
+      raise RecordError("empty_response", f"{src}: field '{what}' is empty")
+  if len(set(rec.responses)) != len(rec.responses):
+    what = "chosen and rejected are identical" if len(rec.responses) == 2 else "duplicate responses"
+    raise RecordError("identical_responses", f"{src}: {what}")
+  if rec.rewards is not None:
+    if len(rec.rewards) != len(rec.responses):
+      raise RecordError("bad_rewards", f"{src}: {len(rec.rewards)} rewards for {len(rec.responses)} responses")
+    for j, x in enumerate(rec.rewards):
+      if not math.isfinite(x):
+        raise RecordError("nan_reward", f"{src}: rewards[{j}] is {x} (rewards must be finite)")
+
+
+def parse_rows(rows: Iterable[tuple[str, Any]], fmt: str = "auto", *, min_responses: int = 2,
+               skip_invalid: bool = False, reward_keys: Sequence[tuple[str, str]] = DEFAULT_REWARD_KEYS,
+               stats: LoadStats | None = None) -> tuple[list[PreferenceRecord], LoadStats]:
+  """Parses and validates (source, row) pairs. Returns (records, stats); see `load_preferences`."""
+  stats = stats if stats is not None else LoadStats()
+  records = []
+  for source, row in rows:
+    stats.read += 1
+    if fmt == "auto":
+      fmt = detect_format(row)
+    elif fmt not in _PARSERS:
+      raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS} or 'auto'")
+    try:
+      rec = _PARSERS[fmt](row, source, reward_keys)
+      validate_record(rec, min_responses)
+    except RecordError as e:
+      if not skip_invalid:
+        raise
+      stats.skipped[e.reason] += 1
+      log.debug("skipping %s", e)
+      continue
+    records.append(rec)
+  stats.kept = len(records)
+  if stats.skipped:
+    log.warning("preference data: %s", stats)
+  return records, stats
+
+
+def load_preferences(source: str, fmt: str = "auto", *, split: str = "train", data_dir: str | None = None,
+                     min_responses: int = 2, skip_invalid: bool = False,
+                     reward_keys: Sequence[tuple[str, str]] = DEFAULT_REWARD_KEYS,
+                     limit: int | None = None, **hf_kwargs) -> tuple[list[PreferenceRecord], LoadStats]:
+  """Loads preference records from a local file or a HF dataset.
+
+  Args:
+    source: a local .jsonl/.json/.parquet file (optionally .gz); otherwise anything `datasets.load_dataset`
+      takes (hub id such as "Anthropic/hh-rlhf", a local folder, or a builder name like "json").
+    fmt: one of FORMATS or "auto".
+    split, data_dir, hf_kwargs: passed to `datasets.load_dataset` (ignored for local files).
+    min_responses: records with fewer responses are invalid (2 for VAR normalizers; 1 for SFT data).
+    skip_invalid: skip and count bad records instead of raising.
+    reward_keys: (chosen key, rejected key) column pairs searched for per-response rewards.
+    limit: read at most this many rows (for quick experiments).
+
+  Returns:
+    (records in file order, LoadStats with read/kept/skipped-by-reason counts).
+  """
+  stats = LoadStats()
+  if os.path.isfile(source):
+    rows = iter_rows(source, skip_invalid=skip_invalid, stats=stats)
+  else:
+    rows = iter_hf_rows(source, split=split, data_dir=data_dir, **hf_kwargs)
+  if limit is not None:
+    rows = (r for r, _ in zip(rows, range(limit)))
+  return parse_rows(rows, fmt, min_responses=min_responses, skip_invalid=skip_invalid,
+                    reward_keys=reward_keys, stats=stats)

@@ -1,0 +1,237 @@
+"""Tokenize preference records: prompt and each response ONCE, separately.
+
+Any (prompt, response) sequence -- own-context or the cross-context pairs VAR's normalizer scores -- is then
+``concat(prompt_ids, response_ids)``, with the loss on the response part only. Conventions (tested):
+
+- Prompt: rendered with the tokenizer's chat template (``add_generation_prompt=True``) when it has one, else the
+  plain HH format ``"\\n\\nHuman: ...\\n\\nAssistant:"``. The rendered text is encoded WITHOUT the tokenizer's own
+  special tokens (a template that writes ``{{ bos_token }}`` would otherwise get a second BOS); a BOS is then
+  prepended only if the tokenizer's convention adds one and the text did not already start with it. Result: at
+  most one leading BOS, whatever the template does.
+- Response: encoded without special tokens, any trailing EOS in the text removed, cut to ``max_response_len - 1``
+  tokens, then exactly one ``eos_id`` appended (default ``tokenizer.eos_token_id``; for chat models pass the
+  end-of-turn id if it differs). In the plain format a leading space is prepended to the text (HH transcripts
+  read "Assistant: text"; byte-level BPEs fold the space into the first token).
+- Truncation: prompts longer than ``max_prompt_len`` lose their oldest turns first (a leading system message is
+  kept), then -- if the last turn alone is too long -- their oldest tokens (a leading BOS is kept). Responses with
+  no tokens left are dropped and counted; a prompt left with fewer than ``min_responses`` responses raises
+  ValueError, or with ``skip_invalid`` becomes None and is counted.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+from typing import Any, Sequence
+
+import numpy as np
+
+from var_jax.data.formats import PreferenceRecord
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizedRecord:
+  """A PreferenceRecord as token ids.
+
+  prompt_ids: [P] int32, the rendered prompt (incl. any BOS and the generation prompt).
+  responses: K arrays [R_k] int32, each ending with exactly one EOS.
+  rewards, chosen, ranking, source: as in PreferenceRecord, re-indexed if responses were dropped.
+  """
+  prompt_ids: np.ndarray
+  responses: tuple[np.ndarray, ...]
+  rewards: tuple[float, ...] | None
+  chosen: int
+  ranking: tuple[int, ...]
+  source: str
+
+
+@dataclasses.dataclass
+class TokenizeStats:
+  """Counts from `tokenize_records` (nothing is dropped without being counted here)."""
+  prompts: int = 0
+  prompts_truncated: int = 0
+  responses: int = 0
+  responses_truncated: int = 0
+  responses_dropped: int = 0
+  prompts_dropped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+
+  def merge(self, other: "TokenizeStats") -> "TokenizeStats":
+    out = TokenizeStats()
+    for f in dataclasses.fields(self):
+      setattr(out, f.name, getattr(self, f.name) + getattr(other, f.name))
+    return out
+
+
+def plain_prompt(messages: Sequence[dict]) -> str:
+  """The HH transcript format: "\\n\\nHuman: ...\\n\\nAssistant: ...\\n\\nAssistant:"."""
+  names = {"user": "Human", "assistant": "Assistant", "system": "System"}
+  turns = "".join(f"\n\n{names.get(m['role'], m['role'].capitalize())}: {m['content']}" for m in messages)
+  return turns + "\n\nAssistant:"
+
+
+def render_prompt(messages: Sequence[dict], tokenizer, use_chat_template: bool | None = None) -> str:
+  """Prompt text: the chat template with generation prompt (if any and not disabled), else `plain_prompt`."""
+  if use_chat_template is None:
+    use_chat_template = bool(getattr(tokenizer, "chat_template", None))
+  if use_chat_template:
+    return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+  return plain_prompt(messages)
+
+
+def adds_bos(tokenizer) -> bool:
+  """Whether the tokenizer's own convention puts a BOS in front of a single sequence (Llama yes, GPT-2 no)."""
+  bos = tokenizer.bos_token_id
+  if bos is None:
+    return False
+  ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+  return bool(ids) and ids[0] == bos
+
+
+class Tokenizer:
+  """Binds a transformers tokenizer to the var_jax conventions (see module docstring).
+
+  Args:
+    tokenizer: any `transformers` tokenizer (fast preferred: batch encoding runs in Rust).
+    max_prompt_len: prompt tokens kept (left-truncated).
+    max_response_len: response tokens kept, incl. the EOS.
+    eos_id: token appended to every response (default tokenizer.eos_token_id).
+    use_chat_template: None = use it when the tokenizer has one.
+  """
+
+  def __init__(self, tokenizer, max_prompt_len: int = 256, max_response_len: int = 256,
+               eos_id: int | None = None, use_chat_template: bool | None = None):
+    if max_prompt_len < 1 or max_response_len < 2:
+      raise ValueError("need max_prompt_len >= 1 and max_response_len >= 2 (one content token plus EOS)")
+    self.tok = tokenizer
+    self.max_prompt_len = max_prompt_len
+    self.max_response_len = max_response_len
+    self.eos_id = tokenizer.eos_token_id if eos_id is None else eos_id
+    if self.eos_id is None:
+      raise ValueError("tokenizer has no eos_token_id; pass eos_id=")
+    self.bos_id = tokenizer.bos_token_id
+    self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    self.chat = has_template if use_chat_template is None else use_chat_template
+    if self.chat and not has_template:
+      raise ValueError("use_chat_template=True but the tokenizer has no chat_template")
+    self._adds_bos = adds_bos(tokenizer)
+    self.response_prefix = "" if self.chat else " "
+
+  def render(self, messages: Sequence[dict]) -> str:
+    return render_prompt(messages, self.tok, self.chat)
+
+  def _encode(self, texts: list[str]) -> list[list[int]]:
+    if not texts:
+      return []
+    return self.tok(texts, add_special_tokens=False)["input_ids"]
+
+  def _fix_bos(self, ids: list[int]) -> list[int]:
+    """Exactly one leading BOS if the tokenizer convention or template wants one; never two."""
+    if self.bos_id is None:
+      return ids
+    while len(ids) >= 2 and ids[0] == self.bos_id and ids[1] == self.bos_id:
+      ids = ids[1:]
+    if self._adds_bos and (not ids or ids[0] != self.bos_id):
+      ids = [self.bos_id] + ids
+    return ids
+
+  def encode_prompts(self, prompts: Sequence[Sequence[dict]]) -> tuple[list[np.ndarray], int]:
+    """[P_i] int32 prompt ids per prompt, and how many were truncated."""
+    ids = [self._fix_bos(x) for x in self._encode([self.render(m) for m in prompts])]
+    truncated = 0
+    for i, x in enumerate(ids):
+      if len(x) > self.max_prompt_len:
+        ids[i] = self._truncate_prompt(list(prompts[i]))
+        truncated += 1
+    return [np.asarray(x, np.int32) for x in ids], truncated
+
+  def _truncate_prompt(self, messages: list[dict]) -> list[int]:
+    """Drops the oldest turns (keeping a leading system message), then the oldest tokens (keeping BOS)."""
+    head = messages[:1] if messages[0]["role"] == "system" and len(messages) > 1 else []
+    turns = messages[len(head):]
+    ids = self._fix_bos(self._encode([self.render(head + turns)])[0])
+    while len(ids) > self.max_prompt_len and len(turns) > 1:
+      turns = turns[1:]
+      ids = self._fix_bos(self._encode([self.render(head + turns)])[0])
+    if len(ids) > self.max_prompt_len:
+      keep_bos = self.bos_id is not None and ids[0] == self.bos_id
+      ids = ([ids[0]] if keep_bos else []) + ids[len(ids) - self.max_prompt_len + keep_bos:]
+    return ids
+
+  def encode_responses(self, texts: Sequence[str]) -> tuple[list[np.ndarray | None], int]:
+    """Per text: [R] int32 ids ending with one EOS, or None if no content token is left; and #truncated."""
+    out, truncated = [], 0
+    for x in self._encode([self.response_prefix + t for t in texts]):
+      while x and x[-1] == self.eos_id:  # The text itself may end with the EOS string.
+        x = x[:-1]
+      if self.bos_id is not None and x and x[0] == self.bos_id:
+        x = x[1:]
+      if len(x) > self.max_response_len - 1:
+        x = x[:self.max_response_len - 1]
+        truncated += 1
+      out.append(np.asarray(x + [self.eos_id], np.int32) if x else None)
+    return out, truncated
+
+  def decode(self, ids) -> str:
+    return self.tok.decode(list(np.asarray(ids)), skip_special_tokens=True)
+
+
+def tokenize_records(records: Sequence[PreferenceRecord], tok: Tokenizer, *, min_responses: int = 2,
+                     skip_invalid: bool = False) -> tuple[list[TokenizedRecord | None], TokenizeStats]:
+  """Tokenizes records (batched). Returns a list aligned with ``records`` (None = dropped prompt) and stats.
+
+  Raises:
+    ValueError: a prompt keeps fewer than ``min_responses`` responses after dropping empty ones (unless
+      skip_invalid, then it is None and counted under ``prompts_dropped['too_few_responses']``).
+  """
+  stats = TokenizeStats(prompts=len(records))
+  prompt_ids, stats.prompts_truncated = tok.encode_prompts([r.prompt for r in records])
+  flat = [t for r in records for t in r.responses]
+  stats.responses = len(flat)
+  resp_ids, stats.responses_truncated = tok.encode_responses(flat)
+  out: list[TokenizedRecord | None] = []
+  pos = 0
+  for rec, pids in zip(records, prompt_ids):
+    ids = resp_ids[pos:pos + len(rec.responses)]
+    pos += len(rec.responses)
+    keep = [k for k, x in enumerate(ids) if x is not None]
+    stats.responses_dropped += len(ids) - len(keep)
+    if len(keep) < min_responses:
+      msg = (f"{rec.source}: {len(keep)} response(s) left after tokenization (empty ones dropped), "
+             f"need {min_responses}")
+      if not skip_invalid:
+        raise ValueError(msg)
+      stats.prompts_dropped["too_few_responses"] += 1
+      out.append(None)
+      continue
+    new_index = {k: j for j, k in enumerate(keep)}
+    ranking = tuple(new_index[k] for k in rec.ranking if k in new_index)
+    out.append(TokenizedRecord(
+        prompt_ids=pids, responses=tuple(ids[k] for k in keep),
+        rewards=None if rec.rewards is None else tuple(rec.rewards[k] for k in keep),
+        chosen=ranking[0], ranking=ranking, source=rec.source))
+  if stats.responses_dropped or stats.prompts_dropped:
+    log.warning("tokenization dropped %d empty responses and %d prompts", stats.responses_dropped,
+                sum(stats.prompts_dropped.values()))
+  return out, stats
+
+
+def byte_level_bpe_tokenizer(texts: Sequence[str], vocab_size: int = 2048, chat_template: str | None = None):
+  """A GPT-2-style byte-level BPE `PreTrainedTokenizerFast` trained in memory on ``texts``.
+
+  For offline throughput measurements and tests with realistic (sub-word, multi-byte) tokenization when no
+  pretrained tokenizer is available. Special tokens: <|endoftext|> (BOS = EOS, as GPT-2) and <|pad|>.
+  """
+  from tokenizers import Tokenizer as HFTokenizer, models, pre_tokenizers, decoders, trainers  # pylint: disable=g-import-not-at-top
+  from transformers import PreTrainedTokenizerFast  # pylint: disable=g-import-not-at-top
+  tok = HFTokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|pad|>"],
+                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+  tok.train_from_iterator(texts, trainer)
+  kwargs: dict[str, Any] = {"chat_template": chat_template} if chat_template else {}
+  return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                 pad_token="<|pad|>", **kwargs)
