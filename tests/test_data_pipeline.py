@@ -1,0 +1,324 @@
+"""Tokenization conventions and the grain batch pipeline: contract, masks, grouping, determinism, resume, shards."""
+import dataclasses
+
+import numpy as np
+import pytest
+
+from var_jax.data import synthetic as syn
+from var_jax.data.formats import PreferenceRecord
+from var_jax.data.pipeline import (PAD_PROMPT, PipelineConfig, PreferencePipeline, bucket_length, build_pipeline,
+                                   build_sequences, cross_pairs, epoch_groups, make_blocks, shard_blocks)
+from var_jax.data.tokenize import Tokenizer, byte_level_bpe_tokenizer, tokenize_records
+
+
+@pytest.fixture(scope="module")
+def syn_tok():
+  return Tokenizer(syn.build_tokenizer(), max_prompt_len=16, max_response_len=16)
+
+
+@pytest.fixture(scope="module")
+def bpe():
+  texts = ["Hello there, how are you doing today?", "I am fine, thanks for asking.",
+           "The quick brown fox jumps over the lazy dog.", "Pack my box with five dozen liquor jugs."] * 20
+  return byte_level_bpe_tokenizer(texts, vocab_size=400)
+
+
+def _rec(prompt, responses, rewards=None, src="t"):
+  if isinstance(prompt, str):
+    prompt = ({"role": "user", "content": prompt},)
+  k = len(responses)
+  return PreferenceRecord(prompt=tuple(prompt), responses=tuple(responses), rewards=rewards, chosen=0,
+                          ranking=tuple(range(k)), source=src)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tokenization.
+
+def test_chat_template_bos_is_not_doubled(syn_tok):
+  hf = syn_tok.tok
+  text = syn_tok.render([{"role": "user", "content": "sort 1 2"}])
+  naive = hf(text)["input_ids"]
+  assert naive[:2] == [hf.bos_token_id] * 2  # The trap: template BOS + tokenizer BOS.
+  ids, _ = syn_tok.encode_prompts([[{"role": "user", "content": "sort 1 2"}]])
+  assert list(ids[0]) == naive[1:]
+
+
+def test_plain_format_without_chat_template(bpe):
+  tok = Tokenizer(bpe, max_prompt_len=64, max_response_len=32)
+  assert not tok.chat
+  msgs = [{"role": "user", "content": "Hello there"}, {"role": "assistant", "content": "I am fine"},
+          {"role": "user", "content": "how are you?"}]
+  assert tok.render(msgs) == "\n\nHuman: Hello there\n\nAssistant: I am fine\n\nHuman: how are you?\n\nAssistant:"
+  (p,), _ = tok.encode_prompts([msgs])
+  assert bpe.decode(list(p)) == tok.render(msgs)  # GPT-2 style: no BOS added, round trip exact.
+  (r,), _ = tok.encode_responses(["I am fine, thanks."])
+  assert r[-1] == bpe.eos_token_id and bpe.eos_token_id not in r[:-1]
+  # The response gets the space HH transcripts have after "Assistant:", so prompt + response reads naturally.
+  assert bpe.decode(list(p) + list(r[:-1])) == tok.render(msgs) + " I am fine, thanks."
+
+
+def test_response_eos_exactly_once(syn_tok, bpe):
+  for tok, text in [(syn_tok, "1 2 <eos>"), (syn_tok, "1 2 <eos> <eos>"),
+                    (Tokenizer(bpe, 64, 32), "I am fine<|endoftext|>")]:
+    (r,), _ = tok.encode_responses([text])
+    assert r[-1] == tok.eos_id and tok.eos_id not in r[:-1]
+
+
+def test_truncation_keeps_recent_turns_and_bos(syn_tok):
+  tok = Tokenizer(syn_tok.tok, max_prompt_len=12, max_response_len=4)
+  msgs = [{"role": "system", "content": "sort"}, {"role": "user", "content": "sort 9 9 9"},
+          {"role": "assistant", "content": "9 9 9"}, {"role": "user", "content": "reverse 1 2 3"}]
+  (p, long), n = tok.encode_prompts([msgs, [{"role": "user", "content": "sort " + "1 2 3 4 5 6 7 8 9 " * 2}]])
+  assert n == 2 and len(p) <= 12 and len(long) == 12
+  words = tok.tok.convert_ids_to_tokens(list(p))
+  assert words[:2] == ["<bos>", "<system>"]            # System message kept, oldest turns dropped first.
+  assert words[-6:] == ["<user>", "reverse", "1", "2", "3", "<assistant>"] and "9" not in words
+  assert long[0] == tok.bos_id and tok.tok.convert_ids_to_tokens(int(long[-1])) == "<assistant>"
+  (r, short), nr = tok.encode_responses(["1 2 3 4 5 6", "1"])
+  assert nr == 1 and list(r) == list(tok.tok("1 2 3", add_special_tokens=False)["input_ids"]) + [tok.eos_id]
+  assert len(short) == 2
+
+
+def test_empty_responses_dropped_and_counted(syn_tok):
+  recs = [_rec("sort 2 1", ["1 2", "   "], src="a"), _rec("sort 3 1", ["1 3", "3 1", ""], src="b")]
+  with pytest.raises(ValueError, match="a: 1 response"):
+    tokenize_records(recs, syn_tok)
+  toks, stats = tokenize_records(recs, syn_tok, skip_invalid=True)
+  assert toks[0] is None and stats.prompts_dropped["too_few_responses"] == 1
+  assert stats.responses_dropped == 2 and len(toks[1].responses) == 2
+  assert syn_tok.decode(toks[1].responses[1]) == "3 1"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Grouping.
+
+def test_make_blocks():
+  b = make_blocks(21, 4, seed=0)
+  assert b.shape == (5, 4) and len(set(b.ravel())) == 20 and b.min() >= 0 and b.max() < 21
+  assert (make_blocks(21, 4, seed=0) == b).all() and not (make_blocks(21, 4, seed=1) == b).all()
+  p = make_blocks(21, 4, seed=0, remainder="pad")
+  assert p.shape == (6, 4) and (p == PAD_PROMPT).sum() == 3 and set(p.ravel()) - {PAD_PROMPT} == set(range(21))
+  with pytest.raises(ValueError):
+    make_blocks(21, 4, 0, remainder="wrap")
+
+
+def test_epoch_groups_reshuffle_within_blocks():
+  local = np.arange(6, dtype=np.int32)
+  gb0, gs0 = epoch_groups(local, 8, 2, seed=0, epoch=0)
+  gb1, gs1 = epoch_groups(local, 8, 2, seed=0, epoch=1)
+  again = epoch_groups(local, 8, 2, seed=0, epoch=1)
+  assert (again[0] == gb1).all() and (again[1] == gs1).all()
+  assert not ((gb0 == gb1).all() and (gs0 == gs1).all())
+  for gb, gs in [(gb0, gs0), (gb1, gs1)]:
+    assert gs.shape == (24, 2)
+    for b in local:  # Each block's G/B groups are consecutive and cover its G slots exactly once.
+      idx = np.nonzero(gb == b)[0]
+      assert list(idx) == list(range(idx[0], idx[0] + 4))
+      assert sorted(gs[idx].ravel()) == list(range(8))
+  gb, gs = epoch_groups(local, 8, 2, seed=0, epoch=5, shuffle=False)
+  assert list(gb) == list(np.repeat(local, 4)) and list(gs.ravel()) == list(range(8)) * 6
+
+
+def test_shard_blocks_partition():
+  s0, s1 = shard_blocks(7, 0, 2), shard_blocks(7, 1, 2)
+  assert len(s0) == len(s1) == 3 and not set(s0) & set(s1)
+  with pytest.raises(ValueError):
+    shard_blocks(1, 0, 2)
+
+
+@pytest.mark.parametrize("length,bucket,cap,want", [(1, 32, 256, 32), (32, 32, 256, 32), (33, 32, 256, 64),
+                                                    (250, 64, 200, 200), (33, 0, 256, 64), (64, 0, 256, 64)])
+def test_bucket_length(length, bucket, cap, want):
+  assert bucket_length(length, bucket, cap) == want
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Batches.
+
+KEYS = {"inputs": (3, np.int32), "targets": (3, np.int32), "loss_mask": (3, np.float32),
+        "positions": (3, np.int32), "segment_ids": (3, np.int32), "owner": (2, np.int32), "valid": (2, np.bool_),
+        "is_chosen": (2, np.bool_), "rank": (2, np.int32), "rewards": (2, np.float32),
+        "prompt_len": (2, np.int32), "block_index": (1, np.int32), "prompt_slot": (2, np.int32),
+        "response_slot": (2, np.int32), "prompt_index": (2, np.int32)}
+
+
+def _mixed_records(n=45, seed=0):
+  """Synthetic prompts with 2 or 3 responses (so some slots of K_max=3 are padding)."""
+  two, three = syn.preference_records(n - n // 3, seed=seed), syn.preference_records(n // 3, seed=seed, k=3)
+  return [r for pair in zip(two, three) for r in pair] + two[len(three):]
+
+
+def _check_batch(batch, pipe, records, toks_by_prompt):
+  g, B, K = pipe.groups_per_batch, pipe.config.group_size, pipe.k_max
+  N = B * K
+  assert set(batch) == set(KEYS)
+  T = batch["inputs"].shape[-1]
+  assert T % 32 == 0 or T == pipe.max_len
+  for key, (ndim, dtype) in KEYS.items():
+    assert batch[key].ndim == ndim and batch[key].dtype == dtype, key
+    assert batch[key].shape[0] == g
+  assert batch["inputs"].shape == (g, N, T) and batch["prompt_slot"].shape == (g, B)
+  np.testing.assert_array_equal(batch["targets"][..., :-1], batch["inputs"][..., 1:])
+  for gi in range(g):
+    b = batch["block_index"][gi]
+    np.testing.assert_array_equal(batch["prompt_index"][gi], pipe.blocks[b, batch["prompt_slot"][gi]])
+    for i in range(B):
+      p = batch["prompt_index"][gi, i]
+      rec = toks_by_prompt.get(int(p))
+      for k in range(K):
+        n = i * K + k
+        assert batch["owner"][gi, n] == i
+        assert batch["response_slot"][gi, n] == batch["prompt_slot"][gi, i] * K + k
+        if rec is None or k >= len(rec.responses):
+          assert not batch["valid"][gi, n] and batch["segment_ids"][gi, n].sum() == 0
+          assert batch["loss_mask"][gi, n].sum() == 0 and np.isnan(batch["rewards"][gi, n])
+          assert not batch["is_chosen"][gi, n] and batch["rank"][gi, n] == -1
+          continue
+        P, R = len(rec.prompt_ids), len(rec.responses[k])
+        assert batch["valid"][gi, n] and batch["prompt_len"][gi, n] == P
+        np.testing.assert_array_equal(batch["inputs"][gi, n, :P], rec.prompt_ids)
+        mask = batch["loss_mask"][gi, n].astype(bool)
+        # The masked targets are exactly the response tokens, EOS included, in order.
+        np.testing.assert_array_equal(batch["targets"][gi, n][mask], rec.responses[k])
+        assert mask.sum() == R and np.nonzero(mask)[0][0] == P - 1
+        np.testing.assert_array_equal(batch["segment_ids"][gi, n], np.arange(T) < P + R)
+        np.testing.assert_array_equal(batch["positions"][gi, n], np.where(np.arange(T) < P + R, np.arange(T), 0))
+        assert batch["rewards"][gi, n] == np.float32(rec.rewards[k])
+        assert batch["is_chosen"][gi, n] == (k == 0) and batch["rank"][gi, n] == k
+        assert records[p].responses[k] == syn_tok_decode(rec.responses[k])
+
+
+_SYN = Tokenizer(syn.build_tokenizer(), max_prompt_len=16, max_response_len=16)
+
+
+def syn_tok_decode(ids):
+  return _SYN.decode(ids)
+
+
+def test_batch_contract_and_masks():
+  records = _mixed_records()
+  cfg = PipelineConfig(block_size=8, group_size=4, groups_per_batch=2, seed=7, num_epochs=2, remainder="pad")
+  pipe, _ = build_pipeline(records, _SYN, cfg, shard_index=0, shard_count=1)
+  assert pipe.k_max == 3 and len(pipe.blocks) == 6 and pipe.batches_per_epoch == 6 and len(pipe) == 12
+  toks = {p: t for p, t in pipe.tokenized.items()}
+  seen = []
+  for batch in pipe.iterator():
+    _check_batch(batch, pipe, records, toks)
+    seen.append(batch["prompt_index"].ravel())
+  # Every epoch covers each prompt exactly once (plus the 3 dummy pad slots).
+  for ep in (seen[:6], seen[6:]):
+    flat = np.concatenate(ep)
+    assert sorted(flat[flat >= 0]) == list(range(45)) and (flat == PAD_PROMPT).sum() == 3
+  assert not all((a == b).all() for a, b in zip(seen[:6], seen[6:]))  # Reshuffled.
+
+
+def test_same_seed_same_batches_and_seed_changes_them():
+  records = syn.preference_records(64, seed=2)
+  cfg = PipelineConfig(block_size=8, group_size=2, groups_per_batch=4, seed=1)
+  a = [b for b in build_pipeline(records, _SYN, cfg, shard_index=0, shard_count=1)[0].iterator()]
+  b = [b for b in build_pipeline(records, _SYN, cfg, shard_index=0, shard_count=1)[0].iterator(num_threads=2)]
+  c = [b for b in build_pipeline(records, _SYN, dataclasses.replace(cfg, seed=2), shard_index=0,
+                                 shard_count=1)[0].iterator()]
+  assert len(a) == len(b) == 8
+  for x, y in zip(a, b):
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k])
+  assert not all((x["prompt_index"] == z["prompt_index"]).all() for x, z in zip(a, c))
+
+
+def test_resume_from_state_yields_exactly_the_rest():
+  records = syn.preference_records(48, seed=3)
+  cfg = PipelineConfig(block_size=8, group_size=2, groups_per_batch=2, seed=5, num_epochs=3)
+  pipe, _ = build_pipeline(records, _SYN, cfg, shard_index=0, shard_count=1)
+  full = list(pipe.iterator())
+  assert len(full) == 36
+  it = pipe.iterator()
+  for _ in range(13):  # Stop mid-epoch 1.
+    next(it)
+  state = it.get_state()
+  assert state == {"next_index": 13}
+  fresh, _ = build_pipeline(records, _SYN, cfg, shard_index=0, shard_count=1)  # A new process after restart.
+  rest = list(fresh.iterator(state=state))
+  assert len(rest) == 23
+  for x, y in zip(full[13:], rest):
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k])
+
+
+def test_two_shards_cover_the_data_once():
+  records = syn.preference_records(80, seed=4)
+  cfg = PipelineConfig(block_size=8, group_size=4, groups_per_batch=4, seed=0)
+  pipes = [build_pipeline(records, _SYN, cfg, shard_index=s, shard_count=2)[0] for s in (0, 1)]
+  seen = []
+  for pipe in pipes:
+    assert pipe.groups_per_batch == 2 and pipe.fixed_len
+    owned = set(pipe.blocks[pipe.local_blocks].ravel().tolist())
+    assert set(pipe.tokenized) == owned  # Each process tokenized only its own share.
+    batches = list(pipe.iterator())
+    assert len(batches) == 5 and all(b["inputs"].shape == (2, 8, 32) for b in batches)  # T = max_len.
+    seen.append(np.concatenate([b["prompt_index"].ravel() for b in batches]))
+  assert not set(seen[0]) & set(seen[1])
+  # 10 blocks of 8 -> 5 per shard -> every prompt exactly once.
+  assert sorted(np.concatenate(seen)) == list(range(80))
+  with pytest.raises(ValueError, match="divisible by shard_count"):
+    build_pipeline(records, _SYN, dataclasses.replace(cfg, groups_per_batch=3), shard_index=0, shard_count=2)
+
+
+def test_dropped_prompt_becomes_a_dummy():
+  records = syn.preference_records(8, seed=5)
+  records[3] = _rec(records[3].prompt, [records[3].responses[0], "  "], src="bad")
+  cfg = PipelineConfig(block_size=8, group_size=8, groups_per_batch=1)
+  with pytest.raises(ValueError, match="bad"):
+    build_pipeline(records, _SYN, cfg, shard_index=0, shard_count=1)
+  pipe, stats = build_pipeline(records, _SYN, cfg, skip_invalid=True, shard_index=0, shard_count=1)
+  assert stats.prompts_dropped["too_few_responses"] == 1
+  (batch,) = list(pipe.iterator())
+  i = list(pipe.blocks[0, batch["prompt_slot"][0]]).index(3)
+  assert batch["prompt_index"][0, i] == PAD_PROMPT and not batch["valid"][0, 2 * i:2 * i + 2].any()
+  assert batch["valid"].sum() == 14
+
+
+def test_scores_gather_and_scoring_blocks_agree():
+  records = _mixed_records(32, seed=6)
+  G, K = 8, 3
+  cfg = PipelineConfig(block_size=G, group_size=4, groups_per_batch=2, seed=3)
+  plain, _ = build_pipeline(records, _SYN, cfg, shard_index=0, shard_count=1)
+  nb = len(plain.blocks)
+  # Entry [b, p, m] encodes its own coordinates, so any mis-gather shows.
+  code = (np.arange(nb)[:, None, None] * 10000 + np.arange(G)[None, :, None] * 100
+          + np.arange(G * K)[None, None, :]).astype(np.float64)
+  scores = {"ref_logp": code, "reward": -code, "ref_ntok": code[:, 0, :]}
+  pipe, _ = build_pipeline(records, _SYN, cfg, shard_index=0, shard_count=1, scores=scores)
+  blocks = {blk["block_index"]: blk for blk in pipe.scoring_blocks()}
+  assert sorted(blocks) == list(range(nb))
+  for batch in pipe.iterator():
+    b, ps, rs = batch["block_index"], batch["prompt_slot"], batch["response_slot"]
+    want = b[:, None, None] * 10000 + ps[:, :, None] * 100 + rs[:, None, :]
+    np.testing.assert_array_equal(batch["ref_logp"], want)
+    np.testing.assert_array_equal(batch["reward_matrix"], -want)
+    np.testing.assert_array_equal(batch["ref_ntok"], b[:, None] * 10000 + rs)
+    assert batch["ref_logp"].shape == (2, 4, 12) and batch["ref_logp"].dtype == np.float32
+    # The scorer's cross-context sequence (own prompt, own response) equals the training sequence.
+    for gi in range(2):
+      blk = blocks[int(b[gi])]
+      seqs = build_sequences(cross_pairs(blk), batch["inputs"].shape[-1], _SYN.pad_id)
+      grid = seqs["inputs"].reshape(G, G * K, -1)
+      for n in range(12):
+        if batch["valid"][gi, n]:
+          p = ps[gi, batch["owner"][gi, n]]
+          np.testing.assert_array_equal(grid[p, rs[gi, n]], batch["inputs"][gi, n])
+          assert blk["response_valid"][rs[gi, n]] and blk["owner"][rs[gi, n]] == p
+        else:
+          assert not blk["response_valid"][rs[gi, n]]
+  with pytest.raises(ValueError, match="shape"):
+    build_pipeline(records, _SYN, cfg, shard_index=0, shard_count=1, scores={"ref_logp": code[:, :4]})
+
+
+def test_build_sequences_cross_context_pair():
+  """A cross-context pair is just concatenation: prompt A + response of prompt B, masked on the response."""
+  seqs = build_sequences([(np.array([1, 5, 7]), np.array([9, 2])), None], 8, pad_id=0)
+  np.testing.assert_array_equal(seqs["inputs"][0], [1, 5, 7, 9, 2, 0, 0, 0])
+  np.testing.assert_array_equal(seqs["loss_mask"][0], [0, 0, 1, 1, 0, 0, 0, 0])
+  assert seqs["inputs"][1].sum() == 0 and seqs["segment_ids"][1].sum() == 0 and seqs["prompt_len"][1] == 0
+  with pytest.raises(ValueError, match="does not fit"):
+    build_sequences([(np.arange(5), np.arange(4))], 8, 0)
