@@ -1,0 +1,184 @@
+"""Preference formats: the shared real files, every layout, every bad-input case."""
+import gzip
+import json
+import math
+import os
+import pathlib
+
+import pytest
+
+from var_jax.data.formats import (detect_format, hh_transcript_to_messages, load_preferences, split_hh_pair)
+
+SHARED = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
+needs_shared = pytest.mark.skipif(not SHARED.is_dir() and os.environ.get("CI") != "true",
+                                  reason="../shared/data not present (runs in CI)")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Real files.
+
+@needs_shared
+def test_hh_real_file():
+  path = str(SHARED / "hh_rlhf" / "harmless-base_test.jsonl.gz")
+  # 4 pairs have an empty chosen response: strict loading names the first one.
+  with pytest.raises(ValueError, match=r"harmless-base_test.jsonl.gz:87: field 'chosen' is empty"):
+    load_preferences(path)
+  recs, stats = load_preferences(path, skip_invalid=True)
+  assert (stats.read, stats.kept, dict(stats.skipped)) == (2312, 2308, {"empty_response": 4})
+  first = recs[0]
+  assert first.source == "harmless-base_test.jsonl.gz:1" and first.chosen == 0 and first.rewards is None
+  assert [m["role"] for m in first.prompt] == ["user", "assistant", "user", "assistant", "user"]
+  assert first.prompt[0]["content"] == "what are some pranks with a pen i can do?"
+  assert first.prompt[-1]["content"] == "okay some of these do not have anything to do with pens"
+  assert first.responses[0].startswith("No, sorry!  All of these involve a pen")
+  assert first.responses[1].startswith("There are lots of funny things you can do with pens")
+  # Line 1255: the transcripts diverge before the final turn; the prompt is the shared prefix.
+  (rec,) = [r for r in recs if r.source.endswith(":1255")]
+  assert rec.prompt[-1]["content"] == "Isn't that drag kings?"
+  assert rec.responses[1].startswith("A drag king is the opposite of a drag queen")
+  assert all(r.prompt[-1]["role"] == "user" for r in recs)
+
+
+@needs_shared
+def test_alpaca_eval_pairs_real_files():
+  test, stats = load_preferences(str(SHARED / "alpaca_eval_pairs" / "alpaca_eval_gpt4_prefs_short_test.jsonl.gz"))
+  assert len(test) == stats.kept == 2804 and not stats.skipped
+  assert test[0].prompt == ({"role": "user", "content": "What is Gremolata?"},)
+  assert test[0].responses[0].startswith("Gremolata is a chopped herb condiment")
+  assert test[0].responses[1].startswith("Gremolata is a traditional Italian condiment")
+  train, _ = load_preferences(str(SHARED / "alpaca_eval_pairs" / "alpaca_eval_gpt4_prefs_short_train.jsonl.gz"),
+                              fmt="pairs")
+  assert len(train) == 30274
+  assert not {r.prompt[0]["content"] for r in train} & {r.prompt[0]["content"] for r in test}
+
+
+@needs_shared
+def test_sharegpt_real_file():
+  recs, stats = load_preferences(str(SHARED / "llamafactory_dpo_demo" / "dpo_en_demo.json"))
+  assert stats.kept == 300 and detect_format({"conversations": [], "chosen": {}, "rejected": {}}) == "sharegpt"
+  assert recs[0].source == "dpo_en_demo.json[0]" and len(recs[0].prompt) == 1
+  assert recs[0].prompt[0]["content"].startswith("Hi! I'd like to create a new language game")
+  assert recs[0].responses[0].startswith("That sounds like a fun and engaging idea!")
+  assert recs[0].responses[1].startswith("Hello! I'd be happy to help you create a language game")
+  roles = [m["role"] for r in recs for m in r.prompt]
+  assert (roles.count("user"), roles.count("assistant"), roles.count("system")) == (563, 263, 80)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Layouts, containers, HF path.
+
+def _write_jsonl(path, rows, gz=False):
+  text = "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows)
+  if gz:
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+      f.write(text)
+  else:
+    pathlib.Path(path).write_text(text, encoding="utf-8")
+  return str(path)
+
+
+PAIR = {"prompt": "Say hi", "chosen": "Hi!", "rejected": "No."}
+
+
+def test_hh_split_and_messages():
+  c = "\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant: good"
+  r = "\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant: bad"
+  prompt, chosen, rejected = split_hh_pair(c, r)
+  assert (chosen, rejected) == ("good", "bad")
+  assert hh_transcript_to_messages(prompt) == [{"role": "user", "content": "a"}, {"role": "assistant",
+                                                                                  "content": "b"},
+                                               {"role": "user", "content": "c"}]
+
+
+@pytest.mark.parametrize("container", ["jsonl", "jsonl.gz", "json", "json.gz", "parquet"])
+def test_containers(tmp_path, container):
+  rows = [PAIR, {"prompt": "Say bye", "chosen": "Bye!", "rejected": "Hi."}]
+  path = tmp_path / f"d.{container}"
+  if container.startswith("jsonl"):
+    _write_jsonl(path, rows, gz=container.endswith(".gz"))
+  elif container.startswith("json"):
+    data = json.dumps(rows)
+    if container.endswith(".gz"):
+      with gzip.open(path, "wt") as f:
+        f.write(data)
+    else:
+      path.write_text(data)
+  else:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.Table.from_pylist(rows), path)
+  recs, stats = load_preferences(str(path))
+  assert stats.kept == 2 and recs[1].responses == ("Bye!", "Hi.") and recs[1].prompt[0]["content"] == "Say bye"
+
+
+def test_hf_datasets_path_with_local_files(tmp_path):
+  """The hub code path (`datasets.load_dataset`), exercised offline with a local builder + data_files."""
+  path = _write_jsonl(tmp_path / "train.jsonl", [PAIR] * 3)
+  recs, stats = load_preferences("json", data_files={"train": path}, split="train")
+  assert stats.kept == 3 and recs[0].responses == ("Hi!", "No.") and recs[0].source == "json:train[0]"
+
+
+def test_pairs_with_message_lists_and_rewards(tmp_path):
+  row = {"prompt": [{"role": "system", "content": "Be nice"}, {"role": "user", "content": "Say hi"}],
+         "chosen": [{"role": "assistant", "content": "Hi!"}], "rejected": [{"role": "assistant", "content": "No."}],
+         "score_chosen": 8.0, "score_rejected": 2}
+  (rec,), _ = load_preferences(_write_jsonl(tmp_path / "m.jsonl", [row]))
+  assert [m["role"] for m in rec.prompt] == ["system", "user"]
+  assert rec.responses == ("Hi!", "No.") and rec.rewards == (8.0, 2.0)
+
+
+def test_ranked_lists(tmp_path):
+  rows = [{"prompt": "q", "responses": ["a", "b", "c"], "rewards": [0.1, 0.9, 0.5]},
+          {"prompt": "r", "responses": ["x", "y", "z", "w"], "ranks": [2, 0, 3, 1]}]
+  (a, b), _ = load_preferences(_write_jsonl(tmp_path / "k.jsonl", rows))
+  assert a.responses == ("a", "b", "c") and a.chosen == 1 and a.ranking == (1, 2, 0)
+  assert b.rewards is None and b.chosen == 1 and b.ranking == (1, 3, 0, 2)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Bad input: a clear error, or skipped and counted.
+
+BAD = [
+    ('{"prompt": "x", "chosen": "a", "rejected": ', "malformed_json", r"bad.jsonl:2: malformed JSON"),
+    ({"prompt": "x", "chosen": "a"}, "missing_field", r"bad.jsonl:2: missing field 'rejected'"),
+    ({"prompt": "x", "chosen": 3, "rejected": "b"}, "non_string_field",
+     r"bad.jsonl:2: field 'chosen' is a int, not a string"),
+    ({"prompt": "x", "chosen": "  ", "rejected": "b"}, "empty_response", r"bad.jsonl:2: field 'chosen' is empty"),
+    ({"prompt": "x", "chosen": "a", "rejected": "a"}, "identical_responses",
+     r"bad.jsonl:2: chosen and rejected are identical"),
+    ({"prompt": "x", "chosen": "a", "rejected": "b", "chosen_reward": float("nan"), "rejected_reward": 1.0},
+     "nan_reward", r"bad.jsonl:2: field 'chosen_reward' is nan"),
+    ({"prompt": "x", "responses": ["a", "b"], "rewards": [1.0, float("nan")]}, "nan_reward",
+     r"bad.jsonl:2: field 'rewards\[1\]' is nan"),
+    ({"prompt": "x", "responses": ["a"], "rewards": [1.0]}, "too_few_responses",
+     r"bad.jsonl:2: 1 response\(s\), the normalizer needs at least 2"),
+    ({"prompt": "", "chosen": "a", "rejected": "b"}, "empty_prompt", r"bad.jsonl:2: empty prompt"),
+]
+
+
+@pytest.mark.parametrize("bad,reason,message", BAD, ids=[b[1] for b in BAD])
+def test_bad_input_raises_or_is_counted(tmp_path, bad, reason, message):
+  fmt = "ranked" if isinstance(bad, dict) and "responses" in bad else "auto"
+  rows = [PAIR if fmt == "auto" else {"prompt": "q", "responses": ["a", "b"], "rewards": [1, 0]}, bad, PAIR
+          if fmt == "auto" else {"prompt": "q", "responses": ["c", "d"], "rewards": [1, 0]}]
+  # json.dumps writes float("nan") as NaN, which Python's json reads back as nan: the NaN reaches the parser.
+  path = _write_jsonl(tmp_path / "bad.jsonl", rows)
+  with pytest.raises(ValueError, match=message):
+    load_preferences(path, fmt=fmt)
+  recs, stats = load_preferences(path, fmt=fmt, skip_invalid=True)
+  assert len(recs) == 2 and stats.read == 3 and dict(stats.skipped) == {reason: 1}
+  assert str(stats).startswith("read 3, kept 2, skipped 1")
+
+
+def test_single_response_allowed_when_normalizer_needs_one(tmp_path):
+  path = _write_jsonl(tmp_path / "sft.jsonl", [{"prompt": "x", "responses": ["a"], "rewards": [1.0]}])
+  (rec,), _ = load_preferences(path, min_responses=1)
+  assert rec.responses == ("a",) and math.isclose(rec.rewards[0], 1.0)
+
+
+def test_unknown_layout_is_an_error(tmp_path):
+  path = _write_jsonl(tmp_path / "u.jsonl", [{"question": "x", "answer": "y"}])
+  with pytest.raises(ValueError, match="cannot detect format"):
+    load_preferences(path)
+  with pytest.raises(ValueError, match="unknown format"):
+    load_preferences(path, fmt="alpaca")
