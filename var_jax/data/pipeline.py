@@ -442,3 +442,4 @@ def measure_throughput(source: str, tokenizer: Tokenizer, config: PipelineConfig
   examples = n_batches * pipe.groups_per_batch * config.group_size
   return dict(examples=examples, batches=n_batches, parse_s=t1 - t0, tokenize_s=t2 - t1, batch_s=t3 - t2,
               examples_per_s=examples / (t3 - t0))
+

@@ -173,18 +173,18 @@ def sft_records(n: int, seed: int = 0, cfg: TaskConfig = TaskConfig()) -> list[P
 
 
 def preference_records(n: int, seed: int = 0, k: int = 2, cfg: TaskConfig = TaskConfig(),
-                       max_tries: int = 50) -> list[PreferenceRecord]:
-  """``n`` prompts with ``k`` distinct responses of distinct gold rewards, best first, rewards attached.
+                       max_tries: int = 50, split: str = "train") -> list[PreferenceRecord]:
+  """``n`` prompts of ``split`` with ``k`` distinct responses of distinct gold rewards, best first, rewards attached.
 
-  For k = 2 these are (chosen, rejected) pairs ordered by the gold reward. Prompts whose demonstrations do not
+  split="eval" draws held-out prompts (for held-out preference pairs). For k = 2 these are (chosen, rejected) pairs ordered by the gold reward. Prompts whose demonstrations do not
   give k distinct rewards within ``max_tries`` samples are replaced by fresh prompts (so no ties, no duplicates).
   """
   if k < 1 or k > cfg.max_digits + 3:
     raise ValueError(f"k={k} distinct rewards is not reachable for max_digits={cfg.max_digits}")
-  rng = np.random.default_rng([seed, 2])
+  rng = np.random.default_rng([seed, 2] if split == "train" else [seed, 4])
   out = []
   while len(out) < n:
-    p = sample_prompt(rng, cfg)
+    p = sample_prompt(rng, cfg, split=split)
     by_reward: dict[float, str] = {}
     for _ in range(max_tries):
       r = sample_response(rng, p, cfg)

@@ -140,25 +140,31 @@ class Tokenizer:
   def encode_prompts(self, prompts: Sequence[Sequence[dict]]) -> tuple[list[np.ndarray], int]:
     """[P_i] int32 prompt ids per prompt, and how many were truncated."""
     ids = [self._fix_bos(x) for x in self._encode([self.render(m) for m in prompts])]
-    truncated = 0
-    for i, x in enumerate(ids):
-      if len(x) > self.max_prompt_len:
-        ids[i] = self._truncate_prompt(list(prompts[i]))
-        truncated += 1
-    return [np.asarray(x, np.int32) for x in ids], truncated
+    long = [i for i, x in enumerate(ids) if len(x) > self.max_prompt_len]
+    # All shorter candidates of all over-long prompts in ONE batch call (encoding is the cost, not the texts).
+    cands = [(i, c) for i in long for c in self._shorter_prompts(list(prompts[i]))]
+    encoded = [self._fix_bos(x) for x in self._encode([self.render(c) for _, c in cands])]
+    shortest = {i: ids[i] for i in long}  # Candidates come longest first: the last one is the shortest.
+    fits: dict[int, list[int]] = {}
+    for (i, _), x in zip(cands, encoded):
+      shortest[i] = x
+      if i not in fits and len(x) <= self.max_prompt_len:
+        fits[i] = x
+    for i in long:
+      ids[i] = fits[i] if i in fits else self._cut_tokens(shortest[i])
+    return [np.asarray(x, np.int32) for x in ids], len(long)
 
-  def _truncate_prompt(self, messages: list[dict]) -> list[int]:
-    """Drops the oldest turns (keeping a leading system message), then the oldest tokens (keeping BOS)."""
+  @staticmethod
+  def _shorter_prompts(messages: list[dict]) -> list[list[dict]]:
+    """The prompt without its 1, 2, ... oldest turns (a leading system message kept), longest first."""
     head = messages[:1] if messages[0]["role"] == "system" and len(messages) > 1 else []
     turns = messages[len(head):]
-    ids = self._fix_bos(self._encode([self.render(head + turns)])[0])
-    while len(ids) > self.max_prompt_len and len(turns) > 1:
-      turns = turns[1:]
-      ids = self._fix_bos(self._encode([self.render(head + turns)])[0])
-    if len(ids) > self.max_prompt_len:
-      keep_bos = self.bos_id is not None and ids[0] == self.bos_id
-      ids = ([ids[0]] if keep_bos else []) + ids[len(ids) - self.max_prompt_len + keep_bos:]
-    return ids
+    return [head + turns[j:] for j in range(1, len(turns))]
+
+  def _cut_tokens(self, ids: list[int]) -> list[int]:
+    """Keeps the last max_prompt_len tokens (and a leading BOS)."""
+    keep_bos = self.bos_id is not None and bool(ids) and ids[0] == self.bos_id
+    return ([ids[0]] if keep_bos else []) + ids[len(ids) - self.max_prompt_len + keep_bos:]
 
   def encode_responses(self, texts: Sequence[str]) -> tuple[list[np.ndarray | None], int]:
     """Per text: [R] int32 ids ending with one EOS, or None if no content token is left; and #truncated."""
