@@ -64,6 +64,8 @@ def test_eval_prompts_are_held_out():
   train = {r.prompt[0]["content"] for r in syn.sft_records(2000, seed=0) + syn.preference_records(1000, seed=0)}
   assert not train & {m[0]["content"] for m in evals}
   assert all(syn.is_eval_prompt(m) for m in evals) and not any(syn.is_eval_prompt(p) for p in train)
+  held_out = syn.preference_records(100, seed=0, split="eval")
+  assert all(syn.is_eval_prompt(r.prompt) for r in held_out) and not train & {r.prompt[0]["content"] for r in held_out}
 
 
 def test_tokenizer_and_lengths():

@@ -196,7 +196,7 @@ def preference_records(n: int, seed: int = 0, k: int = 2, cfg: TaskConfig = Task
     rewards = sorted(by_reward, reverse=True)
     out.append(PreferenceRecord(prompt=_messages(p), responses=tuple(by_reward[x] for x in rewards),
                                 rewards=tuple(rewards), chosen=0, ranking=tuple(range(k)),
-                                source=f"synthetic-pref:{seed}[{len(out)}]"))
+                                source=f"synthetic-pref-{split}:{seed}[{len(out)}]"))
   return out
 
 
