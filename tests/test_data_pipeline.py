@@ -370,3 +370,42 @@ def test_hh_batches_round_trip_and_throughput():
   result = measure_throughput(str(HH), tok, cfg, limit=512)
   # 512 rows, 1 invalid (skipped) -> 511 prompts -> 31 blocks of 16 -> 62 groups of 8 -> 31 batches.
   assert (result["examples"], result["batches"]) == (496, 31) and result["examples_per_s"] > 0
+
+
+_WORKER = """
+import json, sys
+import numpy as np
+from var_jax.data import synthetic as syn
+from var_jax.data.pipeline import PipelineConfig, build_pipeline
+from var_jax.data.tokenize import Tokenizer
+tok = Tokenizer(syn.build_tokenizer(), 16, 16)
+cfg = PipelineConfig(block_size=8, group_size=4, groups_per_batch=4, seed=11)
+pipe, _ = build_pipeline(syn.preference_records(96, seed=9), tok, cfg, shard_index=int(sys.argv[1]), shard_count=2)
+out = [dict(prompts=b["prompt_index"].tolist(), inputs_sum=int(b["inputs"].sum()), shape=list(b["inputs"].shape))
+       for b in pipe.iterator()]
+print(json.dumps(out))
+"""
+
+
+def test_two_real_processes_form_the_global_batch():
+  """Two independent interpreters (different hash seeds) agree on blocks and split the data exactly once."""
+  import json
+  import subprocess
+  import sys
+  root = str(pathlib.Path(__file__).resolve().parents[1])
+  procs = [subprocess.Popen([sys.executable, "-c", _WORKER, str(s)], cwd=root, stdout=subprocess.PIPE,
+                            env={**os.environ, "PYTHONHASHSEED": str(s + 1), "PYTHONPATH": root})
+           for s in (0, 1)]
+  outs = [json.loads(p.communicate(timeout=120)[0]) for p in procs]
+  assert all(p.returncode == 0 for p in procs)
+  assert len(outs[0]) == len(outs[1]) == 6  # 12 blocks -> 6 per process -> 12 groups -> 6 batches of 2.
+  for step0, step1 in zip(*outs):
+    assert step0["shape"] == step1["shape"] == [2, 8, 32]  # Same shapes on every process: one global array.
+  prompts = [np.ravel([s["prompts"] for s in out]) for out in outs]
+  assert not set(prompts[0]) & set(prompts[1]) and sorted(np.concatenate(prompts)) == list(range(96))
+  # And each process's stream equals the in-process simulation of its shard.
+  tok = Tokenizer(syn.build_tokenizer(), 16, 16)
+  cfg = PipelineConfig(block_size=8, group_size=4, groups_per_batch=4, seed=11)
+  sim, _ = build_pipeline(syn.preference_records(96, seed=9), tok, cfg, shard_index=1, shard_count=2)
+  assert [b["prompt_index"].tolist() for b in sim.iterator()] == [s["prompts"] for s in outs[1]]
+  assert [int(b["inputs"].sum()) for b in sim.iterator()] == [s["inputs_sum"] for s in outs[1]]
