@@ -310,22 +310,31 @@ def var_metrics(weights, owner, num_prompts: int, *, is_chosen=None, valid=None)
   return metrics
 
 
-def dpo_metrics(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta):
-  """TRL-style DPO metrics: implicit rewards beta*(pi - ref) of chosen/rejected, their margin and accuracy."""
+def _masked_mean(x, valid):
+  if valid is None:
+    return x.mean()
+  return jnp.sum(jnp.where(valid, x, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
+
+
+def dpo_metrics(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, *, valid=None):
+  """TRL-style DPO metrics: implicit rewards beta*(pi - ref) of chosen/rejected, their margin and accuracy.
+
+  All inputs [M] (any shape); `valid` (same shape, optional) restricts the means to real pairs.
+  """
   reward_chosen = beta * (policy_chosen.astype(jnp.float32) - ref_chosen.astype(jnp.float32))
   reward_rejected = beta * (policy_rejected.astype(jnp.float32) - ref_rejected.astype(jnp.float32))
   margin = reward_chosen - reward_rejected
   return {
-      "rewards_chosen": reward_chosen.mean(),
-      "rewards_rejected": reward_rejected.mean(),
-      "margin": margin.mean(),
-      "accuracy": jnp.mean((margin > 0).astype(jnp.float32)),
-      "logps_chosen": policy_chosen.astype(jnp.float32).mean(),
-      "logps_rejected": policy_rejected.astype(jnp.float32).mean(),
+      "rewards_chosen": _masked_mean(reward_chosen, valid),
+      "rewards_rejected": _masked_mean(reward_rejected, valid),
+      "margin": _masked_mean(margin, valid),
+      "accuracy": _masked_mean((margin > 0).astype(jnp.float32), valid),
+      "logps_chosen": _masked_mean(policy_chosen.astype(jnp.float32), valid),
+      "logps_rejected": _masked_mean(policy_rejected.astype(jnp.float32), valid),
   }
 
 
-def bradley_terry_metrics(r_chosen, r_rejected):
-  """Reward-model pair accuracy and mean margin r_c - r_r."""
+def bradley_terry_metrics(r_chosen, r_rejected, *, valid=None):
+  """Reward-model pair accuracy and mean margin r_c - r_r (over `valid` pairs when given)."""
   margin = r_chosen.astype(jnp.float32) - r_rejected.astype(jnp.float32)
-  return {"accuracy": jnp.mean((margin > 0).astype(jnp.float32)), "margin": margin.mean()}
+  return {"accuracy": _masked_mean((margin > 0).astype(jnp.float32), valid), "margin": _masked_mean(margin, valid)}

@@ -1,0 +1,179 @@
+"""Every configuration field var_jax reads, documented where it is defined, and its validation.
+
+Config files in configs/ start from `base_config()` and override what their setting needs; the command line
+overrides any field (`--config.var.lam=0.5`). `validate(cfg)` runs before any data is read or anything is
+compiled and raises a ValueError naming the field.
+"""
+import ml_collections
+
+from var_jax import losses
+
+STAGES = ("sft", "reward", "score", "var", "dpo", "eval")
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0                      # Seeds parameter init, data order and sampling; same seed -> same run.
+  c.stages = ",".join(STAGES)     # Comma-separated pipeline; each is skipped when its artifacts are complete.
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = "synthetic"     # "synthetic" (the embedded task), a local file (.jsonl/.json/.gz/.parquet) or hub id.
+  c.data.format = "auto"          # "auto" | "hh" | "pairs" | "sharegpt" | "ranked".
+  c.data.split = "train"          # Split of a hub dataset.
+  c.data.data_dir = ""            # `data_dir` of a hub dataset, e.g. "harmless-base" for Anthropic/hh-rlhf.
+  c.data.eval_source = ""         # Held-out file or hub id; "" -> the last eval_fraction of prompts of `source`.
+  c.data.eval_split = "test"      # Split of a hub eval dataset.
+  c.data.eval_fraction = 0.05     # Used when eval_source is "".
+  c.data.max_records = 0          # Read at most this many records (0 = all); for quick runs on big files.
+  c.data.skip_invalid = False     # Skip (and count) invalid records instead of failing on the first one.
+  c.data.max_prompt_len = 256     # Tokens; longer prompts keep their most recent tokens.
+  c.data.max_response_len = 128   # Tokens incl. EOS; responses cut to nothing are dropped and counted.
+  c.data.max_responses = 2        # K: response slots per prompt (2 for preference pairs).
+  c.data.group_size = 8           # B: prompts per VAR normalizer group (the paper's "batch size").
+  c.data.block_size = 16          # G: prompts per scoring block (a multiple of group_size).
+  c.data.groups_per_batch = 1     # Normalizer groups per training step (global, over all processes).
+  c.data.bucket = 32              # Sequence lengths are padded to a multiple of this (compile per bucket).
+  c.data.tokenizer = ""           # Tokenizer path/id; "" -> the model's (or the synthetic task's).
+  c.data.num_sft = 4000           # Synthetic task: SFT examples.
+  c.data.num_pairs = 2000         # Synthetic task: preference prompts.
+  c.data.num_eval = 128           # Synthetic task: held-out prompts.
+
+  c.model = ml_collections.ConfigDict()
+  c.model.preset = "tiny"         # var_jax.model.PRESETS name; ignored when `path` is set.
+  c.model.path = ""               # HF checkpoint dir / hub id, or a .gguf file, for a pretrained policy.
+  c.model.vocab_size = 0          # Overrides the preset's vocab size (0 = the tokenizer's size for "tiny" models).
+  c.model.dtype = "float32"       # Compute dtype ("bfloat16" on accelerators); params stay float32 (master).
+  c.model.remat = "none"          # "none" | "full" | "dots": rematerialise the scanned layer body.
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1                # Data-parallel size; -1 = the devices the other axes leave.
+  c.mesh.fsdp = 1                 # FSDP size: parameters and optimizer state sharded over it.
+  c.mesh.tensor = 1               # Tensor-parallel size.
+  c.mesh.rules = ""               # Extra logical->mesh rules "name=axis,name=axis2+axis3,name=" ("" = defaults).
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.warmup_steps = 20       # Linear warmup from 0.
+  c.optim.schedule = "cosine"     # "cosine" | "linear" | "constant" decay after warmup.
+  c.optim.end_lr_frac = 0.1       # Final learning rate as a fraction of the peak.
+  c.optim.weight_decay = 0.0      # AdamW decoupled weight decay (not applied to norms and biases).
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.95
+  c.optim.clip_norm = 1.0         # Global-norm gradient clipping (0 = off).
+  c.optim.grad_accum = 1          # Micro-batches per step; must divide groups_per_batch / data-parallel size.
+
+  c.sft = ml_collections.ConfigDict()
+  c.sft.steps = 600
+  c.sft.lr = 3e-3
+  c.sft.on = "all"                # "all" responses (SFT data) or "chosen" only (preference data).
+  c.sft.init = ""                 # "" -> model.path or random init.
+
+  c.reward = ml_collections.ConfigDict()
+  c.reward.source = "train"       # "train" (Bradley-Terry on the pairs) | "gold" (synthetic) | HF path/id of a RM.
+  c.reward.steps = 300
+  c.reward.lr = 1e-3
+  c.reward.init = "sft"           # Backbone init for a trained RM: "sft" policy or "base" (random / model.path).
+
+  c.var = ml_collections.ConfigDict()
+  c.var.steps = 300
+  c.var.lr = 5e-4
+  c.var.lam = 0.1                 # lambda > 0, the KL coefficient.
+  c.var.normalizer = "cross_context"   # "cross_context" | "per_prompt" | "batch".
+  c.var.reduction = "prompt_mean"      # "prompt_mean" | "token_mean".
+  c.var.length_normalize = False  # Per-token mean ref log-prob inside s instead of the sum.
+  c.var.include_ref_logp = True   # False for responses sampled from pi_ref itself (see the math page).
+
+  c.dpo = ml_collections.ConfigDict()
+  c.dpo.steps = 300
+  c.dpo.lr = 5e-4
+  c.dpo.beta = 0.1
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every = 100        # Save every N steps (and at the end, and on SIGTERM).
+  c.checkpoint.keep = 2           # Keep the last K.
+  c.checkpoint.async_save = True  # Orbax async saves: training continues while the write finishes.
+
+  c.log_every = 25                # Metrics to console / JSONL / TensorBoard every N steps.
+  c.eval_every = 100              # Held-out loss every N steps (0 = only at the end).
+  c.eval_batches = 4              # Held-out batches per evaluation.
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.num_prompts = 128        # Held-out prompts to generate for.
+  c.eval.max_new_tokens = 16
+  c.eval.temperature = 0.0        # 0 = greedy.
+  c.eval.top_k = 0
+  c.eval.top_p = 1.0
+  c.eval.batch_size = 64
+  c.eval.show = 4                 # Sample generations printed side by side.
+  return c
+
+
+def _fail(field: str, value, why: str):
+  raise ValueError(f"config.{field} = {value!r}: {why}")
+
+
+def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
+  """Raises ValueError naming the first invalid field. Cheap: runs before any data or compilation."""
+  stages = [s.strip() for s in cfg.stages.split(",") if s.strip()]
+  for s in stages:
+    if s not in STAGES:
+      _fail("stages", cfg.stages, f"unknown stage {s!r}; stages are {STAGES}")
+  d = cfg.data
+  if d.source != "synthetic" and not d.source:
+    _fail("data.source", d.source, "set a data file or hub id (or 'synthetic')")
+  for field in ("max_prompt_len", "max_response_len", "max_responses", "group_size", "block_size",
+                "groups_per_batch", "bucket"):
+    if getattr(d, field) < 1:
+      _fail(f"data.{field}", getattr(d, field), "must be >= 1")
+  if d.block_size % d.group_size:
+    _fail("data.block_size", d.block_size, f"must be a multiple of data.group_size={d.group_size}")
+  if not 0 <= d.eval_fraction < 1:
+    _fail("data.eval_fraction", d.eval_fraction, "must be in [0, 1)")
+  if cfg.var.lam <= 0 or cfg.var.lam != cfg.var.lam:
+    _fail("var.lam", cfg.var.lam, "lambda must be > 0")
+  if cfg.var.normalizer not in losses.NORMALIZERS:
+    _fail("var.normalizer", cfg.var.normalizer, f"must be one of {losses.NORMALIZERS}")
+  if cfg.var.reduction not in losses.REDUCTIONS:
+    _fail("var.reduction", cfg.var.reduction, f"must be one of {losses.REDUCTIONS}")
+  if cfg.var.normalizer == "per_prompt" and d.max_responses < 2 and "var" in stages:
+    _fail("data.max_responses", d.max_responses, "normalizer 'per_prompt' needs >= 2 responses per prompt")
+  if "dpo" in stages and d.max_responses != 2:
+    _fail("data.max_responses", d.max_responses, "the dpo stage needs preference pairs (2 responses per prompt)")
+  if cfg.dpo.beta <= 0:
+    _fail("dpo.beta", cfg.dpo.beta, "must be > 0")
+  if cfg.sft.on not in ("all", "chosen"):
+    _fail("sft.on", cfg.sft.on, "must be 'all' or 'chosen'")
+  if cfg.reward.init not in ("sft", "base"):
+    _fail("reward.init", cfg.reward.init, "must be 'sft' or 'base'")
+  if cfg.reward.source == "gold" and d.source != "synthetic":
+    _fail("reward.source", cfg.reward.source, "a gold reward exists only for data.source='synthetic'")
+  for stage in ("sft", "reward", "var", "dpo"):
+    section = cfg[stage]
+    if section.steps < 0:
+      _fail(f"{stage}.steps", section.steps, "must be >= 0")
+    if section.lr <= 0:
+      _fail(f"{stage}.lr", section.lr, "must be > 0")
+  o = cfg.optim
+  if o.schedule not in ("cosine", "linear", "constant"):
+    _fail("optim.schedule", o.schedule, "must be 'cosine', 'linear' or 'constant'")
+  if o.grad_accum < 1:
+    _fail("optim.grad_accum", o.grad_accum, "must be >= 1")
+  if cfg.model.dtype not in ("float32", "bfloat16"):
+    _fail("model.dtype", cfg.model.dtype, "must be 'float32' or 'bfloat16'")
+  if cfg.model.remat not in ("none", "full", "dots"):
+    _fail("model.remat", cfg.model.remat, "must be 'none', 'full' or 'dots'")
+  if cfg.eval.temperature < 0:
+    _fail("eval.temperature", cfg.eval.temperature, "must be >= 0")
+  if cfg.checkpoint.every < 1 or cfg.checkpoint.keep < 1:
+    _fail("checkpoint.every", cfg.checkpoint.every, "checkpoint.every and checkpoint.keep must be >= 1")
+  if num_devices is not None:
+    m = cfg.mesh
+    fixed = max(m.fsdp, 1) * max(m.tensor, 1)
+    data = m.data if m.data > 0 else num_devices // fixed
+    if data < 1 or data * fixed != num_devices:
+      _fail("mesh", (m.data, m.fsdp, m.tensor), f"data x fsdp x tensor must equal the {num_devices} devices")
+    batch_shards = data * max(m.fsdp, 1)
+    if d.groups_per_batch % batch_shards:
+      _fail("data.groups_per_batch", d.groups_per_batch,
+            f"normalizer groups per batch must divide over the {batch_shards} data x fsdp shards")
+    if d.groups_per_batch % o.grad_accum:
+      _fail("optim.grad_accum", o.grad_accum, f"must divide data.groups_per_batch={d.groups_per_batch}")

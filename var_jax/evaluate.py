@@ -1,0 +1,129 @@
+"""The eval stage: generate for held-out prompts with every trained policy and compare them.
+
+Per policy (the reference = sft, and var / dpo when trained):
+  gold_reward        mean gold reward of its generations (the synthetic task only: ground truth);
+  rm_reward          mean reward-model score (when a reward model was trained or given);
+  win/tie vs ref     per prompt, its generation against the reference policy's, judged by gold reward and by RM;
+  win/tie vs chosen  against the dataset's chosen response, judged by the RM (real data);
+  kl_to_ref          mean over prompts of sum_t [log pi(y_t) - log pi_ref(y_t)] on the policy's own samples: an
+                     unbiased estimate of KL(pi || pi_ref) when sampling at temperature 1 without truncation,
+                     otherwise the log-ratio on its generations (reported as such);
+  length             mean generated tokens (EOS included).
+Results go to workdir/eval/results.json and a Markdown table (also printed).
+"""
+import json
+import os
+
+import numpy as np
+from flax import nnx
+
+from var_jax import sampling
+from var_jax import scoring
+from var_jax import sharding as sharding_lib
+from var_jax import stages
+from var_jax.data import pipeline as data_pipeline
+from var_jax.data import synthetic
+
+
+def _score_pairs(model, pairs, pad_id, bucket, reward: bool):
+  """Per pair (prompt ids, response ids): summed response log-prob (policy) or reward (reward model)."""
+  longest = max(len(p) + len(r) for p, r in pairs)
+  length = -(-longest // bucket) * bucket
+  seqs = data_pipeline.build_sequences(pairs, length, pad_id)
+  graphdef, state = nnx.split(model)
+  fn = scoring._reward_scores_jit if reward else scoring._policy_scores_jit  # pylint: disable=protected-access
+  out = scoring._in_chunks(fn, graphdef, state, seqs, len(pairs), 128)  # pylint: disable=protected-access
+  return out if reward else out[0]
+
+
+def _win_rate(a, b):
+  a, b = np.asarray(a), np.asarray(b)
+  return {"win": float(np.mean(a > b)), "tie": float(np.mean(a == b)), "loss": float(np.mean(a < b))}
+
+
+def evaluate_policies(ctx) -> dict:
+  cfg, task, tok = ctx.cfg, ctx.task, ctx.task.tok
+  e = cfg.eval
+  records = task.eval_records[:e.num_prompts]
+  prompt_ids, _ = tok.encode_prompts([r.prompt for r in records])
+  policies = ["sft"] + [s for s in ("var", "dpo") if os.path.exists(
+      os.path.join(stages.stage_dir(ctx.workdir, s), "DONE.json"))]
+  rm = None
+  if cfg.reward.source not in ("gold", "dataset"):
+    if cfg.reward.source == "train":
+      rm = stages.load_model(cfg, ctx.mcfg, ctx.mesh, ctx.rules, ctx.workdir, "reward", reward=True)
+    else:
+      from var_jax import hf_io  # pylint: disable=g-import-not-at-top
+      rm = hf_io.from_pretrained(cfg.reward.source, reward=True)
+  ref = stages.load_model(cfg, ctx.mcfg, ctx.mesh, ctx.rules, ctx.workdir, "sft")
+  unbiased_kl = e.temperature == 1.0 and e.top_k == 0 and e.top_p >= 1.0
+  bucket = cfg.data.bucket
+
+  generations, per_policy = {}, {}
+  for name in policies:
+    model = ref if name == "sft" else stages.load_model(cfg, ctx.mcfg, ctx.mesh, ctx.rules, ctx.workdir, name)
+    gen = sampling.generate(model, prompt_ids, max_new_tokens=e.max_new_tokens, eos_id=tok.eos_id,
+                            pad_id=tok.pad_id, temperature=e.temperature, top_k=e.top_k, top_p=e.top_p,
+                            seed=cfg.seed, batch_size=e.batch_size, bucket=bucket)
+    gen = [g if len(g) else np.array([tok.eos_id], np.int32) for g in gen]
+    pairs = list(zip(prompt_ids, gen))
+    texts = [tok.decode(g) for g in gen]
+    m = {"length": float(np.mean([len(g) for g in gen]))}
+    logp = _score_pairs(model, pairs, tok.pad_id, bucket, reward=False)
+    ref_logp = logp if name == "sft" else _score_pairs(ref, pairs, tok.pad_id, bucket, reward=False)
+    m["kl_to_ref" if unbiased_kl else "logratio_to_ref"] = float(np.mean(logp - ref_logp))
+    if task.synthetic:
+      m["gold"] = [synthetic.gold_reward(r.prompt, t) for r, t in zip(records, texts)]
+    if rm is not None:
+      m["rm"] = _score_pairs(rm, pairs, tok.pad_id, bucket, reward=True).tolist()
+    generations[name], per_policy[name] = texts, m
+
+  chosen_rm = None
+  if rm is not None and not task.synthetic:
+    chosen_ids, _ = tok.encode_responses([r.responses[r.chosen] for r in records])
+    keep = [i for i, c in enumerate(chosen_ids) if c is not None]
+    chosen_rm = np.full(len(records), np.nan)
+    chosen_rm[keep] = _score_pairs(rm, [(prompt_ids[i], chosen_ids[i]) for i in keep], tok.pad_id, bucket,
+                                   reward=True)
+  results = {"policies": {}, "num_prompts": len(records), "temperature": e.temperature}
+  for name, m in per_policy.items():
+    row = {k: v for k, v in m.items() if not isinstance(v, list)}
+    for judge in ("gold", "rm"):
+      if judge in m:
+        row[f"{judge}_reward"] = float(np.mean(m[judge]))
+        if name != "sft":
+          wr = _win_rate(m[judge], per_policy["sft"][judge])
+          row[f"{judge}_win_vs_ref"], row[f"{judge}_tie_vs_ref"] = wr["win"], wr["tie"]
+    if chosen_rm is not None:
+      ok = ~np.isnan(chosen_rm)
+      wr = _win_rate(np.asarray(m["rm"])[ok], chosen_rm[ok])
+      row["rm_win_vs_chosen"], row["rm_tie_vs_chosen"] = wr["win"], wr["tie"]
+    results["policies"][name] = row
+  results["samples"] = [{"prompt": tok.render(records[i].prompt), **{n: generations[n][i] for n in policies}}
+                        for i in range(min(e.show, len(records)))]
+  _write(ctx.workdir, results)
+  return results
+
+
+def markdown_table(results: dict) -> str:
+  rows = results["policies"]
+  cols = sorted({k for r in rows.values() for k in r})
+  lines = ["| policy | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+  for name, r in rows.items():
+    lines.append(f"| {name} | " + " | ".join(f"{r[c]:.4f}" if c in r else "" for c in cols) + " |")
+  return "\n".join(lines)
+
+
+def _write(workdir: str, results: dict) -> None:
+  if not sharding_lib.is_main_process():
+    return
+  out = stages.stage_dir(workdir, "eval")
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as f:
+    json.dump(results, f, indent=1)
+  table = markdown_table(results)
+  samples = "\n\n".join("\n".join(f"- **{k}**: {v!r}" for k, v in s.items()) for s in results["samples"])
+  with open(os.path.join(out, "results.md"), "w", encoding="utf-8") as f:
+    f.write(table + "\n\n" + samples + "\n")
+  print(table)
+  print(samples)

@@ -1,0 +1,351 @@
+"""The pipeline's stages: sft -> reward -> score -> var / dpo -> eval, each writing its artifacts under workdir.
+
+A stage is complete when workdir/<stage>/DONE.json exists; it records the config fields the stage depends on,
+and a rerun with different values for them stops with an error instead of silently reusing (or overwriting)
+the old artifacts. Policies and reward models are saved as orbax parameter checkpoints in workdir/<stage>/params.
+"""
+import dataclasses
+import json
+import os
+from typing import Any, Optional
+
+import jax
+import numpy as np
+from absl import logging
+from flax import nnx
+
+from var_jax import flops as flops_lib
+from var_jax import model as model_lib
+from var_jax import sampling
+from var_jax import scoring
+from var_jax import sharding as sharding_lib
+from var_jax import train as train_lib
+from var_jax.data import formats
+from var_jax.data import pipeline as data_pipeline
+from var_jax.data import synthetic
+from var_jax.data import tokenize
+
+# Config fields each stage's artifacts depend on (beyond those of the stages it reads from).
+_DEPENDS = {
+    "sft": ("seed", "data", "model", "sft", "optim"),
+    "reward": ("reward",),
+    "score": (),
+    "var": ("var",),
+    "dpo": ("dpo",),
+    "eval": ("eval",),
+}
+_READS = {"sft": (), "reward": ("sft",), "score": ("sft", "reward"), "var": ("score",), "dpo": ("score",),
+          "eval": ("var", "dpo")}
+
+
+def _fingerprint(cfg, stage: str) -> dict:
+  """The config values a stage's artifacts depend on, including those of the stages it reads from."""
+  keys, todo = set(), [stage]
+  while todo:
+    s = todo.pop()
+    keys.update(_DEPENDS[s])
+    todo.extend(_READS[s])
+  d = cfg.to_dict()
+  return {k: d[k] for k in sorted(keys)}
+
+
+def stage_dir(workdir: str, stage: str) -> str:
+  return os.path.join(workdir, stage)
+
+
+def is_done(cfg, workdir: str, stage: str) -> bool:
+  """True when the stage completed with the same settings; raises if it completed with different ones."""
+  path = os.path.join(stage_dir(workdir, stage), "DONE.json")
+  if not os.path.exists(path):
+    return False
+  with open(path, encoding="utf-8") as f:
+    done = json.load(f)
+  want = json.loads(json.dumps(_fingerprint(cfg, stage)))
+  if done.get("config") != want:
+    diff = sorted(k for k in set(want) | set(done.get("config", {})) if want.get(k) != done["config"].get(k))
+    raise ValueError(f"{path}: stage {stage!r} was completed with different settings ({', '.join(diff)}). "
+                     "Use a new --workdir for a new setting; nothing in the existing one is overwritten.")
+  return True
+
+
+def mark_done(cfg, workdir: str, stage: str, results: Optional[dict] = None) -> None:
+  if not sharding_lib.is_main_process():
+    return
+  path = os.path.join(stage_dir(workdir, stage), "DONE.json")
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump({"config": _fingerprint(cfg, stage), "results": results or {}}, f, indent=1, default=float)
+  os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The task: tokenizer and records.
+
+
+@dataclasses.dataclass
+class Task:
+  tok: tokenize.Tokenizer
+  sft_records: list            # PreferenceRecords for the sft stage.
+  pref_records: list           # Training preference records (>= 2 responses each).
+  eval_records: list           # Held-out preference records.
+  synthetic: bool              # The embedded task: a gold reward exists.
+
+
+def _hf_tokenizer(cfg):
+  if cfg.data.tokenizer:
+    from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
+    return AutoTokenizer.from_pretrained(cfg.data.tokenizer)
+  if cfg.data.source == "synthetic":
+    return synthetic.build_tokenizer()
+  if cfg.model.path.endswith(".gguf"):
+    from var_jax import hf_io  # pylint: disable=g-import-not-at-top
+    return hf_io.tokenizer_from_gguf(cfg.model.path)
+  if cfg.model.path:
+    from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
+    return AutoTokenizer.from_pretrained(cfg.model.path)
+  raise ValueError("config.data.tokenizer is empty and config.model.path gives no tokenizer: set one of them")
+
+
+def load_task(cfg) -> Task:
+  """Records and tokenizer of the configured data (the embedded synthetic task or preference files)."""
+  d = cfg.data
+  tok = tokenize.Tokenizer(_hf_tokenizer(cfg), max_prompt_len=d.max_prompt_len, max_response_len=d.max_response_len)
+  if d.source == "synthetic":
+    sft = synthetic.sft_records(d.num_sft, seed=cfg.seed)
+    pref = synthetic.preference_records(d.num_pairs, seed=cfg.seed, k=d.max_responses)
+    held_out = synthetic.preference_records(d.num_eval, seed=cfg.seed, k=d.max_responses, split="eval")
+    return Task(tok, sft, pref, held_out, synthetic=True)
+  limit = d.max_records or None
+  records, stats = formats.load_preferences(d.source, d.format, split=d.split, data_dir=d.data_dir or None,
+                                            skip_invalid=d.skip_invalid, limit=limit)
+  logging.info("data %s: %s", d.source, stats)
+  if d.eval_source:
+    held_out, eval_stats = formats.load_preferences(d.eval_source, d.format, split=d.eval_split,
+                                                    data_dir=d.data_dir or None, skip_invalid=d.skip_invalid,
+                                                    limit=limit)
+    logging.info("eval data %s: %s", d.eval_source, eval_stats)
+  else:
+    cut = len(records) - max(int(len(records) * d.eval_fraction), 1)
+    records, held_out = records[:cut], records[cut:]
+  return Task(tok, records, records, held_out, synthetic=False)
+
+
+def make_pipeline(cfg, records, tok, *, k_max: int, train: bool, min_responses: int = 2):
+  d = cfg.data
+  pcfg = data_pipeline.PipelineConfig(
+      block_size=d.block_size, group_size=d.group_size, groups_per_batch=d.groups_per_batch, k_max=k_max,
+      seed=cfg.seed, remainder="drop" if train else "pad", shuffle=train, num_epochs=None if train else 1,
+      bucket=d.bucket, max_len=d.max_prompt_len + d.max_response_len)
+  pipe, stats = data_pipeline.build_pipeline(records, tok, pcfg, min_responses=min_responses,
+                                             skip_invalid=d.skip_invalid)
+  logging.info("pipeline (%d records, K=%d): %s", len(records), k_max, stats)
+  return pipe
+
+
+def with_scores(pipe, scores):
+  """The same pipeline (same tokenized records and blocks) with the scoring stage's matrices gathered per group."""
+  return data_pipeline.PreferencePipeline(
+      pipe.tokenized, pipe.blocks, pipe.config, max_len=pipe.max_len, pad_id=pipe.pad_id, k_max=pipe.k_max,
+      shard_index=pipe.shard_index, shard_count=pipe.shard_count, scores=scores)
+
+
+def iterator_fn(pipe):
+  return lambda state: pipe.iterator(state=state)
+
+
+def eval_batches_fn(cfg, pipe):
+  if pipe is None or cfg.eval_batches <= 0:
+    return None
+
+  def batches():
+    it = pipe.iterator()
+    for _ in range(min(cfg.eval_batches, len(pipe))):
+      yield next(it)
+
+  return batches
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models.
+
+
+def model_config(cfg, tok: tokenize.Tokenizer) -> model_lib.ModelConfig:
+  overrides = {"dtype": cfg.model.dtype, "remat": cfg.model.remat}
+  if cfg.model.path:
+    from var_jax import hf_io  # pylint: disable=g-import-not-at-top
+    return dataclasses.replace(hf_io.config_from_path(cfg.model.path), **overrides)
+  vocab = cfg.model.vocab_size or len(tok.tok)
+  return model_lib.get_config(cfg.model.preset, vocab_size=vocab, **overrides)
+
+
+def new_model(cfg, mcfg, mesh, rules, *, reward: bool = False, seed: int = 0) -> nnx.Module:
+  """A randomly initialised (or pretrained, for model.path) policy or reward model, created on its shards."""
+  if cfg.model.path and not reward:
+    from var_jax import hf_io  # pylint: disable=g-import-not-at-top
+    model, _ = sharding_lib.create_sharded_model(
+        lambda: model_lib.Decoder(mcfg, rngs=nnx.Rngs(seed)), mesh, rules)
+    return hf_io.load_weights_into(model, cfg.model.path)
+  cls = model_lib.RewardModel if reward else model_lib.Decoder
+  model, _ = sharding_lib.create_sharded_model(lambda: cls(mcfg, rngs=nnx.Rngs(seed)), mesh, rules)
+  return model
+
+
+def _abstract(state):
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+
+
+def save_model(model: nnx.Module, workdir: str, stage: str) -> None:
+  train_lib.save_params(nnx.to_pure_dict(nnx.state(model, nnx.Param)), os.path.join(stage_dir(workdir, stage),
+                                                                                      "params"))
+
+
+def load_model(cfg, mcfg, mesh, rules, workdir: str, stage: str, *, reward: bool = False) -> nnx.Module:
+  """The model a finished stage saved, restored read-only onto the current mesh's shardings."""
+  cls = model_lib.RewardModel if reward else model_lib.Decoder
+  model, _ = sharding_lib.create_sharded_model(lambda: cls(mcfg, rngs=nnx.Rngs(0)), mesh, rules)
+  target = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  params = train_lib.restore_params(_abstract(target), os.path.join(stage_dir(workdir, stage), "params"))
+  state = nnx.state(model, nnx.Param)
+  nnx.replace_by_pure_dict(state, params)
+  nnx.update(model, state)
+  return model
+
+
+def _copy_backbone(reward_model: nnx.Module, policy: nnx.Module) -> None:
+  """Initialises the reward model's backbone from the policy (the untied LM head, if any, is not copied)."""
+  src = nnx.to_pure_dict(nnx.state(policy, nnx.Param))
+  dst_state = nnx.state(reward_model.backbone, nnx.Param)
+  dst = nnx.to_pure_dict(dst_state)
+  nnx.replace_by_pure_dict(dst_state, {k: src[k] for k in dst})
+  nnx.update(reward_model.backbone, dst_state)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stages.
+
+
+class Context:
+  """What every stage needs: config, workdir, mesh, task, model config, and the pipelines (built lazily)."""
+
+  def __init__(self, cfg, workdir: str, mesh, rules):
+    self.cfg, self.workdir, self.mesh, self.rules = cfg, workdir, mesh, rules
+    self.task = load_task(cfg)
+    self.mcfg = model_config(cfg, self.task.tok)
+    self._pipes = {}
+
+  def pipe(self, name: str):
+    if name not in self._pipes:
+      t, k = self.task, self.cfg.data.max_responses
+      if name == "sft":
+        sft_k = 1 if t.synthetic else k
+        self._pipes[name] = make_pipeline(self.cfg, t.sft_records, t.tok, k_max=sft_k, train=True, min_responses=1)
+      elif name == "pref":
+        self._pipes[name] = make_pipeline(self.cfg, t.pref_records, t.tok, k_max=k, train=True)
+      elif name == "pref_eval":
+        self._pipes[name] = make_pipeline(self.cfg, t.eval_records, t.tok, k_max=k, train=False)
+      else:
+        raise KeyError(name)
+    return self._pipes[name]
+
+  def train(self, stage: str, model, train_pipe, eval_pipe, reward_model: bool = False):
+    per_token = flops_lib.decoder_flops_per_token(self.mcfg, train_pipe.max_len)
+    return train_lib.train(stage, self.cfg, self.cfg[stage], model, iterator_fn(train_pipe),
+                           eval_batches_fn(self.cfg, eval_pipe), stage_dir(self.workdir, stage), self.mesh,
+                           self.rules, reward_model=reward_model,
+                           tokens_flops=lambda n: n * per_token)
+
+
+def run_sft(ctx: Context) -> None:
+  cfg = ctx.cfg
+  model = new_model(cfg, ctx.mcfg, ctx.mesh, ctx.rules, seed=cfg.seed)
+  eval_pipe = ctx.pipe("pref_eval") if cfg.sft.on == "chosen" or not ctx.task.synthetic else None
+  model = ctx.train("sft", model, ctx.pipe("sft"), eval_pipe)
+  save_model(model, ctx.workdir, "sft")
+  mark_done(cfg, ctx.workdir, "sft")
+
+
+def run_reward(ctx: Context) -> None:
+  cfg = ctx.cfg
+  if cfg.reward.source != "train":
+    mark_done(cfg, ctx.workdir, "reward", {"source": cfg.reward.source})
+    return
+  rm = new_model(cfg, ctx.mcfg, ctx.mesh, ctx.rules, reward=True, seed=cfg.seed + 1)
+  if cfg.reward.init == "sft":
+    _copy_backbone(rm, load_model(cfg, ctx.mcfg, ctx.mesh, ctx.rules, ctx.workdir, "sft"))
+  rm = ctx.train("reward", rm, ctx.pipe("pref"), ctx.pipe("pref_eval"), reward_model=True)
+  save_model(rm, ctx.workdir, "reward")
+  mark_done(cfg, ctx.workdir, "reward")
+
+
+def _reward_source(ctx: Context, pipe):
+  """(reward_model or None, reward_fn or None, own_rewards_only) for the scoring stage."""
+  cfg, t = ctx.cfg, ctx.task
+  src = cfg.reward.source
+  if src == "train":
+    return load_model(cfg, ctx.mcfg, ctx.mesh, ctx.rules, ctx.workdir, "reward", reward=True), None, False
+  if src == "gold":
+    records = t.pref_records if pipe is ctx.pipe("pref") else t.eval_records
+    k = pipe.k_max
+
+    def gold(b, p, m):
+      prompt = records[int(pipe.blocks[b, p])].prompt
+      response = records[int(pipe.blocks[b, m // k])].responses[m % k]
+      return synthetic.gold_reward(prompt, response)
+
+    return None, gold, False
+  if src == "dataset":
+    def given(b, p, m):
+      del p
+      return pipe.tokenized[int(pipe.blocks[b, m // pipe.k_max])].rewards[m % pipe.k_max]
+    return None, given, True
+  from var_jax import hf_io  # pylint: disable=g-import-not-at-top
+  return hf_io.from_pretrained(src, reward=True), None, False
+
+
+def _scores_path(workdir: str, split: str) -> str:
+  return os.path.join(stage_dir(workdir, "score"), f"{split}_p{jax.process_index()}.npz")
+
+
+def run_score(ctx: Context) -> None:
+  cfg = ctx.cfg
+  ref = load_model(cfg, ctx.mcfg, ctx.mesh, ctx.rules, ctx.workdir, "sft")
+  os.makedirs(stage_dir(ctx.workdir, "score"), exist_ok=True)
+  summary = {}
+  for split, name in (("train", "pref"), ("eval", "pref_eval")):
+    pipe = ctx.pipe(name)
+    rm, reward_fn, own_only = _reward_source(ctx, pipe)
+    scores = scoring.score_blocks(pipe, ref, rm, reward_fn, own_rewards_only=own_only)
+    tmp = _scores_path(ctx.workdir, split) + ".tmp.npz"
+    np.savez(tmp, **scores)
+    os.replace(tmp, _scores_path(ctx.workdir, split))
+    summary[split] = {"blocks": int(len(pipe.blocks)), "nan_ref_logp": int(np.isnan(scores["ref_logp"]).sum())}
+  mark_done(cfg, ctx.workdir, "score", summary)
+
+
+def load_scores(workdir: str, split: str) -> dict:
+  with np.load(_scores_path(workdir, split)) as z:
+    return {k: z[k] for k in z.files}
+
+
+def run_policy_stage(ctx: Context, stage: str) -> None:
+  """var or dpo: the policy starts from the reference (sft) and trains on cached scores; no reference in memory."""
+  cfg = ctx.cfg
+  policy = load_model(cfg, ctx.mcfg, ctx.mesh, ctx.rules, ctx.workdir, "sft")
+  train_pipe = with_scores(ctx.pipe("pref"), load_scores(ctx.workdir, "train"))
+  eval_pipe = with_scores(ctx.pipe("pref_eval"), load_scores(ctx.workdir, "eval"))
+  policy = ctx.train(stage, policy, train_pipe, eval_pipe)
+  save_model(policy, ctx.workdir, stage)
+  mark_done(cfg, ctx.workdir, stage)
+
+
+def run_eval(ctx: Context) -> dict:
+  from var_jax import evaluate  # pylint: disable=g-import-not-at-top
+  results = evaluate.evaluate_policies(ctx)
+  mark_done(ctx.cfg, ctx.workdir, "eval", {"policies": sorted(results["policies"])})
+  return results
+
+
+RUNNERS = {"sft": run_sft, "reward": run_reward, "score": run_score,
+           "var": lambda ctx: run_policy_stage(ctx, "var"), "dpo": lambda ctx: run_policy_stage(ctx, "dpo"),
+           "eval": run_eval}

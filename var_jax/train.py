@@ -1,0 +1,310 @@
+"""The training loop shared by every stage (sft, reward, var, dpo): read it top to bottom.
+
+One jitted step with explicit shardings: prepare the whole batch's constants (VAR weights etc., see
+objectives.py), run `grad_accum` micro-batches of whole groups under `lax.scan`, clip, AdamW, and keep the old
+parameters if the loss or gradient is not finite (the host finds out at the next log or save and stops with a
+message; the last good checkpoint is never overwritten). The loop saves policy parameters, optimizer state, step
+and the data-iterator state in one orbax CheckpointManager, resumes from the latest one, and saves on SIGTERM.
+"""
+import contextlib
+import json
+import os
+import signal
+import time
+from typing import Any, Callable, Iterable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from absl import logging
+from flax import nnx
+
+from var_jax import flops as flops_lib
+from var_jax import objectives
+from var_jax import sharding as sharding_lib
+from var_jax.metrics_writer import MetricsWriter
+
+
+class NonFiniteLossError(RuntimeError):
+  pass
+
+
+class Preempted(RuntimeError):
+  """Raised after the SIGTERM checkpoint is written: the run should exit and be restarted with the same command."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Optimizer.
+
+
+def learning_rate_schedule(peak_lr: float, total_steps: int, optim_cfg) -> optax.Schedule:
+  """Linear warmup to peak_lr, then cosine / linear decay to end_lr_frac * peak_lr (or constant)."""
+  warmup = min(optim_cfg.warmup_steps, max(total_steps - 1, 0))
+  decay_steps = max(total_steps - warmup, 1)
+  end = peak_lr * optim_cfg.end_lr_frac
+  if optim_cfg.schedule == "cosine":
+    decay = optax.cosine_decay_schedule(peak_lr, decay_steps, alpha=optim_cfg.end_lr_frac)
+  elif optim_cfg.schedule == "linear":
+    decay = optax.linear_schedule(peak_lr, end, decay_steps)
+  else:
+    decay = optax.constant_schedule(peak_lr)
+  if warmup == 0:
+    return decay
+  return optax.join_schedules([optax.linear_schedule(0.0, peak_lr, warmup), decay], [warmup])
+
+
+def make_optimizer(peak_lr: float, total_steps: int, optim_cfg) -> tuple[optax.GradientTransformation, Callable]:
+  """AdamW (decay on matrices only) with global-norm clipping; float32 moments whatever the compute dtype."""
+  schedule = learning_rate_schedule(peak_lr, total_steps, optim_cfg)
+  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)  # noqa: E731
+  chain = []
+  if optim_cfg.clip_norm > 0:
+    chain.append(optax.clip_by_global_norm(optim_cfg.clip_norm))
+  chain.append(optax.adamw(schedule, b1=optim_cfg.b1, b2=optim_cfg.b2, weight_decay=optim_cfg.weight_decay,
+                           mask=decay_mask))
+  return optax.chain(*chain), schedule
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The step.
+
+
+def _split_micro(tree, accum: int):
+  """[g, ...] leaves -> [accum, g / accum, ...]; micro-batch i takes groups i, i + accum, ...
+
+  Strided rather than contiguous so that, with groups sharded over data-parallel devices, every device keeps
+  working on its own groups in every micro-batch (no resharding).
+  """
+  return jax.tree.map(lambda x: x.reshape((x.shape[0] // accum, accum) + x.shape[1:]).swapaxes(0, 1), tree)
+
+
+def _merge_micro(x):
+  """Inverse of `_split_micro` for one leaf: [accum, g / accum, ...] -> [g, ...]."""
+  return x.swapaxes(0, 1).reshape((-1,) + x.shape[2:])
+
+
+def make_loss_and_grads(stage: str, graphdef, rest, cfg, accum: int, reward_model: bool):
+  """(params, batch) -> (loss, grads, outputs [g, N], num_tokens [g, N], const). Exact under accumulation."""
+
+  def micro_loss(params, micro_batch, micro_const, denominator):
+    model = nnx.merge(graphdef, params, rest)
+    outputs, num_tokens = objectives.sequence_outputs(model, micro_batch, reward_model=reward_model)
+    return objectives.numerator(stage, outputs, micro_const, cfg) / denominator, (outputs, num_tokens)
+
+  grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+  def loss_and_grads(params, batch):
+    const = objectives.prepare(stage, batch, cfg)
+    denominator = const.pop("denominator")
+    if accum == 1:
+      (loss, (outputs, num_tokens)), grads = grad_fn(params, batch, const, denominator)
+      return loss, grads, outputs, num_tokens, const
+
+    def body(carry, micro):
+      loss_sum, grad_sum = carry
+      (loss, aux), grads = grad_fn(params, micro[0], micro[1], denominator)
+      return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), aux
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    (loss, grads), (outputs, num_tokens) = jax.lax.scan(
+        body, (jnp.zeros((), jnp.float32), zeros), (_split_micro(batch, accum), _split_micro(const, accum)))
+    return loss, grads, _merge_micro(outputs), _merge_micro(num_tokens), const
+
+  return loss_and_grads
+
+
+def make_train_step(stage: str, graphdef, rest, tx, schedule, cfg, accum: int = 1, reward_model: bool = False):
+  """Returns step(state, batch) -> (state, metrics); state = {step, params, opt_state, first_bad_step}."""
+  loss_and_grads = make_loss_and_grads(stage, graphdef, rest, cfg, accum, reward_model)
+
+  def step(state, batch):
+    params = state["params"]
+    loss, grads, outputs, num_tokens, const = loss_and_grads(params, batch)
+    grad_norm = optax.global_norm(grads)
+    updates, opt_state = tx.update(grads, state["opt_state"], params)
+    new_params = optax.apply_updates(params, updates)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep_if_bad = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+    first_bad = jnp.where((state["first_bad_step"] < 0) & ~finite, state["step"], state["first_bad_step"])
+    new_state = {"step": state["step"] + 1, "params": keep_if_bad(new_params, params),
+                 "opt_state": keep_if_bad(opt_state, state["opt_state"]), "first_bad_step": first_bad}
+    metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state["step"])}
+    metrics.update(objectives.metrics(stage, outputs, num_tokens, const, batch, cfg))
+    return new_state, metrics
+
+  return step
+
+
+def make_eval_step(stage: str, graphdef, rest, cfg, reward_model: bool = False):
+  """eval(params, batch) -> metrics of the stage objective on a held-out batch (no gradient)."""
+
+  def evaluate(params, batch):
+    model = nnx.merge(graphdef, params, rest)
+    const = objectives.prepare(stage, batch, cfg)
+    denominator = const.pop("denominator")
+    outputs, num_tokens = objectives.sequence_outputs(model, batch, reward_model=reward_model)
+    metrics = {"loss": objectives.numerator(stage, outputs, const, cfg) / denominator}
+    metrics.update(objectives.metrics(stage, outputs, num_tokens, const, batch, cfg))
+    return metrics
+
+  return evaluate
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints.
+
+
+def checkpoint_manager(directory: str, cfg) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(max_to_keep=cfg.checkpoint.keep, create=True,
+                                         enable_async_checkpointing=cfg.checkpoint.async_save)
+  return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_names=("state", "data"))
+
+
+def save_params(params, path: str) -> None:
+  """Writes parameters once (e.g. the frozen reference), atomically: a failed write leaves no partial directory."""
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(os.path.abspath(path), params)
+
+
+def restore_params(abstract_params, path: str):
+  """Restores parameters saved by `save_params` onto the shardings of `abstract_params` (ShapeDtypeStructs)."""
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"no parameters at {path}")
+  with ocp.StandardCheckpointer() as ckptr:
+    return ckptr.restore(os.path.abspath(path), abstract_params)
+
+
+@contextlib.contextmanager
+def sigterm_flag():
+  """Yields a dict whose "set" becomes True on SIGTERM (TPU VMs are preempted with SIGTERM)."""
+  flag = {"set": False}
+  previous = signal.getsignal(signal.SIGTERM)
+
+  def handler(signum, frame):  # pylint: disable=unused-argument
+    flag["set"] = True
+
+  signal.signal(signal.SIGTERM, handler)
+  try:
+    yield flag
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The loop.
+
+
+def _host(metrics) -> dict[str, float]:
+  return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+
+def _check_finite(state, where: str) -> None:
+  bad = int(jax.device_get(state["first_bad_step"]))
+  if bad >= 0:
+    raise NonFiniteLossError(
+        f"the loss or gradient became non-finite at step {bad} ({where}); the update was not applied and no "
+        f"checkpoint after step {bad} was written. Check the data (rewards / scores), the learning rate, and dtype.")
+
+
+def train(stage: str, cfg, section, model: nnx.Module, train_iter_fn: Callable[[Optional[dict]], Any],
+          eval_batches_fn: Optional[Callable[[], Iterable[dict]]], workdir: str, mesh, rules,
+          *, reward_model: bool = False, tokens_flops: Optional[Callable[[int], float]] = None) -> nnx.Module:
+  """Trains `model` in place for section.steps steps and returns it.
+
+  Args:
+    stage: "sft" | "reward" | "var" | "dpo" (selects the objective).
+    cfg: the full config; section: cfg[stage] (steps, lr).
+    model: the initial model (policy or reward model), already sharded onto `mesh`.
+    train_iter_fn: state -> a checkpointable iterator of local numpy batches (state None = from the start).
+    eval_batches_fn: () -> held-out local batches, or None.
+    workdir: the stage's directory; checkpoints go to workdir/checkpoints.
+    tokens_flops: training FLOPs of a batch of the given padded token count (for MFU), or None.
+  """
+  total_steps = int(section.steps)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  tx, schedule = make_optimizer(float(section.lr), total_steps, cfg.optim)
+  param_shardings = jax.tree.map(lambda x: x.sharding, params)
+  opt_shardings = sharding_lib.opt_state_shardings(jax.eval_shape(tx.init, params), params, param_shardings, mesh)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  state_shardings = {"step": replicated, "params": param_shardings, "opt_state": opt_shardings,
+                     "first_bad_step": replicated}
+  init_state = jax.jit(lambda p: {"step": jnp.zeros((), jnp.int32), "params": p, "opt_state": tx.init(p),
+                                  "first_bad_step": jnp.full((), -1, jnp.int32)},
+                       out_shardings=state_shardings)
+  state = init_state(params)
+
+  mngr = checkpoint_manager(os.path.join(workdir, "checkpoints"), cfg)
+  data_state = None
+  if mngr.latest_step() is not None:
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    restored = mngr.restore(mngr.latest_step(), args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
+    state, data_state = restored["state"], restored["data"]
+    logging.info("[%s] resumed from step %d", stage, int(jax.device_get(state["step"])))
+  it = train_iter_fn(data_state)
+
+  train_step = make_train_step(stage, graphdef, rest, tx, schedule, cfg, cfg.optim.grad_accum, reward_model)
+  eval_step = make_eval_step(stage, graphdef, rest, cfg, reward_model)
+  train_step = jax.jit(train_step, out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+  eval_step = jax.jit(eval_step, out_shardings=replicated)
+  peak = flops_lib.peak_flops_per_second()
+  writer = MetricsWriter(os.path.join(workdir, "logs"), enabled=sharding_lib.is_main_process())
+
+  def save(step_number: int) -> None:
+    _check_finite(state, f"before saving step {step_number}")
+    mngr.save(step_number, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                   data=ocp.args.JsonSave(it.get_state())))
+
+  def run_eval(step_number: int) -> None:
+    if eval_batches_fn is None:
+      return
+    totals, count = {}, 0
+    for local in eval_batches_fn():
+      m = _host(eval_step(state["params"], sharding_lib.global_batch(local, mesh)))
+      for k, v in m.items():
+        totals[k] = totals.get(k, 0.0) + v
+      count += 1
+    if count:
+      writer.write(step_number, {f"eval/{k}": v / count for k, v in totals.items()})
+
+  step_number = int(jax.device_get(state["step"]))
+  window_tokens, window_flops, window_start = 0.0, 0.0, time.perf_counter()
+  with sigterm_flag() as preempted, writer.progress(total_steps, step_number, stage) as progress:
+    while step_number < total_steps:
+      local = next(it)
+      batch = sharding_lib.global_batch(local, mesh)
+      state, metrics = train_step(state, batch)
+      step_number += 1
+      padded_tokens = int(np.prod(local["inputs"].shape)) * jax.process_count()
+      window_tokens += float((local["segment_ids"] > 0).sum()) * jax.process_count()
+      window_flops += tokens_flops(padded_tokens) if tokens_flops else 0.0
+      progress.update(1)
+      if step_number % cfg.log_every == 0 or step_number == total_steps:
+        host = _host(metrics)  # The only host sync of a step, once per log interval.
+        _check_finite(state, f"step {step_number}")
+        elapsed = time.perf_counter() - window_start
+        host["tokens_per_s"] = window_tokens / elapsed
+        if window_flops:
+          host["mfu"] = window_flops / elapsed / peak
+        writer.write(step_number, host)
+        progress.set_postfix(loss=f"{host['loss']:.4f}")
+        window_tokens, window_flops, window_start = 0.0, 0.0, time.perf_counter()
+      if cfg.eval_every and step_number % cfg.eval_every == 0 and step_number < total_steps:
+        run_eval(step_number)
+      if step_number % cfg.checkpoint.every == 0 or step_number == total_steps or preempted["set"]:
+        save(step_number)
+      if preempted["set"] and step_number < total_steps:
+        mngr.wait_until_finished()
+        mngr.close()
+        writer.close()
+        raise Preempted(f"[{stage}] SIGTERM: saved step {step_number} to {workdir}/checkpoints; rerun the same "
+                        "command to resume")
+  run_eval(step_number)
+  mngr.wait_until_finished()
+  mngr.close()
+  writer.close()
+  _check_finite(state, "end of training")
+  nnx.update(model, state["params"])
+  return model
