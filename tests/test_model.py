@@ -1,0 +1,422 @@
+"""Decoder / RewardModel numerics against HF transformers (PyTorch, CPU, float32) and HF checkpoint interop."""
+import importlib
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from var_jax import hf_io
+from var_jax import model as M
+
+CI = os.environ.get('CI', '').lower() == 'true'
+
+
+def _require(name):
+  """Import a test dependency: skip when missing locally, fail in CI (where it must be installed)."""
+  if CI:
+    return importlib.import_module(name)
+  return pytest.importorskip(name)
+
+
+# A [3, 12] batch: row 0 full, row 1 right-padded, row 2 left-padded. pad id 0 (tokens drawn from 1..V-1).
+T = 12
+REAL = np.array([[1] * 12, [1] * 8 + [0] * 4, [0] * 3 + [1] * 9], dtype=np.int32)
+
+
+def _batch(vocab, seed=0):
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(1, vocab, size=REAL.shape).astype(np.int32) * REAL
+  positions = np.maximum(np.cumsum(REAL, axis=1) - 1, 0).astype(np.int32)
+  return tokens, positions, REAL.copy()
+
+
+# HF configs covering GQA ratios 1/2/4, tied and untied heads, Qwen2 biases and Llama-3 rope scaling.
+HF_CASES = {
+    'llama_mha_tied': dict(model_type='llama', num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True),
+    'llama_gqa2_untied': dict(model_type='llama', num_attention_heads=4, num_key_value_heads=2,
+                              tie_word_embeddings=False),
+    'llama3_gqa4_rope_scaling': dict(
+        model_type='llama', num_attention_heads=8, num_key_value_heads=2, head_dim=16, tie_word_embeddings=False,
+        rope_scaling={'rope_type': 'llama3', 'factor': 8.0, 'low_freq_factor': 1.0, 'high_freq_factor': 4.0,
+                      'original_max_position_embeddings': 32}),
+    'qwen2_gqa2_bias_tied': dict(model_type='qwen2', num_attention_heads=4, num_key_value_heads=2,
+                                 tie_word_embeddings=True),
+}
+
+
+def _hf_model(case, *, reward=False, seed=0, num_layers=2):
+  """A random-init transformers model (weights perturbed so biases and norm scales are nontrivial)."""
+  torch = _require('torch')
+  transformers = _require('transformers')
+  kw = dict(HF_CASES[case])
+  model_type = kw.pop('model_type')
+  common = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=num_layers,
+                max_position_embeddings=256, rms_norm_eps=1e-5, pad_token_id=0)
+  if 'rope_scaling' not in kw:
+    common['rope_theta'] = 500.0  # small base: RoPE angles vary a lot over 12 positions
+  if reward:
+    common['num_labels'] = 1
+  config_cls = transformers.LlamaConfig if model_type == 'llama' else transformers.Qwen2Config
+  cfg = config_cls(**common, **kw)
+  name = {'llama': 'Llama', 'qwen2': 'Qwen2'}[model_type]
+  cls = getattr(transformers, f'{name}ForSequenceClassification' if reward else f'{name}ForCausalLM')
+  torch.manual_seed(seed)
+  model = cls(cfg).eval()
+  with torch.no_grad():
+    for pname, p in model.named_parameters():
+      if 'norm' in pname:
+        p.copy_(1.0 + 0.2 * torch.randn_like(p))
+      else:
+        p.copy_(0.15 * torch.randn_like(p))
+  return model
+
+
+def _hf_logits(hf_model, tokens, positions, mask):
+  torch = _require('torch')
+  with torch.no_grad():
+    out = hf_model(input_ids=torch.tensor(tokens, dtype=torch.long), attention_mask=torch.tensor(mask),
+                   position_ids=torch.tensor(positions, dtype=torch.long))
+  return out.logits.float().numpy()
+
+
+@pytest.fixture(scope='module')
+def hf_dirs(tmp_path_factory):
+  """case -> (hf model, saved directory), built once per module."""
+  out = {}
+  for case in HF_CASES:
+    hf = _hf_model(case)
+    d = str(tmp_path_factory.mktemp(case))
+    hf.save_pretrained(d)
+    out[case] = (hf, d)
+  return out
+
+
+@nnx.jit
+def _forward_logits(model, tokens, positions, segment_ids):
+  return model.logits(model(tokens, positions, segment_ids))
+
+
+@pytest.mark.parametrize('case', list(HF_CASES))
+def test_hf_load_logits_parity(hf_dirs, case):
+  hf, d = hf_dirs[case]
+  model = hf_io.from_pretrained(d)
+  assert model.cfg.attention_bias == case.startswith('qwen2')
+  assert (model.cfg.rope_scaling is not None) == ('rope_scaling' in case)
+  tokens, positions, seg = _batch(model.cfg.vocab_size)
+  ours = np.asarray(_forward_logits(model, tokens, positions, seg))
+  ref = _hf_logits(hf, tokens, positions, REAL)
+  real = REAL.astype(bool)
+  err = np.abs(ours[real] - ref[real]).max()
+  assert np.abs(ref[real]).max() > 1.0  # logits large enough that 1e-4 is a meaningful tolerance
+  assert err < 1e-4, f'{case}: max abs logit error {err}'
+
+
+def test_packed_equals_separate(hf_dirs):
+  """Two sequences packed in one row (positions restart, segment ids 1 and 2) == each run alone."""
+  model = hf_io.from_pretrained(hf_dirs['llama_gqa2_untied'][1])
+  rng = np.random.default_rng(1)
+  a, b = rng.integers(1, 96, size=7), rng.integers(1, 96, size=5)
+  packed = np.concatenate([a, b])[None].astype(np.int32)
+  pos = np.concatenate([np.arange(7), np.arange(5)])[None].astype(np.int32)
+  seg = np.array([[1] * 7 + [2] * 5], np.int32)
+  out = np.asarray(_forward_logits(model, packed, pos, seg))[0]
+  for toks, sl in ((a, slice(0, 7)), (b, slice(7, 12))):
+    n = len(toks)
+    alone = np.asarray(_forward_logits(model, toks[None].astype(np.int32), np.arange(n)[None].astype(np.int32),
+                                       np.ones((1, n), np.int32)))[0]
+    np.testing.assert_allclose(out[sl], alone, atol=1e-5)
+
+
+@pytest.mark.parametrize('case', ['llama3_gqa4_rope_scaling', 'qwen2_gqa2_bias_tied'])
+def test_save_pretrained_round_trip(hf_dirs, tmp_path, case):
+  """HF -> var_jax -> save_pretrained -> transformers gives the original HF logits; config survives."""
+  transformers = _require('transformers')
+  hf, d = hf_dirs[case]
+  model = hf_io.from_pretrained(d)
+  out = hf_io.save_pretrained(model, str(tmp_path / 'export'))
+  reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+  assert type(reloaded).__name__ == type(hf).__name__
+  tokens, positions, _ = _batch(model.cfg.vocab_size, seed=3)
+  np.testing.assert_allclose(_hf_logits(reloaded, tokens, positions, REAL),
+                             _hf_logits(hf, tokens, positions, REAL), atol=1e-6)
+  assert hf_io.from_pretrained(out).cfg == model.cfg
+
+
+def test_random_init_export_matches_transformers(tmp_path):
+  """A var_jax-initialised model (untied, GQA 2) exported to HF computes the same logits in transformers."""
+  transformers = _require('transformers')
+  cfg = M.get_config('tiny', tie_word_embeddings=False)
+  model = M.Decoder(cfg, rngs=nnx.Rngs(3))
+  hf = transformers.AutoModelForCausalLM.from_pretrained(hf_io.save_pretrained(model, str(tmp_path / 'm'))).eval()
+  tokens, positions, seg = _batch(cfg.vocab_size, seed=4)
+  ours = np.asarray(_forward_logits(model, tokens, positions, seg))
+  ref = _hf_logits(hf, tokens, positions, REAL)
+  real = REAL.astype(bool)
+  assert np.abs(ours[real] - ref[real]).max() < 1e-5
+
+
+def test_reward_model_matches_sequence_classification(tmp_path):
+  torch = _require('torch')
+  hf = _hf_model('llama_gqa2_untied', reward=True, seed=5)
+  hf.save_pretrained(str(tmp_path / 'rm'))
+  rm = hf_io.from_pretrained(str(tmp_path / 'rm'), reward=True)
+  assert isinstance(rm, M.RewardModel) and not rm.backbone.has_lm_head
+  # Right padding only: HF pools at the rightmost non-pad token, which for right padding is the last real token.
+  real = REAL[:2]
+  tokens, positions, seg = (x[:2] for x in _batch(96, seed=6))
+  last = real.sum(axis=1) - 1
+  ours = np.asarray(nnx.jit(lambda m, *a: m(*a))(rm, tokens, positions, seg, last))
+  with torch.no_grad():
+    ref = hf(input_ids=torch.tensor(tokens, dtype=torch.long), attention_mask=torch.tensor(real)).logits[:, 0]
+  np.testing.assert_allclose(ours, ref.numpy(), atol=1e-4)
+  # And back out: transformers loads the export as a one-label sequence classifier with the same scores.
+  transformers = _require('transformers')
+  back = transformers.AutoModelForSequenceClassification.from_pretrained(
+      hf_io.save_pretrained(rm, str(tmp_path / 'rm_out'), extra_config={'pad_token_id': 0})).eval()
+  with torch.no_grad():
+    again = back(input_ids=torch.tensor(tokens, dtype=torch.long), attention_mask=torch.tensor(real)).logits[:, 0]
+  np.testing.assert_allclose(again.numpy(), ref.numpy(), atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ chunked log-probs
+
+
+def _jaxpr_shapes(jaxpr):
+  """Every intermediate aval shape/dtype in a closed jaxpr, sub-jaxprs (scan, checkpoint, pjit) included."""
+  out = []
+  for eqn in jaxpr.eqns:
+    out += [(tuple(v.aval.shape), v.aval.dtype) for v in eqn.outvars]
+    for p in eqn.params.values():
+      for sub in (p if isinstance(p, (list, tuple)) else [p]):
+        if isinstance(sub, jax.extend.core.ClosedJaxpr):
+          out += _jaxpr_shapes(sub.jaxpr)
+        elif isinstance(sub, jax.extend.core.Jaxpr):
+          out += _jaxpr_shapes(sub)
+  return out
+
+
+def test_chunked_target_logprobs_values_and_grads():
+  cfg = M.get_config('tiny', tie_word_embeddings=False)
+  model = M.Decoder(cfg, rngs=nnx.Rngs(0))
+  b, t = 2, 13  # 13 is not a multiple of the chunk: exercises the padded last chunk
+  tokens = jax.random.randint(jax.random.key(1), (b, t), 0, cfg.vocab_size)
+  targets = jnp.roll(tokens, -1, axis=1).at[1, 5].set(-100)  # one ignored target
+  positions, seg = M.default_inputs(tokens)
+  weights = jax.random.normal(jax.random.key(2), (b, t))  # arbitrary cotangent
+
+  def loss(model, chunked):
+    h = model(tokens, positions, seg)
+    if chunked:
+      lp = model.target_logprobs(h, targets, chunk=4)
+    else:
+      full = jax.nn.log_softmax(model.logits(h), axis=-1)
+      lp = jnp.take_along_axis(full, jnp.maximum(targets, 0)[..., None], axis=-1)[..., 0]
+      lp = jnp.where(targets >= 0, lp, 0.0)
+    return jnp.sum(weights * lp), lp
+
+  (l1, lp1), g1 = nnx.value_and_grad(lambda m: loss(m, True), has_aux=True)(model)
+  (l2, lp2), g2 = nnx.value_and_grad(lambda m: loss(m, False), has_aux=True)(model)
+  assert lp1.shape == (b, t) and lp1.dtype == jnp.float32
+  assert float(lp1[1, 5]) == 0.0
+  np.testing.assert_allclose(lp1, lp2, atol=1e-5)
+  for (path, a), (_, c) in zip(jax.tree_util.tree_flatten_with_path(g1)[0], jax.tree_util.tree_flatten_with_path(g2)[0]):
+    np.testing.assert_allclose(a, c, atol=1e-5, err_msg=str(path))
+  assert any(float(jnp.abs(x).max()) > 0 for x in jax.tree.leaves(g1['lm_head']))
+
+  # Neither forward nor backward ever holds the full [B, T, V] logits; only [B, chunk, V] tiles.
+  graphdef, state = nnx.split(model)
+  grad_fn = jax.grad(lambda s: loss(nnx.merge(graphdef, s), True)[0])
+  shapes = _jaxpr_shapes(jax.make_jaxpr(grad_fn)(state).jaxpr)
+  assert (b, 4, cfg.vocab_size) in [s for s, _ in shapes]
+  assert not [s for s, _ in shapes if len(s) >= 2 and s[-1] == cfg.vocab_size and np.prod(s[:-1]) >= b * t]
+
+
+# ------------------------------------------------------------------------------------------------ structure
+
+
+def _count_dots(jaxpr):
+  return sum(e.primitive.name == 'dot_general' for e in jaxpr.eqns)
+
+
+def test_layers_are_scanned_not_unrolled():
+  """The forward jaxpr is the same size for 2 and 8 layers: one scanned layer body."""
+  sizes = {}
+  for n in (2, 8):
+    for remat in ('none', 'full'):
+      cfg = M.get_config('tiny', num_layers=n, remat=remat)
+      graphdef, state = nnx.split(nnx.eval_shape(lambda: M.Decoder(cfg, rngs=nnx.Rngs(0))))
+      tokens = jnp.zeros((2, 8), jnp.int32)
+      fwd = lambda s: nnx.merge(graphdef, s)(tokens, tokens, jnp.ones_like(tokens))
+      jaxpr = jax.make_jaxpr(fwd)(state).jaxpr
+      scans = [e for e in jaxpr.eqns if e.primitive.name == 'scan']
+      assert len(scans) == 1 and scans[0].params['length'] == n
+      body = scans[0].params['jaxpr'].jaxpr
+      sizes[n, remat] = (len(jaxpr.eqns), len(_jaxpr_shapes(body)))
+      if remat == 'none':
+        assert _count_dots(body) == 9  # q, k, v, scores, probs@v, o, gate, up, down: one layer's worth
+  assert sizes[2, 'none'] == sizes[8, 'none'] and sizes[2, 'full'] == sizes[8, 'full']
+
+
+def test_logical_axes_cover_every_param():
+  cfg = M.get_config('tiny', attention_bias=True, tie_word_embeddings=False, model_type='qwen2')
+  model = nnx.eval_shape(lambda: M.Decoder(cfg, rngs=nnx.Rngs(0)))
+  axes = M.logical_axes(model)
+  params = nnx.state(model, nnx.Param)
+  flat_p = jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]
+  flat_a = jax.tree_util.tree_flatten_with_path(axes, is_leaf=lambda x: isinstance(x, tuple))[0]
+  assert [p for p, _ in flat_p] == [p for p, _ in flat_a]
+  for (path, var), (_, names) in zip(flat_p, flat_a):
+    assert len(names) == var.ndim, path
+  named = {hf_io._path_tuple(p): n for p, n in flat_a}
+  assert named[('layers', 'q')] == ('layers', 'embed', 'q_heads', 'head_dim')
+  assert named[('layers', 'k_bias')] == ('layers', 'kv_heads', 'head_dim')
+  assert named[('lm_head',)] == ('vocab', 'embed')
+  # flax maps the same metadata to PartitionSpecs, which is what var_jax.sharding builds on.
+  pspecs = nnx.get_partition_spec(params)
+  assert pspecs['layers']['down'].get_value() == jax.sharding.PartitionSpec('layers', 'mlp', 'embed')
+
+
+def test_presets_have_hf_shapes():
+  assert M.get_config('smollm2-135m').num_params() == 134_515_008
+  assert M.get_config('qwen2.5-0.5b').num_params() == 494_032_768
+  assert M.get_config('llama-3.2-1b').num_params() == 1_235_814_400
+  assert 25e6 < M.get_config('bench-30m').num_params() < 40e6
+  with pytest.raises(ValueError, match='unknown model preset'):
+    M.get_config('gpt-5')
+
+
+def test_bfloat16_compute_close_to_float32():
+  cfg = M.get_config('tiny')
+  m32 = M.Decoder(cfg, rngs=nnx.Rngs(0))
+  m16 = M.Decoder(M.get_config('tiny', param_dtype='bfloat16', dtype='bfloat16'), rngs=nnx.Rngs(0))
+  tokens, positions, seg = _batch(cfg.vocab_size)
+  h16 = m16(tokens, positions, seg)
+  assert h16.dtype == jnp.bfloat16 and m16.layers.q[...].dtype == jnp.bfloat16
+  lp16 = m16.target_logprobs(h16, tokens)
+  lp32 = m32.target_logprobs(m32(tokens, positions, seg), tokens)
+  assert lp16.dtype == jnp.float32 and bool(jnp.isfinite(lp16).all())
+  assert float(jnp.abs(lp16 - lp32).max()) < 0.05
+
+
+# ------------------------------------------------------------------------------------------------ loading details
+
+
+def test_sharded_checkpoint_and_shardings(hf_dirs, tmp_path):
+  """A multi-file (index.json) checkpoint loads; parameters land on the shardings they were given."""
+  hf, _ = hf_dirs['qwen2_gqa2_bias_tied']
+  hf.save_pretrained(str(tmp_path), max_shard_size='20KB')
+  assert os.path.exists(tmp_path / 'model.safetensors.index.json')
+  mesh = jax.make_mesh((1,), ('fsdp',), axis_types=(jax.sharding.AxisType.Auto,))
+  abstract = nnx.eval_shape(lambda: M.Decoder(hf_io.config_from_hf(hf.config), rngs=nnx.Rngs(0)))
+  rules = {'embed': 'fsdp'}
+  shardings = jax.tree.map(
+      lambda names: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*[rules.get(n) for n in names])),
+      M.logical_axes(abstract), is_leaf=lambda x: isinstance(x, tuple))
+  model = hf_io.from_pretrained(str(tmp_path), shardings=shardings)
+  assert model.layers.gate[...].sharding.spec == jax.sharding.PartitionSpec(None, 'fsdp', None)
+  tokens, positions, seg = _batch(model.cfg.vocab_size)
+  ref = _hf_logits(hf, tokens, positions, REAL)
+  ours = np.asarray(_forward_logits(model, tokens, positions, seg))
+  assert np.abs(ours[REAL.astype(bool)] - ref[REAL.astype(bool)]).max() < 1e-4
+
+
+def test_bf16_load(hf_dirs):
+  model = hf_io.from_pretrained(hf_dirs['llama_mha_tied'][1], param_dtype='bfloat16', dtype='bfloat16')
+  assert model.embed[...].dtype == jnp.bfloat16 and model.cfg.dtype == 'bfloat16'
+
+
+def _copy_ckpt(src, dst):
+  import shutil
+  shutil.copytree(src, dst)
+  return str(dst)
+
+
+def test_bad_checkpoints_name_the_culprit(hf_dirs, tmp_path):
+  from safetensors.numpy import load_file, save_file
+  src = hf_dirs['llama_gqa2_untied'][1]
+
+  # Config says a wider MLP than the tensors have: names the tensor and the file.
+  d = _copy_ckpt(src, tmp_path / 'shape')
+  cfg = json.load(open(f'{d}/config.json'))
+  cfg['intermediate_size'] = 64
+  json.dump(cfg, open(f'{d}/config.json', 'w'))
+  with pytest.raises(ValueError, match=r"mlp\.(gate|up|down)_proj\.weight.*model\.safetensors.*(\(48, 32\)|\(32, 48\))"):
+    hf_io.from_pretrained(d)
+
+  # A weight removed from the file.
+  d = _copy_ckpt(src, tmp_path / 'missing')
+  tensors = load_file(f'{d}/model.safetensors')
+  del tensors['model.layers.1.self_attn.v_proj.weight']
+  save_file(tensors, f'{d}/model.safetensors', metadata={'format': 'pt'})
+  with pytest.raises(KeyError, match=r"model\.layers\.1\.self_attn\.v_proj\.weight.*model\.safetensors"):
+    hf_io.from_pretrained(d)
+
+  # More layers in the file than in the config.
+  d = _copy_ckpt(src, tmp_path / 'extra')
+  cfg = json.load(open(f'{d}/config.json'))
+  cfg['num_hidden_layers'] = 1
+  json.dump(cfg, open(f'{d}/config.json', 'w'))
+  with pytest.raises(ValueError, match=r"model\.layers\.1\."):
+    hf_io.from_pretrained(d)
+
+  # Missing files.
+  d = _copy_ckpt(src, tmp_path / 'nofile')
+  os.remove(f'{d}/model.safetensors')
+  with pytest.raises(FileNotFoundError, match='model.safetensors'):
+    hf_io.from_pretrained(d)
+  os.remove(f'{d}/config.json')
+  with pytest.raises(FileNotFoundError, match='config.json'):
+    hf_io.from_pretrained(d)
+  with pytest.raises(FileNotFoundError, match='does not exist'):
+    hf_io.from_pretrained(str(tmp_path / 'nowhere' / 'at_all'))
+
+  # Unsupported architecture.
+  with pytest.raises(ValueError, match='GPT2LMHeadModel'):
+    hf_io.config_from_hf({'architectures': ['GPT2LMHeadModel'], 'model_type': 'gpt2'})
+  # A causal-LM checkpoint asked for as a reward model.
+  with pytest.raises(ValueError, match='LlamaForCausalLM'):
+    hf_io.from_pretrained(src, reward=True)
+
+
+def test_sharded_index_missing_shard(hf_dirs, tmp_path):
+  hf, _ = hf_dirs['llama_mha_tied']
+  hf.save_pretrained(str(tmp_path), max_shard_size='20KB')
+  index = json.load(open(tmp_path / 'model.safetensors.index.json'))
+  victim = sorted(set(index['weight_map'].values()))[-1]
+  os.remove(tmp_path / victim)
+  with pytest.raises(FileNotFoundError, match=victim):
+    hf_io.from_pretrained(str(tmp_path))
+
+
+def test_save_pretrained_never_clobbers(tmp_path, monkeypatch):
+  model = M.Decoder(M.get_config('tiny'), rngs=nnx.Rngs(0))
+  target = tmp_path / 'out'
+  target.mkdir()
+  (target / 'precious.txt').write_text('keep me')
+  with pytest.raises(FileExistsError):
+    hf_io.save_pretrained(model, str(target))
+
+  # A save that fails half way (here: while writing tensors) leaves the old directory and no temp dirs.
+  import safetensors.numpy
+
+  def broken(*a, **k):
+    raise OSError('disk full')
+
+  monkeypatch.setattr(safetensors.numpy, 'save_file', broken)
+  with pytest.raises(OSError, match='disk full'):
+    hf_io.save_pretrained(model, str(target), overwrite=True)
+  assert sorted(os.listdir(tmp_path)) == ['out'] and (target / 'precious.txt').read_text() == 'keep me'
+  monkeypatch.undo()
+
+  hf_io.save_pretrained(model, str(target), overwrite=True)
+  assert sorted(os.listdir(target)) == ['config.json', 'model.safetensors']
+  assert sorted(os.listdir(tmp_path)) == ['out']
+  # An existing empty directory is fine without overwrite.
+  (tmp_path / 'empty').mkdir()
+  hf_io.save_pretrained(model, str(tmp_path / 'empty'))
+  back = hf_io.from_pretrained(str(tmp_path / 'empty'))
+  np.testing.assert_array_equal(back.layers.q[...], model.layers.q[...])

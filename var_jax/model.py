@@ -1,0 +1,432 @@
+"""The var_jax decoder: one Flax NNX model for the Llama / Qwen2 family, and its reward-model variant.
+
+Layout (shapes are per parameter, logical axis names in brackets, stored as NNX `out_sharding` metadata):
+
+    embed               [V, D]              ('vocab', 'embed')
+    layers.attn_norm    [L, D]              ('layers', 'embed')
+    layers.q            [L, D, Hq, Dh]      ('layers', 'embed', 'q_heads', 'head_dim')
+    layers.k / .v       [L, D, Hkv, Dh]     ('layers', 'embed', 'kv_heads', 'head_dim')
+    layers.q_bias       [L, Hq, Dh]         (Qwen2 only; k_bias / v_bias likewise with Hkv)
+    layers.o            [L, Hq, Dh, D]      ('layers', 'q_heads', 'head_dim', 'embed')
+    layers.mlp_norm     [L, D]
+    layers.gate / .up   [L, D, F]           ('layers', 'embed', 'mlp')
+    layers.down         [L, F, D]           ('layers', 'mlp', 'embed')
+    final_norm          [D]
+    lm_head             [V, D]              (only when embeddings are untied)
+
+Per-layer parameters are stacked along a leading 'layers' axis and the forward pass is a `jax.lax.scan` over
+them: XLA compiles one layer body whatever the depth. The layer body is a pure function of (params, activations)
+so it can be rematerialised with `jax.checkpoint` and, later, take a KV cache as one more scanned input.
+
+Sequences are described by three int32 arrays of shape [B, T]: `tokens`, `positions` (RoPE positions, strictly
+increasing inside each segment) and `segment_ids` (0 = padding; tokens attend causally to earlier tokens of the
+same nonzero segment). That one mask covers right/left padding and packed batches.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Array = jax.Array
+
+# Large finite negative instead of -inf: a fully masked row (a padding query) then softmaxes to a uniform,
+# finite distribution instead of NaN, and NaNs never leak into gradients through `where`.
+_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+  """Llama-3 RoPE frequency scaling (HF `rope_type: llama3`)."""
+
+  factor: float
+  low_freq_factor: float
+  high_freq_factor: float
+  original_max_position_embeddings: int
+
+  def to_dict(self) -> dict[str, Any]:
+    return {'rope_type': 'llama3', **dataclasses.asdict(self)}
+
+
+_REMAT_POLICIES = {
+    'none': None,
+    'full': jax.checkpoint_policies.nothing_saveable,
+    'dots': jax.checkpoint_policies.checkpoint_dots,
+    'dots_no_batch': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Shapes and numerics of a Llama/Qwen2-style decoder. Hashable (usable as a jit static argument).
+
+  rope_scaling: None or the Llama-3 scaling (a `RopeScaling`, or its HF dict form, converted on construction).
+  param_dtype / dtype: storage dtype of the parameters / compute dtype of activations ('float32' | 'bfloat16').
+    Softmax, RMSNorm statistics, RoPE angles and logits are always computed in float32.
+  remat: rematerialisation of the scanned layer body: 'none' | 'full' | 'dots' | 'dots_no_batch'.
+  logprob_chunk: sequence chunk length of `Decoder.target_logprobs`.
+  model_type: 'llama' | 'qwen2'; only used to name the architecture when exporting to HF.
+  """
+
+  vocab_size: int = 256
+  hidden_size: int = 64
+  intermediate_size: int = 128
+  num_layers: int = 2
+  num_heads: int = 4
+  num_kv_heads: int = 2
+  head_dim: int | None = None
+  rope_theta: float = 10000.0
+  rope_scaling: RopeScaling | Mapping[str, Any] | None = None
+  rms_norm_eps: float = 1e-5
+  tie_word_embeddings: bool = True
+  attention_bias: bool = False
+  max_position_embeddings: int = 2048
+  param_dtype: str = 'float32'
+  dtype: str = 'float32'
+  remat: str = 'none'
+  logprob_chunk: int = 256
+  model_type: str = 'llama'
+
+  def __post_init__(self):
+    if isinstance(self.rope_scaling, Mapping):
+      rs = dict(self.rope_scaling)
+      kind = rs.pop('rope_type', rs.pop('type', 'llama3'))
+      if kind != 'llama3':
+        raise ValueError(f'unsupported rope scaling type {kind!r}; only llama3 is implemented')
+      rs.pop('rope_theta', None)
+      object.__setattr__(self, 'rope_scaling', RopeScaling(**rs))
+    if self.head_dim is None:
+      object.__setattr__(self, 'head_dim', self.hidden_size // self.num_heads)
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f'num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}')
+    if self.head_dim % 2:
+      raise ValueError(f'head_dim={self.head_dim} must be even for rotary embeddings')
+    if self.remat not in _REMAT_POLICIES:
+      raise ValueError(f'remat={self.remat!r} not in {sorted(_REMAT_POLICIES)}')
+    for name in ('param_dtype', 'dtype'):
+      if getattr(self, name) not in ('float32', 'bfloat16'):
+        raise ValueError(f'{name}={getattr(self, name)!r} must be float32 or bfloat16')
+
+  @property
+  def jnp_dtype(self):
+    return jnp.dtype(self.dtype)
+
+  @property
+  def jnp_param_dtype(self):
+    return jnp.dtype(self.param_dtype)
+
+  def num_params(self, *, lm_head: bool = True) -> int:
+    """Parameter count (no materialisation)."""
+    d, f, dh, l = self.hidden_size, self.intermediate_size, self.head_dim, self.num_layers
+    attn = d * dh * (2 * self.num_heads + 2 * self.num_kv_heads)
+    if self.attention_bias:
+      attn += dh * (self.num_heads + 2 * self.num_kv_heads)
+    per_layer = attn + 3 * d * f + 2 * d
+    head = 0 if (self.tie_word_embeddings or not lm_head) else self.vocab_size * d
+    return self.vocab_size * d + l * per_layer + d + head
+
+
+PRESETS: dict[str, ModelConfig] = {
+    # Test-sized: GQA (4 query heads, 2 KV heads), two layers, byte-sized vocabulary.
+    'tiny': ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                        num_kv_heads=2, rope_theta=10000.0, max_position_embeddings=512, logprob_chunk=16),
+    # HuggingFaceTB/SmolLM2-135M(-Instruct).
+    'smollm2-135m': ModelConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
+                                num_heads=9, num_kv_heads=3, rope_theta=100000.0, rms_norm_eps=1e-5,
+                                tie_word_embeddings=True, max_position_embeddings=8192),
+    # Qwen/Qwen2.5-0.5B(-Instruct).
+    'qwen2.5-0.5b': ModelConfig(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_layers=24,
+                                num_heads=14, num_kv_heads=2, rope_theta=1000000.0, rms_norm_eps=1e-6,
+                                tie_word_embeddings=True, attention_bias=True, max_position_embeddings=32768,
+                                model_type='qwen2'),
+    # meta-llama/Llama-3.2-1B(-Instruct).
+    'llama-3.2-1b': ModelConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_layers=16,
+                                num_heads=32, num_kv_heads=8, head_dim=64, rope_theta=500000.0,
+                                rope_scaling=RopeScaling(32.0, 1.0, 4.0, 8192), rms_norm_eps=1e-5,
+                                tie_word_embeddings=True, max_position_embeddings=131072),
+    # ~34M parameters, Llama-shaped, for CPU benchmarks (tied 32k vocabulary = 16.4M of them).
+    'bench-30m': ModelConfig(vocab_size=32000, hidden_size=512, intermediate_size=1024, num_layers=8,
+                             num_heads=8, num_kv_heads=2, rope_theta=10000.0, max_position_embeddings=2048),
+}
+
+
+def get_config(name: str, **overrides) -> ModelConfig:
+  """A preset by name, with field overrides (e.g. get_config('tiny', num_layers=8, dtype='bfloat16'))."""
+  if name not in PRESETS:
+    raise ValueError(f'unknown model preset {name!r}; known: {sorted(PRESETS)}')
+  return dataclasses.replace(PRESETS[name], **overrides)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pure building blocks
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def rms_norm(x: Array, scale: Array, eps: float) -> Array:
+  """RMSNorm over the last axis; statistics in float32, result in x.dtype (as HF Llama)."""
+  x32 = x.astype(jnp.float32)
+  y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  return y.astype(x.dtype) * scale.astype(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> Array:
+  """Inverse frequencies [Dh/2] (float32), with Llama-3 scaling when configured."""
+  dh = cfg.head_dim
+  inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, dh, 2, dtype=jnp.float32) / dh))
+  rs = cfg.rope_scaling
+  if rs is None:
+    return inv_freq
+  # Llama 3.1 scheme: long wavelengths are slowed down by `factor`, short ones kept, the band between
+  # interpolated smoothly (HF `_compute_llama3_parameters`).
+  low_freq_wavelen = rs.original_max_position_embeddings / rs.low_freq_factor
+  high_freq_wavelen = rs.original_max_position_embeddings / rs.high_freq_factor
+  wavelen = 2 * math.pi / inv_freq
+  scaled = jnp.where(wavelen > low_freq_wavelen, inv_freq / rs.factor, inv_freq)
+  smooth = (rs.original_max_position_embeddings / wavelen - rs.low_freq_factor) / (
+      rs.high_freq_factor - rs.low_freq_factor)
+  smoothed = (1 - smooth) * scaled / rs.factor + smooth * scaled
+  is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+  return jnp.where(is_medium, smoothed, scaled)
+
+
+def rope_cos_sin(positions: Array, inv_freq: Array) -> tuple[Array, Array]:
+  """cos, sin of shape [B, T, Dh] (float32) in HF's rotate-half layout (frequencies repeated twice)."""
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, Dh/2]
+  angles = jnp.concatenate([angles, angles], axis=-1)
+  return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
+  """Rotate x [B, T, H, Dh] by the angles; rotate-half convention (first half pairs with second half)."""
+  x32 = x.astype(jnp.float32)
+  x1, x2 = jnp.split(x32, 2, axis=-1)
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  out = x32 * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+  return out.astype(x.dtype)
+
+
+def attention_mask(q_pos: Array, q_seg: Array, kv_pos: Array, kv_seg: Array) -> Array:
+  """Boolean [B, T, S]: query t may attend key s iff same nonzero segment and pos_s <= pos_t.
+
+  Causality is by position, not by array index, so the same rule serves packed rows (positions restart per
+  segment, the segment test separates them) and a KV cache whose slots are not in query order.
+  """
+  same = (q_seg[:, :, None] == kv_seg[:, None, :]) & (kv_seg[:, None, :] != 0)
+  return same & (kv_pos[:, None, :] <= q_pos[:, :, None])
+
+
+def attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
+  """Grouped-query attention. q [B,T,Hq,Dh], k/v [B,S,Hkv,Dh], mask [B,T,S] -> [B,T,Hq,Dh].
+
+  Scores and softmax in float32 whatever the compute dtype. Query head h uses KV head h // (Hq/Hkv),
+  the HF `repeat_kv` grouping, without materialising repeated K/V.
+  """
+  b, t, hq, dh = q.shape
+  hkv = k.shape[2]
+  q = q.reshape(b, t, hkv, hq // hkv, dh)
+  scores = jnp.einsum('btkgd,bskd->bkgts', q, k, preferred_element_type=jnp.float32) * (dh ** -0.5)
+  scores = jnp.where(mask[:, None, None, :, :], scores, _MASK_VALUE)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  out = jnp.einsum('bkgts,bskd->btkgd', probs, v)
+  return out.reshape(b, t, hq, dh)
+
+
+def decoder_layer(cfg: ModelConfig, p: Mapping[str, Array], x: Array, cos: Array, sin: Array,
+                  mask: Array) -> Array:
+  """One pre-norm transformer block. p: one layer's parameters (no 'layers' axis); x [B,T,D] -> [B,T,D]."""
+  dt = x.dtype
+  h = rms_norm(x, p['attn_norm'], cfg.rms_norm_eps)
+  q = jnp.einsum('btd,dhk->bthk', h, p['q'].astype(dt))
+  k = jnp.einsum('btd,dhk->bthk', h, p['k'].astype(dt))
+  v = jnp.einsum('btd,dhk->bthk', h, p['v'].astype(dt))
+  if cfg.attention_bias:
+    q, k, v = q + p['q_bias'].astype(dt), k + p['k_bias'].astype(dt), v + p['v_bias'].astype(dt)
+  q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+  a = attention(q, k, v, mask)
+  x = x + jnp.einsum('bthk,hkd->btd', a, p['o'].astype(dt))
+
+  h = rms_norm(x, p['mlp_norm'], cfg.rms_norm_eps)
+  gate = jnp.einsum('btd,df->btf', h, p['gate'].astype(dt))
+  up = jnp.einsum('btd,df->btf', h, p['up'].astype(dt))
+  return x + jnp.einsum('btf,fd->btd', jax.nn.silu(gate) * up, p['down'].astype(dt))
+
+
+def chunked_target_logprobs(hidden: Array, unembed: Array, targets: Array, chunk: int) -> Array:
+  """log softmax(hidden @ unembed.T)[targets], computed `chunk` positions at a time.
+
+  hidden [B,T,D], unembed [V,D], targets [B,T] int -> [B,T] float32. Negative targets (e.g. HF's -100 ignore
+  index) give 0. A `lax.scan` walks the sequence chunks; each chunk's [B,C,V] float32 logits are recomputed in the
+  backward pass (`jax.checkpoint`, nothing saved), so peak memory is O(B*C*V) instead of O(B*T*V).
+  """
+  b, t, d = hidden.shape
+  c = max(1, min(chunk, t))
+  n = -(-t // c)
+  pad = n * c - t
+  h = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(b, n, c, d).swapaxes(0, 1)
+  tg = jnp.pad(targets.astype(jnp.int32), ((0, 0), (0, pad))).reshape(b, n, c).swapaxes(0, 1)
+
+  @jax.checkpoint  # default policy saves nothing: the chunk's logits are rebuilt from (h_c, unembed).
+  def chunk_logprobs(h_c, t_c):
+    logits = jnp.einsum('bcd,vd->bcv', h_c, unembed.astype(h_c.dtype), preferred_element_type=jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, jnp.maximum(t_c, 0)[..., None], axis=-1)[..., 0]
+    return jnp.where(t_c >= 0, picked - lse, 0.0)
+
+  def body(carry, xs):
+    return carry, chunk_logprobs(*xs)
+
+  _, out = jax.lax.scan(body, None, (h, tg))
+  return out.swapaxes(0, 1).reshape(b, n * c)[:, :t]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Modules
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _param(rngs: nnx.Rngs | None, shape, axes, dtype, init: str = 'normal') -> nnx.Param:
+  """A Param with logical axis names in `out_sharding` metadata.
+
+  eager_sharding=False: the names are logical, `var_jax.sharding` maps them to mesh axes and places the values;
+  flax must not try to shard on creation. Init is N(0, 0.02) like HF's `initializer_range` (fan-in based
+  initialisers would be wrong on stacked [L, ...] shapes).
+  """
+  assert len(shape) == len(axes), (shape, axes)
+  if init == 'ones':
+    value = jnp.ones(shape, dtype)
+  elif init == 'zeros':
+    value = jnp.zeros(shape, dtype)
+  else:
+    value = (0.02 * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+  return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False)
+
+
+# Names of the per-layer parameters, in a fixed order (the scan's input pytree and the HF mapping use it).
+LAYER_PARAM_NAMES = ('attn_norm', 'q', 'k', 'v', 'q_bias', 'k_bias', 'v_bias', 'o', 'mlp_norm', 'gate', 'up',
+                     'down')
+
+
+class DecoderLayers(nnx.Module):
+  """All L transformer blocks' parameters, stacked on a leading 'layers' axis."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    l, d, f, dh = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    hq, hkv, pd = cfg.num_heads, cfg.num_kv_heads, cfg.jnp_param_dtype
+    self.attn_norm = _param(rngs, (l, d), ('layers', 'embed'), pd, 'ones')
+    self.q = _param(rngs, (l, d, hq, dh), ('layers', 'embed', 'q_heads', 'head_dim'), pd)
+    self.k = _param(rngs, (l, d, hkv, dh), ('layers', 'embed', 'kv_heads', 'head_dim'), pd)
+    self.v = _param(rngs, (l, d, hkv, dh), ('layers', 'embed', 'kv_heads', 'head_dim'), pd)
+    if cfg.attention_bias:
+      self.q_bias = _param(rngs, (l, hq, dh), ('layers', 'q_heads', 'head_dim'), pd, 'zeros')
+      self.k_bias = _param(rngs, (l, hkv, dh), ('layers', 'kv_heads', 'head_dim'), pd, 'zeros')
+      self.v_bias = _param(rngs, (l, hkv, dh), ('layers', 'kv_heads', 'head_dim'), pd, 'zeros')
+    self.o = _param(rngs, (l, hq, dh, d), ('layers', 'q_heads', 'head_dim', 'embed'), pd)
+    self.mlp_norm = _param(rngs, (l, d), ('layers', 'embed'), pd, 'ones')
+    self.gate = _param(rngs, (l, d, f), ('layers', 'embed', 'mlp'), pd)
+    self.up = _param(rngs, (l, d, f), ('layers', 'embed', 'mlp'), pd)
+    self.down = _param(rngs, (l, f, d), ('layers', 'mlp', 'embed'), pd)
+
+  def arrays(self) -> dict[str, Array]:
+    """The stacked parameter values as a plain dict (the scan's xs)."""
+    return {n: getattr(self, n)[...] for n in LAYER_PARAM_NAMES if hasattr(self, n)}
+
+
+class Decoder(nnx.Module):
+  """Llama / Qwen2 decoder-only transformer (see the module docstring for the parameter layout)."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, lm_head: bool = True):
+    """lm_head=False drops the untied output projection (the reward model's backbone has none)."""
+    self.cfg = cfg
+    pd = cfg.jnp_param_dtype
+    self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ('vocab', 'embed'), pd)
+    self.layers = DecoderLayers(cfg, rngs=rngs)
+    self.final_norm = _param(rngs, (cfg.hidden_size,), ('embed',), pd, 'ones')
+    self.has_lm_head = lm_head and not cfg.tie_word_embeddings
+    if self.has_lm_head:
+      self.lm_head = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ('vocab', 'embed'), pd)
+
+  def __call__(self, tokens: Array, positions: Array, segment_ids: Array) -> Array:
+    """tokens, positions, segment_ids: int [B, T] -> final-normed hidden states [B, T, D] in cfg.dtype."""
+    cfg = self.cfg
+    x = jnp.take(self.embed[...], tokens, axis=0).astype(cfg.jnp_dtype)
+    cos, sin = rope_cos_sin(positions, rope_inv_freq(cfg))
+    mask = attention_mask(positions, segment_ids, positions, segment_ids)
+
+    def body(x, layer_params):
+      return decoder_layer(cfg, layer_params, x, cos, sin, mask), None
+
+    policy = _REMAT_POLICIES[cfg.remat]
+    if cfg.remat != 'none':
+      # prevent_cse=False is safe (and faster) inside scan, which already blocks the CSE remat guards against.
+      body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+    x, _ = jax.lax.scan(body, x, self.layers.arrays())
+    return rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
+
+  def unembedding(self) -> Array:
+    """The output projection [V, D]: the embedding matrix when tied, else lm_head."""
+    if self.has_lm_head:
+      return self.lm_head[...]
+    if not self.cfg.tie_word_embeddings:
+      raise ValueError('this Decoder was built with lm_head=False and untied embeddings: it has no output head')
+    return self.embed[...]
+
+  def logits(self, hidden: Array) -> Array:
+    """hidden [B,T,D] -> float32 logits [B,T,V]. Materialises the full vocabulary: prefer target_logprobs."""
+    w = self.unembedding()
+    return jnp.einsum('btd,vd->btv', hidden, w.astype(hidden.dtype), preferred_element_type=jnp.float32)
+
+  def target_logprobs(self, hidden: Array, targets: Array, chunk: int | None = None) -> Array:
+    """log p(targets[b,t]) under the logits at hidden[b,t]: [B,T] float32, chunked over the sequence.
+
+    Equals `jax.nn.log_softmax(self.logits(hidden))[..., targets]` without ever holding [B,T,V] float32.
+    Targets < 0 give 0 (mask them in the loss anyway). chunk defaults to cfg.logprob_chunk.
+    """
+    return chunked_target_logprobs(hidden, self.unembedding(), targets, chunk or self.cfg.logprob_chunk)
+
+
+class RewardModel(nnx.Module):
+  """Decoder backbone + scalar `score` head (HF *ForSequenceClassification with num_labels=1)."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.backbone = Decoder(cfg, rngs=rngs, lm_head=False)
+    self.score = _param(rngs, (cfg.hidden_size, 1), ('embed', None), cfg.jnp_param_dtype)
+
+  def __call__(self, tokens: Array, positions: Array, segment_ids: Array, last_index: Array) -> Array:
+    """Reward [B] float32 read at hidden[b, last_index[b]] (the last response token of row b)."""
+    hidden = self.backbone(tokens, positions, segment_ids)
+    last = jnp.take_along_axis(hidden, last_index.astype(jnp.int32)[:, None, None], axis=1)[:, 0]  # [B, D]
+    return jnp.einsum('bd,do->bo', last, self.score[...].astype(last.dtype),
+                      preferred_element_type=jnp.float32)[:, 0]
+
+
+def logical_axes(model: nnx.Module):
+  """Logical axis names of every parameter: same structure as nnx.state(model, nnx.Param), tuple leaves.
+
+  For `var_jax.sharding`: map each name ('vocab', 'embed', 'mlp', 'q_heads', 'kv_heads', 'head_dim',
+  'layers', or None) to a mesh axis. Works on abstract models (nnx.eval_shape) too.
+  """
+  state = nnx.state(model, nnx.Param)
+  return jax.tree.map(lambda v: tuple(v.get_metadata('out_sharding')), state,
+                      is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def default_inputs(tokens: Array, pad_id: int | None = None) -> tuple[Array, Array]:
+  """positions, segment_ids [B,T] for unpacked rows: one segment per row; pad_id tokens (if given) are padding.
+
+  Positions count real tokens only, so left- and right-padded rows both give each real token its true position.
+  """
+  tokens = jnp.asarray(tokens)
+  real = jnp.ones_like(tokens, dtype=bool) if pad_id is None else tokens != pad_id
+  segment_ids = real.astype(jnp.int32)
+  positions = jnp.maximum(jnp.cumsum(segment_ids, axis=-1) - 1, 0).astype(jnp.int32)
+  return positions, segment_ids
