@@ -1,0 +1,436 @@
+"""Device mesh, logical-axis sharding rules, sharded model/optimizer creation and global batches.
+
+One mesh with three named axes serves every setting from one CPU to a multi-host TPU pod:
+
+    'data'    pure data parallelism: parameters replicated, batch split.
+    'fsdp'    fully-sharded data parallelism: the batch is split over it too, and parameters AND optimizer state
+              are sharded over it (gathered per layer inside the step by XLA).
+    'tensor'  tensor (model) parallelism: heads, MLP width and vocabulary split.
+
+Parameters carry *logical* axis names (('embed', 'mlp'), ('layers', 'embed', 'q_heads', 'head_dim'), ...), given
+by `model.logical_axes(model)`. Rules map each logical name to mesh axes; the rules live in the config
+(`mesh.rules`, parsed by `parse_rules`) so a new layout never needs a code change. A dimension whose size does
+not divide over its mesh axes is replicated instead of failing (e.g. 2 KV heads on 4-way tensor parallelism).
+
+The train/eval steps are plain `jax.jit` with explicit `in_shardings` / `out_shardings` built here (the modern
+pjit): XLA's SPMD partitioner inserts the collectives.
+
+Multi-host (TPU pod slices, GPU clusters): every process runs the same program. Call `initialize_distributed()`
+first thing (before anything touches a device), build the mesh over `jax.devices()` (all processes' devices),
+feed each process's own rows with `global_batch`, and let only `is_main_process()` write logs and files.
+"""
+import logging
+import math
+import os
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+log = logging.getLogger(__name__)
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# (logical name, mesh axis | tuple of mesh axes | None). Order matters only for a name listed more than once:
+# the first entry whose mesh axes are free in the spec and divide the dimension wins (a fallback chain).
+DEFAULT_RULES = (
+    ("batch", BATCH_AXES),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("q_heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("heads", "tensor"),
+    ("vocab", "tensor"),
+    ("layers", None),
+    ("head_dim", None),
+    ("norm", None),
+    ("length", None),
+)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Mesh.
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[Any] | None = None) -> Mesh:
+  """A ('data', 'fsdp', 'tensor') mesh over `devices` (default: all devices of all processes).
+
+  Exactly one size may be -1: it takes the devices the other axes leave. The product of the sizes must equal the
+  device count; a mesh that does not fit raises a ValueError naming the axis sizes and the device count.
+
+  The axes are `AxisType.Auto` (GSPMD-style: shardings are given at the jit boundary and XLA propagates them),
+  which is what `jax.jit(..., in_shardings=, out_shardings=)` steps rely on.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  n = len(devices)
+  sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
+  described = ", ".join(f"{k}={v}" for k, v in sizes.items())
+  for name, size in sizes.items():
+    if not isinstance(size, (int, np.integer)) or (size < 1 and size != -1):
+      raise ValueError(f"mesh axis {name}={size!r} must be a positive int or -1 (mesh {described})")
+  rest = [k for k, v in sizes.items() if v == -1]
+  if len(rest) > 1:
+    raise ValueError(f"at most one mesh axis may be -1, got {described}")
+  fixed = math.prod(v for v in sizes.values() if v != -1)
+  if rest:
+    if n % fixed:
+      raise ValueError(f"mesh ({described}) does not fit {n} devices: {n} is not a multiple of {fixed}")
+    sizes[rest[0]] = n // fixed
+  shape = tuple(int(sizes[k]) for k in MESH_AXES)
+  if math.prod(shape) != n:
+    raise ValueError(f"mesh ({described}) = {math.prod(shape)} devices does not fit the {n} devices available "
+                     "(data x fsdp x tensor must equal the device count)")
+  auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+  # jax.make_mesh orders devices for the physical topology (TPU ICI rings), and keeps each process's devices
+  # contiguous along the leading axes, which `global_batch` relies on.
+  return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rules.
+
+
+def parse_rules(text: str, base=DEFAULT_RULES) -> tuple:
+  """Rules from the config string "name=axis,name=axis2+axis3,name=" on top of `base`.
+
+  "name=" maps to None (replicate); "a+b" shards over mesh axes a and b together. A name given in `text`
+  replaces every entry of that name in `base`; other base entries are kept.
+  """
+  parsed = []
+  for item in filter(None, (s.strip() for s in text.split(","))):
+    if "=" not in item:
+      raise ValueError(f"mesh.rules entry {item!r} must look like 'name=axis', 'name=a+b' or 'name='")
+    name, axes = (s.strip() for s in item.split("=", 1))
+    if not name:
+      raise ValueError(f"mesh.rules entry {item!r} has no logical name")
+    axes_list = [a.strip() for a in axes.split("+") if a.strip()]
+    for a in axes_list:
+      if a not in MESH_AXES:
+        raise ValueError(f"mesh.rules entry {item!r}: unknown mesh axis {a!r} (mesh axes are {MESH_AXES})")
+    value = None if not axes_list else axes_list[0] if len(axes_list) == 1 else tuple(axes_list)
+    parsed.append((name, value))
+  overridden = {name for name, _ in parsed}
+  return tuple(parsed) + tuple(r for r in base if r[0] not in overridden)
+
+
+def _rule_axes(value) -> tuple:
+  """Mesh axes of one rule value as a tuple: None -> (), 'fsdp' -> ('fsdp',), ('data','fsdp') unchanged."""
+  if value is None:
+    return ()
+  return (value,) if isinstance(value, str) else tuple(value)
+
+
+def _check_rules(rules, mesh) -> None:
+  for rule in rules:
+    if not (isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)):
+      raise ValueError(f"sharding rule {rule!r} must be a (logical_name, mesh_axes) pair")
+    for axis in _rule_axes(rule[1]):
+      if axis not in mesh.shape:
+        raise ValueError(f"sharding rule {rule!r} names mesh axis {axis!r}, which is not in the mesh "
+                         f"{tuple(mesh.shape)}")
+
+
+_FALLBACKS_LOGGED = set()
+
+
+def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], mesh, rules=DEFAULT_RULES) -> PartitionSpec:
+  """PartitionSpec for an array of `shape` whose dimensions have logical `names`.
+
+  Args:
+    names: one logical name (or None = replicate) per dimension, e.g. ('layers', 'embed', 'mlp').
+    shape: the array's shape; len(shape) == len(names).
+    mesh: a Mesh or AbstractMesh (only its axis names and sizes are read).
+    rules: (logical_name, mesh_axes) pairs; see DEFAULT_RULES.
+  Returns:
+    PartitionSpec with one entry per dimension. A dimension gets the first rule of its name whose mesh axes are
+    not yet used by an earlier dimension (a mesh axis can shard only one dimension) and whose total size divides
+    the dimension; otherwise it is replicated (None). The fallback is logged once per case at debug level.
+  Raises:
+    ValueError: a logical name that no rule mentions, a rank mismatch, or a rule naming an unknown mesh axis.
+  """
+  names, shape = tuple(names), tuple(shape)
+  if len(names) != len(shape):
+    raise ValueError(f"logical axes {names} have {len(names)} names but the array has shape {shape}")
+  _check_rules(rules, mesh)
+  known = {r[0] for r in rules}
+  used, spec = set(), []
+  for name, size in zip(names, shape):
+    if name is None:
+      spec.append(None)
+      continue
+    if name not in known:
+      raise ValueError(f"logical axis name {name!r} (in {names}) has no sharding rule; rules cover {sorted(known)}")
+    chosen = None
+    for rule_name, value in rules:
+      if rule_name != name:
+        continue
+      axes = _rule_axes(value)
+      if not axes:
+        break  # An explicit "replicate" rule ends the chain.
+      if used.intersection(axes):
+        continue
+      if size % math.prod(mesh.shape[a] for a in axes) == 0:
+        chosen = value
+        break
+      key = (name, size, axes, tuple(mesh.shape[a] for a in axes))
+      if key not in _FALLBACKS_LOGGED:
+        _FALLBACKS_LOGGED.add(key)
+        log.debug("logical axis %r of size %d does not divide over mesh axes %s of sizes %s: replicated",
+                  name, size, axes, key[3])
+    if chosen is not None:
+      used.update(_rule_axes(chosen))
+    spec.append(chosen)
+  return PartitionSpec(*spec)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Parameter trees.
+
+
+def _path_str(path) -> str:
+  parts = []
+  for k in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(k, attr):
+        parts.append(str(getattr(k, attr)))
+        break
+    else:
+      parts.append(str(k))
+  return "/".join(parts)
+
+
+def _strip_value(path) -> tuple:
+  """Drops the trailing `.value` that NNX Variables add, so the same parameter has the same path in a State of
+  arrays, a State of Variables, and a plain nested dict."""
+  if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "value":
+    path = path[:-1]
+  return tuple(path)
+
+
+def _is_axes_leaf(x) -> bool:
+  return x is None or (isinstance(x, tuple) and all(n is None or isinstance(n, str) for n in x))
+
+
+def _flat_axes(logical_axes_tree) -> dict:
+  flat, _ = jax.tree_util.tree_flatten_with_path(logical_axes_tree, is_leaf=_is_axes_leaf)
+  return {_path_str(_strip_value(p)): v for p, v in flat}
+
+
+def param_shardings(abstract_state, logical_axes_tree, mesh: Mesh, rules=DEFAULT_RULES):
+  """NamedShardings for a parameter state, from each parameter's logical axes and the rules.
+
+  Args:
+    abstract_state: pytree of arrays or jax.ShapeDtypeStruct (e.g. `nnx.state(nnx.eval_shape(make_model),
+      nnx.Param)`); only shapes are read.
+    logical_axes_tree: the same structure with a tuple of logical names per parameter (`model.logical_axes`).
+    mesh, rules: see `logical_to_spec`.
+  Returns:
+    Same structure as `abstract_state`, a NamedSharding per leaf (usable as jit in/out_shardings directly).
+  Raises:
+    ValueError naming the parameter when the two trees disagree (a parameter without axes, axes without a
+    parameter, or a rank mismatch) or a logical name has no rule.
+  """
+  axes = _flat_axes(logical_axes_tree)
+  flat, treedef = jax.tree_util.tree_flatten_with_path(abstract_state)
+  paths = [_path_str(_strip_value(p)) for p, _ in flat]
+  missing = [p for p in paths if p not in axes]
+  extra = sorted(set(axes) - set(paths))
+  if missing or extra:
+    raise ValueError("parameter tree and logical-axes tree do not match: "
+                     f"parameters without logical axes {missing[:5]}{' ...' if len(missing) > 5 else ''}; "
+                     f"logical axes without a parameter {extra[:5]}{' ...' if len(extra) > 5 else ''}")
+  out = []
+  for path, (_, leaf) in zip(paths, flat):
+    names = axes[path]
+    names = () if names is None else names
+    try:
+      spec = logical_to_spec(names, np.shape(leaf), mesh, rules)
+    except ValueError as e:
+      raise ValueError(f"parameter {path!r}: {e}") from None
+    out.append(NamedSharding(mesh, spec))
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def replicated(mesh: Mesh, tree=None):
+  """A fully replicated NamedSharding, or (given a tree) one per leaf of `tree`."""
+  rep = NamedSharding(mesh, PartitionSpec())
+  return rep if tree is None else jax.tree.map(lambda _: rep, tree)
+
+
+def shard_state(state, shardings):
+  """Moves an existing state (host or single-device arrays) onto `shardings` (same structure).
+
+  Multi-process: every process must pass identical values. To create a large model use `create_sharded_model`,
+  which never materialises a full copy anywhere.
+  """
+  return jax.device_put(state, shardings)
+
+
+def create_sharded_model(make_model_fn: Callable[[], nnx.Module], mesh: Mesh, rules=DEFAULT_RULES,
+                         logical_axes_fn: Callable[[nnx.Module], Any] | None = None):
+  """Builds an NNX model with every parameter created directly on its shards.
+
+  The model is first traced abstractly (`nnx.eval_shape`: shapes only, no memory), its parameter shardings are
+  derived from its logical axes, and then the initialiser runs under `jax.jit` with those `out_shardings`, so
+  each device only ever computes and holds its own slices (no full host copy per device). Non-parameter state
+  (RNG keys and counts) is replicated.
+
+  Args:
+    make_model_fn: () -> nnx.Module, deterministic (e.g. `lambda: Decoder(cfg, rngs=nnx.Rngs(seed))`).
+    mesh, rules: see `logical_to_spec`.
+    logical_axes_fn: module -> logical-axes tree matching `nnx.state(module, nnx.Param)`; defaults to
+      `var_jax.model.logical_axes`. It is called on the abstract model.
+  Returns:
+    (model, shardings): the sharded model and the NamedSharding tree of its `nnx.Param` state.
+  """
+  if logical_axes_fn is None:
+    from var_jax.model import logical_axes as logical_axes_fn  # Imported late: model.py imports nothing from here.
+  abstract = nnx.eval_shape(make_model_fn)
+  graphdef, abstract_params, abstract_rest = nnx.split(abstract, nnx.Param, ...)
+  shardings = param_shardings(abstract_params, logical_axes_fn(abstract), mesh, rules)
+  rest_shardings = replicated(mesh, abstract_rest)
+
+  def init():
+    _, params, rest = nnx.split(make_model_fn(), nnx.Param, ...)
+    return params, rest
+
+  # The out_shardings propagate backwards through the initialisers, so XLA partitions them: each device computes
+  # only its own slice of every parameter.
+  init = jax.jit(init, out_shardings=(shardings, rest_shardings))
+  params, rest = init()
+  return nnx.merge(graphdef, params, rest), shardings
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Optimizer state.
+
+
+def opt_state_shardings(abstract_opt_state, abstract_params, shardings, mesh: Mesh):
+  """Shardings for an optax state that follow the parameters' (FSDP shards optimizer state like parameters).
+
+  Every optimizer-state leaf whose key path ends with a parameter's path and whose shape equals that parameter's
+  shape (Adam's mu and nu, momentum, ... inside any chain, `optax.masked`, `MultiSteps` or `nnx.Optimizer`) gets
+  that parameter's sharding; everything else (step counts, schedules' state, factored second moments of other
+  shapes) is small and replicated.
+
+  Args:
+    abstract_opt_state: `jax.eval_shape(tx.init, params)` (or a concrete state; only shapes and paths are read).
+    abstract_params: the parameter tree the optimizer was initialised with.
+    shardings: `param_shardings(abstract_params, ...)`.
+  Returns:
+    NamedSharding tree with the structure of `abstract_opt_state`.
+  """
+  pflat, _ = jax.tree_util.tree_flatten_with_path(abstract_params)
+  sflat = jax.tree_util.tree_leaves(shardings)
+  by_path = {}
+  for (p, leaf), s in zip(pflat, sflat):
+    by_path[tuple(_path_str(_strip_value(p)).split("/"))] = (np.shape(leaf), s)
+  longest = max((len(k) for k in by_path), default=0)
+  rep = replicated(mesh)
+
+  def pick(path, leaf):
+    parts = tuple(_path_str(_strip_value(path)).split("/"))
+    for n in range(min(longest, len(parts)), 0, -1):  # Longest matching suffix: 'kernel' alone is ambiguous.
+      hit = by_path.get(parts[-n:])
+      if hit is not None and hit[0] == np.shape(leaf):
+        return hit[1]
+    return rep
+
+  return jax.tree_util.tree_map_with_path(pick, abstract_opt_state)
+
+
+def create_sharded_opt_state(tx, params, shardings, mesh: Mesh):
+  """`tx.init(params)` computed under jit directly into the sharding of `opt_state_shardings`.
+
+  Returns (opt_state, opt_shardings); pass opt_shardings as the optimizer state's in/out_shardings of the step.
+  """
+  out = opt_state_shardings(jax.eval_shape(tx.init, params), params, shardings, mesh)
+  return jax.jit(tx.init, in_shardings=(shardings,), out_shardings=out)(params), out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Batches.
+
+
+def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+  """Leading (batch) axis split over ('data', 'fsdp'), the other `ndim - 1` axes replicated."""
+  if ndim < 1:
+    raise ValueError(f"a batch array needs a leading batch axis, got ndim={ndim}")
+  return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def global_batch(local_batch: dict, mesh: Mesh) -> dict:
+  """Global jax.Arrays, batch axis sharded over ('data', 'fsdp'), from this process's rows.
+
+  Each process passes its own `local_batch` (dict of numpy arrays, the same keys, dtypes and shapes on every
+  process, leading axis = this process's rows); process i's rows become global rows
+  [i * local_rows, (i + 1) * local_rows). Single process: the local batch is the global batch.
+  Global rows (local rows x processes) must divide over data x fsdp.
+  """
+  shards = math.prod(mesh.shape[a] for a in BATCH_AXES)
+  out = {}
+  for key, x in local_batch.items():
+    x = np.asarray(x)
+    if x.ndim < 1:
+      raise ValueError(f"batch[{key!r}] is a scalar; every batch entry needs a leading batch axis")
+    rows = x.shape[0] * jax.process_count()
+    if rows % shards:
+      raise ValueError(f"batch[{key!r}]: {x.shape[0]} local rows x {jax.process_count()} processes = {rows} "
+                       f"global rows do not divide over data x fsdp = {shards} shards")
+    out[key] = jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim), x)
+  return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Processes.
+
+
+def _cluster_env() -> str | None:
+  """Name of a multi-process launcher visible in the environment, or None (cheap: environment only)."""
+  env = os.environ
+  if env.get("JAX_COORDINATOR_ADDRESS"):
+    return "JAX_COORDINATOR_ADDRESS"
+  if "," in env.get("TPU_WORKER_HOSTNAMES", "") or "," in env.get("TPU_PROCESS_ADDRESSES", ""):
+    return "Cloud TPU pod slice"
+  if int(env.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_JOB_ID" in env:
+    return "SLURM"
+  if int(env.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1:
+    return "Open MPI"
+  return None
+
+
+def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None) -> bool:
+  """Connects the processes of a multi-host job; a no-op for a single process. Call before any device use.
+
+  - Explicit: `initialize_distributed("10.0.0.1:1234", num_processes=4, process_id=i)` on each process (any
+    cluster, or several processes on one machine, e.g. CPU tests with gloo collectives).
+  - TPU pod slices (`TPU_WORKER_HOSTNAMES` lists several hosts), SLURM (`srun`, SLURM_NTASKS > 1), Open MPI
+    (`mpirun`, OMPI_COMM_WORLD_SIZE > 1) or `JAX_COORDINATOR_ADDRESS` set: `jax.distributed.initialize()` with no
+    arguments, which reads the coordinator, process count and id from that environment. Launch the same command on
+    every host (e.g. `gcloud compute tpus tpu-vm ssh NAME --worker=all --command="python -m var_jax.train ..."`).
+  - Otherwise (one host, one process): nothing; JAX uses the local devices.
+  Returns True when running distributed after the call.
+  """
+  if jax.distributed.is_initialized():
+    return True
+  explicit = coordinator is not None or num_processes is not None or process_id is not None
+  if explicit:
+    if num_processes is not None and num_processes <= 1 and coordinator is None:
+      return False
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
+    return True
+  where = _cluster_env()
+  if where is None:
+    return False
+  log.info("initialising distributed JAX from the %s environment", where)
+  jax.distributed.initialize()
+  return True
+
+
+def is_main_process() -> bool:
+  """True on exactly one process (index 0): the one that writes logs, metrics and exported files."""
+  return jax.process_index() == 0
