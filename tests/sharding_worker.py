@@ -243,7 +243,25 @@ def equivalence(out_path: str) -> None:
     save.update({f"{tag}/{k}": np.asarray(v) for k, v in results.items()})
     meta[tag] = {"specs": specs, **facts}
   meta["adamw"] = ADAMW
+  meta["errors"] = bad_inputs(batch)
   np.savez(out_path, meta=json.dumps(meta), **save)
+
+
+def bad_inputs(batch) -> dict:
+  """The messages of the errors that need several devices to provoke."""
+  errors = {}
+  calls = {
+      "mesh_3_rest": lambda: sharding.make_mesh(3, -1, 1),
+      "mesh_2_2_4": lambda: sharding.make_mesh(2, 2, 4),
+      "rows_6_on_8": lambda: sharding.global_batch({"tokens": batch["tokens"][:6]}, sharding.make_mesh(8, 1, 1)),
+  }
+  for name, call in calls.items():
+    try:
+      call()
+      errors[name] = None
+    except ValueError as e:
+      errors[name] = str(e)
+  return errors
 
 
 def multiprocess(out_path: str, port: int, process_id: int) -> None:

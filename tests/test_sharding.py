@@ -63,6 +63,15 @@ def test_mesh_axis_used_at_most_once_and_fallback_chain():
   assert sharding.logical_to_spec(("x", "y"), (8, 8), mesh, rules) == P(("data", "fsdp"), "tensor")
 
 
+def test_fallback_logged_once_at_debug(caplog):
+  mesh = _mesh(1, 1, 8)
+  with caplog.at_level("DEBUG", logger="var_jax.sharding"):
+    for _ in range(3):
+      sharding.logical_to_spec(("vocab",), (1001,), mesh)
+  hits = [r for r in caplog.records if "1001" in r.getMessage()]
+  assert len(hits) == 1 and hits[0].levelname == "DEBUG" and "replicated" in hits[0].getMessage()
+
+
 def test_explicit_none_rule_replicates():
   rules = (("embed", None), ("embed", "fsdp"))
   assert sharding.logical_to_spec(("embed",), (8,), _mesh(1, 8, 1), rules) == P(None)
@@ -176,6 +185,21 @@ def test_create_sharded_model_equals_eager_init_and_opt_state_follows_params():
   assert opt_shardings[1][0].count.spec == P()  # Step counts are not parameter-shaped: replicated.
 
 
+def test_abstract_sharded_params_allocates_nothing():
+  mesh = sharding.make_mesh()
+  calls = []
+
+  def make():
+    calls.append(1)
+    return _Tiny(nnx.Rngs(0))
+
+  abstract, params, shardings = sharding.abstract_sharded_params(make, mesh, logical_axes_fn=_tiny_axes)
+  w = params["w"].get_value()
+  assert isinstance(w, jax.ShapeDtypeStruct) and w.shape == (4, 6)
+  assert w.sharding == shardings["w"].get_value() and w.sharding.spec == P("fsdp", "tensor")
+  assert isinstance(abstract.w.get_value(), jax.ShapeDtypeStruct) and len(calls) == 1
+
+
 def test_opt_state_shardings_matches_by_path_suffix_and_shape():
   mesh = sharding.make_mesh()
   params = {"a": {"kernel": jnp.zeros((4, 2))}, "b": {"kernel": jnp.zeros((2,))}}
@@ -198,9 +222,31 @@ def test_global_batch_single_process():
     sharding.global_batch({"lam": np.float32(1.0)}, mesh)
 
 
-def test_single_process_helpers():
+def test_single_process_helpers(monkeypatch):
+  for var in ("JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES", "SLURM_NTASKS",
+              "OMPI_COMM_WORLD_SIZE"):
+    monkeypatch.delenv(var, raising=False)
   assert sharding.initialize_distributed() is False  # No cluster in the environment: a no-op.
+  assert sharding.initialize_distributed(num_processes=1) is False
   assert sharding.is_main_process()
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({}, None),
+    ({"TPU_WORKER_HOSTNAMES": "localhost"}, None),  # A single-host TPU VM needs no coordinator.
+    ({"TPU_WORKER_HOSTNAMES": "t1-w-0,t1-w-1"}, "Cloud TPU pod slice"),
+    ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4"}, "SLURM"),
+    ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"}, None),
+    ({"OMPI_COMM_WORLD_SIZE": "2"}, "Open MPI"),
+    ({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"}, "JAX_COORDINATOR_ADDRESS"),
+])
+def test_cluster_detection_from_environment(monkeypatch, env, expected):
+  for var in ("JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES", "SLURM_NTASKS",
+              "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE"):
+    monkeypatch.delenv(var, raising=False)
+  for k, v in env.items():
+    monkeypatch.setenv(k, v)
+  assert sharding._cluster_env() == expected
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -290,6 +336,13 @@ def test_params_and_optimizer_state_sharded_as_rules_say(equivalence, mesh):
   for name, shape in _EXPECTED_SHARD_SHAPES[mesh].items():
     assert meta["shard_shapes"][name] == shape, (name, meta["shard_shapes"][name])
   assert meta["mu_specs_equal"] and meta["count_spec"] == str(P())
+
+
+def test_bad_input_on_eight_devices(equivalence):
+  errors = equivalence[1]["errors"]
+  assert "data=3, fsdp=-1, tensor=1" in errors["mesh_3_rest"] and "8 devices" in errors["mesh_3_rest"]
+  assert "data=2, fsdp=2, tensor=4" in errors["mesh_2_2_4"] and "8 devices" in errors["mesh_2_2_4"]
+  assert "batch['tokens']: 6 local rows do not divide over the 8 batch shards" in errors["rows_6_on_8"]
 
 
 def test_two_processes_match_single_device(equivalence, tmp_path):

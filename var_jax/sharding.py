@@ -269,6 +269,27 @@ def shard_state(state, shardings):
   return jax.device_put(state, shardings)
 
 
+def abstract_sharded_params(make_model_fn: Callable[[], nnx.Module], mesh: Mesh, rules=DEFAULT_RULES,
+                            logical_axes_fn: Callable[[nnx.Module], Any] | None = None):
+  """The model's parameters as sharded `jax.ShapeDtypeStruct`s, without allocating anything.
+
+  For loaders (HF safetensors, checkpoints): each target's `.sharding` says which slice every device needs, so
+  weights can be placed straight onto their shards (`jax.make_array_from_callback`, Orbax restore targets).
+
+  Args: see `create_sharded_model`.
+  Returns:
+    (abstract_model, abstract_params, shardings): the `nnx.eval_shape` model, its `nnx.Param` state with
+    ShapeDtypeStruct(shape, dtype, sharding=...) leaves, and the NamedSharding tree of that state.
+  """
+  if logical_axes_fn is None:
+    from var_jax.model import logical_axes as logical_axes_fn  # Imported late: model.py imports nothing from here.
+  abstract = nnx.eval_shape(make_model_fn)
+  params = nnx.state(abstract, nnx.Param)
+  shardings = param_shardings(params, logical_axes_fn(abstract), mesh, rules)
+  params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), params, shardings)
+  return abstract, params, shardings
+
+
 def create_sharded_model(make_model_fn: Callable[[], nnx.Module], mesh: Mesh, rules=DEFAULT_RULES,
                          logical_axes_fn: Callable[[nnx.Module], Any] | None = None):
   """Builds an NNX model with every parameter created directly on its shards.
@@ -276,7 +297,8 @@ def create_sharded_model(make_model_fn: Callable[[], nnx.Module], mesh: Mesh, ru
   The model is first traced abstractly (`nnx.eval_shape`: shapes only, no memory), its parameter shardings are
   derived from its logical axes, and then the initialiser runs under `jax.jit` with those `out_shardings`, so
   each device only ever computes and holds its own slices (no full host copy per device). Non-parameter state
-  (RNG keys and counts) is replicated.
+  (RNG keys and counts) is replicated. Values equal an unsharded init of the same model (JAX's partitionable
+  threefry makes random numbers independent of the sharding).
 
   Args:
     make_model_fn: () -> nnx.Module, deterministic (e.g. `lambda: Decoder(cfg, rngs=nnx.Rngs(seed))`).
@@ -286,11 +308,8 @@ def create_sharded_model(make_model_fn: Callable[[], nnx.Module], mesh: Mesh, ru
   Returns:
     (model, shardings): the sharded model and the NamedSharding tree of its `nnx.Param` state.
   """
-  if logical_axes_fn is None:
-    from var_jax.model import logical_axes as logical_axes_fn  # Imported late: model.py imports nothing from here.
-  abstract = nnx.eval_shape(make_model_fn)
-  graphdef, abstract_params, abstract_rest = nnx.split(abstract, nnx.Param, ...)
-  shardings = param_shardings(abstract_params, logical_axes_fn(abstract), mesh, rules)
+  abstract, _, shardings = abstract_sharded_params(make_model_fn, mesh, rules, logical_axes_fn)
+  graphdef, _, abstract_rest = nnx.split(abstract, nnx.Param, ...)
   rest_shardings = replicated(mesh, abstract_rest)
 
   def init():
@@ -299,8 +318,7 @@ def create_sharded_model(make_model_fn: Callable[[], nnx.Module], mesh: Mesh, ru
 
   # The out_shardings propagate backwards through the initialisers, so XLA partitions them: each device computes
   # only its own slice of every parameter.
-  init = jax.jit(init, out_shardings=(shardings, rest_shardings))
-  params, rest = init()
+  params, rest = jax.jit(init, out_shardings=(shardings, rest_shardings))()
   return nnx.merge(graphdef, params, rest), shardings
 
 
@@ -362,25 +380,35 @@ def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
 
 
+def _batch_shards(mesh: Mesh) -> tuple[int, int]:
+  """(batch shards holding some of this process's devices, all batch shards) of the ('data', 'fsdp') split."""
+  pid = jax.process_index()
+  mine = np.vectorize(lambda d: d.process_index == pid, otypes=[bool])(mesh.devices)
+  other = tuple(i for i, name in enumerate(mesh.axis_names) if name not in BATCH_AXES)
+  per_shard = mine.any(axis=other) if other else mine
+  return int(per_shard.sum()), int(per_shard.size)
+
+
 def global_batch(local_batch: dict, mesh: Mesh) -> dict:
   """Global jax.Arrays, batch axis sharded over ('data', 'fsdp'), from this process's rows.
 
-  Each process passes its own `local_batch` (dict of numpy arrays, the same keys, dtypes and shapes on every
-  process, leading axis = this process's rows); process i's rows become global rows
-  [i * local_rows, (i + 1) * local_rows). Single process: the local batch is the global batch.
-  Global rows (local rows x processes) must divide over data x fsdp.
+  Each process passes its own `local_batch` (dict of numpy arrays with the same keys, dtypes and trailing shapes on
+  every process; leading axis = the rows of the batch shards this process's devices hold). With `make_mesh` the
+  processes are contiguous along the batch split, so process i's rows become global rows
+  [i * local_rows, (i + 1) * local_rows). Single process: the local batch is the global batch. (If tensor
+  parallelism spans processes, processes holding the same batch shards must pass the same rows.)
   """
-  shards = math.prod(mesh.shape[a] for a in BATCH_AXES)
+  local_shards, shards = _batch_shards(mesh)
   out = {}
   for key, x in local_batch.items():
     x = np.asarray(x)
     if x.ndim < 1:
       raise ValueError(f"batch[{key!r}] is a scalar; every batch entry needs a leading batch axis")
-    rows = x.shape[0] * jax.process_count()
-    if rows % shards:
-      raise ValueError(f"batch[{key!r}]: {x.shape[0]} local rows x {jax.process_count()} processes = {rows} "
-                       f"global rows do not divide over data x fsdp = {shards} shards")
-    out[key] = jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim), x)
+    if x.shape[0] % local_shards:
+      raise ValueError(f"batch[{key!r}]: {x.shape[0]} local rows do not divide over the {local_shards} batch "
+                       f"shards (of data x fsdp = {shards}) on this process's devices")
+    global_shape = (x.shape[0] // local_shards * shards,) + x.shape[1:]
+    out[key] = jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim), x, global_shape)
   return out
 
 
