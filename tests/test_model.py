@@ -420,3 +420,53 @@ def test_save_pretrained_never_clobbers(tmp_path, monkeypatch):
   hf_io.save_pretrained(model, str(tmp_path / 'empty'))
   back = hf_io.from_pretrained(str(tmp_path / 'empty'))
   np.testing.assert_array_equal(back.layers.q[...], model.layers.q[...])
+
+
+# ------------------------------------------------------------------------------------------------ KV cache
+
+
+def test_kv_cache_prefill_and_decode_match_full_forward():
+  """Prefill a left-padded prompt batch, then decode token by token: every step's hidden state equals the
+  no-cache forward over the whole sequence at that position."""
+  cfg = M.get_config('tiny', attention_bias=True, model_type='qwen2')
+  model = M.Decoder(cfg, rngs=nnx.Rngs(7))
+  prompt_real = np.array([[1] * 6, [0, 0, 1, 1, 1, 1]], np.int32)  # row 1 left-padded (4-token prompt)
+  rng = np.random.default_rng(8)
+  steps = 4
+  real = np.concatenate([prompt_real, np.ones((2, steps), np.int32)], axis=1)
+  tokens = rng.integers(1, cfg.vocab_size, size=real.shape).astype(np.int32) * real
+  positions = np.maximum(np.cumsum(real, axis=1) - 1, 0).astype(np.int32)
+  full = np.asarray(nnx.jit(lambda m, *a: m(*a))(model, tokens, positions, real))
+
+  @nnx.jit
+  def step(model, tok, pos, seg, cache):
+    return model(tok, pos, seg, cache=cache)
+
+  cache = M.KVCache.init(cfg, batch=2, max_len=16)
+  h, cache = step(model, tokens[:, :6], positions[:, :6], real[:, :6], cache)
+  real_mask = prompt_real.astype(bool)
+  np.testing.assert_allclose(np.asarray(h)[real_mask], full[:, :6][real_mask], atol=1e-5)
+  for t in range(6, 6 + steps):
+    h, cache = step(model, tokens[:, t:t + 1], positions[:, t:t + 1], real[:, t:t + 1], cache)
+    np.testing.assert_allclose(np.asarray(h)[:, 0], full[:, t], atol=1e-5)
+  assert int(cache.index) == 6 + steps and cache.k.shape == (cfg.num_layers, 2, 16, cfg.num_kv_heads, cfg.head_dim)
+  with pytest.raises(ValueError, match='KV cache overflow'):
+    model(tokens, positions, real, cache=cache)  # 10 cached + 10 new > 16 slots
+
+
+def test_kv_cache_prefix_shared_scoring():
+  """One cached prompt scores two different responses (cache tiled over the batch) like two full forwards."""
+  cfg = M.get_config('tiny')
+  model = M.Decoder(cfg, rngs=nnx.Rngs(9))
+  rng = np.random.default_rng(10)
+  prompt = rng.integers(1, cfg.vocab_size, size=(1, 5)).astype(np.int32)
+  responses = rng.integers(1, cfg.vocab_size, size=(2, 4)).astype(np.int32)
+  cache = M.KVCache.init(cfg, batch=1, max_len=9)
+  _, cache = model(prompt, np.arange(5, dtype=np.int32)[None], np.ones((1, 5), np.int32), cache=cache)
+  tiled = jax.tree.map(lambda x: jnp.repeat(x, 2, axis=0) if x.ndim == 2 else
+                       (jnp.repeat(x, 2, axis=1) if x.ndim == 5 else x), cache)
+  pos = np.tile(np.arange(5, 9, dtype=np.int32), (2, 1))
+  h, _ = model(responses, pos, np.ones((2, 4), np.int32), cache=tiled)
+  joined = np.concatenate([np.repeat(prompt, 2, axis=0), responses], axis=1)
+  full = model(joined, *M.default_inputs(joined))
+  np.testing.assert_allclose(np.asarray(h), np.asarray(full[:, 5:]), atol=1e-5)

@@ -16,7 +16,8 @@ Layout (shapes are per parameter, logical axis names in brackets, stored as NNX 
 
 Per-layer parameters are stacked along a leading 'layers' axis and the forward pass is a `jax.lax.scan` over
 them: XLA compiles one layer body whatever the depth. The layer body is a pure function of (params, activations)
-so it can be rematerialised with `jax.checkpoint` and, later, take a KV cache as one more scanned input.
+so it can be rematerialised with `jax.checkpoint`; a `KVCache` (per-layer keys/values stacked the same way) is one
+more scanned input, for incremental decoding and prefix-shared scoring.
 
 Sequences are described by three int32 arrays of shape [B, T]: `tokens`, `positions` (RoPE positions, strictly
 increasing inside each segment) and `segment_ids` (0 = padding; tokens attend causally to earlier tokens of the
@@ -30,7 +31,7 @@ from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+from flax import nnx, struct
 
 Array = jax.Array
 
@@ -240,9 +241,14 @@ def attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
   return out.reshape(b, t, hq, dh)
 
 
-def decoder_layer(cfg: ModelConfig, p: Mapping[str, Array], x: Array, cos: Array, sin: Array,
-                  mask: Array) -> Array:
-  """One pre-norm transformer block. p: one layer's parameters (no 'layers' axis); x [B,T,D] -> [B,T,D]."""
+def decoder_layer(cfg: ModelConfig, p: Mapping[str, Array], x: Array, cos: Array, sin: Array, mask: Array,
+                  kv: tuple[Array, Array] | None = None, index: Array | None = None):
+  """One pre-norm transformer block. p: one layer's parameters (no 'layers' axis); x [B,T,D] -> [B,T,D].
+
+  Without kv, attention is over the T input tokens (mask [B,T,T]) and the result is (x, None). With kv, a layer's
+  cache (k, v: [B,S,Hkv,Dh]), the new keys/values are first written at slots [index, index+T) and attention runs over
+  all S slots (mask [B,T,S]); the result is (x, (k, v)) with the updated cache.
+  """
   dt = x.dtype
   h = rms_norm(x, p['attn_norm'], cfg.rms_norm_eps)
   q = jnp.einsum('btd,dhk->bthk', h, p['q'].astype(dt))
@@ -251,13 +257,17 @@ def decoder_layer(cfg: ModelConfig, p: Mapping[str, Array], x: Array, cos: Array
   if cfg.attention_bias:
     q, k, v = q + p['q_bias'].astype(dt), k + p['k_bias'].astype(dt), v + p['v_bias'].astype(dt)
   q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-  a = attention(q, k, v, mask)
+  if kv is not None:
+    k = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), index, axis=1)
+    v = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), index, axis=1)
+    kv = (k, v)
+  a = attention(q, k.astype(dt), v.astype(dt), mask)
   x = x + jnp.einsum('bthk,hkd->btd', a, p['o'].astype(dt))
 
   h = rms_norm(x, p['mlp_norm'], cfg.rms_norm_eps)
   gate = jnp.einsum('btd,df->btf', h, p['gate'].astype(dt))
   up = jnp.einsum('btd,df->btf', h, p['up'].astype(dt))
-  return x + jnp.einsum('btf,fd->btd', jax.nn.silu(gate) * up, p['down'].astype(dt))
+  return x + jnp.einsum('btf,fd->btd', jax.nn.silu(gate) * up, p['down'].astype(dt)), kv
 
 
 def chunked_target_logprobs(hidden: Array, unembed: Array, targets: Array, chunk: int) -> Array:
@@ -340,6 +350,36 @@ class DecoderLayers(nnx.Module):
     return {n: getattr(self, n)[...] for n in LAYER_PARAM_NAMES if hasattr(self, n)}
 
 
+@struct.dataclass
+class KVCache:
+  """Keys/values of already-processed tokens, for incremental decoding and prefix-shared scoring.
+
+  k, v:         [L, B, S, Hkv, Dh]   per-layer keys (RoPE applied) and values, S = max_len slots
+  positions:    [B, S] int32         RoPE position of the token in each slot
+  segment_ids:  [B, S] int32         segment of each slot; 0 = empty (never attended)
+  index:        int32 scalar         next free slot (shared by the batch; rows may hold padding slots)
+  Logical axes for sharding k/v: ('layers', 'batch', None, 'kv_heads', 'head_dim').
+  """
+
+  k: Array
+  v: Array
+  positions: Array
+  segment_ids: Array
+  index: Array
+
+  @classmethod
+  def init(cls, cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> 'KVCache':
+    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    dtype = dtype or cfg.jnp_dtype
+    return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+               positions=jnp.zeros((batch, max_len), jnp.int32), segment_ids=jnp.zeros((batch, max_len), jnp.int32),
+               index=jnp.zeros((), jnp.int32))
+
+  @property
+  def max_len(self) -> int:
+    return self.k.shape[2]
+
+
 class Decoder(nnx.Module):
   """Llama / Qwen2 decoder-only transformer (see the module docstring for the parameter layout)."""
 
@@ -354,22 +394,41 @@ class Decoder(nnx.Module):
     if self.has_lm_head:
       self.lm_head = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ('vocab', 'embed'), pd)
 
-  def __call__(self, tokens: Array, positions: Array, segment_ids: Array) -> Array:
-    """tokens, positions, segment_ids: int [B, T] -> final-normed hidden states [B, T, D] in cfg.dtype."""
+  def __call__(self, tokens: Array, positions: Array, segment_ids: Array, cache: KVCache | None = None):
+    """tokens, positions, segment_ids: int [B, T] -> final-normed hidden states [B, T, D] in cfg.dtype.
+
+    With a `KVCache`, the T tokens are appended to the cache (at slots [cache.index, cache.index + T)) and attend to
+    everything cached before them plus themselves; returns (hidden, updated cache). Prefill and single-token
+    decode steps are the same call with different T.
+    """
     cfg = self.cfg
     x = jnp.take(self.embed[...], tokens, axis=0).astype(cfg.jnp_dtype)
     cos, sin = rope_cos_sin(positions, rope_inv_freq(cfg))
-    mask = attention_mask(positions, segment_ids, positions, segment_ids)
+    if cache is None:
+      mask = attention_mask(positions, segment_ids, positions, segment_ids)
+      index = None
+    else:
+      index = cache.index
+      if not isinstance(index, jax.core.Tracer) and int(index) + tokens.shape[1] > cache.max_len:
+        raise ValueError(f'KV cache overflow: {int(index)} cached + {tokens.shape[1]} new > {cache.max_len} slots')
+      kv_pos = jax.lax.dynamic_update_slice_in_dim(cache.positions, positions.astype(jnp.int32), index, axis=1)
+      kv_seg = jax.lax.dynamic_update_slice_in_dim(cache.segment_ids, segment_ids.astype(jnp.int32), index, axis=1)
+      mask = attention_mask(positions, segment_ids, kv_pos, kv_seg)
 
-    def body(x, layer_params):
-      return decoder_layer(cfg, layer_params, x, cos, sin, mask), None
+    def body(x, xs):
+      layer_params, kv = xs
+      return decoder_layer(cfg, layer_params, x, cos, sin, mask, kv, index)
 
-    policy = _REMAT_POLICIES[cfg.remat]
     if cfg.remat != 'none':
       # prevent_cse=False is safe (and faster) inside scan, which already blocks the CSE remat guards against.
-      body = jax.checkpoint(body, policy=policy, prevent_cse=False)
-    x, _ = jax.lax.scan(body, x, self.layers.arrays())
-    return rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
+      body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
+    kv_in = None if cache is None else (cache.k, cache.v)
+    x, kv_out = jax.lax.scan(body, x, (self.layers.arrays(), kv_in))
+    hidden = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
+    if cache is None:
+      return hidden
+    return hidden, KVCache(k=kv_out[0], v=kv_out[1], positions=kv_pos, segment_ids=kv_seg,
+                           index=index + tokens.shape[1])
 
   def unembedding(self) -> Array:
     """The output projection [V, D]: the embedding matrix when tied, else lm_head."""
