@@ -4,6 +4,7 @@ Runs the configured stages in order (sft -> reward -> score -> var -> dpo -> eva
 artifacts under the workdir and is skipped when they are complete, so rerunning the same command resumes where
 it stopped (inside a stage, from its latest checkpoint).
 """
+import logging as logging_std
 import os
 import sys
 
@@ -41,9 +42,17 @@ def run(cfg, workdir: str) -> None:
     stages_lib.RUNNERS[s](ctx)
 
 
+class _QuietLibraries(logging_std.Filter):
+  """Drops INFO chatter of orbax (several lines per save/restore); its warnings and errors still show."""
+
+  def filter(self, record):
+    return record.levelno >= logging_std.WARNING or "/orbax/" not in record.pathname
+
+
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   cfg = _CONFIG.value
   config_file = flags.FLAGS["config"].config_filename
   workdir = _WORKDIR.value or os.path.join("workdir", os.path.splitext(os.path.basename(config_file))[0])

@@ -122,7 +122,7 @@ def make_train_step(stage: str, graphdef, rest, tx, schedule, cfg, accum: int = 
   def step(state, batch):
     params = state["params"]
     loss, grads, outputs, num_tokens, const = loss_and_grads(params, batch)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     new_params = optax.apply_updates(params, updates)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)

@@ -1,0 +1,249 @@
+"""The training system: objectives, exact accumulation, compile-once, the tiny pipeline end to end, resume after
+SIGKILL, SIGTERM save, NaN stop, config validation."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+
+from var_jax import config as config_lib
+from var_jax import losses
+from var_jax import model as model_lib
+from var_jax import objectives
+from var_jax import stages
+from var_jax import train as train_lib
+from var_jax.data import pipeline as data_pipeline
+from var_jax.data import synthetic
+from var_jax.data import tokenize
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(**overrides) -> ml_collections.ConfigDict:
+  """The tiny config shrunk to a test's size (seconds per stage)."""
+  sys.path.insert(0, ROOT)
+  from configs import tiny  # pylint: disable=g-import-not-at-top
+  c = tiny.get_config()
+  c.data.num_sft, c.data.num_pairs, c.data.num_eval = 256, 128, 32
+  c.data.groups_per_batch = 2
+  c.sft.steps = c.reward.steps = c.var.steps = c.dpo.steps = 6
+  c.checkpoint.every, c.log_every, c.eval_every, c.eval_batches = 3, 3, 0, 1
+  c.eval.num_prompts, c.eval.max_new_tokens = 8, 6
+  c.optim.warmup_steps = 2
+  for key, value in overrides.items():
+    section, _, field = key.rpartition(".")
+    (c[section] if section else c)[field] = value
+  return c
+
+
+def _var_batch(seed=0, groups=4):
+  """A synthetic-task batch with random cross-context scores gathered in."""
+  tok = tokenize.Tokenizer(synthetic.build_tokenizer(), max_prompt_len=16, max_response_len=12)
+  records = synthetic.preference_records(64, seed=seed)
+  pcfg = data_pipeline.PipelineConfig(block_size=8, group_size=4, groups_per_batch=groups, k_max=2, seed=seed,
+                                      bucket=8, max_len=28)
+  pipe, _ = data_pipeline.build_pipeline(records, tok, pcfg, shard_index=0, shard_count=1)
+  rng = np.random.default_rng(seed)
+  nb = len(pipe.blocks)
+  scores = {"ref_logp": rng.normal(-20, 5, (nb, 8, 16)).astype(np.float32),
+            "ref_ntok": rng.integers(2, 9, (nb, 16)).astype(np.float32),
+            "reward": rng.normal(0, 1, (nb, 8, 16)).astype(np.float32)}
+  return next(stages.with_scores(pipe, scores).iterator()), len(tok.tok)
+
+
+def _tiny_model(vocab):
+  return model_lib.Decoder(model_lib.get_config("tiny", vocab_size=vocab), rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("normalizer", losses.NORMALIZERS)
+@pytest.mark.parametrize("reduction", losses.REDUCTIONS)
+def test_var_objective_equals_per_group_losses(normalizer, reduction):
+  batch, vocab = _var_batch()
+  cfg = tiny_config(**{"var.normalizer": normalizer, "var.reduction": reduction, "var.lam": 0.7})
+  model = _tiny_model(vocab)
+  jb = jax.tree.map(jnp.asarray, batch)
+  const = objectives.prepare("var", jb, cfg)
+  logp, ntok = objectives.sequence_outputs(model, jb)
+  got = objectives.numerator("var", logp, const, cfg) / const["denominator"]
+  # Reference: the public loss functions, group by group, then combined as the math page says.
+  num, den_prompts, den_tokens = 0.0, 0, 0.0
+  for g in range(batch["inputs"].shape[0]):
+    w = losses.var_weights(batch["ref_logp"][g], batch["reward_matrix"][g], batch["owner"][g], 0.7, normalizer,
+                           valid=batch["valid"][g])
+    num += float(-jnp.sum(w * logp[g]))
+    den_prompts += len(set(batch["owner"][g][batch["valid"][g]].tolist()))
+    den_tokens += float(jnp.sum(w * ntok[g]))
+  want = num / (den_prompts if reduction == "prompt_mean" else den_tokens)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("stage", ["sft", "var", "dpo", "reward"])
+def test_gradient_accumulation_is_exact(stage):
+  batch, vocab = _var_batch(groups=4)
+  cfg = tiny_config()
+  reward = stage == "reward"
+  model = (model_lib.RewardModel(model_lib.get_config("tiny", vocab_size=vocab), rngs=nnx.Rngs(0)) if reward
+           else _tiny_model(vocab))
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  jb = jax.tree.map(jnp.asarray, batch)
+  one = train_lib.make_loss_and_grads(stage, graphdef, rest, cfg, 1, reward)(params, jb)
+  four = train_lib.make_loss_and_grads(stage, graphdef, rest, cfg, 4, reward)(params, jb)
+  np.testing.assert_allclose(one[0], four[0], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(one[1]), jax.tree.leaves(four[1])):
+    np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6)
+  np.testing.assert_allclose(one[2], four[2], rtol=1e-5)  # Per-sequence outputs come back in batch order.
+
+
+def test_train_step_compiles_once_per_shape_bucket():
+  cfg = tiny_config()
+  tok = tokenize.Tokenizer(synthetic.build_tokenizer(), max_prompt_len=16, max_response_len=12)
+  pipe = stages.make_pipeline(cfg, synthetic.sft_records(256), tok, k_max=1, train=True, min_responses=1)
+  model = _tiny_model(len(tok.tok))
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  tx, schedule = train_lib.make_optimizer(1e-3, 20, cfg.optim)
+  traces = []
+
+  def step(state, batch):
+    traces.append(batch["inputs"].shape)
+    return train_lib.make_train_step("sft", graphdef, rest, tx, schedule, cfg)(state, batch)
+
+  step = jax.jit(step)
+  state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
+           "first_bad_step": jnp.full((), -1, jnp.int32)}
+  it = pipe.iterator()
+  shapes = []
+  for _ in range(12):
+    batch = next(it)
+    shapes.append(batch["inputs"].shape)
+    state, _ = step(state, jax.tree.map(jnp.asarray, batch))
+  assert len(traces) == len(set(shapes)), (traces, shapes)
+  assert len(set(shapes)) <= 3  # Bucketed lengths: a handful of shapes, not one per batch.
+
+
+def test_tiny_pipeline_end_to_end_and_rerun_skips(tmp_path):
+  from var_jax import main  # pylint: disable=g-import-not-at-top
+  cfg = tiny_config()
+  workdir = str(tmp_path / "run")
+  main.run(cfg, workdir)
+  for stage in config_lib.STAGES:
+    assert os.path.exists(os.path.join(workdir, stage, "DONE.json")), stage
+  results = json.load(open(os.path.join(workdir, "eval", "results.json")))
+  assert set(results["policies"]) == {"sft", "var", "dpo"}
+  for row in results["policies"].values():
+    assert 0.0 <= row["gold_reward"] <= 1.0 and np.isfinite(row["rm_reward"])
+  lines = [json.loads(l) for l in open(os.path.join(workdir, "var", "logs", "metrics.jsonl"))]
+  train_lines = [l for l in lines if "loss" in l]
+  assert train_lines[-1]["step"] == 6 and np.isfinite(train_lines[-1]["loss"]) and "var/ess" in train_lines[-1]
+  assert any("eval/loss" in l for l in lines)  # The held-out evaluation at the end of the stage.
+  before = os.path.getmtime(os.path.join(workdir, "var", "DONE.json"))
+  main.run(cfg, workdir)  # Everything complete: nothing reruns.
+  assert os.path.getmtime(os.path.join(workdir, "var", "DONE.json")) == before
+  changed = tiny_config(**{"var.lam": 0.5})
+  with pytest.raises(ValueError, match="completed with different settings.*var"):
+    main.run(changed, workdir)
+
+
+def _main_cmd(workdir, *overrides):
+  return [sys.executable, "-m", "var_jax.main", "--config=configs/tiny.py", f"--workdir={workdir}",
+          "--config.stages=sft", "--config.data.num_sft=512", "--config.data.groups_per_batch=2",
+          "--config.log_every=5", "--config.eval_every=0", "--config.checkpoint.async_save=False", *overrides]
+
+
+def _final_params(workdir):
+  path = os.path.join(workdir, "sft", "params")
+  with __import__("orbax.checkpoint").checkpoint.StandardCheckpointer() as ckptr:
+    return ckptr.restore(os.path.abspath(path))
+
+
+def _saved_steps(workdir):
+  d = os.path.join(workdir, "sft", "checkpoints")
+  return sorted(int(x) for x in os.listdir(d) if x.isdigit()) if os.path.isdir(d) else []
+
+
+def _run_until_checkpoint(cmd, workdir, min_step, sig):
+  proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 240
+  while time.time() < deadline and proc.poll() is None:
+    if any(s >= min_step for s in _saved_steps(workdir)):
+      proc.send_signal(sig)
+      break
+    time.sleep(0.05)
+  _, err = proc.communicate(timeout=240)
+  return proc.returncode, err
+
+
+def test_resume_after_sigkill_is_bitwise_exact(tmp_path):
+  steps = ["--config.sft.steps=60", "--config.checkpoint.every=10"]
+  straight = str(tmp_path / "straight")
+  subprocess.run(_main_cmd(straight, *steps), cwd=ROOT, check=True, capture_output=True, timeout=300)
+  killed = str(tmp_path / "killed")
+  code, err = _run_until_checkpoint(_main_cmd(killed, *steps), killed, 20, signal.SIGKILL)
+  assert code == -signal.SIGKILL, err[-2000:]
+  assert not os.path.exists(os.path.join(killed, "sft", "DONE.json"))
+  subprocess.run(_main_cmd(killed, *steps), cwd=ROOT, check=True, capture_output=True, timeout=300)
+  a, b = _final_params(straight), _final_params(killed)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_sigterm_saves_and_exits_then_resumes(tmp_path):
+  workdir = str(tmp_path / "run")
+  cmd = _main_cmd(workdir, "--config.sft.steps=400", "--config.checkpoint.every=10")
+  code, err = _run_until_checkpoint(cmd, workdir, 10, signal.SIGTERM)
+  assert code == 143, err[-2000:]
+  assert "SIGTERM: saved step" in err
+  last = _saved_steps(workdir)[-1]
+  assert last % 10 != 0 or last > 10  # The preemption save happened at the step SIGTERM arrived.
+  lines = [json.loads(l) for l in open(os.path.join(workdir, "sft", "logs", "metrics.jsonl"))]
+  assert lines and lines[-1]["step"] <= last
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+  workdir = str(tmp_path / "run")
+  cmd = _main_cmd(workdir, "--config.sft.steps=30", "--config.checkpoint.every=1", "--config.sft.lr=1e30",
+                  "--config.optim.warmup_steps=0", "--config.optim.clip_norm=0")
+  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode != 0
+  assert "became non-finite at step" in proc.stderr
+  bad = int(proc.stderr.split("non-finite at step ")[1].split()[0])
+  saved = _saved_steps(workdir)
+  assert saved and max(saved) <= bad  # Nothing after the bad step was written.
+  ocp = __import__("orbax.checkpoint").checkpoint
+  with ocp.StandardCheckpointer() as ckptr:
+    restored = ckptr.restore(os.path.join(workdir, "sft", "checkpoints", str(max(saved)), "state"))
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(restored["params"]))
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("var.lam", 0.0, "config.var.lam = 0.0: lambda must be > 0"),
+    ("var.normalizer", "global", "config.var.normalizer = 'global'"),
+    ("data.block_size", 12, "must be a multiple of data.group_size=8"),
+    ("data.source", "", "config.data.source"),
+    ("stages", "sft,rl", "unknown stage 'rl'"),
+    ("optim.grad_accum", 3, "must divide data.groups_per_batch"),
+])
+def test_config_validation_names_the_field(field, value, message):
+  with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    config_lib.validate(tiny_config(**{field: value}), num_devices=1)
+
+
+def test_mesh_that_does_not_fit_is_rejected_before_compiling():
+  with pytest.raises(ValueError, match="must equal the 8 devices"):
+    config_lib.validate(tiny_config(**{"mesh.data": 3}), num_devices=8)
+  with pytest.raises(ValueError, match="data.groups_per_batch"):
+    config_lib.validate(tiny_config(**{"data.groups_per_batch": 2}), num_devices=8)
+
+
+def test_unknown_override_fails_naming_the_field():
+  proc = subprocess.run([sys.executable, "-m", "var_jax.main", "--config=configs/tiny.py", "--config.var.lamb=1"],
+                        cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert proc.returncode != 0
+  assert "lamb" in proc.stderr
