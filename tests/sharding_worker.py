@@ -28,6 +28,7 @@ from flax import nnx  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from var_jax import losses  # noqa: E402
+from var_jax import model as model_lib  # noqa: E402
 from var_jax import sharding  # noqa: E402
 
 _CACHE = os.environ.get("VAR_JAX_COMPILATION_CACHE")
@@ -45,61 +46,10 @@ LAM = 0.7
 
 
 def make_model():
-  """The 'tiny' Decoder, with a vocabulary (67) that divides over no mesh axis: it must fall back to replication."""
-  if os.environ.get("SHARDING_WORKER_MODEL") == "toy":
-    return ToyDecoder(67, rngs=nnx.Rngs(0))
-  from var_jax import model as model_lib
+  """The 'tiny' Decoder, with a vocabulary (67) that divides over no mesh axis (it must fall back to
+  replication) and log-prob chunks of 4 so the chunked scan over T = 8 runs on sharded activations."""
   cfg = model_lib.get_config("tiny", vocab_size=67, logprob_chunk=4)
   return model_lib.Decoder(cfg, rngs=nnx.Rngs(0))
-
-
-def logical_axes(model):
-  if isinstance(model, ToyDecoder):
-    return model.logical_axes()
-  from var_jax import model as model_lib
-  return model_lib.logical_axes(model)
-
-
-class ToyDecoder(nnx.Module):
-  """Development stand-in with the Decoder's contract: scanned layers, GQA-shaped kernels, logical axes."""
-
-  def __init__(self, vocab, d=16, heads=4, kv=2, hd=4, f=32, layers=2, *, rngs):
-    init = nnx.initializers.normal(0.2)
-    self.vocab_size = vocab
-    self.embed = nnx.Param(init(rngs.params(), (vocab, d)))
-    self.q = nnx.Param(init(rngs.params(), (layers, d, heads, hd)))
-    self.kv = nnx.Param(init(rngs.params(), (layers, d, kv, hd)))
-    self.o = nnx.Param(init(rngs.params(), (layers, heads, hd, d)))
-    self.up = nnx.Param(init(rngs.params(), (layers, d, f)))
-    self.down = nnx.Param(init(rngs.params(), (layers, f, d)))
-    self.unembed = nnx.Param(init(rngs.params(), (d, vocab)))
-
-  def logical_axes(self):
-    return {"embed": ("vocab", "embed"), "q": ("layers", "embed", "q_heads", "head_dim"),
-            "kv": ("layers", "embed", "kv_heads", "head_dim"), "o": ("layers", "q_heads", "head_dim", "embed"),
-            "up": ("layers", "embed", "mlp"), "down": ("layers", "mlp", "embed"), "unembed": ("embed", "vocab")}
-
-  def __call__(self, tokens, positions, segment_ids):
-    x = self.embed[...][tokens] + 0.01 * positions[..., None]
-    t = tokens.shape[1]
-    mask = (segment_ids[:, :, None] == segment_ids[:, None, :]) & jnp.tril(jnp.ones((t, t), bool))
-
-    def layer(x, w):
-      q, kv, o, up, down = w
-      qh = jnp.einsum("btd,dhk->bthk", x, q)
-      kh = jnp.einsum("btd,dgk->btgk", x, kv)
-      kh = jnp.repeat(kh, qh.shape[2] // kh.shape[2], axis=2)
-      att = jnp.where(mask[:, None], jnp.einsum("bthk,bshk->bhts", qh, kh), -1e9)
-      y = jnp.einsum("bhts,bshk->bthk", jax.nn.softmax(att, -1), kh)
-      x = x + jnp.einsum("bthk,hkd->btd", y, o)
-      return x + jax.nn.gelu(x @ up) @ down, None
-
-    ws = (self.q[...], self.kv[...], self.o[...], self.up[...], self.down[...])
-    return jax.lax.scan(layer, x, ws)[0]
-
-  def target_logprobs(self, hidden, targets):
-    logp = jax.nn.log_softmax(hidden @ self.unembed[...], -1)
-    return jnp.take_along_axis(logp, targets[..., None], -1)[..., 0]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -107,7 +57,7 @@ class ToyDecoder(nnx.Module):
 
 
 def vocab_size(model) -> int:
-  return model.vocab_size if isinstance(model, ToyDecoder) else model.cfg.vocab_size
+  return model.cfg.vocab_size
 
 
 def make_batch(vocab: int) -> dict:
@@ -186,7 +136,7 @@ def run_sharded(mesh, batch_fn):
   Returns (results of the global arrays, {param path: spec string}, extra layout facts).
   """
   rules = sharding.DEFAULT_RULES
-  model, p_shard = sharding.create_sharded_model(make_model, mesh, rules, logical_axes)
+  model, p_shard = sharding.create_sharded_model(make_model, mesh, rules, model_lib.logical_axes)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   init_params = jax.tree.map(lambda x: x, params)  # The step donates nothing, but keep the initial values apart.
   tx = make_tx()
@@ -202,6 +152,9 @@ def run_sharded(mesh, batch_fn):
   new_params, new_opt, grads, loss, hidden, token_logps = step(params, rest, opt_state, batch)
 
   specs = {k: str(s.spec) for k, s in flat_shardings(new_params).items()}
+  # shard_state: host copies placed back onto the same shardings give the same arrays and layouts (one process:
+  # across processes a host copy of a parameter sharded over them does not exist, which is the point of FSDP).
+  placed = flat_arrays(sharding.shard_state(jax.device_get(init_params), p_shard)) if jax.process_count() == 1 else {}
   # The optimizer state must be sharded like the parameters (FSDP): Adam's mu of each parameter.
   mu = new_opt[0].mu
   facts = {
@@ -209,6 +162,8 @@ def run_sharded(mesh, batch_fn):
                             zip(jax.tree.leaves(mu), jax.tree.leaves(new_params))),
       "shard_shapes": {k: list(v.addressable_shards[0].data.shape) for k, v in flat_arrays(new_params).items()},
       "count_spec": str(new_opt[0].count.sharding.spec),
+      "shard_state_ok": bool(placed) and all(v.sharding == a.sharding and np.array_equal(np.asarray(v), np.asarray(a))
+                            for v, a in zip(placed.values(), flat_arrays(init_params).values())),
   }
   results = {"loss": loss, "hidden": hidden, "token_logps": token_logps}
   results.update({"init/" + k: v for k, v in flat_arrays(init_params).items()})

@@ -336,6 +336,7 @@ def test_params_and_optimizer_state_sharded_as_rules_say(equivalence, mesh):
   for name, shape in _EXPECTED_SHARD_SHAPES[mesh].items():
     assert meta["shard_shapes"][name] == shape, (name, meta["shard_shapes"][name])
   assert meta["mu_specs_equal"] and meta["count_spec"] == str(P())
+  assert meta["shard_state_ok"]
 
 
 def test_bad_input_on_eight_devices(equivalence):
