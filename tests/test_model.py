@@ -112,7 +112,7 @@ def test_hf_load_logits_parity(hf_dirs, case):
   real = REAL.astype(bool)
   err = np.abs(ours[real] - ref[real]).max()
   assert np.abs(ref[real]).max() > 1.0  # logits large enough that 1e-4 is a meaningful tolerance
-  assert err < 1e-4, f'{case}: max abs logit error {err}'
+  assert err < 2e-5, f"{case}: max abs logit error {err}"  # measured ~2e-6; the issue asks 1e-4
 
 
 def test_packed_equals_separate(hf_dirs):
@@ -470,3 +470,47 @@ def test_kv_cache_prefix_shared_scoring():
   joined = np.concatenate([np.repeat(prompt, 2, axis=0), responses], axis=1)
   full = model(joined, *M.default_inputs(joined))
   np.testing.assert_allclose(np.asarray(h), np.asarray(full[:, 5:]), atol=1e-5)
+
+
+_SHARDED_LOAD_SCRIPT = r'''
+import os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+os.environ["JAX_PLATFORMS"] = "cpu"
+import jax, numpy as np
+from flax import nnx
+from var_jax import hf_io, sharding
+from var_jax import model as M
+ckpt, ref_path = sys.argv[1], sys.argv[2]
+mesh = sharding.make_mesh(data=1, fsdp=4, tensor=2)
+cfg = hf_io.config_from_hf(__import__("json").load(open(os.path.join(ckpt, "config.json"))))
+_, _, shardings = sharding.abstract_sharded_params(lambda: M.Decoder(cfg, rngs=nnx.Rngs(0)), mesh)
+model = hf_io.from_pretrained(ckpt, shardings=shardings)
+gate = model.layers.gate[...]
+assert gate.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor"), gate.sharding
+assert {s.data.shape for s in gate.addressable_shards} == {(2, 8, 24)}, gate.addressable_shards[0].data.shape
+flat_p = jax.tree.leaves(nnx.state(model, nnx.Param))
+flat_s = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+assert all(p.sharding == s for p, s in zip(flat_p, flat_s))
+ref = np.load(ref_path)
+tokens, positions, seg = (ref[k] for k in ("tokens", "positions", "seg"))
+logits = nnx.jit(lambda m, t, p, s: m.logits(m(t, p, s)))(model, tokens, positions, seg)
+real = seg.astype(bool)
+err = float(np.abs(np.asarray(logits)[real] - ref["logits"][real]).max())
+assert err < 1e-4, err
+print("OK", err)
+'''
+
+
+def test_load_onto_8_device_mesh(hf_dirs, tmp_path):
+  """On 8 simulated devices (fsdp=4 x tensor=2), each tensor goes straight to its shards and logits still match HF."""
+  import subprocess
+  import sys
+  hf, d = hf_dirs['qwen2_gqa2_bias_tied']
+  tokens, positions, seg = _batch(96)
+  np.savez(tmp_path / 'ref.npz', tokens=tokens, positions=positions, seg=seg,
+           logits=_hf_logits(hf, tokens, positions, REAL))
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get('PYTHONPATH', ''))
+  proc = subprocess.run([sys.executable, '-c', _SHARDED_LOAD_SCRIPT, d, str(tmp_path / 'ref.npz')],
+                        capture_output=True, text=True, env=env, timeout=300)
+  assert proc.returncode == 0 and 'OK' in proc.stdout, proc.stdout + proc.stderr[-3000:]

@@ -525,8 +525,8 @@ def gguf_config(reader, path: str = '<gguf>', **overrides) -> ModelConfig:
       num_kv_heads=int(get('attention.head_count_kv', num_heads)),
       head_dim=int(get('rope.dimension_count', hidden // num_heads)),
       rope_theta=float(get('rope.freq_base', 10000.0)),
-      # stored as float32 (9.9999997e-06); round to the float64 value the HF config carries
-      rms_norm_eps=float(np.float32(get('attention.layer_norm_rms_epsilon'))).__round__(12),
+      # stored as float32 (9.9999997e-06): round back to the value the HF config carries
+      rms_norm_eps=round(float(get('attention.layer_norm_rms_epsilon')), 12),
       tie_word_embeddings='output.weight' not in names, attention_bias=arch == 'qwen2',
       max_position_embeddings=int(get('context_length', 2048)), model_type=arch)
   fields.update(overrides)
