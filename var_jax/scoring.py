@@ -101,3 +101,90 @@ def score_blocks(pipe: data_pipeline.PreferencePipeline, ref_model: Optional[nnx
             reward[p, m] = reward_fn(b, p, m)
     out["reward"][b] = np.where(present, reward, np.nan)
   return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Prompt-prefix-shared scoring: every prompt of a block is encoded once and all responses are scored against its
+# cached keys/values, instead of re-encoding the prompt for every (prompt, response) pair.
+
+
+def _pad_rows(seqs, length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+  """Right-padded ids [n, length] int32 and lengths [n] int32 of a list of 1-D id arrays."""
+  ids = np.full((len(seqs), length), pad_id, np.int32)
+  lens = np.array([len(s) for s in seqs], np.int32)
+  for i, s in enumerate(seqs):
+    ids[i, :len(s)] = s
+  return ids, lens
+
+
+def _prefix_shared_scores(graphdef, state, prompt_ids, prompt_len, response_ids, response_len):
+  """Summed log p(response m | prompt p) for every pair, with each prompt encoded once.
+
+  prompt_ids [G, P] (right-padded), prompt_len [G], response_ids [M, R] (right-padded), response_len [M]
+  -> [G, M] float32.
+
+  Prefill writes the G prompts into a KVCache of P + R slots (padding slots get segment 0, so they are never
+  attended). Then, one prompt at a time (`lax.map`, so one prompt's cache is tiled M-fold, never G*M-fold), all M
+  responses are appended at positions prompt_len[p] + j. The first response token is predicted from the prompt's
+  last hidden state, the others from the response's own hidden states, exactly the positions the concatenated
+  (naive) pair would use.
+  """
+  model = nnx.merge(graphdef, state)
+  g, p_len = prompt_ids.shape
+  m, r_len = response_ids.shape
+  cfg = model.cfg
+  from var_jax import model as model_lib  # pylint: disable=g-import-not-at-top
+  p_seg = (jnp.arange(p_len)[None] < prompt_len[:, None]).astype(jnp.int32)
+  p_pos = jnp.broadcast_to(jnp.arange(p_len, dtype=jnp.int32), (g, p_len)) * p_seg
+  cache = model_lib.KVCache.init(cfg, g, p_len + r_len)
+  p_hidden, cache = model(prompt_ids, p_pos, p_seg, cache=cache)
+  last = jnp.take_along_axis(p_hidden, jnp.maximum(prompt_len - 1, 0)[:, None, None], axis=1)[:, 0]  # [G, D]
+  r_seg = (jnp.arange(r_len)[None] < response_len[:, None]).astype(jnp.int32)  # [M, R]
+  targets = jnp.where(r_seg > 0, response_ids, -1)
+
+  def one_prompt(xs):
+    k, v, pos, seg, h_last, n_prompt = xs  # k/v [L, P+R, Hkv, Dh]; pos/seg [P+R]; h_last [D]; n_prompt []
+    tiled = model_lib.KVCache(k=jnp.broadcast_to(k[:, None], (k.shape[0], m) + k.shape[1:]),
+                              v=jnp.broadcast_to(v[:, None], (v.shape[0], m) + v.shape[1:]),
+                              positions=jnp.broadcast_to(pos, (m,) + pos.shape),
+                              segment_ids=jnp.broadcast_to(seg, (m,) + seg.shape), index=cache.index)
+    r_pos = (n_prompt + jnp.arange(r_len, dtype=jnp.int32))[None] * r_seg
+    hidden, _ = model(response_ids, r_pos, r_seg, cache=tiled)  # [M, R, D]
+    # Row j of `inputs` predicts response token j: the prompt's last state, then response states 0..R-2.
+    inputs = jnp.concatenate([jnp.broadcast_to(h_last, (m, 1, h_last.shape[-1])).astype(hidden.dtype),
+                              hidden[:, :-1]], axis=1)
+    return jnp.sum(model.target_logprobs(inputs, targets), axis=-1)  # [M]
+
+  xs = (cache.k.swapaxes(0, 1), cache.v.swapaxes(0, 1), cache.positions, cache.segment_ids, last, prompt_len)
+  return jax.lax.map(one_prompt, xs)
+
+
+_prefix_shared_scores_jit = jax.jit(_prefix_shared_scores)
+
+
+def prefix_shared_logprobs(model: nnx.Module, prompt_ids, response_ids, *, pad_id: int = 0,
+                           bucket: int = 32) -> np.ndarray:
+  """log pi(response m | prompt p) summed over response tokens, for all G x M pairs: [G, M] float32.
+
+  prompt_ids: G 1-D int arrays; response_ids: M 1-D int arrays (each response's tokens incl. its EOS). Equals
+  the naive scores of `build_sequences([(p, r) for p in prompts for r in responses])` (as `score_blocks` computes
+  them) up to float32 rounding, at the cost of encoding G prompts + G*M responses instead of G*M pairs.
+  Prompt and response lengths are padded up to multiples of `bucket` so a few shapes compile.
+  """
+  p_ids, p_len = _pad_rows(prompt_ids, data_pipeline.bucket_length(max(map(len, prompt_ids)), bucket, 1 << 30),
+                           pad_id)
+  r_ids, r_len = _pad_rows(response_ids,
+                           data_pipeline.bucket_length(max(map(len, response_ids)), bucket, 1 << 30), pad_id)
+  graphdef, state = nnx.split(model)
+  out = _prefix_shared_scores_jit(graphdef, state, *map(jnp.asarray, (p_ids, p_len, r_ids, r_len)))
+  return np.asarray(jax.device_get(out), np.float32)
+
+
+def naive_logprobs(model: nnx.Module, prompt_ids, response_ids, *, pad_id: int = 0, bucket: int = 32,
+                   chunk: int = 256) -> np.ndarray:
+  """The same [G, M] matrix the naive way `score_blocks` uses: every (prompt, response) pair concatenated."""
+  pairs = [(p, r) for p in prompt_ids for r in response_ids]
+  longest = max(len(p) + len(r) for p, r in pairs)
+  seqs = data_pipeline.build_sequences(pairs, data_pipeline.bucket_length(longest, bucket, 1 << 30), pad_id)
+  logp, _ = _in_chunks(_policy_scores_jit, *nnx.split(model), seqs, len(pairs), min(chunk, len(pairs)))
+  return logp.reshape(len(prompt_ids), len(response_ids)).astype(np.float32)
