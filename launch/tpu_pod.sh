@@ -1,0 +1,288 @@
+#!/usr/bin/env bash
+# Run var_jax on a Cloud TPU VM (single host or pod slice): create or reuse the TPU VM, copy the code to every
+# worker, install the requirements on every worker, and run the same `python -m var_jax.main` on all workers.
+#
+#   ZONE=us-west4-a NAME=my-tpu ACCELERATOR_TYPE=v5litepod-16 WORKDIR=gs://my-bucket/runs/tiny \
+#     launch/tpu_pod.sh all --spot -- --config.var.lam=0.5
+#
+# Subcommands (default: all):
+#   create   create the TPU VM unless it exists (a PREEMPTED/TERMINATED one is deleted and recreated)
+#   setup    copy the code to every worker (or git-clone GIT_URL there) and install requirements + jax[tpu]
+#   run      run var_jax on every worker (gcloud compute tpus tpu-vm ssh --worker=all --command=...)
+#   all      create + setup + run; with RETRIES=N (or --retries N), repeat all three after a failure or a
+#            preemption, up to N more times: var_jax resumes from WORKDIR, so a rerun continues the run.
+#   delete   delete the TPU VM
+#   status   print the TPU VM's state
+#
+# Everything after `--` (and EXTRA_ARGS) is appended to the var_jax command line (config overrides).
+# DRY_RUN=1 (or --dry-run) prints every command instead of running it.
+#
+# Settings (environment variable / flag):
+#   NAME / --name                 TPU VM name (default var-jax)
+#   ZONE / --zone                 zone, e.g. us-west4-a, europe-west4-b, us-central2-b (required)
+#   PROJECT / --project           Google Cloud project (default: gcloud's core/project)
+#   ACCELERATOR_TYPE / --accelerator-type   e.g. v5litepod-16, v4-32, v5p-16, v6e-16 (default v5litepod-16)
+#   RUNTIME_VERSION / --runtime-version     TPU software version; default from the accelerator type
+#                                 (Cloud TPU "TPU software versions" page: v6e -> v2-alpha-tpuv6e,
+#                                 v5p -> v2-alpha-tpuv5, v5e -> v2-alpha-tpuv5-lite, v4 and older ->
+#                                 tpu-ubuntu2204-base); `gcloud compute tpus tpu-vm versions list` lists them.
+#   SPOT=1 / --spot, PREEMPTIBLE=1 / --preemptible   capacity type (Spot VMs have no 24h limit; prefer --spot)
+#   SERVICE_ACCOUNT / --service-account   the VM's service account (default: Compute Engine default account)
+#   SCOPES                        OAuth scopes of that account (default cloud-platform: access is then governed
+#                                 by IAM roles, e.g. roles/storage.objectUser on the bucket)
+#   CONFIG / --config             config file, relative to the repository (default configs/tiny.py)
+#   WORKDIR / --workdir           gs://BUCKET/PATH (mounted with Cloud Storage FUSE on every worker, see below)
+#                                 or an absolute path on a filesystem shared by all workers (NFS / Filestore).
+#   EXTRA_ARGS                    extra var_jax arguments (word-split), e.g. "--config.var.lam=0.5"
+#   GIT_URL / --git-url, GIT_REF  clone this repository on the workers instead of copying the local checkout
+#   REMOTE_DIR                    code directory on each worker, relative to $HOME (default var_jax)
+#   PYTHON                        interpreter on the workers (default python3.11; installed with apt if missing)
+#   JAX_VERSION                   default: the jax pin in requirements.txt (jax[tpu] must match jax/jaxlib)
+#   GCS_MOUNT_ROOT                where buckets are mounted on the workers (default /mnt/gcs)
+#   COORDINATOR_PORT              port of the jax.distributed coordinator on worker 0 (default 8482, JAX's own)
+#   SKIP_SETUP=1                  `all` skips setup (code and packages already on the workers)
+#
+# Why WORKDIR must be shared and why gs:// is mounted: on a multi-host slice every process must see the same
+# workdir (orbax writes each host's shards there, process 0 writes the stage markers DONE.json that all
+# processes read, the score stage writes one file per process). orbax itself writes gs:// paths directly
+# (through tensorstore), but var_jax also writes stage markers, scores, metrics and eval results with plain
+# Python file I/O (and resolves the checkpoint directory with os.path.abspath), which does not understand
+# gs://. So a gs:// WORKDIR is mounted with gcsfuse at $GCS_MOUNT_ROOT/BUCKET on every worker and var_jax gets
+# the mounted path. Needs: a bucket in the TPU's region (ideally with hierarchical namespace, which gives
+# atomic directory renames, as orbax's finalize step uses; on a flat bucket gcsfuse emulates them with
+# --rename-dir-limit), and the VM's service account with write access to it (roles/storage.objectUser).
+#
+# Docs this follows (checked against Google Cloud SDK 528's own --help as well):
+#   https://cloud.google.com/tpu/docs/jax-pods              (create / install on --worker=all / run)
+#   https://cloud.google.com/tpu/docs/runtimes              (software versions per TPU generation)
+#   https://cloud.google.com/tpu/docs/spot-compute, https://cloud.google.com/tpu/docs/preemptible
+#   https://docs.jax.dev/en/latest/installation.html        (pip install -U "jax[tpu]")
+#   https://cloud.google.com/storage/docs/cloud-storage-fuse/cli-options
+# Sources disagree on the TPU install: the Cloud TPU page still adds
+#   -f https://storage.googleapis.com/jax-releases/libtpu_releases.html
+# while the current JAX installation page uses plain `pip install -U "jax[tpu]"`: libtpu is on PyPI now (jax
+# 0.10.2's [tpu] extra pins libtpu==0.0.42.*), so no -f is needed. Set JAX_TPU_FIND_LINKS to add one anyway.
+set -euo pipefail
+
+usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }
+
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+
+NAME="${NAME:-var-jax}"
+ZONE="${ZONE:-}"
+PROJECT="${PROJECT:-}"
+ACCELERATOR_TYPE="${ACCELERATOR_TYPE:-v5litepod-16}"
+RUNTIME_VERSION="${RUNTIME_VERSION:-}"
+SPOT="${SPOT:-0}"
+PREEMPTIBLE="${PREEMPTIBLE:-0}"
+SERVICE_ACCOUNT="${SERVICE_ACCOUNT:-}"
+SCOPES="${SCOPES:-https://www.googleapis.com/auth/cloud-platform}"
+CONFIG="${CONFIG:-configs/tiny.py}"
+WORKDIR="${WORKDIR:-}"
+EXTRA_ARGS="${EXTRA_ARGS:-}"
+GIT_URL="${GIT_URL:-}"
+GIT_REF="${GIT_REF:-main}"
+REMOTE_DIR="${REMOTE_DIR:-var_jax}"
+PYTHON="${PYTHON:-python3.11}"
+JAX_VERSION="${JAX_VERSION:-$(sed -n 's/^jax==\([^ ]*\).*/\1/p' "$REPO_ROOT/requirements.txt")}"
+JAX_TPU_FIND_LINKS="${JAX_TPU_FIND_LINKS:-}"
+GCS_MOUNT_ROOT="${GCS_MOUNT_ROOT:-/mnt/gcs}"
+COORDINATOR_PORT="${COORDINATOR_PORT:-8482}"
+RETRIES="${RETRIES:-0}"
+SKIP_SETUP="${SKIP_SETUP:-0}"
+DRY_RUN="${DRY_RUN:-0}"
+
+CMD="all"
+OVERRIDES=()
+while (($#)); do
+  case "$1" in
+    create|setup|run|all|delete|status) CMD="$1" ;;
+    --name) NAME="$2"; shift ;;             --name=*) NAME="${1#*=}" ;;
+    --zone) ZONE="$2"; shift ;;             --zone=*) ZONE="${1#*=}" ;;
+    --project) PROJECT="$2"; shift ;;       --project=*) PROJECT="${1#*=}" ;;
+    --accelerator-type) ACCELERATOR_TYPE="$2"; shift ;;  --accelerator-type=*) ACCELERATOR_TYPE="${1#*=}" ;;
+    --runtime-version) RUNTIME_VERSION="$2"; shift ;;    --runtime-version=*) RUNTIME_VERSION="${1#*=}" ;;
+    --service-account) SERVICE_ACCOUNT="$2"; shift ;;    --service-account=*) SERVICE_ACCOUNT="${1#*=}" ;;
+    --config) CONFIG="$2"; shift ;;         --config=*) CONFIG="${1#*=}" ;;
+    --workdir) WORKDIR="$2"; shift ;;       --workdir=*) WORKDIR="${1#*=}" ;;
+    --git-url) GIT_URL="$2"; shift ;;       --git-url=*) GIT_URL="${1#*=}" ;;
+    --retries) RETRIES="$2"; shift ;;       --retries=*) RETRIES="${1#*=}" ;;
+    --spot) SPOT=1 ;;
+    --preemptible) PREEMPTIBLE=1 ;;
+    --dry-run) DRY_RUN=1 ;;
+    -h|--help) usage; exit 0 ;;
+    --) shift; OVERRIDES+=("$@"); break ;;
+    --config.*) OVERRIDES+=("$1") ;;
+    *) echo "tpu_pod.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
+  esac
+  shift
+done
+if [[ -n "$EXTRA_ARGS" ]]; then
+  read -r -a _extra <<< "$EXTRA_ARGS"
+  OVERRIDES+=("${_extra[@]}")
+fi
+
+# ---------------------------------------------------------------------------------------------------------------
+# Helpers.
+
+# Shell-quotes one word only when it needs it, so printed commands stay readable and can be pasted.
+q() {
+  if [[ "$1" =~ ^[A-Za-z0-9_@%+=:,./~-]+$ ]]; then printf '%s' "$1"
+  else printf "'%s'" "${1//\'/\'\\\'\'}"; fi
+}
+qjoin() { local out="" w; for w in "$@"; do out+="${out:+ }$(q "$w")"; done; printf '%s' "$out"; }
+
+# Runs a command, or prints it (prefixed with "+ ") when DRY_RUN=1.
+run() {
+  if [[ "$DRY_RUN" == 1 ]]; then echo "+ $(qjoin "$@")"; return 0; fi
+  echo "+ $(qjoin "$@")" >&2
+  "$@"
+}
+
+die() { echo "tpu_pod.sh: $*" >&2; exit 2; }
+
+default_runtime() {
+  case "$1" in
+    v6e*) echo v2-alpha-tpuv6e ;;
+    v5p*) echo v2-alpha-tpuv5 ;;
+    v5litepod*|v5e*) echo v2-alpha-tpuv5-lite ;;
+    v2*|v3*|v4*) echo tpu-ubuntu2204-base ;;
+    *) die "no default RUNTIME_VERSION for ACCELERATOR_TYPE=$1; set RUNTIME_VERSION (gcloud compute tpus tpu-vm versions list --zone=ZONE)" ;;
+  esac
+}
+
+[[ -n "$ZONE" || "$CMD" == status ]] || die "set ZONE (or --zone), e.g. ZONE=us-west4-a"
+[[ -n "$RUNTIME_VERSION" ]] || RUNTIME_VERSION="$(default_runtime "$ACCELERATOR_TYPE")"
+[[ "$SPOT" == 1 && "$PREEMPTIBLE" == 1 ]] && die "--spot and --preemptible are exclusive"
+
+LOC=(--zone="$ZONE")
+[[ -n "$PROJECT" ]] && LOC+=(--project="$PROJECT")
+TPU=(gcloud compute tpus tpu-vm)
+
+# The workdir var_jax sees on the workers, and the mount command for a gs:// one.
+MOUNT_SNIPPET=""
+if [[ "$WORKDIR" == gs://* ]]; then
+  _rest="${WORKDIR#gs://}"
+  BUCKET="${_rest%%/*}"
+  _path="${_rest#"$BUCKET"}"
+  RUN_WORKDIR="$GCS_MOUNT_ROOT/$BUCKET${_path}"
+  MNT="$GCS_MOUNT_ROOT/$BUCKET"
+  # --implicit-dirs: see directories that exist only as object prefixes; --rename-dir-limit: let a flat bucket
+  # rename directories (orbax finalizes a checkpoint by renaming its temporary directory).
+  MOUNT_SNIPPET="mountpoint -q $(q "$MNT") || { sudo mkdir -p $(q "$MNT") && sudo chown \"\$(id -u):\$(id -g)\" $(q "$MNT") && gcsfuse --implicit-dirs --rename-dir-limit=1000000 $(q "$BUCKET") $(q "$MNT"); }"
+elif [[ -n "$WORKDIR" ]]; then
+  [[ "$WORKDIR" == /* ]] || die "WORKDIR must be gs://BUCKET/PATH or an absolute path on a filesystem shared by all workers"
+  RUN_WORKDIR="$WORKDIR"
+else
+  RUN_WORKDIR=""
+fi
+
+# ---------------------------------------------------------------------------------------------------------------
+# Steps.
+
+tpu_state() {  # Prints the TPU VM's state (READY, CREATING, PREEMPTED, ...) or nothing if it does not exist.
+  if [[ "$DRY_RUN" == 1 ]]; then
+    echo "+ $(qjoin "${TPU[@]}" describe "$NAME" "${LOC[@]}" --format='value(state)')" >&2
+    return 0
+  fi
+  "${TPU[@]}" describe "$NAME" "${LOC[@]}" --format='value(state)' 2>/dev/null || true
+}
+
+do_create() {
+  local state
+  state="$(tpu_state)"
+  case "$state" in
+    READY|CREATING|STARTING|RESTARTING|REPAIRING)
+      echo "tpu_pod.sh: reusing TPU VM $NAME ($state)" >&2; return 0 ;;
+    "") ;;
+    *)  # PREEMPTED, TERMINATED, ...: Spot and preemptible TPUs cannot be restarted, only recreated.
+      echo "tpu_pod.sh: TPU VM $NAME is $state: deleting and recreating it" >&2
+      run "${TPU[@]}" delete "$NAME" "${LOC[@]}" --quiet ;;
+  esac
+  local args=("${TPU[@]}" create "$NAME" "${LOC[@]}" --accelerator-type="$ACCELERATOR_TYPE"
+              --version="$RUNTIME_VERSION" --scopes="$SCOPES")
+  [[ -n "$SERVICE_ACCOUNT" ]] && args+=(--service-account="$SERVICE_ACCOUNT")
+  [[ "$SPOT" == 1 ]] && args+=(--spot)
+  [[ "$PREEMPTIBLE" == 1 ]] && args+=(--preemptible)
+  run "${args[@]}"
+}
+
+ssh_all() { run "${TPU[@]}" ssh "$NAME" "${LOC[@]}" --worker=all --command="$1"; }
+
+do_setup() {
+  local dir="\$HOME/$REMOTE_DIR"
+  if [[ -n "$GIT_URL" ]]; then
+    ssh_all "set -e; if [ -d $dir/.git ]; then git -C $dir fetch --quiet origin; else git clone --quiet $(q "$GIT_URL") $dir; fi; git -C $dir checkout --quiet $(q "$GIT_REF"); git -C $dir pull --quiet --ff-only || true"
+  else
+    # The local checkout as it is (tracked and untracked files, minus what .gitignore excludes).
+    local tgz
+    tgz="$(mktemp -u "${TMPDIR:-/tmp}/var_jax.XXXXXX").tar.gz"
+    if [[ "$DRY_RUN" == 1 ]]; then
+      echo "+ (cd $(q "$REPO_ROOT") && git ls-files -co --exclude-standard | tar czf $(q "$tgz") -T -)"
+    else
+      (cd "$REPO_ROOT" && git ls-files -co --exclude-standard | tar czf "$tgz" -T -)
+    fi
+    run "${TPU[@]}" scp "$tgz" "$NAME:var_jax_code.tar.gz" "${LOC[@]}" --worker=all
+    [[ "$DRY_RUN" == 1 ]] || rm -f "$tgz"
+    ssh_all "set -e; rm -rf $dir && mkdir -p $dir && tar xzf \$HOME/var_jax_code.tar.gz -C $dir"
+  fi
+  # Python >= 3.11 (jax 0.10 needs it; TPU VM images are Ubuntu 22.04 with python3.10), a venv, the pinned
+  # requirements plus jax[tpu] at the same version as the jax/jaxlib pins (one resolver call, so they agree).
+  local find_links="" gcsfuse=""
+  [[ -n "$JAX_TPU_FIND_LINKS" ]] && find_links=" -f $(q "$JAX_TPU_FIND_LINKS")"
+  if [[ "$WORKDIR" == gs://* ]]; then
+    gcsfuse="; command -v gcsfuse >/dev/null || { curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg | sudo tee /usr/share/keyrings/cloud.google.asc >/dev/null && echo \"deb [signed-by=/usr/share/keyrings/cloud.google.asc] https://packages.cloud.google.com/apt gcsfuse-\$(lsb_release -c -s) main\" | sudo tee /etc/apt/sources.list.d/gcsfuse.list >/dev/null && sudo apt-get update -qq && sudo apt-get install -y -qq gcsfuse; }"
+  fi
+  ssh_all "set -e; command -v $PYTHON >/dev/null || { sudo apt-get update -qq && sudo apt-get install -y -qq $PYTHON $PYTHON-venv; }${gcsfuse}; cd $dir && $PYTHON -m venv .venv && .venv/bin/pip install -q -U pip && .venv/bin/pip install -q -r requirements.txt $(q "jax[tpu]==$JAX_VERSION")${find_links}"
+}
+
+do_run() {
+  [[ -n "$RUN_WORKDIR" ]] || die "set WORKDIR (gs://BUCKET/PATH or a shared absolute path): a multi-host run needs one all workers see, and a preempted VM loses its disk"
+  local coord="<worker-0-ip>"
+  if [[ "$DRY_RUN" == 1 ]]; then
+    echo "+ $(qjoin "${TPU[@]}" describe "$NAME" "${LOC[@]}" --format='value(networkEndpoints[0].ipAddress)')"
+  else
+    coord="$("${TPU[@]}" describe "$NAME" "${LOC[@]}" --format='value(networkEndpoints[0].ipAddress)')"
+    [[ -n "$coord" ]] || die "could not read worker 0's address of $NAME"
+  fi
+  local py=(.venv/bin/python -m var_jax.main --config="$CONFIG" --workdir="$RUN_WORKDIR" "${OVERRIDES[@]}")
+  # JAX_COORDINATOR_ADDRESS: worker 0 (= JAX process 0, the coordinator) at JAX's own TPU port. It makes
+  # var_jax's initialize_distributed() call jax.distributed.initialize(), which then reads the process count
+  # and id from the TPU VM metadata; on GCE TPU VMs TPU_WORKER_HOSTNAMES is not in the environment, so without
+  # it var_jax would not initialise the distributed runtime.
+  local remote="set -e; cd \$HOME/$REMOTE_DIR"
+  [[ -n "$MOUNT_SNIPPET" ]] && remote+="; $MOUNT_SNIPPET"
+  remote+="; mkdir -p $(q "$RUN_WORKDIR"); export JAX_COORDINATOR_ADDRESS=$coord:$COORDINATOR_PORT; exec $(qjoin "${py[@]}")"
+  ssh_all "$remote"
+}
+
+do_all() {
+  do_create
+  [[ "$SKIP_SETUP" == 1 ]] || do_setup
+  do_run
+}
+
+case "$CMD" in
+  create) do_create ;;
+  setup) do_setup ;;
+  run) do_run ;;
+  delete) run "${TPU[@]}" delete "$NAME" "${LOC[@]}" --quiet ;;
+  status) run "${TPU[@]}" describe "$NAME" "${LOC[@]}" --format='value(state,acceleratorType,runtimeVersion)' ;;
+  all)
+    # Each attempt runs in a subshell with errexit on (a function called as a loop condition would run with
+    # errexit ignored, so a failed step would not stop the attempt).
+    attempt=0
+    while true; do
+      set +e
+      (set -e; do_all)
+      rc=$?
+      set -e
+      ((rc == 0)) && break
+      attempt=$((attempt + 1))
+      if ((attempt > RETRIES)); then
+        echo "tpu_pod.sh: failed; rerun the same command to resume from $WORKDIR" >&2; exit 1
+      fi
+      echo "tpu_pod.sh: attempt $attempt failed (preempted?); retrying in 60s (resumes from $WORKDIR)" >&2
+      [[ "$DRY_RUN" == 1 ]] || sleep 60
+    done ;;
+esac
