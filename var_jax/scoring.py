@@ -82,6 +82,7 @@ def score_blocks(pipe: data_pipeline.PreferencePipeline, ref_model: Optional[nnx
     length = data_pipeline.bucket_length(longest, pipe.config.bucket, pipe.max_len)
     seqs = data_pipeline.build_sequences(pairs, length, pipe.pad_id)
     rows = len(pairs)
+    chunk = min(chunk, rows)  # Every block has G * G*K rows: one compiled shape, no padding beyond a block.
     if ref_split is not None:
       logp, ntok = _in_chunks(_policy_scores_jit, *ref_split, seqs, rows, chunk)
       out["ref_logp"][b] = np.where(present, logp.reshape(g, g * k), np.nan)

