@@ -1,0 +1,61 @@
+"""Smoke test of the benchmark: every measurement runs on the tiny preset at tiny sizes and yields well-formed
+records (no timing assertions: timings on shared machines are noise)."""
+import json
+import math
+import os
+
+import pytest
+
+from var_jax import bench
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HH = os.path.join(ROOT, "..", "shared", "data", "hh_rlhf", "harmless-base_test.jsonl.gz")
+
+
+def _finite_number(x):
+  return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def test_bench_records_are_well_formed(tmp_path):
+  what = ["train", "profile", "score", "generate", "memory"] + (["data"] if os.path.exists(HH) else [])
+  records = bench.run(what, "tiny", seq=32, pairs=2, warmup=1, repeats=2, score_g=2, prompt_len=12,
+                      response_len=6, gen_batch=2, gen_tokens=3, data_source=HH, data_limit=40)
+  kinds = {(r["what"], r["name"]) for r in records}
+  assert {("train", s) for s in bench.STAGES} <= kinds
+  assert {("score", "naive"), ("score", "prefix_shared"), ("generate", "full_forward_sampler"),
+          ("memory", "target_logprobs"), ("peak", "matmul_f32_2048")} <= kinds
+  for r in records:
+    assert set(r) == {"what", "name", "metrics", "config"}
+    if r["what"] in ("train", "profile", "score", "generate"):
+      m = r["metrics"]
+      assert m["n"] >= 1 and 0 < m["min_s"] <= m["median_s"] <= m["max_s"]
+  train = {r["name"]: r["metrics"] for r in records if r["what"] == "train"}
+  for m in train.values():
+    assert m["tokens_per_step"] == 2 * 2 * 32 and all(_finite_number(m[k]) for k in (
+        "tokens_per_s", "mfu_measured_peak", "compile_s", "flops_per_step"))
+  assert _finite_number(train["var"]["ratio_vs_sft"])
+  shared = next(r for r in records if r["name"] == "prefix_shared")["metrics"]
+  assert shared["max_rel_diff_vs_naive"] < 1e-5 and shared["pairs"] == 2 * 4
+  mem = next(r for r in records if r["what"] == "memory")["metrics"]
+  assert mem["max_abs_diff_vs_full"] < 1e-3 and mem["full_logits_bytes"] > 0
+
+  out = tmp_path / "bench.jsonl"
+  bench.write_jsonl(records, str(out), {"hardware": bench.hardware(), "versions": bench.versions()})
+  lines = [json.loads(line) for line in out.read_text().splitlines()]
+  assert len(lines) == len(records) and all(line["versions"]["jax"] and line["hardware"]["cpu_model"]
+                                            for line in lines)
+  assert "train" in bench.table(records)
+
+
+def test_torch_step_record():
+  pytest.importorskip("torch")
+  pytest.importorskip("transformers")
+  mcfg = bench.model_lib.get_config("tiny")
+  batch = bench.synthetic_batch(mcfg.vocab_size, 16, groups=1, group_size=2)
+  r = bench.bench_torch_train(mcfg, batch, peak=1e9, warmup=1, repeats=2)
+  assert r["what"] == "torch" and _finite_number(r["metrics"]["tokens_per_s"])
+
+
+def test_unknown_measurement_is_rejected():
+  with pytest.raises(ValueError, match="unknown measurements"):
+    bench.run(["nope"], "tiny", seq=8, pairs=1, warmup=0, repeats=1)

@@ -1,0 +1,668 @@
+"""Benchmark of every stage: train step (sft / var / dpo), scoring, generation, data, memory, compile time.
+
+    python -m var_jax.bench [--preset bench-30m] [--seq 512] [--pairs 4] \
+        [--what train,profile,score,generate,data,memory,compile,torch,trl] [--out bench_results.jsonl]
+
+Every figure is measured in the run: step times are medians over `--repeats` steps after `--warmup` steps (on a
+shared CPU the spread is printed as well), MFU divides model FLOPs (`flops.decoder_flops_per_token`, attention
+included) by the median step time and by the dense float32 matmul rate measured in the same run
+(`flops.peak_flops_per_second`). Results print as a table and append one JSON line per measurement to --out with
+the hardware, versions and config.
+
+Peak memory: where the device reports memory stats (GPU/TPU) their peak; on CPU the increase of the process's max
+RSS during the measurement (0 when it stays under an earlier peak) and, always, the compiled step's XLA buffer
+sizes (`memory_analysis`, deterministic).
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from flax import nnx
+
+from var_jax import config as config_lib
+from var_jax import flops as flops_lib
+from var_jax import model as model_lib
+from var_jax import sampling
+from var_jax import scoring
+from var_jax import train as train_lib
+from var_jax.data import pipeline as data_pipeline
+
+STAGES = ("sft", "var", "dpo")
+ALL = ("train", "profile", "score", "generate", "data", "memory", "compile", "torch", "trl")
+
+# ----------------------------------------------------------------------------------------------------------------
+# Environment description.
+
+
+def cpu_model() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or "unknown"
+
+
+def hardware() -> dict:
+  return {"devices": [str(d) for d in jax.devices()], "platform": jax.devices()[0].platform,
+          "device_kind": jax.devices()[0].device_kind, "cpu_model": cpu_model(), "cpu_count": os.cpu_count(),
+          "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None}
+
+
+def versions() -> dict:
+  import flax  # pylint: disable=g-import-not-at-top
+  out = {"python": platform.python_version(), "jax": jax.__version__, "jaxlib": jax.lib.__version__
+         if hasattr(jax.lib, "__version__") else None, "flax": flax.__version__}
+  for name in ("torch", "transformers", "trl"):
+    try:
+      out[name] = __import__(name).__version__
+    except ImportError:
+      out[name] = None
+  return out
+
+
+# Datasheet dense peaks (FLOP/s) of accelerators, by `device_kind` substring: bf16 dense, no sparsity.
+_DATASHEET_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "TPU v4": 275e12,
+                   "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6": 918e12}
+
+
+def datasheet_peak() -> float | None:
+  """The datasheet bf16 dense peak of the default accelerator, or None (CPU, unknown device)."""
+  kind = jax.devices()[0].device_kind
+  for key, value in _DATASHEET_BF16.items():
+    if key in kind:
+      return value
+  return None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Timing and memory.
+
+
+def time_calls(fn: Callable[[], Any], warmup: int, repeats: int) -> list[float]:
+  """Wall seconds of `repeats` calls of fn (which must block on its result) after `warmup` untimed calls."""
+  for _ in range(warmup):
+    fn()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return times
+
+
+def timing_stats(times: Sequence[float]) -> dict:
+  return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "n": len(times)}
+
+
+def measure_peak() -> float:
+  """A fresh (uncached) measurement of the dense float32 matmul rate, FLOP/s."""
+  return flops_lib.peak_flops_per_second.__wrapped__()
+
+
+def max_rss_bytes() -> int:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB.
+
+
+def device_peak_bytes() -> int | None:
+  stats = jax.devices()[0].memory_stats()
+  return None if not stats else stats.get("peak_bytes_in_use")
+
+
+def compiled_memory(compiled) -> dict:
+  """XLA's buffer sizes of a compiled executable (bytes), where the backend reports them."""
+  try:
+    m = compiled.memory_analysis()
+  except Exception:  # pylint: disable=broad-except
+    return {}
+  if m is None:
+    return {}
+  return {k: int(getattr(m, k + "_size_in_bytes")) for k in ("temp", "argument", "output", "alias")
+          if hasattr(m, k + "_size_in_bytes")}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Synthetic inputs of the batch contract (var_jax/data/pipeline.py).
+
+
+def synthetic_batch(vocab: int, seq: int, groups: int, group_size: int, k: int = 2, prompt_frac: float = 0.5,
+                    seed: int = 0) -> dict[str, np.ndarray]:
+  """A full training batch: g=groups, N=group_size*k sequences of exactly `seq` real tokens, random cached scores.
+
+  Sequences are prompt (prompt_frac * seq tokens) ++ response; ref_logp / reward_matrix [g, B, N] and
+  ref_ntok [g, N] are random arrays of the right shapes (the step does not care where scores came from).
+  """
+  rng = np.random.default_rng(seed)
+  n = group_size * k
+  p_len = max(1, int(seq * prompt_frac))
+  pairs = [(rng.integers(1, vocab, p_len).astype(np.int32), rng.integers(1, vocab, seq - p_len).astype(np.int32))
+           for _ in range(groups * n)]
+  seqs = data_pipeline.build_sequences(pairs, seq, pad_id=0)
+  batch = {key: v.reshape((groups, n) + v.shape[1:]) for key, v in seqs.items()}
+  slot = np.arange(n, dtype=np.int32)
+  batch.update(
+      owner=np.tile(slot // k, (groups, 1)), valid=np.ones((groups, n), bool),
+      is_chosen=np.tile(slot % k == 0, (groups, 1)), rank=np.tile(slot % k, (groups, 1)).astype(np.int32),
+      rewards=np.full((groups, n), np.nan, np.float32), block_index=np.arange(groups, dtype=np.int32),
+      prompt_slot=np.tile(np.arange(group_size, dtype=np.int32), (groups, 1)),
+      response_slot=np.tile(slot, (groups, 1)), prompt_index=np.arange(groups * group_size,
+                                                                      dtype=np.int32).reshape(groups, group_size),
+      ref_logp=rng.normal(-(seq - p_len), 5.0, (groups, group_size, n)).astype(np.float32),
+      reward_matrix=rng.normal(0.0, 1.0, (groups, group_size, n)).astype(np.float32),
+      ref_ntok=batch["loss_mask"].sum(-1).astype(np.float32))
+  return batch
+
+
+def train_config():
+  """The base config (objective settings as shipped: var cross_context / prompt_mean, dpo beta)."""
+  return config_lib.base_config()
+
+
+def _record(what: str, name: str, metrics: dict, config: dict) -> dict:
+  return {"what": what, "name": name, "metrics": metrics, "config": config}
+
+
+def init_state(model: nnx.Module, tx):
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
+           "first_bad_step": jnp.full((), -1, jnp.int32)}
+  return graphdef, rest, state
+
+
+def compile_train_step(stage: str, mcfg: model_lib.ModelConfig, batch: dict, seed: int = 0):
+  """(compiled step, state, device batch, compile seconds) through the real `train.make_train_step`."""
+  cfg = train_config()
+  model = model_lib.Decoder(mcfg, rngs=nnx.Rngs(seed))
+  tx, schedule = train_lib.make_optimizer(1e-4, 1000, cfg.optim)
+  graphdef, rest, state = init_state(model, tx)
+  step = jax.jit(train_lib.make_train_step(stage, graphdef, rest, tx, schedule, cfg), donate_argnums=(0,))
+  dev_batch = jax.tree.map(jnp.asarray, batch)
+  start = time.perf_counter()
+  compiled = step.lower(state, dev_batch).compile()
+  return compiled, state, dev_batch, time.perf_counter() - start
+
+
+def bench_train(stage: str, mcfg: model_lib.ModelConfig, batch: dict, peak: float, warmup: int, repeats: int
+                ) -> dict:
+  """Median step time, tokens/s, MFU, compile time and memory of one objective's train step."""
+  rss0 = max_rss_bytes()
+  compiled, state, dev_batch, compile_s = compile_train_step(stage, mcfg, batch)
+  holder = {"state": state}
+
+  def one():
+    holder["state"], metrics = compiled(holder["state"], dev_batch)
+    jax.block_until_ready((holder["state"], metrics))
+
+  times = time_calls(one, warmup, repeats)
+  # The CPU is shared: the matmul rate is re-measured right after the steps, and MFU is also given against it.
+  peak_adjacent = measure_peak()
+  n_seq, seq = int(np.prod(batch["inputs"].shape[:2])), batch["inputs"].shape[-1]
+  tokens = n_seq * seq
+  real_tokens = int((batch["segment_ids"] > 0).sum())
+  step_flops = flops_lib.decoder_flops_per_token(mcfg, seq, training=True) * tokens
+  med = statistics.median(times)
+  metrics = {**timing_stats(times), "tokens_per_step": tokens, "real_tokens_per_step": real_tokens,
+             "tokens_per_s": real_tokens / med, "flops_per_step": step_flops, "tflops_per_s": step_flops / med / 1e12,
+             "mfu_measured_peak": step_flops / med / peak, "measured_peak_tflops": peak / 1e12,
+             "mfu_adjacent_peak": step_flops / med / peak_adjacent, "adjacent_peak_tflops": peak_adjacent / 1e12,
+             "compile_s": compile_s, "xla_memory_bytes": compiled_memory(compiled),
+             "max_rss_delta_bytes": max_rss_bytes() - rss0, "device_peak_bytes": device_peak_bytes()}
+  sheet = datasheet_peak()
+  if sheet:
+    metrics["mfu_datasheet_bf16"] = step_flops / med / sheet
+  return _record("train", stage, metrics, {"model": dataclasses.asdict(mcfg), "batch_shape": list(
+      batch["inputs"].shape), "warmup": warmup, "repeats": repeats})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Where the step time goes: the pieces of the forward + backward timed apart.
+
+
+def profile_pieces(mcfg: model_lib.ModelConfig, n_seq: int, seq: int, warmup: int, repeats: int) -> list[dict]:
+  """Forward + backward median times of the decoder stack, one layer's attention core, one layer's dense
+  matmuls (QKV/O projections + MLP), and the chunked log-prob head, at the train step's shapes.
+
+  Attention core = `model.attention` (scores, mask, softmax, AV) on [n_seq, seq, H, Dh]; layer figures are
+  multiplied by L to compare with the stack. Each piece is jitted alone, so the sum is not exactly the step.
+  """
+  rng = jax.random.key(0)
+  model = model_lib.Decoder(mcfg, rngs=nnx.Rngs(0))
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  d, hq, hkv, dh, l = mcfg.hidden_size, mcfg.num_heads, mcfg.num_kv_heads, mcfg.head_dim, mcfg.num_layers
+  tokens = jax.random.randint(rng, (n_seq, seq), 1, mcfg.vocab_size)
+  positions, segs = model_lib.default_inputs(tokens)
+  x = jax.random.normal(rng, (n_seq, seq, d), jnp.float32)
+  q = jax.random.normal(rng, (n_seq, seq, hq, dh), jnp.float32)
+  kv = jax.random.normal(rng, (n_seq, seq, hkv, dh), jnp.float32)
+  mask = model_lib.attention_mask(positions, segs, positions, segs)
+  layer0 = jax.tree.map(lambda a: a[0], model.layers.arrays())
+  unembed = model.unembedding()
+
+  def stack_loss(p):
+    return jnp.sum(nnx.merge(graphdef, p, rest)(tokens, positions, segs))
+
+  def attn_loss(q, k, v):
+    return jnp.sum(model_lib.attention(q, k, v, mask))
+
+  def dense_loss(p, x):
+    h = jnp.einsum("btd,dhk->bthk", x, p["q"])
+    k = jnp.einsum("btd,dhk->bthk", x, p["k"])
+    v = jnp.einsum("btd,dhk->bthk", x, p["v"])
+    a = jnp.concatenate([h, jnp.repeat(k + v, hq // hkv, axis=2)], axis=-1)[..., :dh]
+    y = x + jnp.einsum("bthk,hkd->btd", a, p["o"])
+    gate, up = jnp.einsum("btd,df->btf", y, p["gate"]), jnp.einsum("btd,df->btf", y, p["up"])
+    return jnp.sum(jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, p["down"]))
+
+  def head_loss(h, w):
+    return jnp.sum(model_lib.chunked_target_logprobs(h, w, tokens, mcfg.logprob_chunk))
+
+  pieces = {"decoder_stack": (jax.grad(stack_loss), (params,), 1),
+            "attention_core_x_layers": (jax.grad(attn_loss, argnums=(0, 1, 2)), (q, kv, kv), l),
+            "dense_matmuls_x_layers": (jax.grad(dense_loss, argnums=(0, 1)), (layer0, x), l),
+            "logprob_head": (jax.grad(head_loss, argnums=(0, 1)), (x, unembed), 1)}
+  out = []
+  for name, (fn, args, mult) in pieces.items():
+    compiled = jax.jit(fn).lower(*args).compile()
+    times = time_calls(lambda c=compiled, a=args: jax.block_until_ready(c(*a)), warmup, repeats)
+    stats = timing_stats(times)
+    out.append(_record("profile", name, {**stats, "multiplier": mult, "total_s": stats["median_s"] * mult},
+                       {"n_seq": n_seq, "seq": seq, "model": dataclasses.asdict(mcfg)}))
+  return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Cross-context scoring of one block: naive vs prompt-prefix-shared.
+
+
+def synthetic_block(vocab: int, g: int, k: int, prompt_len: int, response_len: int, seed: int = 0):
+  """G prompts and G*K responses with lengths uniform in [0.75, 1.25] x the given means (HH-like raggedness)."""
+  rng = np.random.default_rng(seed)
+  ragged = lambda mean: int(rng.integers(max(1, int(0.75 * mean)), int(1.25 * mean) + 1))  # noqa: E731
+  prompts = [rng.integers(1, vocab, ragged(prompt_len)).astype(np.int32) for _ in range(g)]
+  responses = [rng.integers(1, vocab, ragged(response_len)).astype(np.int32) for _ in range(g * k)]
+  return prompts, responses
+
+
+def bench_scoring(mcfg: model_lib.ModelConfig, g: int, k: int, prompt_len: int, response_len: int, warmup: int,
+                  repeats: int, chunk: int = 64) -> list[dict]:
+  """pairs/s and tokens/s of scoring one block's G x (G*K) matrix both ways, and their max difference."""
+  model = model_lib.Decoder(mcfg, rngs=nnx.Rngs(0))
+  prompts, responses = synthetic_block(mcfg.vocab_size, g, k, prompt_len, response_len)
+  pairs = g * g * k
+  pair_tokens = sum(len(p) + len(r) for p in prompts for r in responses)
+  response_tokens = g * sum(len(r) for r in responses)
+  results, out = {}, []
+  fns = {"naive": lambda: scoring.naive_logprobs(model, prompts, responses, chunk=chunk),
+         "prefix_shared": lambda: scoring.prefix_shared_logprobs(model, prompts, responses)}
+  for name, fn in fns.items():
+    start = time.perf_counter()
+    results[name] = fn()  # The first call compiles.
+    first_s = time.perf_counter() - start
+    times = time_calls(fn, max(0, warmup - 1), repeats)
+    med = statistics.median(times)
+    out.append(_record("score", name, {**timing_stats(times), "first_call_s": first_s, "pairs": pairs,
+                                       "pairs_per_s": pairs / med, "pair_tokens_per_s": pair_tokens / med,
+                                       "response_tokens_per_s": response_tokens / med},
+                       {"G": g, "K": k, "mean_prompt_len": float(np.mean([len(p) for p in prompts])),
+                        "mean_response_len": float(np.mean([len(r) for r in responses])), "naive_chunk": chunk,
+                        "model": dataclasses.asdict(mcfg)}))
+  diff = float(np.max(np.abs(results["naive"] - results["prefix_shared"])))
+  rel = diff / float(np.max(np.abs(results["naive"])))
+  speedup = out[0]["metrics"]["median_s"] / out[1]["metrics"]["median_s"]
+  out[1]["metrics"].update(speedup_vs_naive=speedup, max_abs_diff_vs_naive=diff, max_rel_diff_vs_naive=rel)
+  return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Generation and data.
+
+
+def bench_generate(mcfg: model_lib.ModelConfig, batch: int, prompt_len: int, new_tokens: int, warmup: int,
+                   repeats: int) -> dict:
+  """Generated tokens/s of `sampling.generate` (greedy; EOS never sampled, so every row makes new_tokens)."""
+  model = model_lib.Decoder(mcfg, rngs=nnx.Rngs(0))
+  rng = np.random.default_rng(0)
+  prompts = [rng.integers(1, mcfg.vocab_size, prompt_len).astype(np.int32) for _ in range(batch)]
+  fn = lambda: sampling.generate(model, prompts, max_new_tokens=new_tokens, eos_id=-1, pad_id=0,  # noqa: E731
+                                 batch_size=batch)
+  start = time.perf_counter()
+  fn()
+  first_s = time.perf_counter() - start
+  times = time_calls(fn, max(0, warmup - 1), repeats)
+  return _record("generate", "full_forward_sampler", {**timing_stats(times), "first_call_s": first_s,
+                                                       "new_tokens_per_s": batch * new_tokens / statistics.median(
+                                                           times)},
+                 {"batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens, "model": dataclasses.asdict(
+                     mcfg)})
+
+
+def bench_data(source: str, limit: int | None) -> dict:
+  """Examples/s of parse + tokenize + batch (var_jax.data.pipeline.measure_throughput), BPE trained untimed."""
+  from var_jax.data import formats, tokenize  # pylint: disable=g-import-not-at-top
+  recs, _ = formats.load_preferences(source, skip_invalid=True, limit=1000)
+  hf = tokenize.byte_level_bpe_tokenizer([tokenize.plain_prompt(r.prompt) + " " + r.responses[0] for r in recs],
+                                         vocab_size=8000)
+  tok = tokenize.Tokenizer(hf, 256, 256)
+  cfg = data_pipeline.PipelineConfig(block_size=16, group_size=8, groups_per_batch=4)
+  result = data_pipeline.measure_throughput(source, tok, cfg, limit=limit)
+  return _record("data", os.path.basename(source), result, {"source": source, "limit": limit,
+                                                            "pipeline": dataclasses.asdict(cfg)})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Memory of per-token log-probs with a large vocabulary; compile time of a big preset.
+
+
+def _full_logprobs(hidden, unembed, targets):
+  logits = jnp.einsum("btd,vd->btv", hidden, unembed, preferred_element_type=jnp.float32)
+  return jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], axis=-1)[..., 0]
+
+
+def bench_logprob_memory(vocab: int, seq: int, batch: int, hidden: int, chunk: int, check_batch: int = 1
+                         ) -> dict:
+  """Peak temporary memory (XLA memory_analysis, forward + backward) of chunked vs full-logits log-probs.
+
+  The compiled executables are not run at full size; equality is checked by running both on `check_batch` rows of
+  the same shapes (the chunking is over the sequence, so rows are independent).
+  """
+  def loss(fn):
+    return jax.value_and_grad(lambda h, w, t: jnp.sum(fn(h, w, t)), argnums=(0, 1))
+
+  chunked = lambda h, w, t: model_lib.chunked_target_logprobs(h, w, t, chunk)  # noqa: E731
+  shapes = (jax.ShapeDtypeStruct((batch, seq, hidden), jnp.float32),
+            jax.ShapeDtypeStruct((vocab, hidden), jnp.float32), jax.ShapeDtypeStruct((batch, seq), jnp.int32))
+  temp = {name: compiled_memory(jax.jit(loss(fn)).lower(*shapes).compile()).get("temp")
+          for name, fn in (("chunked", chunked), ("full", _full_logprobs))}
+  full_logits = batch * seq * vocab * 4
+  rng = np.random.default_rng(0)
+  h = jnp.asarray(rng.normal(0, 1, (check_batch, seq, hidden)).astype(np.float32))
+  w = jnp.asarray(rng.normal(0, 0.02, (vocab, hidden)).astype(np.float32))
+  t = jnp.asarray(rng.integers(0, vocab, (check_batch, seq)).astype(np.int32))
+  a, b = jax.jit(chunked)(h, w, t), jax.jit(_full_logprobs)(h, w, t)
+  metrics = {"full_logits_bytes": full_logits, "chunked_temp_bytes": temp["chunked"], "full_temp_bytes": temp["full"],
+             "chunked_temp_frac_of_full_logits": None if temp["chunked"] is None else temp["chunked"] / full_logits,
+             "max_abs_diff_vs_full": float(jnp.max(jnp.abs(a - b))), "checked_rows": check_batch}
+  return _record("memory", "target_logprobs", metrics, {"vocab": vocab, "seq": seq, "batch": batch,
+                                                        "hidden": hidden, "chunk": chunk})
+
+
+def bench_compile(preset: str, seq: int, pairs: int) -> dict:
+  """Compile seconds of the sft and var train steps of a preset (random init, no download), scanned layers."""
+  mcfg = model_lib.get_config(preset)
+  batch = synthetic_batch(mcfg.vocab_size, seq, groups=1, group_size=pairs)
+  metrics = {}
+  for stage in ("sft", "var"):
+    jax.clear_caches()
+    compiled, _, _, compile_s = compile_train_step(stage, mcfg, batch)
+    metrics[f"{stage}_compile_s"] = compile_s
+    metrics[f"{stage}_xla_memory_bytes"] = compiled_memory(compiled)
+  return _record("compile", preset, metrics, {"seq": seq, "batch_shape": list(batch["inputs"].shape),
+                                              "num_params": mcfg.num_params(),
+                                              "persistent_cache": jax.config.jax_compilation_cache_dir})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What users would otherwise run: transformers + PyTorch, and TRL's DPOTrainer.
+
+
+def hf_llama_config(mcfg: model_lib.ModelConfig):
+  from transformers import LlamaConfig  # pylint: disable=g-import-not-at-top
+  return LlamaConfig(vocab_size=mcfg.vocab_size, hidden_size=mcfg.hidden_size,
+                     intermediate_size=mcfg.intermediate_size, num_hidden_layers=mcfg.num_layers,
+                     num_attention_heads=mcfg.num_heads, num_key_value_heads=mcfg.num_kv_heads,
+                     head_dim=mcfg.head_dim, rope_theta=mcfg.rope_theta, rms_norm_eps=mcfg.rms_norm_eps,
+                     tie_word_embeddings=mcfg.tie_word_embeddings,
+                     max_position_embeddings=mcfg.max_position_embeddings, torch_dtype="float32")
+
+
+def bench_torch_train(mcfg: model_lib.ModelConfig, batch: dict, peak: float, warmup: int, repeats: int) -> dict:
+  """transformers' LlamaForCausalLM train step (float32, AdamW, clip 1.0) on the same token batch (SFT loss)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  from transformers import LlamaForCausalLM  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(0)
+  model = LlamaForCausalLM(hf_llama_config(mcfg)).float().train()
+  opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0)
+  seq = batch["inputs"].shape[-1]
+  ids = torch.from_numpy(batch["inputs"].reshape(-1, seq).astype(np.int64))
+  mask = torch.from_numpy(batch["segment_ids"].reshape(-1, seq).astype(np.int64))
+  labels = torch.where(torch.from_numpy(batch["loss_mask"].reshape(-1, seq) > 0)[:, :-1],
+                       ids[:, 1:], torch.full_like(ids[:, 1:], -100))
+  labels = torch.cat([torch.full_like(ids[:, :1], -100), labels], dim=1)  # HF shifts labels itself.
+
+  def one():
+    loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+  times = time_calls(one, warmup, repeats)
+  peak_adjacent = measure_peak()
+  med = statistics.median(times)
+  tokens = int(ids.numel())
+  step_flops = flops_lib.decoder_flops_per_token(mcfg, seq, training=True) * tokens
+  return _record("torch", "transformers_llama_sft", {
+      **timing_stats(times), "tokens_per_s": int(mask.sum()) / med, "mfu_measured_peak": step_flops / med / peak,
+      "mfu_adjacent_peak": step_flops / med / peak_adjacent, "torch_threads": torch.get_num_threads(), "attn_implementation": model.config._attn_implementation},
+                 {"batch_shape": [int(ids.shape[0]), seq], "model": dataclasses.asdict(mcfg)})
+
+
+def word_tokenizer(vocab: int):
+  """A PreTrainedTokenizerFast whose word 't<i>' is id i (t0 = pad, t1 = eos): exact token counts, no download."""
+  from tokenizers import Tokenizer, models, pre_tokenizers  # pylint: disable=g-import-not-at-top
+  from transformers import PreTrainedTokenizerFast  # pylint: disable=g-import-not-at-top
+  tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t2"))
+  tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+  return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="t0", eos_token="t1", unk_token="t2")
+
+
+def bench_trl_dpo(mcfg: model_lib.ModelConfig, pairs: int, seq: int, warmup: int, repeats: int, workdir: str,
+                  prompt_frac: float = 0.5) -> dict:
+  """TRL DPOTrainer steps (policy + frozen reference, float32, AdamW): median step time, policy tokens/s.
+
+  Each pair is a prompt of prompt_frac*seq tokens and chosen/rejected responses filling `seq` (EOS included).
+  Step times come from Trainer callbacks around each optimizer step (data collation included, as users see it).
+  """
+  import datasets  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  from transformers import LlamaForCausalLM  # pylint: disable=g-import-not-at-top
+  from trl import DPOConfig, DPOTrainer  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  p_len = int(seq * prompt_frac)
+  words = lambda n: " ".join(f"t{i}" for i in rng.integers(3, mcfg.vocab_size, n))  # noqa: E731
+  steps = warmup + repeats
+  data = datasets.Dataset.from_list([{"prompt": words(p_len), "chosen": words(seq - p_len - 1) + " t1",
+                                      "rejected": words(seq - p_len - 1) + " t1"} for _ in range(pairs * steps)])
+  torch.manual_seed(0)
+  policy = LlamaForCausalLM(hf_llama_config(mcfg)).float()
+  ref = LlamaForCausalLM(hf_llama_config(mcfg)).float()
+  args = DPOConfig(output_dir=workdir, per_device_train_batch_size=pairs, max_steps=steps, learning_rate=1e-4,
+                   beta=0.1, max_length=seq, logging_steps=10 ** 6, save_strategy="no", report_to=[],
+                   use_cpu=True, dataloader_num_workers=0, max_grad_norm=1.0, disable_tqdm=True, seed=0)
+  times: list[float] = []
+
+  class Timer(transformers.TrainerCallback):
+
+    def on_step_begin(self, *a, **k):
+      self.start = time.perf_counter()
+
+    def on_step_end(self, *a, **k):
+      times.append(time.perf_counter() - self.start)
+
+  trainer = DPOTrainer(model=policy, ref_model=ref, args=args, train_dataset=data, processing_class=word_tokenizer(
+      mcfg.vocab_size), callbacks=[Timer()])
+  example = trainer.train_dataset[0]
+  tokens_per_pair = 2 * len(example["prompt_ids"]) + len(example["chosen_ids"]) + len(example["rejected_ids"])
+  trainer.train()
+  measured = times[warmup:]
+  med = statistics.median(measured)
+  return _record("trl", "trl_dpo", {**timing_stats(measured), "policy_tokens_per_step": pairs * tokens_per_pair,
+                                    "policy_tokens_per_s": pairs * tokens_per_pair / med},
+                 {"pairs": pairs, "seq": seq, "trl": __import__("trl").__version__,
+                  "model": dataclasses.asdict(mcfg)})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Report.
+
+
+def _fmt(v) -> str:
+  if isinstance(v, float):
+    return f"{v:.4g}"
+  if isinstance(v, dict):
+    return "{" + ", ".join(f"{k}={_fmt(x)}" for k, x in v.items()) + "}"
+  return str(v)
+
+
+_SHOWN = ("median_s", "min_s", "max_s", "tokens_per_s", "mfu_measured_peak", "mfu_adjacent_peak",
+          "mfu_datasheet_bf16", "compile_s",
+          "max_rss_delta_bytes", "device_peak_bytes", "flops_per_s", "pairs_per_s", "pair_tokens_per_s", "speedup_vs_naive",
+          "max_abs_diff_vs_naive", "new_tokens_per_s", "examples_per_s", "total_s", "policy_tokens_per_s",
+          "chunked_temp_frac_of_full_logits", "max_abs_diff_vs_full", "sft_compile_s", "var_compile_s",
+          "ratio_vs_torch", "ratio_vs_trl_dpo", "ratio_vs_sft")
+
+
+def table(records: Sequence[dict]) -> str:
+  lines = [f"{'what':<9} {'name':<26} metrics"]
+  for r in records:
+    shown = {k: r["metrics"][k] for k in _SHOWN if r["metrics"].get(k) is not None}
+    lines.append(f"{r['what']:<9} {r['name']:<26} {_fmt(shown)[1:-1]}")
+  return "\n".join(lines)
+
+
+def add_ratios(records: list[dict]) -> None:
+  """var/sft step-time ratio, JAX vs transformers tokens/s, var vs TRL DPO policy tokens/s (same run)."""
+  by = {(r["what"], r["name"]): r["metrics"] for r in records}
+  sft, var = by.get(("train", "sft")), by.get(("train", "var"))
+  if sft and var:
+    var["ratio_vs_sft"] = var["median_s"] / sft["median_s"]
+  torch_m = by.get(("torch", "transformers_llama_sft"))
+  for stage in STAGES:
+    m = by.get(("train", stage))
+    if m and torch_m:
+      m["ratio_vs_torch"] = m["tokens_per_s"] / torch_m["tokens_per_s"]
+  trl_m = by.get(("trl", "trl_dpo"))
+  trl_var = by.get(("train", "var@trl_shape"))
+  if trl_m and trl_var:
+    trl_var["ratio_vs_trl_dpo"] = trl_var["tokens_per_s"] / trl_m["policy_tokens_per_s"]
+
+
+def write_jsonl(records: Sequence[dict], path: str, extra: dict) -> None:
+  with open(path, "a") as f:
+    for r in records:
+      f.write(json.dumps({**extra, **r}, default=str) + "\n")
+
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("preset", "bench-30m", "model preset (var_jax.model.PRESETS)")
+flags.DEFINE_integer("seq", 512, "train sequence length (every token real)")
+flags.DEFINE_integer("pairs", 2, "prompts (pairs of K=2 responses) per train step: one group of B=pairs")
+flags.DEFINE_list("what", ",".join(ALL), f"measurements to run, from {ALL}")
+flags.DEFINE_string("out", "bench_results.jsonl", "JSONL file the records are appended to")
+flags.DEFINE_integer("warmup", 2, "untimed calls before timing")
+flags.DEFINE_integer("repeats", 5, "timed calls (the median is reported)")
+flags.DEFINE_string("dtype", "float32", "compute dtype of the JAX model")
+flags.DEFINE_integer("trl_pairs", 8, "pairs per step of the TRL DPO comparison (and of the var step it is compared "
+                     "with)")
+flags.DEFINE_integer("trl_seq", 256, "tokens per sequence of the TRL comparison")
+flags.DEFINE_integer("score_g", 8, "prompts per scoring block (G); K = 2")
+flags.DEFINE_integer("prompt_len", 150, "mean prompt tokens of the scoring block")
+flags.DEFINE_integer("response_len", 60, "mean response tokens of the scoring block")
+flags.DEFINE_string("data_source", "../shared/data/hh_rlhf/harmless-base_test.jsonl.gz", "preference file")
+flags.DEFINE_integer("data_limit", 0, "records of the data benchmark (0 = all)")
+flags.DEFINE_string("compile_preset", "smollm2-135m", "preset of the compile-time measurement")
+flags.DEFINE_integer("gen_batch", 4, "prompts per generation batch")
+flags.DEFINE_integer("gen_tokens", 16, "new tokens per prompt")
+
+
+def run(what: Sequence[str], preset: str, seq: int, pairs: int, warmup: int, repeats: int, dtype: str = "float32",
+        out: str | None = None, extra: dict | None = None, **kw) -> list[dict]:
+  """Runs the selected measurements (printing each, and appending it to `out` with `extra`, as it finishes).
+
+  Returns the records; ratios (var/sft, JAX/torch, var/TRL) are added to them at the end.
+  """
+  unknown = set(what) - set(ALL)
+  if unknown:
+    raise ValueError(f"unknown measurements {sorted(unknown)}; choose from {ALL}")
+  mcfg = model_lib.get_config(preset, dtype=dtype)
+  peak = flops_lib.peak_flops_per_second()
+  records = [_record("peak", "matmul_f32_2048", {"flops_per_s": peak, "datasheet_bf16": datasheet_peak()}, {})]
+  batch = synthetic_batch(mcfg.vocab_size, seq, groups=1, group_size=pairs)
+
+  def done(rs):
+    rs = rs if isinstance(rs, list) else [rs]
+    records.extend(rs)
+    print(table(rs), flush=True)
+    if out:  # Written as they finish, so a later failure or timeout loses nothing measured.
+      write_jsonl(rs, out, extra)
+
+  if "train" in what:
+    for stage in STAGES:
+      done(bench_train(stage, mcfg, batch, peak, warmup, repeats))
+  if "torch" in what:
+    done(bench_torch_train(mcfg, batch, peak, warmup, repeats))
+  if "trl" in what:
+    trl_batch = synthetic_batch(mcfg.vocab_size, kw.get("trl_seq", 256), groups=1, group_size=kw.get("trl_pairs", 8))
+    r = bench_train("var", mcfg, trl_batch, peak, warmup, repeats)
+    r["name"] = "var@trl_shape"
+    done(r)
+    try:
+      done(bench_trl_dpo(mcfg, kw.get("trl_pairs", 8), kw.get("trl_seq", 256), warmup, repeats,
+                         kw.get("workdir", "/tmp/var_jax_bench_trl")))
+    except ImportError as e:  # TRL is optional.
+      done(_record("trl", "trl_dpo_skipped", {"error": repr(e)}, {}))
+  if "profile" in what:
+    done(profile_pieces(mcfg, 2 * pairs, seq, warmup, repeats))
+  if "score" in what:
+    done(bench_scoring(mcfg, kw.get("score_g", 8), 2, kw.get("prompt_len", 150), kw.get("response_len", 60),
+                       1, max(1, repeats - 1)))
+  if "generate" in what:
+    done(bench_generate(mcfg, kw.get("gen_batch", 4), kw.get("prompt_len", 150), kw.get("gen_tokens", 16), 1,
+                        max(1, repeats // 2)))
+  if "data" in what:
+    done(bench_data(kw.get("data_source"), kw.get("data_limit") or None))
+  if "memory" in what:
+    big = model_lib.get_config("smollm2-135m")
+    done(bench_logprob_memory(big.vocab_size, 1024, 8, big.hidden_size, big.logprob_chunk))
+  if "compile" in what:
+    done(bench_compile(kw.get("compile_preset", "smollm2-135m"), seq, pairs))
+  add_ratios(records)
+  return records
+
+
+def main(argv):
+  del argv
+  what = [w.strip() for w in FLAGS.what if w.strip()]
+  extra = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(), "hardware": hardware(),
+           "versions": versions(), "argv": sys.argv, "preset": FLAGS.preset, "seq": FLAGS.seq, "pairs": FLAGS.pairs}
+  records = run(what, FLAGS.preset, FLAGS.seq, FLAGS.pairs, FLAGS.warmup, FLAGS.repeats, FLAGS.dtype,
+                out=FLAGS.out, extra=extra, trl_pairs=FLAGS.trl_pairs, trl_seq=FLAGS.trl_seq, score_g=FLAGS.score_g, prompt_len=FLAGS.prompt_len,
+                response_len=FLAGS.response_len, data_source=FLAGS.data_source, data_limit=FLAGS.data_limit,
+                compile_preset=FLAGS.compile_preset, gen_batch=FLAGS.gen_batch, gen_tokens=FLAGS.gen_tokens)
+  print("\n== summary (medians; 2 shared CPU cores are noisy: see min/max) ==")
+  print(table(records))
+  # The ratios are only known at the end: one more line with all of them.
+  ratios = {f"{r['what']}/{r['name']}": {k: v for k, v in r["metrics"].items() if k.startswith("ratio_")}
+            for r in records if any(k.startswith("ratio_") for k in r["metrics"])}
+  write_jsonl([_record("ratios", "same_run", ratios, {})], FLAGS.out, extra)
+  print(f"appended {len(records) + 1} records to {FLAGS.out}")
+
+
+if __name__ == "__main__":
+  app.run(main)
