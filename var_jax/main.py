@@ -24,6 +24,9 @@ _WORKDIR = flags.DEFINE_string("workdir", "", "Where artifacts go; default workd
 
 
 def run(cfg, workdir: str) -> None:
+  if "://" in workdir:
+    raise ValueError(f"--workdir={workdir}: var_jax writes through the local filesystem; mount the bucket (gcsfuse, "
+                     "as launch/tpu_pod.sh does) and pass the mount path")
   sharding_lib.initialize_distributed()
   config_lib.validate(cfg, jax.device_count())
   mesh = sharding_lib.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
