@@ -33,6 +33,8 @@ def get_config():
   c.dpo.steps = 200
   c.dpo.lr = 3e-4
   c.dpo.beta = 0.1
+  c.chosen.steps = 200
+  c.chosen.lr = 3e-4
   c.checkpoint.every = 100
   c.log_every = 50
   c.eval_every = 100

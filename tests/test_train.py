@@ -34,7 +34,7 @@ def tiny_config(**overrides) -> ml_collections.ConfigDict:
   c = tiny.get_config()
   c.data.num_sft, c.data.num_pairs, c.data.num_eval = 256, 128, 32
   c.data.groups_per_batch = 2
-  c.sft.steps = c.reward.steps = c.var.steps = c.dpo.steps = 6
+  c.sft.steps = c.reward.steps = c.var.steps = c.dpo.steps = c.chosen.steps = 6
   c.checkpoint.every, c.log_every, c.eval_every, c.eval_batches = 3, 3, 0, 1
   c.eval.num_prompts, c.eval.max_new_tokens = 8, 6
   c.optim.warmup_steps = 2
@@ -129,14 +129,13 @@ def test_train_step_compiles_once_per_shape_bucket():
 
 
 def test_tiny_pipeline_end_to_end_and_rerun_skips(tmp_path):
-  from var_jax import main  # pylint: disable=g-import-not-at-top
   cfg = tiny_config()
   workdir = str(tmp_path / "run")
-  main.run(cfg, workdir)
+  stages.run_pipeline(cfg, workdir)
   for stage in config_lib.STAGES:
     assert os.path.exists(os.path.join(workdir, stage, "DONE.json")), stage
   results = json.load(open(os.path.join(workdir, "eval", "results.json")))
-  assert set(results["policies"]) == {"sft", "var", "dpo"}
+  assert set(results["policies"]) == {"sft", "var", "dpo", "chosen"}
   for row in results["policies"].values():
     assert 0.0 <= row["gold_reward"] <= 1.0 and np.isfinite(row["rm_reward"])
   lines = [json.loads(l) for l in open(os.path.join(workdir, "var", "logs", "metrics.jsonl"))]
@@ -144,11 +143,11 @@ def test_tiny_pipeline_end_to_end_and_rerun_skips(tmp_path):
   assert train_lines[-1]["step"] == 6 and np.isfinite(train_lines[-1]["loss"]) and "var/ess" in train_lines[-1]
   assert any("eval/loss" in l for l in lines)  # The held-out evaluation at the end of the stage.
   before = os.path.getmtime(os.path.join(workdir, "var", "DONE.json"))
-  main.run(cfg, workdir)  # Everything complete: nothing reruns.
+  stages.run_pipeline(cfg, workdir)  # Everything complete: nothing reruns.
   assert os.path.getmtime(os.path.join(workdir, "var", "DONE.json")) == before
   changed = tiny_config(**{"var.lam": 0.5})
   with pytest.raises(ValueError, match="completed with different settings.*var"):
-    main.run(changed, workdir)
+    stages.run_pipeline(changed, workdir)
 
 
 def _main_cmd(workdir, *overrides):

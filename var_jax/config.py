@@ -8,7 +8,7 @@ import ml_collections
 
 from var_jax import losses
 
-STAGES = ("sft", "reward", "score", "var", "dpo", "eval")
+STAGES = ("sft", "reward", "score", "var", "dpo", "chosen", "eval")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -81,11 +81,18 @@ def base_config() -> ml_collections.ConfigDict:
   c.var.reduction = "prompt_mean"      # "prompt_mean" | "token_mean".
   c.var.length_normalize = False  # Per-token mean ref log-prob inside s instead of the sum.
   c.var.include_ref_logp = True   # False for responses sampled from pi_ref itself (see the math page).
+  c.var.group_size = 0            # B for this stage (0 = data.group_size); any divisor of data.block_size, so a
+                                  # sweep over B reuses one scoring pass. Prompts per step stay
+                                  # data.group_size * data.groups_per_batch.
 
   c.dpo = ml_collections.ConfigDict()
   c.dpo.steps = 300
   c.dpo.lr = 5e-4
   c.dpo.beta = 0.1
+
+  c.chosen = ml_collections.ConfigDict()   # Baseline: SFT on the chosen responses, from the reference.
+  c.chosen.steps = 300
+  c.chosen.lr = 5e-4
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every = 100        # Save every N steps (and at the end, and on SIGTERM).
@@ -146,7 +153,11 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
     _fail("reward.init", cfg.reward.init, "must be 'sft' or 'base'")
   if cfg.reward.source == "gold" and d.source != "synthetic":
     _fail("reward.source", cfg.reward.source, "a gold reward exists only for data.source='synthetic'")
-  for stage in ("sft", "reward", "var", "dpo"):
+  if cfg.var.group_size < 0 or (cfg.var.group_size and (d.block_size % cfg.var.group_size or
+                                                         (d.group_size * d.groups_per_batch) % cfg.var.group_size)):
+    _fail("var.group_size", cfg.var.group_size,
+          f"must divide data.block_size={d.block_size} and the {d.group_size * d.groups_per_batch} prompts per step")
+  for stage in ("sft", "reward", "var", "dpo", "chosen"):
     section = cfg[stage]
     if section.steps < 0:
       _fail(f"{stage}.steps", section.steps, "must be >= 0")

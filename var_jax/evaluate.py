@@ -46,7 +46,7 @@ def evaluate_policies(ctx) -> dict:
   e = cfg.eval
   records = task.eval_records[:e.num_prompts]
   prompt_ids, _ = tok.encode_prompts([r.prompt for r in records])
-  policies = ["sft"] + [s for s in ("var", "dpo") if os.path.exists(
+  policies = ["sft"] + [s for s in ("var", "dpo", "chosen") if os.path.exists(
       os.path.join(stages.stage_dir(ctx.workdir, s), "DONE.json"))]
   rm = None
   if cfg.reward.source not in ("gold", "dataset"):

@@ -1,6 +1,7 @@
 """Metrics to a JSONL file, TensorBoard (tensorboardX, no TensorFlow) and the console; process 0 only."""
 import contextlib
 import json
+import logging as logging_std
 import os
 
 from absl import logging
@@ -52,3 +53,14 @@ class _NoProgress:
 
   def set_postfix(self, **kwargs) -> None:
     del kwargs
+
+
+class _QuietLibraries(logging_std.Filter):
+  """Drops INFO chatter of orbax (several lines per save/restore); its warnings and errors still show."""
+
+  def filter(self, record):
+    return record.levelno >= logging_std.WARNING or "/orbax/" not in record.pathname
+
+
+def quiet_library_logs() -> None:
+  logging.get_absl_handler().addFilter(_QuietLibraries())

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from var_jax import losses
 
-POLICY_STAGES = ("sft", "var", "dpo")
+POLICY_STAGES = ("sft", "var", "dpo", "chosen")
 
 
 def sequence_outputs(model, batch, *, reward_model: bool = False):
@@ -56,8 +56,9 @@ def prepare(stage: str, batch, cfg):
   """Per-sequence constants of the whole batch (no gradient, no model). `cfg` is the full config."""
   valid = batch["valid"]
   num_tokens = batch["loss_mask"].sum(-1).astype(jnp.float32)
-  if stage == "sft":
-    w = valid & (batch["is_chosen"] if cfg.sft.on == "chosen" else True)
+  if stage in ("sft", "chosen"):
+    on_chosen = stage == "chosen" or cfg.sft.on == "chosen"
+    w = valid & (batch["is_chosen"] if on_chosen else True)
     w = w.astype(jnp.float32)
     return {"weights": w, "denominator": jnp.maximum(jnp.sum(w * num_tokens), 1.0)}
   if stage == "var":
@@ -90,7 +91,7 @@ def prepare(stage: str, batch, cfg):
 
 def numerator(stage: str, outputs, const, cfg):
   """Loss numerator of a micro-batch. outputs: [g, N] log-probs (or rewards); const: `prepare` sliced alike."""
-  if stage in ("sft", "var"):
+  if stage in ("sft", "var", "chosen"):
     return -jnp.sum(const["weights"] * outputs)
   if stage == "dpo":
     pc, pr = _take(outputs, const["chosen"]), _take(outputs, const["rejected"])
@@ -106,7 +107,7 @@ def metrics(stage: str, outputs, num_tokens, const, batch, cfg):
   """Stage metrics from the whole batch's per-sequence outputs [g, N] (after all micro-batches)."""
   valid = batch["valid"]
   out = {"num_tokens": jnp.sum(jnp.where(valid, num_tokens, 0.0))}
-  if stage in ("sft", "var"):
+  if stage in ("sft", "var", "chosen"):
     w = const["weights"]
     out["nll_per_token"] = -jnp.sum(w * outputs) / jnp.maximum(jnp.sum(w * num_tokens), 1e-9)
   if stage == "var":

@@ -14,6 +14,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
+from var_jax import config as config_lib
 from var_jax import flops as flops_lib
 from var_jax import model as model_lib
 from var_jax import sampling
@@ -32,10 +33,11 @@ _DEPENDS = {
     "score": (),
     "var": ("var",),
     "dpo": ("dpo",),
+    "chosen": ("chosen",),
     "eval": ("eval",),
 }
 _READS = {"sft": (), "reward": ("sft",), "score": ("sft", "reward"), "var": ("score",), "dpo": ("score",),
-          "eval": ("var", "dpo")}
+          "chosen": ("sft",), "eval": ("var", "dpo", "chosen")}
 
 
 def _fingerprint(cfg, stage: str) -> dict:
@@ -149,8 +151,12 @@ def load_task(cfg) -> Task:
 
 def make_pipeline(cfg, records, tok, *, k_max: int, train: bool, min_responses: int = 2):
   d = cfg.data
+  groups_per_batch = d.groups_per_batch
+  if not train:  # A small held-out set still makes one (smaller) batch.
+    available = -(-len(records) // d.block_size) * (d.block_size // d.group_size)
+    groups_per_batch = min(groups_per_batch, available)
   pcfg = data_pipeline.PipelineConfig(
-      block_size=d.block_size, group_size=d.group_size, groups_per_batch=d.groups_per_batch, k_max=k_max,
+      block_size=d.block_size, group_size=d.group_size, groups_per_batch=groups_per_batch, k_max=k_max,
       seed=cfg.seed, remainder="drop" if train else "pad", shuffle=train, num_epochs=None if train else 1,
       bucket=d.bucket, max_len=d.max_prompt_len + d.max_response_len)
   pipe, stats = data_pipeline.build_pipeline(records, tok, pcfg, min_responses=min_responses,
@@ -159,10 +165,17 @@ def make_pipeline(cfg, records, tok, *, k_max: int, train: bool, min_responses: 
   return pipe
 
 
-def with_scores(pipe, scores):
-  """The same pipeline (same tokenized records and blocks) with the scoring stage's matrices gathered per group."""
+def with_scores(pipe, scores, group_size: int = 0):
+  """The same pipeline (same tokenized records and blocks) with the scoring stage's matrices gathered per group.
+
+  group_size > 0 regroups the blocks into normalizer groups of that many prompts, keeping the prompts per step.
+  """
+  pcfg = pipe.config
+  if group_size:
+    prompts = pcfg.group_size * pcfg.groups_per_batch
+    pcfg = dataclasses.replace(pcfg, group_size=group_size, groups_per_batch=prompts // group_size)
   return data_pipeline.PreferencePipeline(
-      pipe.tokenized, pipe.blocks, pipe.config, max_len=pipe.max_len, pad_id=pipe.pad_id, k_max=pipe.k_max,
+      pipe.tokenized, pipe.blocks, pcfg, max_len=pipe.max_len, pad_id=pipe.pad_id, k_max=pipe.k_max,
       shard_index=pipe.shard_index, shard_count=pipe.shard_count, scores=scores)
 
 
@@ -355,11 +368,16 @@ def load_scores(workdir: str, split: str) -> dict:
 
 
 def run_policy_stage(ctx: Context, stage: str) -> None:
-  """var or dpo: the policy starts from the reference (sft) and trains on cached scores; no reference in memory."""
+  """var, dpo or chosen: the policy starts from the reference (sft) and trains on the preference data; var and
+  dpo read the cached scores, so the reference model is never in memory next to the policy."""
   cfg = ctx.cfg
   policy = load_model(cfg, ctx.mcfg, ctx.mesh, ctx.rules, ctx.workdir, "sft")
-  train_pipe = with_scores(ctx.pipe("pref"), load_scores(ctx.workdir, "train"))
-  eval_pipe = with_scores(ctx.pipe("pref_eval"), load_scores(ctx.workdir, "eval"))
+  if stage == "chosen":
+    train_pipe, eval_pipe = ctx.pipe("pref"), ctx.pipe("pref_eval")
+  else:
+    group_size = cfg.var.group_size if stage == "var" else 0
+    train_pipe = with_scores(ctx.pipe("pref"), load_scores(ctx.workdir, "train"), group_size)
+    eval_pipe = with_scores(ctx.pipe("pref_eval"), load_scores(ctx.workdir, "eval"), group_size)
   policy = ctx.train(stage, policy, train_pipe, eval_pipe)
   save_model(policy, ctx.workdir, stage)
   mark_done(cfg, ctx.workdir, stage)
@@ -374,4 +392,28 @@ def run_eval(ctx: Context) -> dict:
 
 RUNNERS = {"sft": run_sft, "reward": run_reward, "score": run_score,
            "var": lambda ctx: run_policy_stage(ctx, "var"), "dpo": lambda ctx: run_policy_stage(ctx, "dpo"),
+           "chosen": lambda ctx: run_policy_stage(ctx, "chosen"),
            "eval": run_eval}
+
+
+def run_pipeline(cfg, workdir: str) -> None:
+  """Runs the configured stages that are not complete in workdir (validating the config first)."""
+  if "://" in workdir:
+    raise ValueError(f"--workdir={workdir}: var_jax writes through the local filesystem; mount the bucket (gcsfuse, "
+                     "as launch/tpu_pod.sh does) and pass the mount path")
+  sharding_lib.initialize_distributed()
+  config_lib.validate(cfg, jax.device_count())
+  mesh = sharding_lib.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+  rules = sharding_lib.parse_rules(cfg.mesh.rules)
+  logging.info("workdir %s, mesh %s, %d process(es)", workdir, dict(mesh.shape), jax.process_count())
+  stages = [s.strip() for s in cfg.stages.split(",") if s.strip()]
+  pending = [s for s in stages if not is_done(cfg, workdir, s)]
+  for s in stages:
+    if s not in pending:
+      logging.info("stage %s: complete, skipped", s)
+  if not pending:
+    return
+  ctx = Context(cfg, workdir, mesh, rules)
+  for s in pending:
+    logging.info("stage %s: running", s)
+    RUNNERS[s](ctx)

@@ -1,0 +1,283 @@
+"""A grid over config fields that shares the upstream stages, then one table and plots of every run.
+
+    python launch/sweep.py --config=configs/tiny.py --dir=workdir/sweep_lam_b \
+        --grid=var.lam=0.03,0.1,0.3,1 --grid=var.group_size=2,4,8,16 --stages=var,eval
+
+Every grid point is a run directory DIR/runs/<field=value,...>. Runs whose upstream settings (everything the
+sft, reward and score stages depend on) agree share ONE upstream directory DIR/upstream/<hash>: it is computed
+once and linked into each run, so a sweep over lambda, the normalizer or var.group_size (B <= the block size G)
+costs one SFT, one reward model and one scoring pass. Re-running skips finished runs (each stage's DONE.json).
+
+--emit_commands prints one `python -m var_jax.main` command per run (upstream first) for a cluster scheduler
+instead of running them here. --collect_only rebuilds the table and plots from finished runs.
+
+Outputs in DIR: results.csv, results.md, and PNG plots: reward vs lambda per group size, the KL-reward frontier,
+and training curves (loss vs step) of every run.
+"""
+import csv
+import hashlib
+import itertools
+import json
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from ml_collections import config_flags  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+
+from var_jax import stages as stages_lib  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+
+UPSTREAM = ("sft", "reward", "score")
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Base config file.")
+_DIR = flags.DEFINE_string("dir", "workdir/sweep", "Sweep directory.")
+_GRID = flags.DEFINE_multi_string("grid", [], "field=v1,v2,... (repeat for a product grid).")
+_STAGES = flags.DEFINE_string("stages", "var,dpo,chosen,eval", "Stages each run executes after the upstream ones.")
+_EMIT = flags.DEFINE_bool("emit_commands", False, "Print one command per run instead of running.")
+_COLLECT = flags.DEFINE_bool("collect_only", False, "Only collect finished runs into the table and plots.")
+
+
+def parse_value(text: str, current):
+  """A command-line value converted to the type of the config field it overrides."""
+  if isinstance(current, bool):
+    if text.lower() not in ("true", "false"):
+      raise ValueError(f"expected true/false, got {text!r}")
+    return text.lower() == "true"
+  if isinstance(current, int):
+    return int(text)
+  if isinstance(current, float):
+    return float(text)
+  return text
+
+
+def get_field(cfg, field: str):
+  node = cfg
+  for part in field.split("."):
+    if part not in node:
+      raise ValueError(f"--grid: config has no field {field!r}")
+    node = node[part]
+  return node
+
+
+def set_field(cfg, field: str, value) -> None:
+  *parents, leaf = field.split(".")
+  node = cfg
+  for part in parents:
+    node = node[part]
+  node[leaf] = value
+
+
+def grid_points(cfg, grid: list[str]) -> list[dict]:
+  """The product of every --grid field's values, as [{field: value}], in the order given."""
+  axes = []
+  for spec in grid:
+    field, sep, values = spec.partition("=")
+    if not sep or not values:
+      raise ValueError(f"--grid={spec!r}: expected field=v1,v2,...")
+    current = get_field(cfg, field)
+    axes.append([(field, parse_value(v, current)) for v in values.split(",")])
+  return [dict(p) for p in itertools.product(*axes)] if axes else [{}]
+
+
+def run_name(point: dict) -> str:
+  return ",".join(f"{k}={v}" for k, v in point.items()) or "base"
+
+
+def upstream_key(cfg) -> str:
+  """A short hash of everything the upstream stages depend on."""
+  text = json.dumps(stages_lib._fingerprint(cfg, "score"), sort_keys=True)  # pylint: disable=protected-access
+  return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def link_upstream(run_dir: str, upstream_dir: str) -> None:
+  os.makedirs(run_dir, exist_ok=True)
+  for stage in UPSTREAM:
+    link = os.path.join(run_dir, stage)
+    target = os.path.relpath(os.path.join(upstream_dir, stage), run_dir)
+    if os.path.islink(link) and os.readlink(link) == target:
+      continue
+    if os.path.exists(link) or os.path.islink(link):
+      raise ValueError(f"{link} exists and is not a link to {target}; refusing to touch it")
+    os.symlink(target, link)
+
+
+def overrides(point: dict, stages: str) -> list[str]:
+  return [f"--config.{k}={v}" for k, v in point.items()] + [f"--config.stages={stages}"]
+
+
+def plan(base_cfg, points: list[dict], sweep_dir: str, stages: str):
+  """[(name, cfg, run_dir, upstream_dir, overrides)] for every grid point."""
+  out = []
+  for point in points:
+    cfg = base_cfg.copy_and_resolve_references()
+    for field, value in point.items():
+      set_field(cfg, field, value)
+    cfg.stages = stages
+    name = run_name(point)
+    upstream = os.path.join(sweep_dir, "upstream", upstream_key(cfg))
+    out.append((name, cfg, os.path.join(sweep_dir, "runs", name), upstream, overrides(point, stages)))
+  return out
+
+
+def run_all(runs, config_file: str, emit: bool) -> None:
+  done_upstream = set()
+  for name, cfg, run_dir, upstream, extra in runs:
+    if upstream not in done_upstream:
+      up_cfg = cfg.copy_and_resolve_references()
+      up_cfg.stages = ",".join(UPSTREAM)
+      up_extra = [e for e in extra if not e.startswith("--config.stages=")] + [f"--config.stages={up_cfg.stages}"]
+      if emit:
+        print(" ".join(["python -m var_jax.main", f"--config={config_file}", f"--workdir={upstream}", *up_extra]))
+      else:
+        logging.info("upstream %s", upstream)
+        stages_lib.run_pipeline(up_cfg, upstream)
+      done_upstream.add(upstream)
+    link_upstream(run_dir, upstream)
+    if emit:
+      print(" ".join(["python -m var_jax.main", f"--config={config_file}", f"--workdir={run_dir}", *extra]))
+    else:
+      logging.info("run %s", name)
+      stages_lib.run_pipeline(cfg, run_dir)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Collecting results.
+
+
+def _last_train_metrics(run_dir: str, stage: str) -> dict:
+  path = os.path.join(run_dir, stage, "logs", "metrics.jsonl")
+  if not os.path.exists(path):
+    return {}
+  last = {}
+  with open(path, encoding="utf-8") as f:
+    for line in f:
+      row = json.loads(line)
+      if "loss" in row:
+        last = row
+  return last
+
+
+def collect(runs) -> list[dict]:
+  """One row per (run, policy) with the grid values, eval results and the policy stage's final train metrics."""
+  rows = []
+  for name, cfg, run_dir, _, _ in runs:
+    path = os.path.join(run_dir, "eval", "results.json")
+    if not os.path.exists(path):
+      continue
+    with open(path, encoding="utf-8") as f:
+      results = json.load(f)
+    point = dict(p.split("=", 1) for p in name.split(",")) if name != "base" else {}
+    for policy, metrics in results["policies"].items():
+      row = {"run": name, **point, "policy": policy, **metrics}
+      if policy != "sft":
+        train = _last_train_metrics(run_dir, policy)
+        row.update({f"train/{k}": v for k, v in train.items() if k in ("loss", "var/ess", "dpo/accuracy")})
+      rows.append(row)
+  return rows
+
+
+def write_table(rows: list[dict], sweep_dir: str) -> str:
+  columns = []
+  for row in rows:
+    columns += [k for k in row if k not in columns]
+  with open(os.path.join(sweep_dir, "results.csv"), "w", newline="", encoding="utf-8") as f:
+    writer = csv.DictWriter(f, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+  fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731
+  lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+  lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
+  table = "\n".join(lines)
+  with open(os.path.join(sweep_dir, "results.md"), "w", encoding="utf-8") as f:
+    f.write(table + "\n")
+  return table
+
+
+def plot(rows: list[dict], runs, sweep_dir: str) -> list[str]:
+  """PNG plots; returns their paths."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  reward_key = "gold_reward" if any("gold_reward" in r for r in rows) else "rm_reward"
+  kl_key = "kl_to_ref" if any("kl_to_ref" in r for r in rows) else "logratio_to_ref"
+  paths = []
+  var_rows = [r for r in rows if r["policy"] == "var" and "var.lam" in r]
+  if var_rows:
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    by_b = {}
+    for r in var_rows:
+      by_b.setdefault(r.get("var.group_size", "default"), []).append((float(r["var.lam"]), r[reward_key]))
+    for b, points in sorted(by_b.items(), key=lambda kv: str(kv[0])):
+      points.sort()
+      ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"B={b}")
+    ref = [r[reward_key] for r in rows if r["policy"] == "sft"]
+    if ref:
+      ax.axhline(sum(ref) / len(ref), color="gray", linestyle="--", label="reference (SFT)")
+    ax.set_xscale("log")
+    ax.set_xlabel("lambda")
+    ax.set_ylabel(reward_key)
+    ax.legend(fontsize=7)
+    ax.set_title("VAR: reward vs lambda")
+    paths.append(_save(fig, sweep_dir, "reward_vs_lambda.png"))
+  fig, ax = plt.subplots(figsize=(5, 3.5))
+  for policy in sorted({r["policy"] for r in rows}):
+    pts = [(r[kl_key], r[reward_key]) for r in rows if r["policy"] == policy and kl_key in r]
+    ax.scatter([p[0] for p in pts], [p[1] for p in pts], label=policy, s=18)
+  ax.set_xlabel(kl_key)
+  ax.set_ylabel(reward_key)
+  ax.legend(fontsize=7)
+  ax.set_title("KL-reward frontier")
+  paths.append(_save(fig, sweep_dir, "kl_reward_frontier.png"))
+  fig, ax = plt.subplots(figsize=(6, 3.5))
+  for name, _, run_dir, _, _ in runs:
+    for stage in ("var", "dpo"):
+      path = os.path.join(run_dir, stage, "logs", "metrics.jsonl")
+      if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+          pts = [(r["step"], r["loss"]) for r in map(json.loads, f) if "loss" in r]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], label=f"{stage} {name}", linewidth=1)
+  ax.set_xlabel("step")
+  ax.set_ylabel("train loss")
+  ax.legend(fontsize=5)
+  ax.set_title("Training curves")
+  paths.append(_save(fig, sweep_dir, "training_curves.png"))
+  return paths
+
+
+def _save(fig, sweep_dir: str, name: str) -> str:
+  path = os.path.join(sweep_dir, name)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  plt.close(fig)
+  return path
+
+
+def main(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from var_jax import metrics_writer  # pylint: disable=g-import-not-at-top
+  metrics_writer.quiet_library_logs()
+  base = _CONFIG.value
+  runs = plan(base, grid_points(base, _GRID.value), _DIR.value, _STAGES.value)
+  config_file = flags.FLAGS["config"].config_filename
+  if not _COLLECT.value:
+    run_all(runs, config_file, _EMIT.value)
+  if _EMIT.value:
+    return
+  rows = collect(runs)
+  if not rows:
+    logging.warning("no finished runs in %s", _DIR.value)
+    return
+  os.makedirs(_DIR.value, exist_ok=True)
+  print(write_table(rows, _DIR.value))
+  for path in plot(rows, runs, _DIR.value):
+    print(path)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,69 @@
+"""launch/sweep.py: grid parsing, upstream sharing, emitted commands, collection (no training here)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "launch"))
+sys.path.insert(0, ROOT)
+
+import sweep  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+from configs import tiny  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def test_grid_points_are_typed_products():
+  cfg = tiny.get_config()
+  points = sweep.grid_points(cfg, ["var.lam=0.1,1", "var.group_size=2,4", "var.length_normalize=true"])
+  assert len(points) == 4
+  assert points[0] == {"var.lam": 0.1, "var.group_size": 2, "var.length_normalize": True}
+  assert isinstance(points[1]["var.lam"], float) and isinstance(points[1]["var.group_size"], int)
+  with pytest.raises(ValueError, match="no field 'var.lamb'"):
+    sweep.grid_points(cfg, ["var.lamb=1"])
+  with pytest.raises(ValueError, match="expected field=v1,v2"):
+    sweep.grid_points(cfg, ["var.lam"])
+
+
+def test_runs_share_upstream_only_when_upstream_settings_agree(tmp_path):
+  cfg = tiny.get_config()
+  runs = sweep.plan(cfg, sweep.grid_points(cfg, ["var.lam=0.1,1", "seed=0,1"]), str(tmp_path), "var,eval")
+  upstream = {name: up for name, _, _, up, _ in runs}
+  assert upstream["var.lam=0.1,seed=0"] == upstream["var.lam=1.0,seed=0"]
+  assert upstream["var.lam=0.1,seed=0"] != upstream["var.lam=0.1,seed=1"]
+  b_runs = sweep.plan(cfg, sweep.grid_points(cfg, ["var.group_size=2,4,8"]), str(tmp_path), "var,eval")
+  assert len({up for _, _, _, up, _ in b_runs}) == 1  # B <= G reuses one scoring pass.
+
+
+def test_link_upstream_refuses_to_replace_real_directories(tmp_path):
+  up, run = tmp_path / "up", tmp_path / "run"
+  (run / "sft").mkdir(parents=True)
+  with pytest.raises(ValueError, match="is not a link"):
+    sweep.link_upstream(str(run), str(up))
+
+
+def test_emit_commands_prints_upstream_once_then_each_run(tmp_path):
+  proc = subprocess.run([sys.executable, "launch/sweep.py", "--config=configs/tiny.py", f"--dir={tmp_path}",
+                         "--grid=var.lam=0.1,1", "--emit_commands"], cwd=ROOT, capture_output=True, text=True,
+                        timeout=120, check=True)
+  lines = [l for l in proc.stdout.splitlines() if l.startswith("python -m var_jax.main")]
+  assert len(lines) == 3
+  assert "--config.stages=sft,reward,score" in lines[0] and "/upstream/" in lines[0]
+  assert "--config.var.lam=0.1" in lines[1] and "--config.var.lam=1.0" in lines[2]
+
+
+def test_collect_reads_finished_runs(tmp_path):
+  cfg = tiny.get_config()
+  runs = sweep.plan(cfg, sweep.grid_points(cfg, ["var.lam=0.1,1"]), str(tmp_path), "var,eval")
+  name, _, run_dir, _, _ = runs[0]
+  os.makedirs(os.path.join(run_dir, "eval"))
+  with open(os.path.join(run_dir, "eval", "results.json"), "w") as f:
+    json.dump({"policies": {"sft": {"gold_reward": 0.4, "kl_to_ref": 0.0},
+                            "var": {"gold_reward": 0.6, "kl_to_ref": 0.5}}}, f)
+  rows = sweep.collect(runs)
+  assert [(r["run"], r["policy"], r["gold_reward"]) for r in rows] == [(name, "sft", 0.4), (name, "var", 0.6)]
+  table = sweep.write_table(rows, str(tmp_path))
+  assert "var.lam" in table and os.path.exists(tmp_path / "results.csv")
+  paths = sweep.plot(rows, runs, str(tmp_path))
+  assert all(os.path.getsize(p) > 0 for p in paths)
