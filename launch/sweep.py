@@ -39,6 +39,8 @@ _GRID = flags.DEFINE_multi_string("grid", [], "field=v1,v2,... (repeat for a pro
 _STAGES = flags.DEFINE_string("stages", "var,dpo,chosen,eval", "Stages each run executes after the upstream ones.")
 _EMIT = flags.DEFINE_bool("emit_commands", False, "Print one command per run instead of running.")
 _COLLECT = flags.DEFINE_bool("collect_only", False, "Only collect finished runs into the table and plots.")
+_AGGREGATE = flags.DEFINE_string("aggregate_over", "", "A grid field (e.g. seed) to average over: adds a "
+                                 "mean / std / n summary (summary.md) per policy and remaining grid values.")
 
 
 def parse_value(text: str, current):
@@ -72,15 +74,19 @@ def set_field(cfg, field: str, value) -> None:
 
 
 def grid_points(cfg, grid: list[str]) -> list[dict]:
-  """The product of every --grid field's values, as [{field: value}], in the order given."""
+  """The product of every --grid field's values, as [{field: value}], in the order given.
+
+  "a.x+b.y=1,2" ties fields: both take the same value in each point (e.g. var.steps+dpo.steps=100,400).
+  """
   axes = []
   for spec in grid:
-    field, sep, values = spec.partition("=")
+    fields, sep, values = spec.partition("=")
     if not sep or not values:
       raise ValueError(f"--grid={spec!r}: expected field=v1,v2,...")
-    current = get_field(cfg, field)
-    axes.append([(field, parse_value(v, current)) for v in values.split(",")])
-  return [dict(p) for p in itertools.product(*axes)] if axes else [{}]
+    tied = fields.split("+")
+    currents = [get_field(cfg, f) for f in tied]
+    axes.append([tuple((f, parse_value(v, c)) for f, c in zip(tied, currents)) for v in values.split(",")])
+  return [dict(kv for group in p for kv in group) for p in itertools.product(*axes)] if axes else [{}]
 
 
 def run_name(point: dict) -> str:
@@ -197,6 +203,24 @@ def write_table(rows: list[dict], sweep_dir: str) -> str:
   return table
 
 
+def aggregate(rows: list[dict], field: str) -> list[dict]:
+  """Mean, std and count of every numeric result over the values of `field`, per policy and other grid values."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  groups = {}
+  for r in rows:
+    key = tuple((k, v) for k, v in r.items() if k not in (field, "run") and not isinstance(v, float))
+    groups.setdefault(key, []).append(r)
+  out = []
+  for key, members in groups.items():
+    row = dict(key)
+    row["n"] = len(members)
+    for metric in sorted({k for m in members for k, v in m.items() if isinstance(v, float)}):
+      values = [m[metric] for m in members if metric in m]
+      row[metric] = f"{np.mean(values):.4f} ± {np.std(values, ddof=1) if len(values) > 1 else 0.0:.4f}"
+    out.append(row)
+  return out
+
+
 def plot(rows: list[dict], runs, sweep_dir: str) -> list[str]:
   """PNG plots; returns their paths."""
   import matplotlib  # pylint: disable=g-import-not-at-top
@@ -223,6 +247,19 @@ def plot(rows: list[dict], runs, sweep_dir: str) -> list[str]:
     ax.legend(fontsize=7)
     ax.set_title("VAR: reward vs lambda")
     paths.append(_save(fig, sweep_dir, "reward_vs_lambda.png"))
+  numeric = [k for k in (rows[0] if rows else {}) if "." in k or k == "seed"]
+  for field in numeric:
+    if field in ("var.lam", "seed") or any(not _is_number(r.get(field)) for r in rows):
+      continue
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for policy in sorted({r["policy"] for r in rows}):
+      pts = sorted((float(r[field]), r[reward_key]) for r in rows if r["policy"] == policy)
+      ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=policy)
+    ax.set_xlabel(field)
+    ax.set_ylabel(reward_key)
+    ax.legend(fontsize=7)
+    ax.set_title(f"{reward_key} vs {field}")
+    paths.append(_save(fig, sweep_dir, f"reward_vs_{field.replace('+', '_')}.png"))
   fig, ax = plt.subplots(figsize=(5, 3.5))
   for policy in sorted({r["policy"] for r in rows}):
     pts = [(r[kl_key], r[reward_key]) for r in rows if r["policy"] == policy and kl_key in r]
@@ -246,6 +283,14 @@ def plot(rows: list[dict], runs, sweep_dir: str) -> list[str]:
   ax.set_title("Training curves")
   paths.append(_save(fig, sweep_dir, "training_curves.png"))
   return paths
+
+
+def _is_number(text) -> bool:
+  try:
+    float(text)
+    return True
+  except (TypeError, ValueError):
+    return False
 
 
 def _save(fig, sweep_dir: str, name: str) -> str:
@@ -275,6 +320,16 @@ def main(argv) -> None:
     return
   os.makedirs(_DIR.value, exist_ok=True)
   print(write_table(rows, _DIR.value))
+  if _AGGREGATE.value:
+    summary = aggregate(rows, _AGGREGATE.value)
+    columns = []
+    for row in summary:
+      columns += [k for k in row if k not in columns]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(str(r.get(c, "")) for c in columns) + " |" for r in summary]
+    with open(os.path.join(_DIR.value, "summary.md"), "w", encoding="utf-8") as f:
+      f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
   for path in plot(rows, runs, _DIR.value):
     print(path)
 

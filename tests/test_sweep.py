@@ -67,3 +67,15 @@ def test_collect_reads_finished_runs(tmp_path):
   assert "var.lam" in table and os.path.exists(tmp_path / "results.csv")
   paths = sweep.plot(rows, runs, str(tmp_path))
   assert all(os.path.getsize(p) > 0 for p in paths)
+
+
+def test_tied_fields_and_aggregation_over_seeds():
+  cfg = tiny.get_config()
+  points = sweep.grid_points(cfg, ["var.steps+dpo.steps=100,400"])
+  assert points == [{"var.steps": 100, "dpo.steps": 100}, {"var.steps": 400, "dpo.steps": 400}]
+  rows = [{"run": "a", "seed": "0", "policy": "var", "gold_reward": 0.5},
+          {"run": "b", "seed": "1", "policy": "var", "gold_reward": 0.7},
+          {"run": "a", "seed": "0", "policy": "sft", "gold_reward": 0.4}]
+  summary = {r["policy"]: r for r in sweep.aggregate(rows, "seed")}
+  assert summary["var"]["n"] == 2 and summary["var"]["gold_reward"] == "0.6000 ± 0.1414"
+  assert summary["sft"]["n"] == 1 and summary["sft"]["gold_reward"] == "0.4000 ± 0.0000"
