@@ -13,11 +13,16 @@ from absl import logging
 from ml_collections import config_flags
 
 from var_jax import metrics_writer
+from var_jax import sharding as sharding_lib
 from var_jax import stages as stages_lib
 from var_jax import train as train_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Config file (configs/*.py).")
 _WORKDIR = flags.DEFINE_string("workdir", "", "Where artifacts go; default workdir/<config file name>.")
+_COORDINATOR = flags.DEFINE_string("coordinator", None, "host:port of process 0, for a multi-process run on a "
+                                   "cluster JAX does not detect by itself (TPU pods, SLURM, Open MPI need nothing).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes of a multi-process run (with --coordinator).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator).")
 
 
 def main(argv) -> None:
@@ -27,6 +32,8 @@ def main(argv) -> None:
   cfg = _CONFIG.value
   config_file = flags.FLAGS["config"].config_filename
   workdir = _WORKDIR.value or os.path.join("workdir", os.path.splitext(os.path.basename(config_file))[0])
+  if _COORDINATOR.value is not None:
+    sharding_lib.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   try:
     stages_lib.run_pipeline(cfg, workdir)
   except train_lib.Preempted as e:

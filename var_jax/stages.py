@@ -149,7 +149,9 @@ def load_task(cfg) -> Task:
   return Task(tok, records, records, held_out, synthetic=False)
 
 
-def make_pipeline(cfg, records, tok, *, k_max: int, train: bool, min_responses: int = 2):
+def make_pipeline(cfg, records, tok, *, k_max: int, train: bool, min_responses: int = 2,
+                  shard_index: Optional[int] = None, shard_count: Optional[int] = None):
+  """The data pipeline of one role; shard_index/shard_count default to this process of all processes."""
   d = cfg.data
   groups_per_batch = d.groups_per_batch
   if not train:  # A small held-out set still makes one (smaller) batch.
@@ -160,7 +162,8 @@ def make_pipeline(cfg, records, tok, *, k_max: int, train: bool, min_responses: 
       seed=cfg.seed, remainder="drop" if train else "pad", shuffle=train, num_epochs=None if train else 1,
       bucket=d.bucket, max_len=d.max_prompt_len + d.max_response_len)
   pipe, stats = data_pipeline.build_pipeline(records, tok, pcfg, min_responses=min_responses,
-                                             skip_invalid=d.skip_invalid)
+                                             skip_invalid=d.skip_invalid, shard_index=shard_index,
+                                             shard_count=shard_count)
   logging.info("pipeline (%d records, K=%d): %s", len(records), k_max, stats)
   return pipe
 
@@ -363,8 +366,22 @@ def run_score(ctx: Context) -> None:
 
 
 def load_scores(workdir: str, split: str) -> dict:
-  with np.load(_scores_path(workdir, split)) as z:
-    return {k: z[k] for k in z.files}
+  """The scoring stage's matrices, merged over the files every scoring process wrote (each holds its own blocks,
+  NaN elsewhere), so training may run on a different number of processes than scoring did."""
+  directory = stage_dir(workdir, "score")
+  files = sorted(f for f in os.listdir(directory) if f.startswith(f"{split}_p") and f.endswith(".npz"))
+  if not files:
+    raise FileNotFoundError(f"no {split} scores in {directory}; rerun the score stage")
+  merged = None
+  for name in files:
+    with np.load(os.path.join(directory, name)) as z:
+      part = {k: z[k] for k in z.files}
+    if merged is None:
+      merged = part
+    else:
+      for k, v in part.items():
+        merged[k] = np.where(np.isnan(merged[k]), v, merged[k])
+  return merged
 
 
 def run_policy_stage(ctx: Context, stage: str) -> None:
