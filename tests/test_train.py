@@ -18,6 +18,7 @@ from var_jax import config as config_lib
 from var_jax import losses
 from var_jax import model as model_lib
 from var_jax import objectives
+from var_jax import scoring
 from var_jax import sharding as sharding_lib
 from var_jax import stages
 from var_jax import train as train_lib
@@ -305,3 +306,17 @@ def test_two_process_var_stage_matches_one_process(tmp_path):
     pb = ckptr.restore(os.path.join(two, "var", "params"), pa)  # Saved on a 2-process mesh: restore onto ours.
   for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
     np.testing.assert_allclose(x, y, atol=2e-5)
+
+
+def test_score_stage_prefix_shared_equals_pairwise():
+  cfg = tiny_config()
+  tok = tokenize.Tokenizer(synthetic.build_tokenizer(), max_prompt_len=16, max_response_len=12)
+  pipe = stages.make_pipeline(cfg, synthetic.preference_records(40), tok, k_max=2, train=False)
+  model = _tiny_model(len(tok.tok))
+  gold = lambda b, p, m: float(b + p + m)  # noqa: E731  (any reward function: only the layout matters here)
+  shared = scoring.score_blocks(pipe, model, reward_fn=gold, prefix_shared=True)
+  pairwise = scoring.score_blocks(pipe, model, reward_fn=gold, prefix_shared=False)
+  for key in ("ref_logp", "ref_ntok", "reward"):
+    np.testing.assert_array_equal(np.isnan(shared[key]), np.isnan(pairwise[key]))
+    np.testing.assert_allclose(shared[key], pairwise[key], rtol=2e-5, atol=2e-5)
+  assert np.isnan(shared["ref_logp"]).any()  # The padded last block's dummy prompts stay NaN.

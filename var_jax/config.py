@@ -73,6 +73,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.reward.lr = 1e-3
   c.reward.init = "sft"           # Backbone init for a trained RM: "sft" policy or "base" (random / model.path).
 
+  c.score = ml_collections.ConfigDict()
+  c.score.prefix_shared = True    # Encode each prompt once (KV cache) and score all responses against it.
+  c.score.chunk = 256             # Sequences per forward pass of the pairwise (reward-model) scoring.
+
   c.var = ml_collections.ConfigDict()
   c.var.steps = 300
   c.var.lr = 5e-4

@@ -51,7 +51,7 @@ def _in_chunks(fn, graphdef, state, seqs: dict, rows: int, chunk: int):
 def score_blocks(pipe: data_pipeline.PreferencePipeline, ref_model: Optional[nnx.Module],
                  reward_model: Optional[nnx.Module] = None,
                  reward_fn: Optional[Callable[[int, int, int], float]] = None,
-                 own_rewards_only: bool = False, chunk: int = 256) -> dict:
+                 own_rewards_only: bool = False, chunk: int = 256, prefix_shared: bool = True) -> dict:
   """Scores every block of this process's share of `pipe` (naive: each (prompt, response) pair concatenated).
 
   Args:
@@ -63,6 +63,8 @@ def score_blocks(pipe: data_pipeline.PreferencePipeline, ref_model: Optional[nnx
     own_rewards_only: rewards exist only for each response under its own prompt (dataset-provided rewards):
       cross-context reward entries stay NaN, so only the "per_prompt" and "batch" normalizers can use them.
     chunk: sequences per forward pass.
+    prefix_shared: score reference log-probs by encoding each prompt once into a KV cache and every response
+      against it (`prefix_shared_logprobs`, same numbers) instead of concatenating every pair.
   Returns:
     {"ref_logp": [num_blocks, G, G*K], "ref_ntok": [num_blocks, G*K], "reward": [num_blocks, G, G*K]} float32;
     blocks of other processes are NaN.
@@ -83,7 +85,16 @@ def score_blocks(pipe: data_pipeline.PreferencePipeline, ref_model: Optional[nnx
     seqs = data_pipeline.build_sequences(pairs, length, pipe.pad_id)
     rows = len(pairs)
     chunk = min(chunk, rows)  # Every block has G * G*K rows: one compiled shape, no padding beyond a block.
-    if ref_split is not None:
+    if ref_split is not None and prefix_shared:
+      p_idx = [i for i, p in enumerate(block["prompt_ids"]) if p is not None]
+      r_idx = [m for m, r in enumerate(block["response_ids"]) if r is not None]
+      logp = np.full((g, g * k), np.nan, np.float32)
+      logp[np.ix_(p_idx, r_idx)] = prefix_shared_logprobs(
+          ref_model, [block["prompt_ids"][i] for i in p_idx], [block["response_ids"][m] for m in r_idx],
+          pad_id=pipe.pad_id, bucket=pipe.config.bucket)
+      out["ref_logp"][b] = np.where(present, logp, np.nan)
+      ntok = seqs["loss_mask"].sum(-1)
+    elif ref_split is not None:
       logp, ntok = _in_chunks(_policy_scores_jit, *ref_split, seqs, rows, chunk)
       out["ref_logp"][b] = np.where(present, logp.reshape(g, g * k), np.nan)
     else:

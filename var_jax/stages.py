@@ -30,7 +30,7 @@ from var_jax.data import tokenize
 _DEPENDS = {
     "sft": ("seed", "data", "model", "sft", "optim"),
     "reward": ("reward",),
-    "score": (),
+    "score": ("score",),
     "var": ("var",),
     "dpo": ("dpo",),
     "chosen": ("chosen",),
@@ -357,7 +357,8 @@ def run_score(ctx: Context) -> None:
   for split, name in (("train", "pref"), ("eval", "pref_eval")):
     pipe = ctx.pipe(name)
     rm, reward_fn, own_only = _reward_source(ctx, pipe)
-    scores = scoring.score_blocks(pipe, ref, rm, reward_fn, own_rewards_only=own_only)
+    scores = scoring.score_blocks(pipe, ref, rm, reward_fn, own_rewards_only=own_only, chunk=cfg.score.chunk,
+                                  prefix_shared=cfg.score.prefix_shared)
     tmp = _scores_path(ctx.workdir, split) + ".tmp.npz"
     np.savez(tmp, **scores)
     os.replace(tmp, _scores_path(ctx.workdir, split))
