@@ -472,8 +472,11 @@ def word_tokenizer(vocab: int):
 
 
 def bench_trl_dpo(mcfg: model_lib.ModelConfig, pairs: int, seq: int, warmup: int, repeats: int, workdir: str,
-                  prompt_frac: float = 0.5) -> dict:
+                  prompt_frac: float = 0.5, gradient_checkpointing: bool = False) -> dict:
   """TRL DPOTrainer steps (policy + frozen reference, float32, AdamW): median step time, policy tokens/s.
+
+  gradient_checkpointing=False (TRL 1.16's DPOConfig turns it on by default): var_jax's step does not
+  rematerialise either, so this is the like-for-like (and the faster) TRL configuration.
 
   Each pair is a prompt of prompt_frac*seq tokens and chosen/rejected responses filling `seq` (EOS included).
   Step times come from Trainer callbacks around each optimizer step (data collation included, as users see it).
@@ -487,14 +490,16 @@ def bench_trl_dpo(mcfg: model_lib.ModelConfig, pairs: int, seq: int, warmup: int
   p_len = int(seq * prompt_frac)
   words = lambda n: " ".join(f"t{i}" for i in rng.integers(3, mcfg.vocab_size, n))  # noqa: E731
   steps = warmup + repeats
-  data = datasets.Dataset.from_list([{"prompt": words(p_len), "chosen": words(seq - p_len - 1) + " t1",
-                                      "rejected": words(seq - p_len - 1) + " t1"} for _ in range(pairs * steps)])
+  # Completions start with a space: TRL tokenizes prompt + completion as one string, and "t5" + "t7" would merge.
+  data = datasets.Dataset.from_list([{"prompt": words(p_len), "chosen": " " + words(seq - p_len - 1) + " t1",
+                                      "rejected": " " + words(seq - p_len - 1) + " t1"} for _ in range(pairs * steps)])
   torch.manual_seed(0)
   policy = LlamaForCausalLM(hf_llama_config(mcfg)).float()
   ref = LlamaForCausalLM(hf_llama_config(mcfg)).float()
   args = DPOConfig(output_dir=workdir, per_device_train_batch_size=pairs, max_steps=steps, learning_rate=1e-4,
                    beta=0.1, max_length=seq, logging_steps=10 ** 6, save_strategy="no", report_to=[],
-                   use_cpu=True, dataloader_num_workers=0, max_grad_norm=1.0, disable_tqdm=True, seed=0)
+                   use_cpu=True, dataloader_num_workers=0, max_grad_norm=1.0, disable_tqdm=True, seed=0,
+                   gradient_checkpointing=gradient_checkpointing)
   times: list[float] = []
 
   class Timer(transformers.TrainerCallback):
@@ -515,6 +520,7 @@ def bench_trl_dpo(mcfg: model_lib.ModelConfig, pairs: int, seq: int, warmup: int
   return _record("trl", "trl_dpo", {**timing_stats(measured), "policy_tokens_per_step": pairs * tokens_per_pair,
                                     "policy_tokens_per_s": pairs * tokens_per_pair / med},
                  {"pairs": pairs, "seq": seq, "trl": __import__("trl").__version__,
+                  "gradient_checkpointing": gradient_checkpointing,
                   "model": dataclasses.asdict(mcfg)})
 
 
