@@ -1,9 +1,17 @@
 """Batched autoregressive sampling: greedy, temperature, top-k / top-p, stop at EOS, seeded.
 
-`generate` runs one jitted loop per (batch, length) shape. Each step re-runs the decoder over the fixed-length
-token buffer and reads the logits at every row's own position, so prompts of different lengths need no left
-padding and the result is, by construction, the step-by-step full-forward reference. (A KV-cache decode path
-would be faster for long generations; this one is exact and simple.)
+`generate` (the KV-cache sampler) left-pads every prompt of a batch to one bucketed length P, so all rows end at
+slot P-1; one prefill call fills a `KVCache` of P + max_new_tokens - 1 slots, then a `lax.while_loop` decodes one
+token per step (each step attends to the cache only: O(P + t) per token) and stops as soon as every row has
+emitted EOS. Prefill and loop are a single jitted call per (batch, P, max_new_tokens) shape and sampling options.
+
+`generate_reference` is the slow, obviously-correct sampler kept for tests: every step re-runs the decoder over a
+fixed right-padded buffer (O(T^2) per token) and reads each row's logits at its own last position. The greedy
+outputs of the two agree token for token (tests/test_sampling.py).
+
+Sharding: both take a model whose parameters may live on a mesh (e.g. from `sharding.create_sharded_model` or
+`stages.load_model`); the jitted call follows the parameters' shardings, the small token inputs are replicated on
+the parameters' mesh and the outputs are constrained to replicated so every process can read them.
 """
 from typing import Sequence
 
@@ -11,22 +19,173 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from var_jax import model as model_lib
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Token choice.
 
 
 def filter_logits(logits, temperature: float, top_k: int, top_p: float):
-  """Scaled and truncated logits [B, V] (float32): temperature, then top-k, then nucleus (top-p) truncation."""
+  """Scaled and truncated logits [B, V] (float32): temperature, then top-k, then nucleus (top-p) truncation.
+
+  Removed tokens get -inf. top_k <= 0 or top_p >= 1 disables that filter. top-k keeps exactly
+  min(top_k, V) tokens even when logits tie (chosen by index, not by a value threshold).
+  """
   logits = logits.astype(jnp.float32) / temperature
-  if top_k > 0:
-    kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
-    logits = jnp.where(logits < kth, -jnp.inf, logits)
+  if top_k > 0 and top_k < logits.shape[-1]:
+    _, idx = jax.lax.top_k(logits, top_k)  # [B, k]
+    keep = jnp.zeros(logits.shape, bool).at[jnp.arange(logits.shape[0])[:, None], idx].set(True)
+    logits = jnp.where(keep, logits, -jnp.inf)
   if top_p < 1.0:
     sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
-    cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
     # Keep the smallest prefix whose mass reaches top_p: a token is kept if the mass before it is < top_p.
-    keep_sorted = (cumulative - jax.nn.softmax(sorted_logits, axis=-1)) < top_p
+    keep_sorted = (jnp.cumsum(probs, axis=-1) - probs) < top_p
     threshold = jnp.min(jnp.where(keep_sorted, sorted_logits, jnp.inf), axis=-1, keepdims=True)
     logits = jnp.where(logits < threshold, -jnp.inf, logits)
   return logits
+
+
+def choose_tokens(logits, key, temperature: float, top_k: int, top_p: float):
+  """Next token [B] int32 from logits [B, V]: argmax when temperature == 0, else a sample of the filtered logits."""
+  if temperature == 0.0:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  return jax.random.categorical(key, filter_logits(logits, temperature, top_k, top_p)).astype(jnp.int32)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# KV-cache sampler.
+
+
+def left_padded_inputs(lengths, width: int):
+  """positions, segment_ids [B, width] int32 for prompts right-aligned in `width` slots (lengths [B]).
+
+  Built from the lengths, not from `tokens != pad_id`, so a prompt may contain the pad token.
+  """
+  slots = jnp.arange(width, dtype=jnp.int32)[None, :]
+  first = width - lengths[:, None]  # first real slot of each row
+  real = slots >= first
+  return jnp.where(real, slots - first, 0).astype(jnp.int32), real.astype(jnp.int32)
+
+
+def prefill_and_decode(model, tokens, lengths, active, key, eos_id, pad_id, *, max_new_tokens: int,
+                       temperature: float, top_k: int, top_p: float):
+  """Generated ids [B, N] (pad_id after EOS and in inactive rows) and their counts [B] (EOS included).
+
+  tokens [B, P] int32: prompts right-aligned (left-padded) so every row's last prompt token is at slot P-1.
+  lengths [B] int32 (>= 1): real prompt lengths. active [B] bool: False for filler rows (never generate).
+  key: the batch's PRNG key; step t samples with fold_in(key, t), so the draw does not depend on when others stop.
+  eos_id, pad_id: int32 scalars, traced (not static) so a new tokenizer or EOS id does not recompile.
+  """
+  b, p = tokens.shape
+  n = max_new_tokens
+  choose = lambda logits, t: choose_tokens(logits, jax.random.fold_in(key, t), temperature, top_k, top_p)  # noqa: E731
+
+  # Prefill. The last generated token is never fed back, so P + N - 1 slots suffice.
+  positions, segment_ids = left_padded_inputs(lengths, p)
+  cache = model_lib.KVCache.init(model.cfg, b, p + n - 1)
+  hidden, cache = model(tokens, positions, segment_ids, cache=cache)
+  first = jnp.where(active, choose(model.logits(hidden[:, -1:])[:, 0], 0), pad_id)
+  out = jnp.full((b, n), pad_id, jnp.int32).at[:, 0].set(first)
+  done = ~active | (first == eos_id)
+  counts = active.astype(jnp.int32)
+
+  def cond(carry):
+    _, _, _, done, _, t = carry
+    return (t < n) & ~jnp.all(done)
+
+  def body(carry):
+    cache, last, out, done, counts, t = carry
+    # Token t-1 sits at slot P + t - 1 (the cache's own index) with RoPE position length + t - 1.
+    hidden, cache = model(last[:, None], (lengths + t - 1)[:, None], jnp.ones((b, 1), jnp.int32), cache=cache)
+    nxt = jnp.where(done, pad_id, choose(model.logits(hidden)[:, 0], t))
+    out = jax.lax.dynamic_update_slice_in_dim(out, nxt[:, None], t, axis=1)
+    counts = counts + (~done).astype(jnp.int32)
+    return cache, nxt, out, done | (nxt == eos_id), counts, t + 1
+
+  carry = (cache, first, out, done, counts, jnp.int32(1))
+  _, _, out, _, counts, _ = jax.lax.while_loop(cond, body, carry)
+  return out, counts
+
+
+def _generate_cached(graphdef, state, *inputs, mesh, **options):
+  """Jitted entry: rebuilds the model from (graphdef, state) and runs `prefill_and_decode` on the inputs."""
+  out, counts = prefill_and_decode(nnx.merge(graphdef, state), *inputs, **options)
+  if mesh is not None:
+    # Replicated results are readable on every process, whatever layout XLA propagated from the parameters.
+    out, counts = jax.lax.with_sharding_constraint((out, counts), NamedSharding(mesh, PartitionSpec()))
+  return out, counts
+
+
+_generate_cached_jit = jax.jit(_generate_cached, static_argnames=(
+    "mesh", "max_new_tokens", "temperature", "top_k", "top_p"))
+
+
+def params_mesh(state):
+  """The mesh the model's arrays are placed on (a NamedSharding's mesh), or None for plain single-device arrays."""
+  for leaf in jax.tree.leaves(state):
+    if isinstance(getattr(leaf, "sharding", None), NamedSharding):
+      return leaf.sharding.mesh
+  return None
+
+
+def left_pad(prompts: Sequence[np.ndarray], batch: int, width: int, pad_id: int):
+  """(tokens [batch, width], lengths [batch], active [batch]) numpy arrays for up to `batch` prompts.
+
+  Missing rows are copies of the first prompt marked inactive, so a short last batch keeps the compiled shape.
+  """
+  rows = list(prompts) + [prompts[0]] * (batch - len(prompts))
+  tokens = np.full((batch, width), pad_id, np.int32)
+  for i, p in enumerate(rows):
+    tokens[i, width - len(p):] = p
+  lengths = np.array([len(p) for p in rows], np.int32)
+  return tokens, lengths, np.arange(batch) < len(prompts)
+
+
+def _check_prompts(prompts):
+  for i, p in enumerate(prompts):
+    if len(p) == 0:
+      raise ValueError(f"prompt {i} is empty: generation needs at least one prompt token")
+
+
+def generate(model: nnx.Module, prompts: Sequence[np.ndarray], *, max_new_tokens: int, eos_id: int, pad_id: int,
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0, batch_size: int = 64,
+             bucket: int = 32) -> list[np.ndarray]:
+  """Samples a continuation for every prompt (sequences of token ids); returns the generated ids, EOS included.
+
+  Prompts go in batches of `batch_size` (when there is more than one batch, the last is filled with inactive rows so
+  one shape compiles); each batch is left-padded to its longest prompt rounded up to a multiple of `bucket`.
+  temperature 0 is greedy; otherwise sampling from `filter_logits`. Same seed -> same samples.
+  """
+  if not prompts:
+    return []
+  _check_prompts(prompts)
+  if max_new_tokens <= 0:
+    return [np.zeros((0,), np.int32) for _ in prompts]
+  graphdef, state = nnx.split(model)
+  mesh = params_mesh(state)
+  put = (lambda x: x) if mesh is None else (lambda x: jax.device_put(x, NamedSharding(mesh, PartitionSpec())))
+  batch = min(batch_size, len(prompts))
+  root = jax.random.key(seed)
+  out = []
+  for index, start in enumerate(range(0, len(prompts), batch)):
+    chunk = prompts[start:start + batch]
+    width = -(-max(len(p) for p in chunk) // bucket) * bucket
+    tokens, lengths, active = left_pad(chunk, batch, width, pad_id)
+    inputs = (tokens, lengths, active, jax.random.fold_in(root, index), np.int32(eos_id), np.int32(pad_id))
+    ids, counts = _generate_cached_jit(graphdef, state, *map(put, inputs), mesh=mesh,
+                                       max_new_tokens=int(max_new_tokens), temperature=float(temperature),
+                                       top_k=int(top_k), top_p=float(top_p))
+    ids, counts = np.asarray(ids), np.asarray(counts)
+    out.extend(ids[i, :counts[i]].copy() for i in range(len(chunk)))
+  return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Full-forward reference sampler (tests only).
 
 
 def _next_token(model, tokens, lengths, key, temperature, top_k, top_p):
@@ -36,14 +195,11 @@ def _next_token(model, tokens, lengths, key, temperature, top_k, top_p):
   segment_ids = (positions < lengths[:, None]).astype(jnp.int32)
   hidden = model(tokens, positions, segment_ids)
   last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)  # [B, 1, D]
-  logits = model.logits(last)[:, 0]
-  if temperature == 0.0:
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  return jax.random.categorical(key, filter_logits(logits, temperature, top_k, top_p)).astype(jnp.int32)
+  return choose_tokens(model.logits(last)[:, 0], key, temperature, top_k, top_p)
 
 
-def _generate(graphdef, state, tokens, prompt_lengths, key, *, max_new_tokens, eos_id, pad_id, temperature,
-              top_k, top_p):
+def _generate_reference(graphdef, state, tokens, prompt_lengths, key, eos_id, pad_id, *, max_new_tokens,
+                        temperature, top_k, top_p):
   model = nnx.merge(graphdef, state)
   b = tokens.shape[0]
 
@@ -61,20 +217,21 @@ def _generate(graphdef, state, tokens, prompt_lengths, key, *, max_new_tokens, e
   return tokens, lengths
 
 
-_generate_jit = jax.jit(_generate, static_argnames=("max_new_tokens", "eos_id", "pad_id", "temperature", "top_k",
-                                                    "top_p"))
+_generate_reference_jit = jax.jit(_generate_reference, static_argnames=(
+    "max_new_tokens", "temperature", "top_k", "top_p"))
 
 
-def generate(model: nnx.Module, prompts: Sequence[np.ndarray], *, max_new_tokens: int, eos_id: int, pad_id: int,
-             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0, batch_size: int = 64,
-             bucket: int = 32) -> list[np.ndarray]:
-  """Samples a continuation for every prompt (lists of token ids); returns the generated ids, EOS included.
+def generate_reference(model: nnx.Module, prompts: Sequence[np.ndarray], *, max_new_tokens: int, eos_id: int,
+                       pad_id: int, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+                       batch_size: int = 64, bucket: int = 32) -> list[np.ndarray]:
+  """`generate` by re-running the full decoder every step (O(T^2) per token): the exact reference for tests.
 
-  Prompts are processed in batches of `batch_size` (the last batch padded with copies, so one shape compiles);
-  the buffer length is the longest prompt + max_new_tokens rounded up to a multiple of `bucket`.
+  Same arguments and result as `generate`; greedy outputs are identical, sampled ones use a different key stream.
+  The buffer length is the longest prompt + max_new_tokens rounded up to a multiple of `bucket`.
   """
   if not prompts:
     return []
+  _check_prompts(prompts)
   graphdef, state = nnx.split(model)
   longest = max(len(p) for p in prompts)
   length = -(-(longest + max_new_tokens) // bucket) * bucket
@@ -89,9 +246,9 @@ def generate(model: nnx.Module, prompts: Sequence[np.ndarray], *, max_new_tokens
       tokens[i, :len(p)] = p
     lengths = np.array([len(p) for p in chunk], np.int32)
     key, sub = jax.random.split(key)
-    result, new_lengths = _generate_jit(graphdef, state, jnp.asarray(tokens), jnp.asarray(lengths), sub,
-                                        max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id,
-                                        temperature=float(temperature), top_k=int(top_k), top_p=float(top_p))
+    result, new_lengths = _generate_reference_jit(
+        graphdef, state, jnp.asarray(tokens), jnp.asarray(lengths), sub, np.int32(eos_id), np.int32(pad_id),
+        max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=int(top_k), top_p=float(top_p))
     result, new_lengths = np.asarray(result), np.asarray(new_lengths)
     for i in range(real):
       out.append(result[i, lengths[i]:new_lengths[i]].copy())
