@@ -279,9 +279,10 @@ class Context:
   def pipe(self, name: str):
     if name not in self._pipes:
       t, k = self.task, self.cfg.data.max_responses
-      if name == "sft":
-        sft_k = 1 if t.synthetic else k
-        self._pipes[name] = make_pipeline(self.cfg, t.sft_records, t.tok, k_max=sft_k, train=True, min_responses=1)
+      if name == "sft" and not t.synthetic:  # SFT on the preference data itself: one tokenization serves both.
+        self._pipes[name] = self.pipe("pref")
+      elif name == "sft":
+        self._pipes[name] = make_pipeline(self.cfg, t.sft_records, t.tok, k_max=1, train=True, min_responses=1)
       elif name == "pref":
         self._pipes[name] = make_pipeline(self.cfg, t.pref_records, t.tok, k_max=k, train=True)
       elif name == "pref_eval":
