@@ -44,6 +44,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.vocab_size = 0          # Overrides the preset's vocab size (0 = the tokenizer's size for "tiny" models).
   c.model.dtype = "float32"       # Compute dtype ("bfloat16" on accelerators); params stay float32 (master).
   c.model.remat = "none"          # "none" | "full" | "dots": rematerialise the scanned layer body.
+  c.model.attention_block = 128   # Query-block length of causal attention (0 = one T x T block); see model.py.
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1                # Data-parallel size; -1 = the devices the other axes leave.
@@ -174,6 +175,8 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
     _fail("optim.grad_accum", o.grad_accum, "must be >= 1")
   if cfg.model.dtype not in ("float32", "bfloat16"):
     _fail("model.dtype", cfg.model.dtype, "must be 'float32' or 'bfloat16'")
+  if not isinstance(cfg.model.attention_block, int) or cfg.model.attention_block < 0:
+    _fail("model.attention_block", cfg.model.attention_block, "must be an int >= 0 (0 = unblocked)")
   if cfg.model.remat not in ("none", "full", "dots"):
     _fail("model.remat", cfg.model.remat, "must be 'none', 'full' or 'dots'")
   if cfg.eval.temperature < 0:

@@ -203,7 +203,7 @@ def eval_batches_fn(cfg, pipe):
 
 
 def model_config(cfg, tok: tokenize.Tokenizer) -> model_lib.ModelConfig:
-  overrides = {"dtype": cfg.model.dtype, "remat": cfg.model.remat}
+  overrides = {"dtype": cfg.model.dtype, "remat": cfg.model.remat, "attention_block": cfg.model.attention_block}
   path = resolve_model_path(cfg.model.path)
   if path:
     from var_jax import hf_io  # pylint: disable=g-import-not-at-top
@@ -224,8 +224,10 @@ def new_model(cfg, mcfg, mesh, rules, *, reward: bool = False, seed: int = 0) ->
     from var_jax import hf_io  # pylint: disable=g-import-not-at-top
     _, _, shardings = sharding_lib.abstract_sharded_params(make, mesh, rules)
     if path.endswith(".gguf"):
-      return hf_io.from_gguf(path, dtype=mcfg.dtype, shardings=shardings, remat=mcfg.remat)[0]
-    return hf_io.from_pretrained(path, dtype=mcfg.dtype, shardings=shardings, remat=mcfg.remat)
+      return hf_io.from_gguf(path, dtype=mcfg.dtype, shardings=shardings, remat=mcfg.remat,
+                             attention_block=mcfg.attention_block)[0]
+    return hf_io.from_pretrained(path, dtype=mcfg.dtype, shardings=shardings, remat=mcfg.remat,
+                                 attention_block=mcfg.attention_block)
   model, _ = sharding_lib.create_sharded_model(make, mesh, rules)
   return model
 
