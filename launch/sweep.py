@@ -39,6 +39,10 @@ _GRID = flags.DEFINE_multi_string("grid", [], "field=v1,v2,... (repeat for a pro
 _STAGES = flags.DEFINE_string("stages", "var,dpo,chosen,eval", "Stages each run executes after the upstream ones.")
 _EMIT = flags.DEFINE_bool("emit_commands", False, "Print one command per run instead of running.")
 _COLLECT = flags.DEFINE_bool("collect_only", False, "Only collect finished runs into the table and plots.")
+_PIVOT = flags.DEFINE_multi_string("pivot", [], "ROW:COLUMN:METRIC (e.g. var.lam:var.group_size:gold_reward): a "
+                                   "METRIC table with one row per ROW value and one column per COLUMN value (either "
+                                   "may be `policy`), written to pivot.md; repeat for several.")
+_PIVOT_POLICY = flags.DEFINE_string("pivot_policy", "var", "Policy whose rows the pivot tables use ('' = all).")
 _AGGREGATE = flags.DEFINE_string("aggregate_over", "", "A grid field (e.g. seed) to average over: adds a "
                                  "mean / std / n summary (summary.md) per policy and remaining grid values.")
 
@@ -186,21 +190,67 @@ def collect(runs) -> list[dict]:
   return rows
 
 
-def write_table(rows: list[dict], sweep_dir: str) -> str:
+def _columns(rows: list[dict]) -> list[str]:
   columns = []
   for row in rows:
     columns += [k for k in row if k not in columns]
-  with open(os.path.join(sweep_dir, "results.csv"), "w", newline="", encoding="utf-8") as f:
-    writer = csv.DictWriter(f, fieldnames=columns)
-    writer.writeheader()
-    writer.writerows(rows)
+  return columns
+
+
+def markdown(rows: list[dict]) -> str:
+  """A Markdown table of rows (columns in first-seen order; floats to 4 decimals; missing cells empty)."""
+  columns = _columns(rows)
   fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731
   lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
   lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
-  table = "\n".join(lines)
+  return "\n".join(lines)
+
+
+def write_table(rows: list[dict], sweep_dir: str) -> str:
+  with open(os.path.join(sweep_dir, "results.csv"), "w", newline="", encoding="utf-8") as f:
+    writer = csv.DictWriter(f, fieldnames=_columns(rows))
+    writer.writeheader()
+    writer.writerows(rows)
+  table = markdown(rows)
   with open(os.path.join(sweep_dir, "results.md"), "w", encoding="utf-8") as f:
     f.write(table + "\n")
   return table
+
+
+def _sort_key(value):
+  return (0, float(value), "") if _is_number(value) else (1, 0.0, str(value))
+
+
+def pivot(rows: list[dict], spec: str, policy: str = "var") -> str:
+  """A Markdown METRIC table from "ROW:COLUMN:METRIC", over the rows of `policy` ('' = every policy).
+
+  Numeric grid values sort numerically. A cell with several rows (a grid field left out of ROW and COLUMN) is
+  their mean and is marked with the count, so nothing is silently dropped.
+  """
+  try:
+    row_field, col_field, metric = spec.split(":")
+  except ValueError:
+    raise ValueError(f"--pivot={spec!r}: expected ROW:COLUMN:METRIC, e.g. var.lam:var.group_size:gold_reward"
+                     ) from None
+  rows = [r for r in rows if not policy or r["policy"] == policy]
+  for field in (row_field, col_field, metric):
+    if rows and not any(field in r for r in rows):
+      raise ValueError(f"--pivot={spec!r}: no {field!r} in the results; known: {_columns(rows)}")
+  cells = {}
+  for r in rows:
+    if metric in r and r.get(row_field) is not None and r.get(col_field) is not None:
+      cells.setdefault((r[row_field], r[col_field]), []).append(float(r[metric]))
+  row_values = sorted({k[0] for k in cells}, key=_sort_key)
+  col_values = sorted({k[1] for k in cells}, key=_sort_key)
+  out = []
+  for rv in row_values:
+    line = {f"{metric} ({policy or 'all'}): {row_field} \\ {col_field}": rv}
+    for cv in col_values:
+      vals = cells.get((rv, cv), [])
+      line[str(cv)] = "" if not vals else (f"{sum(vals) / len(vals):.4f}" + (f" (n={len(vals)})" if len(vals) > 1
+                                                                              else ""))
+    out.append(line)
+  return markdown(out)
 
 
 def aggregate(rows: list[dict], field: str) -> list[dict]:
@@ -321,15 +371,15 @@ def main(argv) -> None:
   os.makedirs(_DIR.value, exist_ok=True)
   print(write_table(rows, _DIR.value))
   if _AGGREGATE.value:
-    summary = aggregate(rows, _AGGREGATE.value)
-    columns = []
-    for row in summary:
-      columns += [k for k in row if k not in columns]
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(str(r.get(c, "")) for c in columns) + " |" for r in summary]
+    summary = markdown(aggregate(rows, _AGGREGATE.value))
     with open(os.path.join(_DIR.value, "summary.md"), "w", encoding="utf-8") as f:
-      f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+      f.write(summary + "\n")
+    print(summary)
+  if _PIVOT.value:
+    tables = "\n\n".join(pivot(rows, spec, _PIVOT_POLICY.value) for spec in _PIVOT.value)
+    with open(os.path.join(_DIR.value, "pivot.md"), "w", encoding="utf-8") as f:
+      f.write(tables + "\n")
+    print(tables)
   for path in plot(rows, runs, _DIR.value):
     print(path)
 

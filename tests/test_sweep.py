@@ -79,3 +79,20 @@ def test_tied_fields_and_aggregation_over_seeds():
   summary = {r["policy"]: r for r in sweep.aggregate(rows, "seed")}
   assert summary["var"]["n"] == 2 and summary["var"]["gold_reward"] == "0.6000 ± 0.1414"
   assert summary["sft"]["n"] == 1 and summary["sft"]["gold_reward"] == "0.4000 ± 0.0000"
+
+
+def test_pivot_tables_sort_numerically_and_mark_averaged_cells():
+  rows = [{"var.lam": lam, "var.group_size": b, "seed": s, "policy": p, "gold_reward": float(lam) * 10 + int(b) + int(s)}
+          for lam in ("0.1", "0.03", "1.0") for b in ("16", "2") for s in ("0", "1") for p in ("var", "sft")]
+  rows = [r for r in rows if not (r["var.lam"] == "1.0" and r["var.group_size"] == "2" and r["seed"] == "1")]
+  lines = sweep.pivot(rows, "var.lam:var.group_size:gold_reward").splitlines()
+  assert lines[0] == "| gold_reward (var): var.lam \\ var.group_size | 2 | 16 |"
+  # Rows in numeric order; two seeds per cell are averaged and counted; the cell with one seed is not.
+  assert lines[2] == "| 0.03 | 2.8000 (n=2) | 16.8000 (n=2) |"
+  assert lines[4] == "| 1.0 | 12.0000 | 26.5000 (n=2) |"
+  by_policy = sweep.pivot(rows, "var.lam:policy:gold_reward", policy="").splitlines()
+  assert by_policy[0].endswith("| sft | var |")
+  with pytest.raises(ValueError, match="no 'gold' in the results"):
+    sweep.pivot(rows, "var.lam:var.group_size:gold")
+  with pytest.raises(ValueError, match="ROW:COLUMN:METRIC"):
+    sweep.pivot(rows, "var.lam,gold_reward")
