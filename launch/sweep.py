@@ -285,7 +285,7 @@ def plot(rows: list[dict], runs, sweep_dir: str) -> list[str]:
     by_b = {}
     for r in var_rows:
       by_b.setdefault(r.get("var.group_size", "default"), []).append((float(r["var.lam"]), r[reward_key]))
-    for b, points in sorted(by_b.items(), key=lambda kv: str(kv[0])):
+    for b, points in sorted(by_b.items(), key=lambda kv: _sort_key(kv[0])):
       points.sort()
       ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"B={b}")
     ref = [r[reward_key] for r in rows if r["policy"] == "sft"]
