@@ -222,6 +222,32 @@ def test_causal_block_attention_equals_full(block):
     np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize('chunk', [1, 8, 64])
+def test_weighted_target_logprobs_equals_autodiff(chunk):
+  """The fused head: value, log-probs and gradients (hidden, unembed, weights) == autodiff of the chunked head."""
+  rng = np.random.default_rng(5)
+  b, t, d, v = 3, 37, 16, 50
+  h = jnp.asarray(rng.normal(size=(b, t, d)).astype(np.float32))
+  w = jnp.asarray(0.3 * rng.normal(size=(v, d)).astype(np.float32))
+  targets = jnp.asarray(rng.integers(-1, v, size=(b, t)).astype(np.int32))  # -1: ignored positions
+  tw = jnp.asarray(rng.normal(size=(b, t)).astype(np.float32))
+
+  def plain(h, w, tw):
+    return jnp.sum(tw * M.chunked_target_logprobs(h, w, targets, 64))
+
+  def fused(h, w, tw):
+    total, logp = M.weighted_target_logprobs(h, w, targets, tw, chunk)
+    return 1.7 * total + jnp.sum(logp)  # logp carries no gradient: only 1.7 * d total flows.
+
+  total, logp = M.weighted_target_logprobs(h, w, targets, tw, chunk)
+  np.testing.assert_allclose(total, plain(h, w, tw), rtol=1e-5)
+  np.testing.assert_allclose(logp, M.chunked_target_logprobs(h, w, targets, 64), rtol=1e-5, atol=1e-5)
+  g_plain = jax.grad(plain, argnums=(0, 1, 2))(h, w, tw)
+  g_fused = jax.jit(jax.grad(fused, argnums=(0, 1, 2)))(h, w, tw)
+  for a, e in zip(g_fused, g_plain):
+    np.testing.assert_allclose(a, 1.7 * e, rtol=1e-4, atol=1e-5)
+
+
 def test_chunked_target_logprobs_values_and_grads():
   cfg = M.get_config('tiny', tie_word_embeddings=False)
   model = M.Decoder(cfg, rngs=nnx.Rngs(0))

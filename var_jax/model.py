@@ -26,6 +26,7 @@ same nonzero segment). That one mask covers right/left padding and packed batche
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Mapping
 
@@ -302,6 +303,15 @@ def decoder_layer(cfg: ModelConfig, p: Mapping[str, Array], x: Array, cos: Array
   return x + jnp.einsum('btf,fd->btd', jax.nn.silu(gate) * up, p['down'].astype(dt)), kv
 
 
+def _chunk_sequence(x: Array, chunk: int, fill) -> tuple[Array, int]:
+  """[B, T, ...] -> ([n, B, c, ...] padded with `fill`, c): the sequence cut into n chunks of c positions."""
+  b, t = x.shape[:2]
+  c = max(1, min(chunk, t))
+  n = -(-t // c)
+  x = jnp.pad(x, ((0, 0), (0, n * c - t)) + ((0, 0),) * (x.ndim - 2), constant_values=fill)
+  return x.reshape((b, n, c) + x.shape[2:]).swapaxes(0, 1), c
+
+
 def chunked_target_logprobs(hidden: Array, unembed: Array, targets: Array, chunk: int) -> Array:
   """log softmax(hidden @ unembed.T)[targets], computed `chunk` positions at a time.
 
@@ -309,12 +319,9 @@ def chunked_target_logprobs(hidden: Array, unembed: Array, targets: Array, chunk
   index) give 0. A `lax.scan` walks the sequence chunks; each chunk's [B,C,V] float32 logits are recomputed in the
   backward pass (`jax.checkpoint`, nothing saved), so peak memory is O(B*C*V) instead of O(B*T*V).
   """
-  b, t, d = hidden.shape
-  c = max(1, min(chunk, t))
-  n = -(-t // c)
-  pad = n * c - t
-  h = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(b, n, c, d).swapaxes(0, 1)
-  tg = jnp.pad(targets.astype(jnp.int32), ((0, 0), (0, pad))).reshape(b, n, c).swapaxes(0, 1)
+  b, t, _ = hidden.shape
+  h, _ = _chunk_sequence(hidden, chunk, 0)
+  tg, _ = _chunk_sequence(targets.astype(jnp.int32), chunk, -1)
 
   @jax.checkpoint  # default policy saves nothing: the chunk's logits are rebuilt from (h_c, unembed).
   def chunk_logprobs(h_c, t_c):
@@ -327,7 +334,69 @@ def chunked_target_logprobs(hidden: Array, unembed: Array, targets: Array, chunk
     return carry, chunk_logprobs(*xs)
 
   _, out = jax.lax.scan(body, None, (h, tg))
-  return out.swapaxes(0, 1).reshape(b, n * c)[:, :t]
+  return out.swapaxes(0, 1).reshape(b, -1)[:, :t]
+
+
+def _weighted_logprobs_pass(hidden, unembed, targets, token_weights, chunk):
+  """One chunked pass computing sum(token_weights * logp), logp [B,T], and the sum's gradients (dh, dW)."""
+  b, t, d = hidden.shape
+  w = unembed.astype(hidden.dtype)
+  h, c = _chunk_sequence(hidden, chunk, 0)
+  tg, _ = _chunk_sequence(targets.astype(jnp.int32), chunk, -1)
+  wt, _ = _chunk_sequence(token_weights.astype(jnp.float32), chunk, 0)
+
+  def body(dw, xs):
+    h_c, t_c, w_c = xs
+    logits = jnp.einsum('bcd,vd->bcv', h_c, w, preferred_element_type=jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    valid = t_c >= 0
+    tt = jnp.maximum(t_c, 0)
+    logp = jnp.where(valid, jnp.take_along_axis(logits, tt[..., None], axis=-1)[..., 0] - lse, 0.0)
+    g = jnp.where(valid, w_c, 0.0)[..., None]
+    # d/dlogits of sum(g * (logits[target] - lse)) = g * (onehot(target) - softmax).
+    dlogits = (g * (jax.nn.one_hot(tt, logits.shape[-1], dtype=jnp.float32) - jnp.exp(logits - lse[..., None])))
+    dlogits = dlogits.astype(h_c.dtype)
+    dh_c = jnp.einsum('bcv,vd->bcd', dlogits, w)
+    dw = dw + jnp.einsum('bcv,bcd->vd', dlogits, h_c, preferred_element_type=jnp.float32)
+    return dw, (logp, dh_c)
+
+  dw, (logp, dh) = jax.lax.scan(body, jnp.zeros(w.shape, jnp.float32), (h, tg, wt))
+  logp = logp.swapaxes(0, 1).reshape(b, -1)[:, :t]
+  dh = dh.swapaxes(0, 1).reshape(b, -1, d)[:, :t]
+  total = jnp.sum(token_weights.astype(jnp.float32) * logp)
+  return total, logp, dh, dw.astype(unembed.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def weighted_target_logprobs(hidden: Array, unembed: Array, targets: Array, token_weights: Array,
+                             chunk: int) -> tuple[Array, Array]:
+  """(sum over [B,T] of token_weights * logp, stop_gradient(logp)) with logp = log softmax(hidden @ unembed.T)[targets].
+
+  For losses linear in the token log-probs with weights that do not depend on the parameters -- SFT, VAR
+  (weights from cached scores) -- the gradient is known while the logits are at hand: one pass over `chunk`-position
+  chunks computes the sum, dL/dhidden and dL/dunembed, and the backward pass only scales them by the incoming
+  cotangent. 3 vocabulary matmuls instead of the 4 of `chunked_target_logprobs` under autodiff (which must rebuild
+  the logits it did not keep), same O(B*chunk*V) memory. The second output carries no gradient.
+  Negative targets contribute 0.
+  """
+  total, logp, _, _ = _weighted_logprobs_pass(hidden, unembed, targets, token_weights, chunk)
+  return total, jax.lax.stop_gradient(logp)
+
+
+def _weighted_fwd(hidden, unembed, targets, token_weights, chunk):
+  total, logp, dh, dw = _weighted_logprobs_pass(hidden, unembed, targets, token_weights, chunk)
+  return (total, jax.lax.stop_gradient(logp)), (dh, dw, logp)
+
+
+def _weighted_bwd(chunk, residuals, cotangents):
+  del chunk
+  dh, dw, logp = residuals
+  ct_total, _ = cotangents  # The log-probs output is stop_gradient'ed: its cotangent does not flow.
+  return ((ct_total * dh).astype(dh.dtype), (ct_total * dw).astype(dw.dtype), None,
+          ct_total * logp)
+
+
+weighted_target_logprobs.defvjp(_weighted_fwd, _weighted_bwd)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -485,6 +554,12 @@ class Decoder(nnx.Module):
     Targets < 0 give 0 (mask them in the loss anyway). chunk defaults to cfg.logprob_chunk.
     """
     return chunked_target_logprobs(hidden, self.unembedding(), targets, chunk or self.cfg.logprob_chunk)
+
+  def weighted_target_logprobs(self, hidden: Array, targets: Array, token_weights: Array, chunk: int | None = None
+                               ) -> tuple[Array, Array]:
+    """(sum(token_weights * logp), logp [B,T] without gradient); see the module-level `weighted_target_logprobs`."""
+    return weighted_target_logprobs(hidden, self.unembedding(), targets, token_weights,
+                                    chunk or self.cfg.logprob_chunk)
 
 
 class RewardModel(nnx.Module):

@@ -16,6 +16,8 @@ import jax.numpy as jnp
 from var_jax import losses
 
 POLICY_STAGES = ("sft", "var", "dpo", "chosen")
+# Losses linear in the policy log-probs with parameter-free weights: their head gradient is fused into the forward.
+WEIGHTED_STAGES = ("sft", "var", "chosen")
 
 
 def sequence_outputs(model, batch, *, reward_model: bool = False):
@@ -35,6 +37,26 @@ def sequence_outputs(model, batch, *, reward_model: bool = False):
   token_logp = model.target_logprobs(hidden, flat("targets"))
   logp = jnp.sum(token_logp * flat("loss_mask").astype(jnp.float32), axis=-1)
   return logp.reshape(g, n), num_tokens
+
+
+def forward_numerator(stage: str, model, batch, const, cfg, *, reward_model: bool = False):
+  """(loss numerator, outputs [g, N], num_tokens [g, N]) of a micro-batch, for differentiation.
+
+  Equals `numerator(stage, *sequence_outputs(model, batch), const, cfg)`. For the weighted stages the numerator
+  -sum_n w_n sum_t mask log p is computed by `Decoder.weighted_target_logprobs`, whose backward pass does not
+  rebuild the vocabulary logits (see var_jax/model.py).
+  """
+  if reward_model or stage not in WEIGHTED_STAGES:
+    outputs, num_tokens = sequence_outputs(model, batch, reward_model=reward_model)
+    return numerator(stage, outputs, const, cfg), outputs, num_tokens
+  g, n, t = batch["inputs"].shape
+  flat = lambda k: batch[k].reshape(g * n, t)
+  mask = flat("loss_mask").astype(jnp.float32)
+  hidden = model(flat("inputs"), flat("positions"), flat("segment_ids"))
+  token_weights = -const["weights"].reshape(g * n, 1) * mask
+  num, token_logp = model.weighted_target_logprobs(hidden, flat("targets"), token_weights)
+  outputs = jnp.sum(token_logp * mask, axis=-1).reshape(g, n)
+  return num, outputs, batch["loss_mask"].sum(-1).astype(jnp.float32)
 
 
 def _pairs(batch):

@@ -90,8 +90,9 @@ def make_loss_and_grads(stage: str, graphdef, rest, cfg, accum: int, reward_mode
 
   def micro_loss(params, micro_batch, micro_const, denominator):
     model = nnx.merge(graphdef, params, rest)
-    outputs, num_tokens = objectives.sequence_outputs(model, micro_batch, reward_model=reward_model)
-    return objectives.numerator(stage, outputs, micro_const, cfg) / denominator, (outputs, num_tokens)
+    num, outputs, num_tokens = objectives.forward_numerator(stage, model, micro_batch, micro_const, cfg,
+                                                            reward_model=reward_model)
+    return num / denominator, (outputs, num_tokens)
 
   grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
