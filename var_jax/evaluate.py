@@ -32,7 +32,9 @@ def _score_pairs(model, pairs, pad_id, bucket, reward: bool):
   seqs = data_pipeline.build_sequences(pairs, length, pad_id)
   graphdef, state = nnx.split(model)
   fn = scoring._reward_scores_jit if reward else scoring._policy_scores_jit  # pylint: disable=protected-access
-  out = scoring._in_chunks(fn, graphdef, state, seqs, len(pairs), 128)  # pylint: disable=protected-access
+  # Chunks of at most 128 rows, never more rows than there are pairs (padding rows would be computed too).
+  chunk = min(128, len(pairs))
+  out = scoring._in_chunks(fn, graphdef, state, seqs, len(pairs), chunk)  # pylint: disable=protected-access
   return out if reward else out[0]
 
 
