@@ -147,6 +147,9 @@ def test_tiny_pipeline_end_to_end_and_rerun_skips(tmp_path):
   before = os.path.getmtime(os.path.join(workdir, "var", "DONE.json"))
   stages.run_pipeline(cfg, workdir)  # Everything complete: nothing reruns.
   assert os.path.getmtime(os.path.join(workdir, "var", "DONE.json")) == before
+  # Settings of how, not what (attention blocking, remat) leave finished stages valid.
+  stages.run_pipeline(tiny_config(**{"model.attention_block": 0, "model.remat": "full"}), workdir)
+  assert os.path.getmtime(os.path.join(workdir, "var", "DONE.json")) == before
   changed = tiny_config(**{"var.lam": 0.5})
   with pytest.raises(ValueError, match="completed with different settings.*var"):
     stages.run_pipeline(changed, workdir)

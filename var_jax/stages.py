@@ -40,6 +40,11 @@ _READS = {"sft": (), "reward": ("sft",), "score": ("sft", "reward"), "var": ("sc
           "chosen": ("sft",), "eval": ("var", "dpo", "chosen")}
 
 
+# Settings of how a stage computes, not of what it computes (the results are the same): changing them, or a newer
+# version adding one, never invalidates finished stages.
+_HOW_NOT_WHAT = {"model": ("remat", "attention_block")}
+
+
 def _fingerprint(cfg, stage: str) -> dict:
   """The config values a stage's artifacts depend on, including those of the stages it reads from."""
   keys, todo = set(), [stage]
@@ -48,7 +53,15 @@ def _fingerprint(cfg, stage: str) -> dict:
     keys.update(_DEPENDS[s])
     todo.extend(_READS[s])
   d = cfg.to_dict()
-  return {k: d[k] for k in sorted(keys)}
+  return _without_how({k: d[k] for k in sorted(keys)})
+
+
+def _without_how(fingerprint: dict) -> dict:
+  out = dict(fingerprint)
+  for section, fields in _HOW_NOT_WHAT.items():
+    if isinstance(out.get(section), dict):
+      out[section] = {k: v for k, v in out[section].items() if k not in fields}
+  return out
 
 
 def stage_dir(workdir: str, stage: str) -> str:
@@ -63,8 +76,9 @@ def is_done(cfg, workdir: str, stage: str) -> bool:
   with open(path, encoding="utf-8") as f:
     done = json.load(f)
   want = json.loads(json.dumps(_fingerprint(cfg, stage)))
-  if done.get("config") != want:
-    diff = sorted(k for k in set(want) | set(done.get("config", {})) if want.get(k) != done["config"].get(k))
+  have = _without_how(done.get("config", {}))
+  if have != want:
+    diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
     raise ValueError(f"{path}: stage {stage!r} was completed with different settings ({', '.join(diff)}). "
                      "Use a new --workdir for a new setting; nothing in the existing one is overwritten.")
   return True
