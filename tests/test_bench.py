@@ -22,7 +22,7 @@ def test_bench_records_are_well_formed(tmp_path):
                       response_len=6, gen_batch=2, gen_tokens=3, data_source=HH, data_limit=40)
   kinds = {(r["what"], r["name"]) for r in records}
   assert {("train", s) for s in bench.STAGES} <= kinds
-  assert {("score", "naive"), ("score", "prefix_shared"), ("generate", "full_forward_sampler"),
+  assert {("score", "naive"), ("score", "prefix_shared"), ("generate", "kv_cache_sampler"),
           ("memory", "target_logprobs"), ("peak", "matmul_f32_2048")} <= kinds
   for r in records:
     assert set(r) == {"what", "name", "metrics", "config"}

@@ -237,8 +237,11 @@ def profile_pieces(mcfg: model_lib.ModelConfig, n_seq: int, seq: int, warmup: in
   """Forward + backward median times of the decoder stack, one layer's attention core, one layer's dense
   matmuls (QKV/O projections + MLP), and the chunked log-prob head, at the train step's shapes.
 
-  Attention core = `model.attention` (scores, mask, softmax, AV) on [n_seq, seq, H, Dh]; layer figures are
-  multiplied by L to compare with the stack. Each piece is jitted alone, so the sum is not exactly the step.
+  Attention core = `model.causal_block_attention` (scores, mask, softmax, AV; query blocks of
+  mcfg.attention_block) on [n_seq, seq, H, Dh], and the same with one T x T block for comparison; layer figures
+  are multiplied by L to compare with the stack. The log-prob head is timed both as autodiff of the chunked head
+  (what DPO uses) and as the fused weighted head (SFT, VAR). Each piece is jitted alone, so the sum is not
+  exactly the step.
   """
   rng = jax.random.key(0)
   model = model_lib.Decoder(mcfg, rngs=nnx.Rngs(0))
@@ -257,6 +260,9 @@ def profile_pieces(mcfg: model_lib.ModelConfig, n_seq: int, seq: int, warmup: in
     return jnp.sum(nnx.merge(graphdef, p, rest)(tokens, positions, segs))
 
   def attn_loss(q, k, v):
+    return jnp.sum(model_lib.causal_block_attention(q, k, v, mask, mcfg.attention_block))
+
+  def attn_unblocked_loss(q, k, v):
     return jnp.sum(model_lib.attention(q, k, v, mask))
 
   def dense_loss(p, x):
@@ -271,10 +277,15 @@ def profile_pieces(mcfg: model_lib.ModelConfig, n_seq: int, seq: int, warmup: in
   def head_loss(h, w):
     return jnp.sum(model_lib.chunked_target_logprobs(h, w, tokens, mcfg.logprob_chunk))
 
+  def fused_head_loss(h, w):
+    return model_lib.weighted_target_logprobs(h, w, tokens, jnp.ones(tokens.shape), mcfg.logprob_chunk)[0]
+
   pieces = {"decoder_stack": (jax.grad(stack_loss), (params,), 1),
             "attention_core_x_layers": (jax.grad(attn_loss, argnums=(0, 1, 2)), (q, kv, kv), l),
+            "attention_unblocked_x_layers": (jax.grad(attn_unblocked_loss, argnums=(0, 1, 2)), (q, kv, kv), l),
             "dense_matmuls_x_layers": (jax.grad(dense_loss, argnums=(0, 1)), (layer0, x), l),
-            "logprob_head": (jax.grad(head_loss, argnums=(0, 1)), (x, unembed), 1)}
+            "logprob_head": (jax.grad(head_loss, argnums=(0, 1)), (x, unembed), 1),
+            "logprob_head_fused": (jax.grad(fused_head_loss, argnums=(0, 1)), (x, unembed), 1)}
   out = []
   for name, (fn, args, mult) in pieces.items():
     compiled = jax.jit(fn).lower(*args).compile()
@@ -344,7 +355,7 @@ def bench_generate(mcfg: model_lib.ModelConfig, batch: int, prompt_len: int, new
   fn()
   first_s = time.perf_counter() - start
   times = time_calls(fn, max(0, warmup - 1), repeats)
-  return _record("generate", "full_forward_sampler", {**timing_stats(times), "first_call_s": first_s,
+  return _record("generate", "kv_cache_sampler", {**timing_stats(times), "first_call_s": first_s,
                                                        "new_tokens_per_s": batch * new_tokens / statistics.median(
                                                            times)},
                  {"batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens, "model": dataclasses.asdict(
