@@ -23,7 +23,7 @@ def test_bench_records_are_well_formed(tmp_path):
   kinds = {(r["what"], r["name"]) for r in records}
   assert {("train", s) for s in bench.STAGES} <= kinds
   assert {("score", "naive"), ("score", "prefix_shared"), ("generate", "kv_cache_sampler"),
-          ("memory", "target_logprobs"), ("peak", "matmul_f32_2048")} <= kinds
+          ("memory", "target_logprobs"), ("peak", "matmul_float32_2048")} <= kinds
   for r in records:
     assert set(r) == {"what", "name", "metrics", "config"}
     if r["what"] in ("train", "profile", "score", "generate"):

@@ -101,7 +101,8 @@ def test_gradient_accumulation_is_exact(stage):
   np.testing.assert_allclose(one[0], four[0], rtol=1e-5)
   for a, b in zip(jax.tree.leaves(one[1]), jax.tree.leaves(four[1])):
     np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6)
-  np.testing.assert_allclose(one[2], four[2], rtol=1e-5)  # Per-sequence outputs come back in batch order.
+  # Per-sequence outputs come back in batch order (atol: float32 sums of another batch shape round differently).
+  np.testing.assert_allclose(one[2], four[2], rtol=1e-5, atol=1e-7)
 
 
 def test_train_step_compiles_once_per_shape_bucket():

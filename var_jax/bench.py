@@ -110,9 +110,16 @@ def timing_stats(times: Sequence[float]) -> dict:
   return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "n": len(times)}
 
 
-def measure_peak() -> float:
-  """A fresh (uncached) measurement of the dense float32 matmul rate, FLOP/s."""
-  return flops_lib.peak_flops_per_second.__wrapped__()
+def peak_setting(dtype: str) -> tuple[int, str]:
+  """(matmul size, dtype) of the peak measurement: float32 2048 on CPU; the compute dtype at 8192 on an
+  accelerator, where a 2048 product is too small to keep the device busy."""
+  return (2048, "float32") if jax.default_backend() == "cpu" else (8192, dtype)
+
+
+def measure_peak(dtype: str = "float32") -> float:
+  """A fresh (uncached) measurement of the dense matmul rate (see `peak_setting`), FLOP/s."""
+  size, dt = peak_setting(dtype)
+  return flops_lib.peak_flops_per_second.__wrapped__(size, 5, dt)
 
 
 def max_rss_bytes() -> int:
@@ -210,7 +217,7 @@ def bench_train(stage: str, mcfg: model_lib.ModelConfig, batch: dict, peak: floa
 
   times = time_calls(one, warmup, repeats)
   # The CPU is shared: the matmul rate is re-measured right after the steps, and MFU is also given against it.
-  peak_adjacent = measure_peak()
+  peak_adjacent = measure_peak(mcfg.dtype)
   n_seq, seq = int(np.prod(batch["inputs"].shape[:2])), batch["inputs"].shape[-1]
   tokens = n_seq * seq
   real_tokens = int((batch["segment_ids"] > 0).sum())
@@ -249,9 +256,10 @@ def profile_pieces(mcfg: model_lib.ModelConfig, n_seq: int, seq: int, warmup: in
   d, hq, hkv, dh, l = mcfg.hidden_size, mcfg.num_heads, mcfg.num_kv_heads, mcfg.head_dim, mcfg.num_layers
   tokens = jax.random.randint(rng, (n_seq, seq), 1, mcfg.vocab_size)
   positions, segs = model_lib.default_inputs(tokens)
-  x = jax.random.normal(rng, (n_seq, seq, d), jnp.float32)
-  q = jax.random.normal(rng, (n_seq, seq, hq, dh), jnp.float32)
-  kv = jax.random.normal(rng, (n_seq, seq, hkv, dh), jnp.float32)
+  dt = mcfg.jnp_dtype  # The compute dtype: what the layers see inside the step.
+  x = jax.random.normal(rng, (n_seq, seq, d), jnp.float32).astype(dt)
+  q = jax.random.normal(rng, (n_seq, seq, hq, dh), jnp.float32).astype(dt)
+  kv = jax.random.normal(rng, (n_seq, seq, hkv, dh), jnp.float32).astype(dt)
   mask = model_lib.attention_mask(positions, segs, positions, segs)
   layer0 = jax.tree.map(lambda a: a[0], model.layers.arrays())
   unembed = model.unembedding()
@@ -260,19 +268,23 @@ def profile_pieces(mcfg: model_lib.ModelConfig, n_seq: int, seq: int, warmup: in
     return jnp.sum(nnx.merge(graphdef, p, rest)(tokens, positions, segs))
 
   def attn_loss(q, k, v):
-    return jnp.sum(model_lib.causal_block_attention(q, k, v, mask, mcfg.attention_block))
+    return jnp.sum(model_lib.causal_block_attention(q, k, v, mask, mcfg.attention_block).astype(jnp.float32))
 
   def attn_unblocked_loss(q, k, v):
     return jnp.sum(model_lib.attention(q, k, v, mask))
 
+  def attn_cudnn_loss(q, k, v):
+    return jnp.sum(model_lib.cudnn_attention(q, k, v, mask).astype(jnp.float32))
+
   def dense_loss(p, x):
+    p = jax.tree.map(lambda a: a.astype(dt), p)
     h = jnp.einsum("btd,dhk->bthk", x, p["q"])
     k = jnp.einsum("btd,dhk->bthk", x, p["k"])
     v = jnp.einsum("btd,dhk->bthk", x, p["v"])
     a = jnp.concatenate([h, jnp.repeat(k + v, hq // hkv, axis=2)], axis=-1)[..., :dh]
     y = x + jnp.einsum("bthk,hkd->btd", a, p["o"])
     gate, up = jnp.einsum("btd,df->btf", y, p["gate"]), jnp.einsum("btd,df->btf", y, p["up"])
-    return jnp.sum(jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, p["down"]))
+    return jnp.sum(jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, p["down"]).astype(jnp.float32))
 
   def head_loss(h, w):
     return jnp.sum(model_lib.chunked_target_logprobs(h, w, tokens, mcfg.logprob_chunk))
@@ -286,6 +298,8 @@ def profile_pieces(mcfg: model_lib.ModelConfig, n_seq: int, seq: int, warmup: in
             "dense_matmuls_x_layers": (jax.grad(dense_loss, argnums=(0, 1)), (layer0, x), l),
             "logprob_head": (jax.grad(head_loss, argnums=(0, 1)), (x, unembed), 1),
             "logprob_head_fused": (jax.grad(fused_head_loss, argnums=(0, 1)), (x, unembed), 1)}
+  if mcfg.attention_impl == "cudnn":
+    pieces["attention_cudnn_x_layers"] = (jax.grad(attn_cudnn_loss, argnums=(0, 1, 2)), (q, kv, kv), l)
   out = []
   for name, (fn, args, mult) in pieces.items():
     compiled = jax.jit(fn).lower(*args).compile()
@@ -438,15 +452,22 @@ def hf_llama_config(mcfg: model_lib.ModelConfig):
                      num_attention_heads=mcfg.num_heads, num_key_value_heads=mcfg.num_kv_heads,
                      head_dim=mcfg.head_dim, rope_theta=mcfg.rope_theta, rms_norm_eps=mcfg.rms_norm_eps,
                      tie_word_embeddings=mcfg.tie_word_embeddings,
-                     max_position_embeddings=mcfg.max_position_embeddings, torch_dtype="float32")
+                     max_position_embeddings=mcfg.max_position_embeddings, attention_bias=mcfg.attention_bias,
+                     torch_dtype="float32")
 
 
 def bench_torch_train(mcfg: model_lib.ModelConfig, batch: dict, peak: float, warmup: int, repeats: int) -> dict:
-  """transformers' LlamaForCausalLM train step (float32, AdamW, clip 1.0) on the same token batch (SFT loss)."""
+  """transformers' LlamaForCausalLM train step (AdamW, clip 1.0) on the same token batch (SFT loss).
+
+  float32 on CPU; on a GPU (when JAX runs on one too) float32 parameters with bfloat16 autocast when the JAX
+  model computes in bfloat16, and PyTorch's SDPA attention: what a user of transformers would run.
+  """
   import torch  # pylint: disable=g-import-not-at-top
   from transformers import LlamaForCausalLM  # pylint: disable=g-import-not-at-top
   torch.manual_seed(0)
-  model = LlamaForCausalLM(hf_llama_config(mcfg)).float().train()
+  device = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
+  autocast = device == "cuda" and mcfg.dtype == "bfloat16"
+  model = LlamaForCausalLM(hf_llama_config(mcfg)).float().to(device).train()
   opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0)
   seq = batch["inputs"].shape[-1]
   ids = torch.from_numpy(batch["inputs"].reshape(-1, seq).astype(np.int64))
@@ -454,22 +475,30 @@ def bench_torch_train(mcfg: model_lib.ModelConfig, batch: dict, peak: float, war
   labels = torch.where(torch.from_numpy(batch["loss_mask"].reshape(-1, seq) > 0)[:, :-1],
                        ids[:, 1:], torch.full_like(ids[:, 1:], -100))
   labels = torch.cat([torch.full_like(ids[:, :1], -100), labels], dim=1)  # HF shifts labels itself.
+  ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
 
   def one():
-    loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+      loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
     opt.zero_grad(set_to_none=True)
+    if device == "cuda":
+      torch.cuda.synchronize()
 
   times = time_calls(one, warmup, repeats)
-  peak_adjacent = measure_peak()
+  peak_adjacent = measure_peak(mcfg.dtype)
   med = statistics.median(times)
   tokens = int(ids.numel())
   step_flops = flops_lib.decoder_flops_per_token(mcfg, seq, training=True) * tokens
-  return _record("torch", "transformers_llama_sft", {
-      **timing_stats(times), "tokens_per_s": int(mask.sum()) / med, "mfu_measured_peak": step_flops / med / peak,
-      "mfu_adjacent_peak": step_flops / med / peak_adjacent, "torch_threads": torch.get_num_threads(), "attn_implementation": model.config._attn_implementation},
+  metrics = {**timing_stats(times), "tokens_per_s": int(mask.sum()) / med, "mfu_measured_peak": step_flops / med / peak,
+             "mfu_adjacent_peak": step_flops / med / peak_adjacent, "torch_threads": torch.get_num_threads(),
+             "attn_implementation": model.config._attn_implementation, "device": device, "autocast_bf16": autocast}
+  sheet = datasheet_peak()
+  if sheet:
+    metrics["mfu_datasheet_bf16"] = step_flops / med / sheet
+  return _record("torch", "transformers_llama_sft", metrics,
                  {"batch_shape": [int(ids.shape[0]), seq], "model": dataclasses.asdict(mcfg)})
 
 
@@ -595,6 +624,8 @@ flags.DEFINE_string("out", "bench_results.jsonl", "JSONL file the records are ap
 flags.DEFINE_integer("warmup", 2, "untimed calls before timing")
 flags.DEFINE_integer("repeats", 5, "timed calls (the median is reported)")
 flags.DEFINE_string("dtype", "float32", "compute dtype of the JAX model")
+flags.DEFINE_enum("attention_impl", "xla", ["xla", "cudnn"], "attention of the JAX model (cudnn: GPU, bfloat16)")
+flags.DEFINE_enum("remat", "none", ["none", "full", "dots"], "rematerialisation of the JAX model's layers")
 flags.DEFINE_integer("trl_pairs", 8, "pairs per step of the TRL DPO comparison (and of the var step it is compared "
                      "with)")
 flags.DEFINE_integer("trl_seq", 256, "tokens per sequence of the TRL comparison")
@@ -609,16 +640,19 @@ flags.DEFINE_integer("gen_tokens", 16, "new tokens per prompt")
 
 
 def run(what: Sequence[str], preset: str, seq: int, pairs: int, warmup: int, repeats: int, dtype: str = "float32",
-        out: str | None = None, extra: dict | None = None, **kw) -> list[dict]:
+        out: str | None = None, extra: dict | None = None, model_overrides: dict | None = None, **kw) -> list[dict]:
   """Runs the selected measurements (printing each, and appending it to `out` with `extra`, as it finishes).
+
+  model_overrides: ModelConfig fields set on the preset (e.g. attention_impl='cudnn', remat='full').
 
   Returns the records; ratios (var/sft, JAX/torch, var/TRL) are added to them at the end.
   """
   unknown = set(what) - set(ALL)
   if unknown:
     raise ValueError(f"unknown measurements {sorted(unknown)}; choose from {ALL}")
-  mcfg = model_lib.get_config(preset, dtype=dtype)
-  peak = flops_lib.peak_flops_per_second()
+  mcfg = model_lib.get_config(preset, dtype=dtype, **(model_overrides or {}))
+  size, peak_dtype = peak_setting(dtype)
+  peak = flops_lib.peak_flops_per_second(size, 5, peak_dtype)
   records = []
   batch = synthetic_batch(mcfg.vocab_size, seq, groups=1, group_size=pairs)
 
@@ -629,7 +663,7 @@ def run(what: Sequence[str], preset: str, seq: int, pairs: int, warmup: int, rep
     if out:  # Written as they finish, so a later failure or timeout loses nothing measured.
       write_jsonl(rs, out, extra)
 
-  done(_record("peak", "matmul_f32_2048", {"flops_per_s": peak, "datasheet_bf16": datasheet_peak()}, {}))
+  done(_record("peak", f"matmul_{peak_dtype}_{size}", {"flops_per_s": peak, "datasheet_bf16": datasheet_peak()}, {}))
 
   if "train" in what:
     for stage in STAGES:
@@ -669,9 +703,11 @@ def main(argv):
   del argv
   what = [w.strip() for w in FLAGS.what if w.strip()]
   extra = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(), "hardware": hardware(),
-           "versions": versions(), "argv": sys.argv, "preset": FLAGS.preset, "seq": FLAGS.seq, "pairs": FLAGS.pairs}
+           "versions": versions(), "argv": sys.argv, "preset": FLAGS.preset, "seq": FLAGS.seq, "pairs": FLAGS.pairs,
+           "dtype": FLAGS.dtype, "attention_impl": FLAGS.attention_impl, "remat": FLAGS.remat}
   records = run(what, FLAGS.preset, FLAGS.seq, FLAGS.pairs, FLAGS.warmup, FLAGS.repeats, FLAGS.dtype,
-                out=FLAGS.out, extra=extra, trl_pairs=FLAGS.trl_pairs, trl_seq=FLAGS.trl_seq, score_g=FLAGS.score_g, prompt_len=FLAGS.prompt_len,
+                out=FLAGS.out, extra=extra,
+                model_overrides={"attention_impl": FLAGS.attention_impl, "remat": FLAGS.remat}, trl_pairs=FLAGS.trl_pairs, trl_seq=FLAGS.trl_seq, score_g=FLAGS.score_g, prompt_len=FLAGS.prompt_len,
                 response_len=FLAGS.response_len, data_source=FLAGS.data_source, data_limit=FLAGS.data_limit,
                 compile_preset=FLAGS.compile_preset, gen_batch=FLAGS.gen_batch, gen_tokens=FLAGS.gen_tokens)
   print("\n== summary (medians; 2 shared CPU cores are noisy: see min/max) ==")

@@ -45,6 +45,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.dtype = "float32"       # Compute dtype ("bfloat16" on accelerators); params stay float32 (master).
   c.model.remat = "none"          # "none" | "full" | "dots": rematerialise the scanned layer body.
   c.model.attention_block = 128   # Query-block length of causal attention (0 = one T x T block); see model.py.
+  c.model.attention_impl = "xla"  # "xla" | "cudnn" (fused flash attention: NVIDIA GPU, bfloat16).
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1                # Data-parallel size; -1 = the devices the other axes leave.
@@ -177,6 +178,10 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
     _fail("model.dtype", cfg.model.dtype, "must be 'float32' or 'bfloat16'")
   if not isinstance(cfg.model.attention_block, int) or cfg.model.attention_block < 0:
     _fail("model.attention_block", cfg.model.attention_block, "must be an int >= 0 (0 = unblocked)")
+  if cfg.model.attention_impl not in ("xla", "cudnn"):
+    _fail("model.attention_impl", cfg.model.attention_impl, "must be 'xla' or 'cudnn'")
+  if cfg.model.attention_impl == "cudnn" and cfg.model.dtype != "bfloat16":
+    _fail("model.attention_impl", cfg.model.attention_impl, "'cudnn' needs model.dtype='bfloat16'")
   if cfg.model.remat not in ("none", "full", "dots"):
     _fail("model.remat", cfg.model.remat, "must be 'none', 'full' or 'dots'")
   if cfg.eval.temperature < 0:

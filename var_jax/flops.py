@@ -23,9 +23,9 @@ def decoder_flops_per_token(cfg, seq_len: int, training: bool = True) -> float:
 
 
 @functools.lru_cache(maxsize=None)
-def peak_flops_per_second(size: int = 2048, repeats: int = 5) -> float:
-  """The measured dense float32 matmul rate of the default device (median of `repeats`), FLOP/s."""
-  x = jnp.ones((size, size), jnp.float32)
+def peak_flops_per_second(size: int = 2048, repeats: int = 5, dtype: str = "float32") -> float:
+  """The measured dense [size, size] matmul rate of the default device in `dtype` (median of `repeats`), FLOP/s."""
+  x = jnp.ones((size, size), dtype)
   matmul = jax.jit(lambda a: a @ a)
   matmul(x).block_until_ready()
   times = []

@@ -78,6 +78,9 @@ class ModelConfig:
   logprob_chunk: sequence chunk length of `Decoder.target_logprobs`.
   attention_block: query-block length of causal self-attention without a KV cache (0 = one block): query block i
     scores only keys [0, (i+1) * attention_block), skipping the masked upper triangle.
+  attention_impl: 'xla' (`causal_block_attention`, any backend) | 'cudnn' (cuDNN's fused flash attention through
+    `jax.nn.dot_product_attention`: NVIDIA GPUs, bfloat16 compute; never stores the [T, T] probabilities, which
+    at T=2048 do not fit in GPU memory for every layer). Only the cache-free path; decoding always uses 'xla'.
   model_type: 'llama' | 'qwen2'; only used to name the architecture when exporting to HF.
   """
 
@@ -103,6 +106,7 @@ class ModelConfig:
   # 128: forward+backward of one layer's attention at T=512 is 2.1x faster than one T x T block on 2 CPU cores
   # (fewer FLOPs, and [.., 128, S] float32 scores stay in cache); 64 is no faster and compiles 2x longer.
   attention_block: int = 128
+  attention_impl: str = 'xla'
   model_type: str = 'llama'
 
   def __post_init__(self):
@@ -121,6 +125,10 @@ class ModelConfig:
       raise ValueError(f'head_dim={self.head_dim} must be even for rotary embeddings')
     if self.attention_block < 0:
       raise ValueError(f'attention_block={self.attention_block} must be >= 0 (0 = unblocked)')
+    if self.attention_impl not in ('xla', 'cudnn'):
+      raise ValueError(f"attention_impl={self.attention_impl!r} must be 'xla' or 'cudnn'")
+    if self.attention_impl == 'cudnn' and self.dtype != 'bfloat16':
+      raise ValueError("attention_impl='cudnn' needs dtype='bfloat16' (cuDNN's fused attention has no float32)")
     if self.remat not in _REMAT_POLICIES:
       raise ValueError(f'remat={self.remat!r} not in {sorted(_REMAT_POLICIES)}')
     for name in ('param_dtype', 'dtype'):
@@ -270,6 +278,20 @@ def causal_block_attention(q: Array, k: Array, v: Array, mask: Array, block: int
   return jnp.concatenate(outs, axis=1)
 
 
+def cudnn_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
+  """`causal_block_attention`'s result from cuDNN's fused attention (GPU, bfloat16): q [B,T,Hq,Dh], k/v
+  [B,T,Hkv,Dh], mask [B,T,T] causal by index -> [B,T,Hq,Dh].
+
+  The causal triangle is cuDNN's own mask; `mask` adds the segment/padding rule as a bias. Query rows with no
+  visible key (padding) would be undefined, so they are given their own position and zeroed afterwards.
+  """
+  t = q.shape[1]
+  alone = ~jnp.any(mask, axis=-1)  # [B, T]: padding queries.
+  mask = mask | (alone[:, :, None] & jnp.eye(t, dtype=bool)[None])
+  out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], is_causal=True, implementation='cudnn')
+  return jnp.where(alone[:, :, None, None], jnp.zeros_like(out), out)
+
+
 def decoder_layer(cfg: ModelConfig, p: Mapping[str, Array], x: Array, cos: Array, sin: Array, mask: Array,
                   kv: tuple[Array, Array] | None = None, index: Array | None = None):
   """One pre-norm transformer block. p: one layer's parameters (no 'layers' axis); x [B,T,D] -> [B,T,D].
@@ -291,7 +313,9 @@ def decoder_layer(cfg: ModelConfig, p: Mapping[str, Array], x: Array, cos: Array
     k = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), index, axis=1)
     v = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), index, axis=1)
     kv = (k, v)
-  if kv is None:  # Self-attention over the T inputs, whose mask is causal by index: skip the upper triangle.
+  if kv is None and cfg.attention_impl == 'cudnn':
+    a = cudnn_attention(q, k, v, mask)
+  elif kv is None:  # Self-attention over the T inputs, whose mask is causal by index: skip the upper triangle.
     a = causal_block_attention(q, k, v, mask, cfg.attention_block)
   else:  # Cache slots are not in query order: every slot is scored.
     a = attention(q, k.astype(dt), v.astype(dt), mask)

@@ -42,7 +42,7 @@ _READS = {"sft": (), "reward": ("sft",), "score": ("sft", "reward"), "var": ("sc
 
 # Settings of how a stage computes, not of what it computes (the results are the same): changing them, or a newer
 # version adding one, never invalidates finished stages.
-_HOW_NOT_WHAT = {"model": ("remat", "attention_block")}
+_HOW_NOT_WHAT = {"model": ("remat", "attention_block", "attention_impl")}
 
 
 def _fingerprint(cfg, stage: str) -> dict:
@@ -217,7 +217,8 @@ def eval_batches_fn(cfg, pipe):
 
 
 def model_config(cfg, tok: tokenize.Tokenizer) -> model_lib.ModelConfig:
-  overrides = {"dtype": cfg.model.dtype, "remat": cfg.model.remat, "attention_block": cfg.model.attention_block}
+  overrides = {"dtype": cfg.model.dtype, "remat": cfg.model.remat, "attention_block": cfg.model.attention_block,
+               "attention_impl": cfg.model.attention_impl}
   path = resolve_model_path(cfg.model.path)
   if path:
     from var_jax import hf_io  # pylint: disable=g-import-not-at-top
@@ -239,9 +240,9 @@ def new_model(cfg, mcfg, mesh, rules, *, reward: bool = False, seed: int = 0) ->
     _, _, shardings = sharding_lib.abstract_sharded_params(make, mesh, rules)
     if path.endswith(".gguf"):
       return hf_io.from_gguf(path, dtype=mcfg.dtype, shardings=shardings, remat=mcfg.remat,
-                             attention_block=mcfg.attention_block)[0]
+                             attention_block=mcfg.attention_block, attention_impl=mcfg.attention_impl)[0]
     return hf_io.from_pretrained(path, dtype=mcfg.dtype, shardings=shardings, remat=mcfg.remat,
-                                 attention_block=mcfg.attention_block)
+                                 attention_block=mcfg.attention_block, attention_impl=mcfg.attention_impl)
   model, _ = sharding_lib.create_sharded_model(make, mesh, rules)
   return model
 
