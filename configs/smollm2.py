@@ -40,6 +40,8 @@ def get_config():
   c.dpo.steps = 30
   c.dpo.lr = 5e-6
   c.dpo.beta = 0.1
+  c.chosen.steps = 30                   # The baseline: SFT on chosen continued from the reference, like VAR/DPO.
+  c.chosen.lr = 1e-5
   c.optim.warmup_steps = 5
   c.checkpoint.every = 25
   c.log_every = 5

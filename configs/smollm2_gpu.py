@@ -24,6 +24,7 @@ def get_config():
   c.reward.steps = 200
   c.var.steps = 120
   c.dpo.steps = 120
+  c.chosen.steps = 120
   c.optim.warmup_steps = 10
   c.checkpoint.every = 1000
   c.log_every = 20

@@ -1,13 +1,20 @@
 """Benchmark of every stage: train step (sft / var / dpo), scoring, generation, data, memory, compile time.
 
-    python -m var_jax.bench [--preset bench-30m] [--seq 512] [--pairs 4] \
+    python -m var_jax.bench [--preset bench-30m] [--seq 512] [--pairs 2] \
         [--what train,profile,score,generate,data,memory,compile,torch,trl] [--out bench_results.jsonl]
 
 Every figure is measured in the run: step times are medians over `--repeats` steps after `--warmup` steps (on a
 shared CPU the spread is printed as well), MFU divides model FLOPs (`flops.decoder_flops_per_token`, attention
-included) by the median step time and by the dense float32 matmul rate measured in the same run
-(`flops.peak_flops_per_second`). Results print as a table and append one JSON line per measurement to --out with
-the hardware, versions and config.
+included) by the median step time and by the dense matmul rate measured in the same run
+(`flops.peak_flops_per_second`: float32 2048^2 on CPU, the compute dtype at 8192^2 on accelerators, where the
+datasheet bf16 peak is reported too). Results print as a table and append one JSON line per measurement to --out
+with the hardware, versions and config. On an NVIDIA GPU:
+
+    python -m var_jax.bench --preset qwen2.5-0.5b --seq 2048 --pairs 4 --dtype bfloat16 --attention_impl cudnn \
+        --what train,profile,score,generate,memory
+    python -m var_jax.bench --preset qwen2.5-0.5b --seq 2048 --pairs 4 --dtype bfloat16 --what torch
+
+(the PyTorch baseline in its own process: JAX keeps the GPU memory it has allocated).
 
 Peak memory: where the device reports memory stats (GPU/TPU) their peak; on CPU the increase of the process's max
 RSS during the measurement (0 when it stays under an earlier peak) and, always, the compiled step's XLA buffer
@@ -707,7 +714,8 @@ def main(argv):
            "dtype": FLAGS.dtype, "attention_impl": FLAGS.attention_impl, "remat": FLAGS.remat}
   records = run(what, FLAGS.preset, FLAGS.seq, FLAGS.pairs, FLAGS.warmup, FLAGS.repeats, FLAGS.dtype,
                 out=FLAGS.out, extra=extra,
-                model_overrides={"attention_impl": FLAGS.attention_impl, "remat": FLAGS.remat}, trl_pairs=FLAGS.trl_pairs, trl_seq=FLAGS.trl_seq, score_g=FLAGS.score_g, prompt_len=FLAGS.prompt_len,
+                model_overrides={"attention_impl": FLAGS.attention_impl, "remat": FLAGS.remat},
+                trl_pairs=FLAGS.trl_pairs, trl_seq=FLAGS.trl_seq, score_g=FLAGS.score_g, prompt_len=FLAGS.prompt_len,
                 response_len=FLAGS.response_len, data_source=FLAGS.data_source, data_limit=FLAGS.data_limit,
                 compile_preset=FLAGS.compile_preset, gen_batch=FLAGS.gen_batch, gen_tokens=FLAGS.gen_tokens)
   print("\n== summary (medians; 2 shared CPU cores are noisy: see min/max) ==")
