@@ -523,7 +523,9 @@ def bench_trl_dpo(mcfg: model_lib.ModelConfig, pairs: int, seq: int, warmup: int
   """TRL DPOTrainer steps (policy + frozen reference, float32, AdamW): median step time, policy tokens/s.
 
   gradient_checkpointing=False (TRL 1.16's DPOConfig turns it on by default): var_jax's step does not
-  rematerialise either, so this is the like-for-like (and the faster) TRL configuration.
+  rematerialise either, so this is the like-for-like (and the faster) TRL configuration. bf16=False: DPOConfig
+  also defaults to bfloat16 autocast, which on a CPU without bfloat16 matmul units falls back to PyTorch's
+  generic GEMM (single-threaded, several times slower); the var_jax step it is compared with is float32.
 
   Each pair is a prompt of prompt_frac*seq tokens and chosen/rejected responses filling `seq` (EOS included).
   Step times come from Trainer callbacks around each optimizer step (data collation included, as users see it).
@@ -546,7 +548,7 @@ def bench_trl_dpo(mcfg: model_lib.ModelConfig, pairs: int, seq: int, warmup: int
   args = DPOConfig(output_dir=workdir, per_device_train_batch_size=pairs, max_steps=steps, learning_rate=1e-4,
                    beta=0.1, max_length=seq, logging_steps=10 ** 6, save_strategy="no", report_to=[],
                    use_cpu=True, dataloader_num_workers=0, max_grad_norm=1.0, disable_tqdm=True, seed=0,
-                   gradient_checkpointing=gradient_checkpointing)
+                   gradient_checkpointing=gradient_checkpointing, bf16=False)
   times: list[float] = []
 
   class Timer(transformers.TrainerCallback):
