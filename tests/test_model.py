@@ -213,11 +213,12 @@ def test_causal_block_attention_equals_full(block):
   mask = M.attention_mask(jnp.asarray(pos), jnp.asarray(seg), jnp.asarray(pos), jnp.asarray(seg))
   real = jnp.asarray(seg > 0)[:, :, None, None]
   full = lambda q, k, v: M.attention(q, k, v, mask) * real  # noqa: E731  (pad rows attend nothing: ignored)
-  blocked = lambda q, k, v: M.causal_block_attention(q, k, v, mask, block) * real  # noqa: E731
+  # Jitted, as in the model: eager dispatch of T/block blocks and their gradients takes minutes at block=1.
+  blocked = jax.jit(lambda q, k, v: M.causal_block_attention(q, k, v, mask, block) * real)
   np.testing.assert_allclose(blocked(q, k, v), full(q, k, v), rtol=1e-6, atol=1e-6)
   cot = jnp.asarray(rng.normal(size=(b, t, hq, dh)).astype(np.float32))
   g_full = jax.grad(lambda *a: jnp.sum(full(*a) * cot), argnums=(0, 1, 2))(q, k, v)
-  g_blocked = jax.grad(lambda *a: jnp.sum(blocked(*a) * cot), argnums=(0, 1, 2))(q, k, v)
+  g_blocked = jax.jit(jax.grad(lambda *a: jnp.sum(blocked(*a) * cot), argnums=(0, 1, 2)))(q, k, v)
   for a, e in zip(g_blocked, g_full):
     np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-6)
 
