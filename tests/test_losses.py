@@ -224,6 +224,40 @@ def test_dpo_and_bradley_terry_match_numpy(beta):
   np.testing.assert_allclose(huge_wrong, 1e6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("shape", [(7,), (3, 4)])
+def test_per_example_terms_match_numpy_and_zero_invalid(shape):
+  """The terms objectives.py sums in training: weighted NLL, DPO, IPO, Bradley-Terry, masked by `valid`."""
+  rng = np.random.default_rng(sum(shape))
+  pc, pr, rc, rr = (rng.normal(-50, 20, size=shape).astype(np.float32) for _ in range(4))
+  w = rng.uniform(0, 1, size=shape).astype(np.float32)
+  valid = rng.uniform(size=shape) < 0.7
+  f64 = lambda x: x.astype(np.float64)
+  h = (f64(pc) - rc) - (f64(pr) - rr)
+  beta, tau = 0.1, 0.05
+  cases = {
+      "nll": (losses.weighted_nll_terms(w, pc, valid=valid), -f64(w) * pc),
+      "dpo": (losses.dpo_terms(pc, pr, rc, rr, beta, valid=valid), -np_log_sigmoid(beta * h)),
+      "ipo": (losses.ipo_terms(pc, pr, rc, rr, tau, valid=valid), (h - 1 / (2 * tau)) ** 2),
+      "bt": (losses.bradley_terry_terms(pc / 10, pr / 10, valid=valid), -np_log_sigmoid(f64(pc) / 10 - f64(pr) / 10)),
+  }
+  for name, (got, want) in cases.items():
+    assert got.shape == shape, name
+    np.testing.assert_allclose(got, np.where(valid, want, 0.0), rtol=2e-5, atol=1e-6, err_msg=name)
+
+
+def test_ipo_minimum_at_target_margin_and_gradient_matches_numpy():
+  tau = 0.25
+  target = 1 / (2 * tau)
+  zero = jnp.zeros(3)
+  at_target = losses.ipo_terms(jnp.full(3, target), zero, zero, zero, tau)
+  np.testing.assert_allclose(at_target, 0.0, atol=1e-6)
+  pc = jnp.array([-3.0, 0.0, 5.0])
+  grad = jax.grad(lambda x: losses.ipo_terms(x, zero, zero, zero, tau).sum())(pc)
+  np.testing.assert_allclose(grad, 2 * (np.asarray(pc, np.float64) - target), rtol=1e-6)
+  with pytest.raises(ValueError, match="ref_chosen"):
+    losses.ipo_terms(pc, zero, jnp.zeros(2), zero, tau)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Gradients.
 

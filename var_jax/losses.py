@@ -256,22 +256,58 @@ def sft_loss(policy_logps, num_tokens):
 
 def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta):
   """Mean sigmoid DPO loss -log sigmoid(beta * [(pi_c - ref_c) - (pi_r - ref_r)]); all inputs [M] summed log-probs."""
-  for name, x in (("policy_rejected", policy_rejected), ("ref_chosen", ref_chosen), ("ref_rejected", ref_rejected)):
-    _check_shape(name, x, jnp.shape(policy_chosen))
-  logits = _dpo_logits(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)
-  return -jnp.mean(jax.nn.log_sigmoid(logits))
+  return jnp.mean(dpo_terms(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta))
 
 
 def bradley_terry_loss(r_chosen, r_rejected):
   """Mean Bradley-Terry reward-model loss -log sigmoid(r_c - r_r); inputs [M]."""
-  _check_shape("r_rejected", r_rejected, jnp.shape(r_chosen))
-  return -jnp.mean(jax.nn.log_sigmoid(r_chosen.astype(jnp.float32) - r_rejected.astype(jnp.float32)))
+  return jnp.mean(bradley_terry_terms(r_chosen, r_rejected))
 
 
 def _dpo_logits(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta):
+  """beta * h, h = (pi_c - ref_c) - (pi_r - ref_r), the DPO log-ratio margin. All inputs one shape."""
+  for name, x in (("policy_rejected", policy_rejected), ("ref_chosen", ref_chosen), ("ref_rejected", ref_rejected)):
+    _check_shape(name, x, jnp.shape(policy_chosen))
   chosen = policy_chosen.astype(jnp.float32) - ref_chosen.astype(jnp.float32)
   rejected = policy_rejected.astype(jnp.float32) - ref_rejected.astype(jnp.float32)
   return beta * (chosen - rejected)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Per-example loss terms: what the training objectives (var_jax/objectives.py) sum. A term is 0 where `valid` is
+# False, so a micro-batch's loss numerator is the plain sum of its terms and accumulation is exact.
+
+
+def _where_valid(terms, valid):
+  return terms if valid is None else jnp.where(valid, terms, 0.0)
+
+
+def weighted_nll_terms(weights, policy_logps, *, valid=None):
+  """-w * log pi(y): the terms of SFT (w in {0, 1}) and VAR (w = VAR weights). Any shape; weights get no gradient."""
+  _check_shape("weights", weights, jnp.shape(policy_logps))
+  w = jax.lax.stop_gradient(weights.astype(jnp.float32))
+  return _where_valid(-w * policy_logps.astype(jnp.float32), valid)
+
+
+def dpo_terms(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, *, valid=None):
+  """Per pair -log sigmoid(beta * h), h = (pi_c - ref_c) - (pi_r - ref_r) (Rafailov et al. 2023). Inputs [M] (any
+  shape) of summed response log-probs; `valid` marks real pairs."""
+  logits = _dpo_logits(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)
+  return _where_valid(-jax.nn.log_sigmoid(logits), valid)
+
+
+def ipo_terms(policy_chosen, policy_rejected, ref_chosen, ref_rejected, tau, *, valid=None):
+  """Per pair (h - 1/(2 tau))^2, h the DPO log-ratio margin (IPO, Azar et al. 2023): a squared loss that keeps the
+  margin at 1/(2 tau) instead of pushing it to infinity on deterministic preferences."""
+  h = _dpo_logits(policy_chosen, policy_rejected, ref_chosen, ref_rejected, 1.0)
+  return _where_valid(jnp.square(h - 1.0 / (2.0 * tau)), valid)
+
+
+def bradley_terry_terms(r_chosen, r_rejected, *, valid=None):
+  """Per pair -log sigmoid(r_c - r_r), the Bradley-Terry reward-model loss. Inputs [M] (any shape)."""
+  _check_shape("r_rejected", r_rejected, jnp.shape(r_chosen))
+  margin = r_chosen.astype(jnp.float32) - r_rejected.astype(jnp.float32)
+  return _where_valid(-jax.nn.log_sigmoid(margin), valid)
 
 
 # ----------------------------------------------------------------------------------------------------------------
