@@ -19,6 +19,7 @@ import hashlib
 import itertools
 import json
 import os
+import shlex
 import sys
 
 from absl import app
@@ -115,12 +116,24 @@ def link_upstream(run_dir: str, upstream_dir: str) -> None:
     os.symlink(target, link)
 
 
-def overrides(point: dict, stages: str) -> list[str]:
-  return [f"--config.{k}={v}" for k, v in point.items()] + [f"--config.stages={stages}"]
+def overrides(point: dict, stages: str, base_flags: dict | None = None) -> list[str]:
+  """The `var_jax.main` flags that rebuild a run's config from the config file.
+
+  base_flags: {field: "--config.field=value"}, the sweep's own command-line overrides (they went into the base
+  config, so into the run's config and its upstream hash); the grid point's fields and `stages` replace them.
+  """
+  base = [f for field, f in (base_flags or {}).items() if field not in point and field != "stages"]
+  return base + [f"--config.{k}={v}" for k, v in point.items()] + [f"--config.stages={stages}"]
 
 
-def plan(base_cfg, points: list[dict], sweep_dir: str, stages: str):
-  """[(name, cfg, run_dir, upstream_dir, overrides)] for every grid point."""
+def command_line_overrides(config_flag) -> dict:
+  """{field: "--config.field=value"} for every --config.* flag given on the command line."""
+  return {field: flags.FLAGS[f"{config_flag.name}.{field}"].serialize()
+          for field in config_flags.get_override_values(config_flag)}
+
+
+def plan(base_cfg, points: list[dict], sweep_dir: str, stages: str, base_flags: dict | None = None):
+  """[(name, cfg, run_dir, upstream_dir, overrides)] for every grid point (base_flags: see `overrides`)."""
   out = []
   for point in points:
     cfg = base_cfg.copy_and_resolve_references()
@@ -129,7 +142,8 @@ def plan(base_cfg, points: list[dict], sweep_dir: str, stages: str):
     cfg.stages = stages
     name = run_name(point)
     upstream = os.path.join(sweep_dir, "upstream", upstream_key(cfg))
-    out.append((name, cfg, os.path.join(sweep_dir, "runs", name), upstream, overrides(point, stages)))
+    out.append((name, cfg, os.path.join(sweep_dir, "runs", name), upstream,
+                overrides(point, stages, base_flags)))
   return out
 
 
@@ -141,14 +155,15 @@ def run_all(runs, config_file: str, emit: bool) -> None:
       up_cfg.stages = ",".join(UPSTREAM)
       up_extra = [e for e in extra if not e.startswith("--config.stages=")] + [f"--config.stages={up_cfg.stages}"]
       if emit:
-        print(" ".join(["python -m var_jax.main", f"--config={config_file}", f"--workdir={upstream}", *up_extra]))
+        print(shlex.join(["python", "-m", "var_jax.main", f"--config={config_file}", f"--workdir={upstream}",
+                          *up_extra]))
       else:
         logging.info("upstream %s", upstream)
         stages_lib.run_pipeline(up_cfg, upstream)
       done_upstream.add(upstream)
     link_upstream(run_dir, upstream)
     if emit:
-      print(" ".join(["python -m var_jax.main", f"--config={config_file}", f"--workdir={run_dir}", *extra]))
+      print(shlex.join(["python", "-m", "var_jax.main", f"--config={config_file}", f"--workdir={run_dir}", *extra]))
     else:
       logging.info("run %s", name)
       stages_lib.run_pipeline(cfg, run_dir)
@@ -358,7 +373,8 @@ def main(argv) -> None:
   from var_jax import metrics_writer  # pylint: disable=g-import-not-at-top
   metrics_writer.quiet_library_logs()
   base = _CONFIG.value
-  runs = plan(base, grid_points(base, _GRID.value), _DIR.value, _STAGES.value)
+  runs = plan(base, grid_points(base, _GRID.value), _DIR.value, _STAGES.value,
+              command_line_overrides(flags.FLAGS["config"]))
   config_file = flags.FLAGS["config"].config_filename
   if not _COLLECT.value:
     run_all(runs, config_file, _EMIT.value)

@@ -1,6 +1,7 @@
 """launch/sweep.py: grid parsing, upstream sharing, emitted commands, collection (no training here)."""
 import json
 import os
+import shlex
 import subprocess
 import sys
 
@@ -51,6 +52,29 @@ def test_emit_commands_prints_upstream_once_then_each_run(tmp_path):
   assert len(lines) == 3
   assert "--config.stages=sft,reward,score" in lines[0] and "/upstream/" in lines[0]
   assert "--config.var.lam=0.1" in lines[1] and "--config.var.lam=1.0" in lines[2]
+
+
+def test_emitted_commands_carry_the_sweeps_own_overrides(tmp_path):
+  """Each emitted command rebuilds the config its directory was named after: the sweep's --config.* flags (which
+  went into the upstream hash) are carried, a grid field replaces the same flag, and values are shell-quoted."""
+  proc = subprocess.run([sys.executable, "launch/sweep.py", "--config=configs/tiny.py", f"--dir={tmp_path}",
+                         "--config.sft.steps=7", "--config.var.lam=0.5", "--config.data.source=my prefs.jsonl",
+                         "--grid=var.lam=0.1,1", "--emit_commands"], cwd=ROOT, capture_output=True, text=True,
+                        timeout=120, check=True)
+  commands = [shlex.split(l) for l in proc.stdout.splitlines() if l.startswith("python -m var_jax.main")]
+  assert len(commands) == 3
+  for argv in commands:
+    cfg = tiny.get_config()
+    for arg in argv:
+      if arg.startswith("--config."):
+        field, _, value = arg[len("--config."):].partition("=")
+        sweep.set_field(cfg, field, sweep.parse_value(value, sweep.get_field(cfg, field)))
+    workdir = next(a for a in argv if a.startswith("--workdir="))[len("--workdir="):]
+    upstream = os.path.dirname(os.path.realpath(os.path.join(workdir, "sft")))
+    assert os.path.basename(upstream) == sweep.upstream_key(cfg), argv
+    assert cfg.sft.steps == 7 and cfg.data.source == "my prefs.jsonl"
+  assert [a for a in commands[1] if a.startswith("--config.var.lam")] == ["--config.var.lam=0.1"]
+  assert [a for a in commands[2] if a.startswith("--config.var.lam")] == ["--config.var.lam=1.0"]
 
 
 def test_collect_reads_finished_runs(tmp_path):
