@@ -182,3 +182,206 @@ def test_unknown_layout_is_an_error(tmp_path):
     load_preferences(path)
   with pytest.raises(ValueError, match="unknown format"):
     load_preferences(path, fmt="alpaca")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# TRL's conversational implicit-prompt layout.
+
+def _chat(*turns):
+  return [{"role": r, "content": c} for r, c in zip(("user", "assistant") * len(turns), turns)]
+
+
+def test_implicit_chat_prompt_is_the_shared_prefix(tmp_path):
+  rows = [{"chosen": _chat("Hi", "Hello!", "Capital of France?", "Paris."),
+           "rejected": _chat("Hi", "Hello!", "Capital of France?", "Lyon.")},
+          {"chosen": [{"role": "system", "content": "Be brief"}, *_chat("2+2?", " 4 ")],
+           "rejected": [{"role": "system", "content": "Be brief"}, *_chat("2+2?", "5")], "score_chosen": 1.0,
+           "score_rejected": 0.0}]
+  path = _write_jsonl(tmp_path / "trl.jsonl", rows)
+  assert detect_format(rows[0]) == "implicit_chat"
+  for fmt in ("auto", "implicit_chat"):
+    (a, b), stats = load_preferences(path, fmt=fmt)
+    assert a.prompt == tuple(_chat("Hi", "Hello!", "Capital of France?")) and a.responses == ("Paris.", "Lyon.")
+    assert [m["role"] for m in b.prompt] == ["system", "user"] and b.responses == ("4", "5")
+    assert b.rewards == (1.0, 0.0) and stats.kept == 2
+
+
+@pytest.mark.parametrize("chosen,rejected,reason,message", [
+    (_chat("a", "b", "c", "d"), _chat("a", "x", "c", "d"), "multi_turn_response",
+     r"t.jsonl:1: field 'chosen' must end in exactly one assistant message after the 1 shared message\(s\); it has "
+     r"\['assistant', 'user', 'assistant'\]"),
+    (_chat("a", "b"), _chat("z", "b"), "no_shared_prompt", "t.jsonl:1: chosen and rejected share no leading"),
+    (_chat("a", "b"), _chat("a", "b"), "identical_responses", "t.jsonl:1: chosen and rejected are identical"),
+    (_chat("a", "b"), [{"role": "user", "content": "a"}], "multi_turn_response", r"field 'rejected' must end in"),
+])
+def test_implicit_chat_bad_records(tmp_path, chosen, rejected, reason, message):
+  path = _write_jsonl(tmp_path / "t.jsonl", [{"chosen": chosen, "rejected": rejected}])
+  with pytest.raises(ValueError, match=message):
+    load_preferences(path, fmt="implicit_chat")
+  recs, stats = load_preferences(path, fmt="implicit_chat", skip_invalid=True)
+  assert not recs and dict(stats.skipped) == {reason: 1}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Column mapping.
+
+def test_column_mapping_renames_before_detection(tmp_path):
+  rows = [{"question": "Say hi", "good": "Hi!", "bad": "No.", "id": 7}]
+  path = _write_jsonl(tmp_path / "c.jsonl", rows)
+  with pytest.raises(ValueError, match="cannot detect format"):
+    load_preferences(path)
+  (rec,), _ = load_preferences(path, columns="prompt=question, chosen=good,rejected=bad")
+  assert rec.prompt == ({"role": "user", "content": "Say hi"},) and rec.responses == ("Hi!", "No.")
+  # Swapping two fields is a mapping too.
+  (rec,), _ = load_preferences(path, columns={"prompt": "question", "chosen": "bad", "rejected": "good"})
+  assert rec.responses == ("No.", "Hi!")
+  with pytest.raises(ValueError, match=r"c.jsonl:1: missing field 'answer' \(mapped to 'chosen'\)"):
+    load_preferences(path, columns="prompt=question,chosen=answer,rejected=bad")
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("prompt=question,chosen", "entry 'chosen' is not field=column"),
+    ("question=prompt", "unknown field 'question'"),
+    ("prompt=a,prompt=b", "field 'prompt' is mapped twice"),
+    ("chosen=a,rejected=a", "one column is mapped to two fields"),
+])
+def test_bad_column_mapping_is_a_config_error(spec, message):
+  from var_jax import config as config_lib
+  cfg = config_lib.base_config()
+  cfg.data.source = "org/data"
+  cfg.data.columns = spec
+  with pytest.raises(ValueError, match=f"config.data.columns = {spec!r}: .*{message}"):
+    config_lib.validate(cfg)
+
+
+def test_hub_fields_on_a_local_file_are_a_config_error(tmp_path):
+  from var_jax import config as config_lib
+  cfg = config_lib.base_config()
+  cfg.data.source = _write_jsonl(tmp_path / "d.jsonl", [PAIR])
+  cfg.data.revision = "main"
+  with pytest.raises(ValueError, match="config.data.revision = 'main': applies to a hub id"):
+    config_lib.validate(cfg)
+  cfg.data.revision, cfg.data.data_files = "", "train=a.parquet,b.parquet"
+  with pytest.raises(ValueError, match="config.data.data_files = .*either every entry is split=path or none is"):
+    config_lib.validate(cfg)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Unreadable files: errors that name the file (and line).
+
+def test_non_utf8_byte_names_file_and_line(tmp_path):
+  path = tmp_path / "latin1.jsonl"
+  good = json.dumps(PAIR).encode()
+  path.write_bytes(good + b"\n" + '{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}'.encode("latin-1") + b"\n"
+                   + good + b"\n")
+  with pytest.raises(ValueError, match=r"latin1.jsonl:2: not UTF-8 \(byte 0xe9 at column 16\)"):
+    load_preferences(str(path))
+  recs, stats = load_preferences(str(path), skip_invalid=True)
+  assert len(recs) == 2 and dict(stats.skipped) == {"not_utf8": 1} and stats.read == 3
+  # A whole-file .json too, and inside a .gz.
+  js = tmp_path / "latin1.json.gz"
+  with gzip.open(js, "wb") as f:
+    f.write(b'[\n{"prompt": "x", "chosen": "a", "rejected": "b"},\n{"prompt": "caf\xe9", "chosen": "a", '
+            b'"rejected": "b"}]\n')
+  with pytest.raises(ValueError, match=r"latin1.json.gz:3: not UTF-8 \(byte 0xe9\)"):
+    load_preferences(str(js))
+
+
+def test_utf8_bom_is_accepted(tmp_path):
+  path = tmp_path / "bom.jsonl"
+  path.write_bytes(b"\xef\xbb\xbf" + json.dumps(PAIR).encode() + b"\n")
+  (rec,), _ = load_preferences(str(path))
+  assert rec.responses == ("Hi!", "No.")
+
+
+@pytest.mark.parametrize("name", ["t.jsonl.gz", "t.json.gz"])
+def test_truncated_gz_names_the_file(tmp_path, name):
+  path = tmp_path / name
+  rows = [{"prompt": f"q{i} " + "x" * (i % 97), "chosen": f"a{i}", "rejected": f"b{i}"} for i in range(3000)]
+  with gzip.open(path, "wt", encoding="utf-8") as f:
+    f.write(json.dumps(rows) if name.startswith("t.json.") else "".join(json.dumps(r) + "\n" for r in rows))
+  data = path.read_bytes()
+  path.write_bytes(data[:len(data) // 2])
+  with pytest.raises(ValueError, match=f"{name}: truncated or corrupt gzip file"):
+    load_preferences(str(path))
+  path.write_bytes(b"not gzip at all")
+  with pytest.raises(ValueError, match=f"{name}: truncated or corrupt gzip file .*before the first line"):
+    load_preferences(str(path))
+
+
+@pytest.mark.parametrize("name,content", [("e.jsonl", b""), ("e.jsonl", b"\n  \n"), ("e.json", b"[]"),
+                                          ("e.json", b""), ("e.jsonl.gz", None), ("e.parquet", None)])
+def test_empty_file_names_the_file(tmp_path, name, content):
+  path = tmp_path / name
+  if name.endswith(".gz"):
+    with gzip.open(path, "wb") as f:
+      f.write(b"")
+  elif name.endswith(".parquet"):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table({"prompt": pa.array([], pa.string())}), path)
+  else:
+    path.write_bytes(content)
+  with pytest.raises(ValueError, match=f"{name}: empty file"):
+    load_preferences(str(path))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# HF datasets arguments: config name, data_files, revision, columns.
+
+def _parquet_dir(tmp_path):
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  folder = tmp_path / "ds"
+  folder.mkdir()
+  for split, n in (("train", 5), ("test", 2)):
+    rows = [{"question": f"{split} q{i}", "good": f"g{i}", "bad": f"b{i}"} for i in range(n)]
+    pq.write_table(pa.Table.from_pylist(rows), folder / f"{split}-00000.parquet")
+  return folder
+
+
+def test_local_dataset_folder_with_data_files_and_columns(tmp_path):
+  folder = _parquet_dir(tmp_path)
+  recs, stats = load_preferences(str(folder), data_files="train=train-00000.parquet,test=test-00000.parquet",
+                                 split="test", columns="prompt=question,chosen=good,rejected=bad")
+  assert stats.kept == 2 and recs[1].prompt[0]["content"] == "test q1" and recs[1].responses == ("g1", "b1")
+  assert recs[0].source == f"{folder}:test[0]"
+  # One unnamed list of files is a single "train" split.
+  recs, _ = load_preferences("parquet", data_files=str(folder / "test-00000.parquet"),
+                             columns="prompt=question,chosen=good,rejected=bad")
+  assert [r.prompt[0]["content"] for r in recs] == ["test q0", "test q1"]
+
+
+def test_hub_id_arguments_reach_load_dataset(monkeypatch):
+  """A hub id takes the same path as a local builder; here load_dataset is replaced to see its arguments."""
+  import datasets
+  calls = []
+
+  def fake_load_dataset(path, name=None, **kwargs):
+    calls.append((path, name, kwargs))
+    return datasets.Dataset.from_list([{"q": "Say hi", "c": "Hi!", "r": "No."}])
+
+  monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+  (rec,), _ = load_preferences("org/prefs", config_name="english", data_files="train=data/a.parquet,train=b.parquet",
+                               revision="0123abc", split="train", columns="prompt=q,chosen=c,rejected=r")
+  assert rec.responses == ("Hi!", "No.") and rec.source == "org/prefs/english:train[0]"
+  (path, name, kwargs), = calls
+  assert (path, name) == ("org/prefs", "english")
+  assert kwargs == {"data_dir": None, "data_files": {"train": ["data/a.parquet", "b.parquet"]}, "split": "train",
+                    "revision": "0123abc"}
+
+
+def test_load_task_passes_the_data_config(tmp_path, monkeypatch):
+  from var_jax import config as config_lib
+  from var_jax import stages
+  from var_jax.data import synthetic
+  folder = _parquet_dir(tmp_path)
+  monkeypatch.setattr(stages, "_hf_tokenizer", lambda cfg: synthetic.build_tokenizer())
+  cfg = config_lib.base_config()
+  cfg.data.update(source=str(folder), eval_source=str(folder), split="train", eval_split="test",
+                  data_files="train=train-00000.parquet,test=test-00000.parquet",
+                  columns="prompt=question,chosen=good,rejected=bad")
+  config_lib.validate(cfg)
+  task = stages.load_task(cfg)
+  assert [r.prompt[0]["content"] for r in task.pref_records] == [f"train q{i}" for i in range(5)]
+  assert [r.responses for r in task.eval_records] == [("g0", "b0"), ("g1", "b1")]

@@ -4,9 +4,12 @@ Config files in configs/ start from `base_config()` and override what their sett
 overrides any field (`--config.var.lam=0.5`). `validate(cfg)` runs before any data is read or anything is
 compiled and raises a ValueError naming the field.
 """
+import os
+
 import ml_collections
 
 from var_jax import losses
+from var_jax.data import formats
 
 STAGES = ("sft", "reward", "score", "var", "dpo", "chosen", "eval")
 
@@ -18,9 +21,14 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "synthetic"     # "synthetic" (the embedded task), a local file (.jsonl/.json/.gz/.parquet) or hub id.
-  c.data.format = "auto"          # "auto" | "hh" | "pairs" | "sharegpt" | "ranked".
+  c.data.format = "auto"          # "auto" | "hh" | "pairs" | "sharegpt" | "ranked" | "implicit_chat".
   c.data.split = "train"          # Split of a hub dataset.
   c.data.data_dir = ""            # `data_dir` of a hub dataset, e.g. "harmless-base" for Anthropic/hh-rlhf.
+  c.data.config_name = ""         # Config (subset) name of a hub dataset (load_dataset's `name`); "" = its default.
+  c.data.data_files = ""          # `data_files` of a hub / builder dataset: "a.parquet,b.parquet" or
+                                  # "train=a.parquet,test=b.parquet"; "" = the dataset's own. Also for eval_source.
+  c.data.revision = ""            # Hub commit / tag / branch to pin (source and eval_source); "" = the default branch.
+  c.data.columns = ""             # Column renames "prompt=question,chosen=good,rejected=bad" (field=column); "" = none.
   c.data.eval_source = ""         # Held-out file or hub id; "" -> the last eval_fraction of prompts of `source`.
   c.data.eval_split = "test"      # Split of a hub eval dataset.
   c.data.eval_fraction = 0.05     # Used when eval_source is "".
@@ -141,6 +149,20 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
     _fail("data.block_size", d.block_size, f"must be a multiple of data.group_size={d.group_size}")
   if not 0 <= d.eval_fraction < 1:
     _fail("data.eval_fraction", d.eval_fraction, "must be in [0, 1)")
+  if d.format != "auto" and d.format not in formats.FORMATS:
+    _fail("data.format", d.format, f"must be 'auto' or one of {formats.FORMATS}")
+  for field, parse in (("columns", formats.parse_columns), ("data_files", formats.parse_data_files)):
+    try:
+      parse(d[field])
+    except ValueError as e:
+      _fail(f"data.{field}", d[field], str(e))
+  local = d.source == "synthetic" or os.path.isfile(d.source)
+  for field in ("config_name", "data_files", "revision"):
+    if d[field] and local and (not d.eval_source or os.path.isfile(d.eval_source)):
+      _fail(f"data.{field}", d[field], "applies to a hub id, builder name or folder; data.source "
+            f"{d.source!r} (and eval_source) would ignore it")
+  if d.columns and d.source == "synthetic":
+    _fail("data.columns", d.columns, "the synthetic task has no columns to rename")
   if cfg.var.lam <= 0 or cfg.var.lam != cfg.var.lam:
     _fail("var.lam", cfg.var.lam, "lambda must be > 0")
   if cfg.var.normalizer not in losses.NORMALIZERS:

@@ -149,13 +149,14 @@ def load_task(cfg) -> Task:
     held_out = synthetic.preference_records(d.num_eval, seed=cfg.seed, k=d.max_responses, split="eval")
     return Task(tok, sft, pref, held_out, synthetic=True)
   limit = d.max_records or None
-  records, stats = formats.load_preferences(d.source, d.format, split=d.split, data_dir=d.data_dir or None,
-                                            skip_invalid=d.skip_invalid, limit=limit)
+  hub = dict(data_dir=d.data_dir or None, config_name=d.config_name or None, data_files=d.data_files or None,
+             revision=d.revision or None, columns=d.columns)
+  records, stats = formats.load_preferences(d.source, d.format, split=d.split, skip_invalid=d.skip_invalid,
+                                            limit=limit, **hub)
   logging.info("data %s: %s", d.source, stats)
   if d.eval_source:
     held_out, eval_stats = formats.load_preferences(d.eval_source, d.format, split=d.eval_split,
-                                                    data_dir=d.data_dir or None, skip_invalid=d.skip_invalid,
-                                                    limit=limit)
+                                                    skip_invalid=d.skip_invalid, limit=limit, **hub)
     logging.info("eval data %s: %s", d.eval_source, eval_stats)
   else:
     cut = len(records) - max(int(len(records) * d.eval_fraction), 1)

@@ -10,6 +10,12 @@ Supported layouts (``fmt``; ``"auto"`` detects from the first record's keys):
 - ``"sharegpt"`` ``conversations`` [{from, value}] plus ``chosen``/``rejected`` {from, value} (LLaMA-Factory DPO).
 - ``"ranked"``   ``prompt`` plus a ``responses`` list with either ``rewards`` (higher is better) or ``ranks``
                  (0 = best), any number of responses per prompt.
+- ``"implicit_chat"`` TRL's conversational implicit-prompt layout: ``chosen``/``rejected`` are whole conversations
+                 ([{role, content}]); the prompt is their shared message prefix and each response is the single
+                 assistant message after it.
+
+Columns named otherwise are mapped onto these names with ``columns`` (``{"prompt": "question", ...}`` or the config
+string ``"prompt=question,chosen=good,rejected=bad"``) before the layout is detected.
 
 Pairs may carry per-response rewards computed elsewhere (``chosen_reward``/``rejected_reward`` or
 ``score_chosen``/``score_rejected``, configurable via ``reward_keys``).
@@ -25,18 +31,23 @@ import dataclasses
 import gzip
 import io
 import json
+import itertools
 import logging
 import math
 import os
-from typing import Any, Iterable, Iterator, Sequence
+import zlib
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("hh", "pairs", "sharegpt", "ranked")
+FORMATS = ("hh", "pairs", "sharegpt", "ranked", "implicit_chat")
 _HUMAN, _ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                    "system": "system", "observation": "tool", "function_call": "assistant"}
 DEFAULT_REWARD_KEYS = (("chosen_reward", "rejected_reward"), ("score_chosen", "score_rejected"))
+# Field names the parsers read, the targets a column mapping may name.
+COLUMN_NAMES = ("prompt", "chosen", "rejected", "responses", "rewards", "ranks", "conversations", "system",
+                *(k for pair in DEFAULT_REWARD_KEYS for k in pair))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,14 +94,33 @@ class RecordError(ValueError):
 # ----------------------------------------------------------------------------------------------------------------
 # Raw rows: (source id, dict) from files or HF datasets.
 
-def _open_text(path: str):
-  if path.endswith(".gz"):
-    return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
-  return open(path, encoding="utf-8")
-
-
 def _strip_gz(path: str) -> str:
   return path[:-3] if path.endswith(".gz") else path
+
+
+def _decode(raw: bytes, path: str, lineno: int) -> str:
+  """UTF-8 text of one line (a BOM on line 1 dropped); a bad byte is a ValueError naming file, line and byte."""
+  try:
+    return raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+  except UnicodeDecodeError as e:
+    raise RecordError("not_utf8", f"{path}:{lineno}: not UTF-8 (byte 0x{raw[e.start]:02x} at column "
+                                  f"{e.start + 1}); re-encode the file as UTF-8") from e
+
+
+def _read_lines(path: str) -> Iterator[tuple[int, bytes]]:
+  """(line number, raw bytes) of a local file, gunzipped when it ends in .gz.
+
+  A truncated or corrupt .gz raises ValueError naming the file (gzip's bare EOFError / zlib.error name nothing).
+  """
+  opener = gzip.open if path.endswith(".gz") else open
+  lineno = 0
+  try:
+    with opener(path, "rb") as f:
+      for lineno, raw in enumerate(f, start=1):
+        yield lineno, raw
+  except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+    where = f"after line {lineno}" if lineno else "before the first line"
+    raise ValueError(f"{path}: truncated or corrupt gzip file ({where}: {e})") from e
 
 
 def iter_rows(path: str, skip_invalid: bool = False,
@@ -98,63 +128,147 @@ def iter_rows(path: str, skip_invalid: bool = False,
   """Yields (source id, row) from a local .jsonl/.json/.parquet file (optionally .gz).
 
   A ``.json`` file holds one JSON list (or object with a single list value); anything else is read as JSON
-  lines. Malformed lines raise ValueError("<file>:<line>: malformed JSON ...") or, with skip_invalid, are
-  counted as ``malformed_json``.
+  lines. Malformed lines raise ValueError("<file>:<line>: malformed JSON ...") and non-UTF-8 lines
+  ValueError("<file>:<line>: not UTF-8 ..."), or, with skip_invalid, are counted as ``malformed_json`` /
+  ``not_utf8``. A truncated .gz and a file without any record raise ValueError naming the file.
   """
   name = os.path.basename(path)
   base = _strip_gz(path)
+  count = 0
   if base.endswith(".parquet"):
     import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
-    for i, row in enumerate(pq.read_table(path).to_pylist()):
-      yield f"{name}[{i}]", row
+    for count, row in enumerate(pq.read_table(path).to_pylist(), start=1):
+      yield f"{name}[{count - 1}]", row
+    if not count:
+      raise ValueError(f"{path}: empty file (no records)")
     return
-  with _open_text(path) as f:
-    if base.endswith(".json"):
-      text = f.read()
-      if text.lstrip().startswith(("[", "{")):
-        try:
-          data = json.loads(text)
-        except json.JSONDecodeError as e:
-          if not text.lstrip().startswith("{"):
-            raise ValueError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from e
-          data = None  # A JSON-lines file named .json: fall through.
-        if data is not None:
-          if isinstance(data, dict):
-            lists = [v for v in data.values() if isinstance(v, list)]
-            data = lists[0] if len(lists) == 1 else [data]
-          for i, row in enumerate(data):
-            yield f"{name}[{i}]", row
-          return
-      lines: Iterable[str] = io.StringIO(text)
-    else:
-      lines = f
-    for lineno, line in enumerate(lines, start=1):
-      if not line.strip():
-        continue
+  lines = _read_lines(path)
+  if base.endswith(".json"):
+    raw = b"".join(line for _, line in lines)
+    try:
+      text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+      lineno = raw[:e.start].count(b"\n") + 1
+      raise ValueError(f"{path}:{lineno}: not UTF-8 (byte 0x{raw[e.start]:02x}); re-encode the file as UTF-8") from e
+    if text.lstrip().startswith(("[", "{")):
+      try:
+        data = json.loads(text)
+      except json.JSONDecodeError as e:
+        if not text.lstrip().startswith("{"):
+          raise ValueError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from e
+        data = None  # A JSON-lines file named .json: fall through.
+      if data is not None:
+        if isinstance(data, dict):
+          lists = [v for v in data.values() if isinstance(v, list)]
+          data = lists[0] if len(lists) == 1 else [data]
+        for count, row in enumerate(data, start=1):
+          yield f"{name}[{count - 1}]", row
+        if not count:
+          raise ValueError(f"{path}: empty file (the JSON list holds no records)")
+        return
+    lines = enumerate(raw.splitlines(keepends=True), start=1)
+  for lineno, raw_line in lines:
+    if not raw_line.strip():
+      continue
+    count += 1
+    try:
+      line = _decode(raw_line, path, lineno)
       try:
         row = json.loads(line)
       except json.JSONDecodeError as e:
-        msg = f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})"
-        if not skip_invalid:
-          raise ValueError(msg) from e
-        log.warning("skipping %s", msg)
-        if stats is not None:
-          stats.read += 1
-          stats.skipped["malformed_json"] += 1
+        raise RecordError("malformed_json", f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from e
+    except RecordError as e:
+      if not skip_invalid:
+        raise ValueError(str(e)) from e
+      log.warning("skipping %s", e)
+      if stats is not None:
+        stats.read += 1
+        stats.skipped[e.reason] += 1
+      continue
+    yield f"{name}:{lineno}", row
+  if not count:
+    raise ValueError(f"{path}: empty file (no records)")
+
+
+def parse_data_files(spec: str) -> str | list[str] | dict[str, list[str]] | None:
+  """The config string of `datasets.load_dataset`'s ``data_files``.
+
+  "" -> None; "a.parquet" -> "a.parquet"; "a.parquet,b.parquet" -> a list (one "train" split);
+  "train=a.parquet,test=b*.parquet" -> {split: [files]} (a split may repeat to list several files or globs).
+  """
+  items = [x.strip() for x in spec.split(",") if x.strip()]
+  if not items:
+    return None
+  named = ["=" in x for x in items]
+  if any(named) and not all(named):
+    raise ValueError(f"data_files {spec!r}: either every entry is split=path or none is")
+  if not all(named):
+    return items[0] if len(items) == 1 else items
+  out: dict[str, list[str]] = {}
+  for item in items:
+    split, _, path = (p.strip() for p in item.partition("="))
+    if not split or not path:
+      raise ValueError(f"data_files {spec!r}: entry {item!r} is not split=path")
+    out.setdefault(split, []).append(path)
+  return out
+
+
+def parse_columns(spec: str | Mapping[str, str] | None) -> dict[str, str]:
+  """{field the parsers read: column in the data} from "prompt=question,chosen=good" (or a mapping, or ""/None)."""
+  if not spec:
+    return {}
+  if isinstance(spec, str):
+    pairs = []
+    for item in (x.strip() for x in spec.split(",")):
+      if not item:
         continue
-      yield f"{name}:{lineno}", row
+      field, eq, column = (p.strip() for p in item.partition("="))
+      if not eq or not field or not column:
+        raise ValueError(f"columns {spec!r}: entry {item!r} is not field=column")
+      pairs.append((field, column))
+  else:
+    pairs = list(spec.items())
+  out: dict[str, str] = {}
+  for field, column in pairs:
+    if field not in COLUMN_NAMES:
+      raise ValueError(f"columns: unknown field {field!r}; fields are {COLUMN_NAMES}")
+    if field in out:
+      raise ValueError(f"columns: field {field!r} is mapped twice")
+    out[field] = column
+  if len(set(out.values())) != len(out):
+    raise ValueError(f"columns: one column is mapped to two fields in {out}")
+  return out
 
 
-def iter_hf_rows(name: str, split: str = "train", data_dir: str | None = None,
+def _apply_columns(row: Any, columns: Mapping[str, str], source: str) -> Any:
+  """The row with each mapped column renamed to its field; a mapped column missing from the row is `missing_field`."""
+  if not columns or not isinstance(row, dict):
+    return row
+  out = dict(row)
+  for field, column in columns.items():
+    if column not in out or out[column] is None:
+      raise RecordError("missing_field", f"{source}: missing field '{column}' (mapped to '{field}')")
+  for field, column in columns.items():
+    out[field] = row[column]
+    if column not in columns:
+      out.pop(column, None)
+  return out
+
+
+def iter_hf_rows(name: str, split: str = "train", data_dir: str | None = None, *,
+                 config_name: str | None = None, data_files=None, revision: str | None = None,
                  **kwargs) -> Iterator[tuple[str, Any]]:
-  """Yields (source id, row) from `datasets.load_dataset(name, data_dir=..., split=...)`.
+  """Yields (source id, row) from `datasets.load_dataset(name, config_name, data_dir=..., split=...)`.
 
-  ``name`` is a hub id (e.g. "Anthropic/hh-rlhf" with data_dir="harmless-base") or a local folder / builder
-  name ("json", with data_files=...).
+  ``name`` is a hub id (e.g. "Anthropic/hh-rlhf" with data_dir="harmless-base"), a local folder or a builder
+  name ("json", "parquet", with data_files=...). ``revision`` pins a hub commit / tag / branch.
   """
   import datasets  # pylint: disable=g-import-not-at-top
-  ds = datasets.load_dataset(name, data_dir=data_dir, split=split, **kwargs)
-  label = f"{name}/{data_dir}" if data_dir else name
+  ds = datasets.load_dataset(name, config_name or None, data_dir=data_dir, data_files=data_files, split=split,
+                             revision=revision or None, **kwargs)
+  label = "/".join(x for x in (name, config_name, data_dir) if x)
+  if not len(ds):
+    raise ValueError(f"{label}: split {split!r} has no records")
   for i, row in enumerate(ds):
     yield f"{label}:{split}[{i}]", row
 
@@ -346,7 +460,31 @@ def _parse_ranked(row, source, reward_keys):
                           chosen=ranking[0] if ranking else 0, ranking=ranking, source=source)
 
 
-_PARSERS = {"hh": _parse_hh, "pairs": _parse_pairs, "sharegpt": _parse_sharegpt, "ranked": _parse_ranked}
+def _parse_implicit_chat(row, source, reward_keys):
+  chosen = _messages(_field(row, "chosen", source), "chosen", source)
+  rejected = _messages(_field(row, "rejected", source), "rejected", source)
+  n = 0
+  while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+    n += 1
+  if chosen == rejected:
+    raise RecordError("identical_responses", f"{source}: chosen and rejected are identical")
+  prompt = chosen[:n]
+  if not prompt:
+    raise RecordError("no_shared_prompt", f"{source}: chosen and rejected share no leading message (the prompt)")
+  responses = []
+  for key, messages in (("chosen", chosen), ("rejected", rejected)):
+    tail = messages[n:]
+    # One response string per side: the conversations must differ only in their final assistant message.
+    if len(tail) != 1 or tail[0]["role"] != "assistant":
+      raise RecordError("multi_turn_response",
+                        f"{source}: field '{key}' must end in exactly one assistant message after the "
+                        f"{n} shared message(s); it has {[m['role'] for m in tail]}")
+    responses.append(tail[0]["content"].strip())
+  return _pair_record(row, prompt, responses[0], responses[1], source, reward_keys)
+
+
+_PARSERS = {"hh": _parse_hh, "pairs": _parse_pairs, "sharegpt": _parse_sharegpt, "ranked": _parse_ranked,
+            "implicit_chat": _parse_implicit_chat}
 
 
 def detect_format(row: Any) -> str:
@@ -361,7 +499,7 @@ def detect_format(row: Any) -> str:
   if {"prompt", "chosen", "rejected"} <= keys:
     return "pairs"
   if {"chosen", "rejected"} <= keys:
-    return "hh"
+    return "implicit_chat" if isinstance(row["chosen"], (list, tuple)) else "hh"
   raise ValueError(f"cannot detect format from keys {sorted(keys)}; pass fmt= one of {FORMATS}")
 
 
@@ -394,17 +532,20 @@ def validate_record(rec: PreferenceRecord, min_responses: int = 2) -> None:
 
 def parse_rows(rows: Iterable[tuple[str, Any]], fmt: str = "auto", *, min_responses: int = 2,
                skip_invalid: bool = False, reward_keys: Sequence[tuple[str, str]] = DEFAULT_REWARD_KEYS,
+               columns: Mapping[str, str] | str | None = None,
                stats: LoadStats | None = None) -> tuple[list[PreferenceRecord], LoadStats]:
   """Parses and validates (source, row) pairs. Returns (records, stats); see `load_preferences`."""
   stats = stats if stats is not None else LoadStats()
+  columns = parse_columns(columns)
+  if fmt != "auto" and fmt not in _PARSERS:
+    raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS} or 'auto'")
   records = []
   for source, row in rows:
     stats.read += 1
-    if fmt == "auto":
-      fmt = detect_format(row)
-    elif fmt not in _PARSERS:
-      raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS} or 'auto'")
     try:
+      row = _apply_columns(row, columns, source)
+      if fmt == "auto":
+        fmt = detect_format(row)
       rec = _PARSERS[fmt](row, source, reward_keys)
       validate_record(rec, min_responses)
     except RecordError as e:
@@ -421,8 +562,9 @@ def parse_rows(rows: Iterable[tuple[str, Any]], fmt: str = "auto", *, min_respon
 
 
 def load_preferences(source: str, fmt: str = "auto", *, split: str = "train", data_dir: str | None = None,
-                     min_responses: int = 2, skip_invalid: bool = False,
-                     reward_keys: Sequence[tuple[str, str]] = DEFAULT_REWARD_KEYS,
+                     config_name: str | None = None, data_files=None, revision: str | None = None,
+                     columns: Mapping[str, str] | str | None = None, min_responses: int = 2,
+                     skip_invalid: bool = False, reward_keys: Sequence[tuple[str, str]] = DEFAULT_REWARD_KEYS,
                      limit: int | None = None, **hf_kwargs) -> tuple[list[PreferenceRecord], LoadStats]:
   """Loads preference records from a local file or a HF dataset.
 
@@ -430,7 +572,10 @@ def load_preferences(source: str, fmt: str = "auto", *, split: str = "train", da
     source: a local .jsonl/.json/.parquet file (optionally .gz); otherwise anything `datasets.load_dataset`
       takes (hub id such as "Anthropic/hh-rlhf", a local folder, or a builder name like "json").
     fmt: one of FORMATS or "auto".
-    split, data_dir, hf_kwargs: passed to `datasets.load_dataset` (ignored for local files).
+    split, data_dir, config_name (the dataset config, `load_dataset`'s ``name``), data_files (a path, list,
+      {split: paths}, or the config string of `parse_data_files`), revision, hf_kwargs: passed to
+      `datasets.load_dataset` (ignored for local files).
+    columns: {field: column} (or "field=column,...") renaming the data's columns to the fields the layouts read.
     min_responses: records with fewer responses are invalid (2 for VAR normalizers; 1 for SFT data).
     skip_invalid: skip and count bad records instead of raising.
     reward_keys: (chosen key, rejected key) column pairs searched for per-response rewards.
@@ -440,11 +585,15 @@ def load_preferences(source: str, fmt: str = "auto", *, split: str = "train", da
     (records in file order, LoadStats with read/kept/skipped-by-reason counts).
   """
   stats = LoadStats()
+  columns = parse_columns(columns)
   if os.path.isfile(source):
     rows = iter_rows(source, skip_invalid=skip_invalid, stats=stats)
   else:
-    rows = iter_hf_rows(source, split=split, data_dir=data_dir, **hf_kwargs)
+    if isinstance(data_files, str):
+      data_files = parse_data_files(data_files)
+    rows = iter_hf_rows(source, split=split, data_dir=data_dir, config_name=config_name, data_files=data_files,
+                        revision=revision, **hf_kwargs)
   if limit is not None:
-    rows = (r for r, _ in zip(rows, range(limit)))
+    rows = itertools.islice(rows, limit)
   return parse_rows(rows, fmt, min_responses=min_responses, skip_invalid=skip_invalid,
-                    reward_keys=reward_keys, stats=stats)
+                    reward_keys=reward_keys, columns=columns, stats=stats)
