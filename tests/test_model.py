@@ -321,7 +321,7 @@ def test_logical_axes_cover_every_param():
   assert [p for p, _ in flat_p] == [p for p, _ in flat_a]
   for (path, var), (_, names) in zip(flat_p, flat_a):
     assert len(names) == var.ndim, path
-  named = {hf_io._path_tuple(p): n for p, n in flat_a}
+  named = {hf_io.path_tuple(p): n for p, n in flat_a}
   assert named[('layers', 'q')] == ('layers', 'embed', 'q_heads', 'head_dim')
   assert named[('layers', 'k_bias')] == ('layers', 'kv_heads', 'head_dim')
   assert named[('lm_head',)] == ('vocab', 'embed')

@@ -1,0 +1,264 @@
+"""HF safetensors checkpoints <-> var_jax models: reading, placing onto shardings, and writing.
+
+Owns the safetensors reader (single file or sharded index), resolving a local directory or HF hub id,
+`load_params` (fill an abstract model from any HF-named tensor source, used by gguf_io too), `from_pretrained`,
+`hf_tensors` and `save_pretrained`. Names and layouts come from keymap.
+
+Loading builds the model abstractly (`nnx.eval_shape`: no device memory), then reads one tensor at a time from
+the safetensors files (memory-mapped by `safe_open`), converts it on the host and places it straight onto its
+target sharding with `jax.make_array_from_callback`, so each device receives only its own shard.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from typing import Any, Callable, Mapping
+
+import jax
+import numpy as np
+from flax import nnx
+
+from var_jax.hf_io.keymap import config_from_hf, config_to_hf, hf_architecture, np_dtype, param_specs, path_tuple
+from var_jax.model import Decoder, ModelConfig, RewardModel
+
+# Tensors an HF checkpoint may hold that var_jax derives or does not need.
+_IGNORABLE_SUFFIXES = ('rotary_emb.inv_freq',)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class _SafetensorsReader:
+  """Tensor name -> lazily read numpy array over one or several (sharded) safetensors files."""
+
+  def __init__(self, directory: str, stack: contextlib.ExitStack):
+    from safetensors import safe_open
+    index_path = os.path.join(directory, 'model.safetensors.index.json')
+    single = os.path.join(directory, 'model.safetensors')
+    if os.path.exists(index_path):
+      with open(index_path) as fh:
+        weight_map = json.load(fh)['weight_map']
+      files = sorted(set(weight_map.values()))
+    elif os.path.exists(single):
+      files, weight_map = ['model.safetensors'], None
+    else:
+      raise FileNotFoundError(f'no model.safetensors or model.safetensors.index.json in {directory}')
+    self.handles, self.where = {}, {}
+    for name in files:
+      fpath = os.path.join(directory, name)
+      if not os.path.exists(fpath):
+        raise FileNotFoundError(f'checkpoint file {fpath} is missing (listed in model.safetensors.index.json)')
+      self.handles[name] = stack.enter_context(safe_open(fpath, framework='numpy'))
+      for key in self.handles[name].keys():
+        self.where[key] = name
+    if weight_map is not None:
+      for key, name in weight_map.items():
+        if key not in self.where:
+          raise ValueError(f'tensor {key!r} is listed for {name} in the index but is not in that file')
+    self.directory = directory
+    self.used: set[str] = set()
+
+  def files(self) -> str:
+    return ', '.join(os.path.join(self.directory, f) for f in self.handles)
+
+  def get(self, key: str, expected_shape: tuple[int, ...]) -> np.ndarray:
+    if key not in self.where:
+      raise KeyError(f'missing weight {key!r}: not found in {self.files()}')
+    fname = self.where[key]
+    shape = tuple(self.handles[fname].get_slice(key).get_shape())
+    if shape != tuple(expected_shape):
+      raise ValueError(f'shape mismatch for tensor {key!r} in {os.path.join(self.directory, fname)}: checkpoint '
+                       f'has {shape}, the config implies {tuple(expected_shape)}')
+    self.used.add(key)
+    return self.handles[fname].get_tensor(key)
+
+
+def _resolve_path(path: str) -> str:
+  if os.path.isdir(path):
+    return path
+  if os.path.exists(path):
+    raise FileNotFoundError(f'{path} is a file; expected an HF model directory (config.json + safetensors)')
+  if path.count('/') == 1 and not path.startswith(('.', '/')):
+    try:
+      from huggingface_hub import snapshot_download
+      return snapshot_download(path, allow_patterns=['*.json', '*.safetensors'])
+    except Exception as e:  # no network, unknown repo, gated model ...
+      raise FileNotFoundError(f'{path} is not a local directory and could not be downloaded from the HF hub: '
+                              f'{type(e).__name__}: {e}') from e
+  raise FileNotFoundError(f'model directory {path} does not exist')
+
+
+def _leaf_shardings(shardings, abs_state) -> dict[tuple[str, ...], Any]:
+  """Path -> Sharding from a pytree matching the param state (leaves: Sharding or Variable of Sharding)."""
+  if shardings is None:
+    return {}
+  if isinstance(shardings, jax.sharding.Sharding):
+    return {path_tuple(p): shardings for p, _ in
+            jax.tree_util.tree_flatten_with_path(abs_state, is_leaf=_is_var)[0]}
+  flat = jax.tree_util.tree_flatten_with_path(
+      shardings, is_leaf=lambda x: isinstance(x, (jax.sharding.Sharding, nnx.Variable)))[0]
+  return {path_tuple(p): (s.get_value() if isinstance(s, nnx.Variable) else s) for p, s in flat}
+
+
+def _is_var(x) -> bool:
+  return isinstance(x, nnx.Variable)
+
+
+def _place(host: np.ndarray, sharding) -> jax.Array:
+  """Put a host array on its sharding, each device (and each process) taking only its own slice."""
+  if sharding is None:
+    return jax.device_put(host)
+  return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+
+def load_params(model_cls, cfg: ModelConfig, tensor_fn: Callable[[str, tuple[int, ...]], np.ndarray], *,
+                reward: bool = False, shardings=None) -> nnx.Module:
+  """Build model_cls(cfg) abstractly and fill each parameter from tensor_fn(hf_key, hf_shape) -> HF-layout array.
+
+  One parameter is materialised on the host at a time (stacked layers: L tensors), converted to var_jax layout
+  and param_dtype, and placed onto shardings[path] (default device when None).
+  """
+  abs_model = nnx.eval_shape(lambda: model_cls(cfg, rngs=nnx.Rngs(0)))
+  graphdef, abs_state = nnx.split(abs_model)
+  specs = param_specs(cfg, reward=reward)
+  placement = _leaf_shardings(shardings, abs_state)
+  dtype = np_dtype(cfg.param_dtype)
+
+  def fill(path, var):
+    key = path_tuple(path)
+    spec = specs[key]
+    if spec.stacked:
+      host = np.stack([spec.to_ours(tensor_fn(spec.hf_key.format(i=i), spec.hf_shape))
+                       for i in range(cfg.num_layers)])
+    else:
+      host = spec.to_ours(tensor_fn(spec.hf_key, spec.hf_shape))
+    host = np.ascontiguousarray(host.astype(dtype))
+    assert host.shape == var.shape, (key, host.shape, var.shape)
+    return var.replace(_place(host, placement.get(key)))
+
+  state = jax.tree_util.tree_map_with_path(fill, abs_state, is_leaf=_is_var)
+  missing = set(path_tuple(p) for p, _ in jax.tree_util.tree_flatten_with_path(abs_state, is_leaf=_is_var)[0])
+  assert missing == set(specs), (missing ^ set(specs))
+  return nnx.merge(graphdef, state)
+
+
+def from_pretrained(path: str, *, param_dtype: str | None = None, dtype: str | None = None, shardings=None,
+                    reward: bool = False, **config_overrides) -> Decoder | RewardModel:
+  """Load an HF Llama/Qwen2 checkpoint directory (or hub id) as a Decoder, or as a RewardModel when reward=True.
+
+  path: directory with config.json and model.safetensors (or a sharded model.safetensors.index.json).
+  shardings: None (default device), one Sharding for all, or a pytree matching nnx.state(model, nnx.Param) of
+    jax.sharding.Sharding (e.g. from var_jax.sharding); each tensor goes straight to its shards.
+  reward=True expects a *ForSequenceClassification checkpoint with a one-label `score` head.
+  Errors name the missing / mis-shaped tensor and its file, the missing file, or the unsupported architecture.
+  """
+  directory = _resolve_path(path)
+  cfg_path = os.path.join(directory, 'config.json')
+  if not os.path.exists(cfg_path):
+    raise FileNotFoundError(f'config file {cfg_path} is missing')
+  with open(cfg_path) as fh:
+    hf_cfg = json.load(fh)
+  arch, _, is_reward_ckpt = hf_architecture(hf_cfg)
+  if reward and not is_reward_ckpt:
+    raise ValueError(f'reward=True needs a *ForSequenceClassification checkpoint; {cfg_path} is {arch}')
+  if reward and hf_cfg.get('num_labels', len(hf_cfg.get('id2label') or {0: 0})) != 1:
+    raise ValueError(f'reward model {cfg_path} must have num_labels=1 (a scalar score head)')
+  overrides = dict(config_overrides)
+  if param_dtype is not None:
+    overrides['param_dtype'] = param_dtype
+  if dtype is not None:
+    overrides['dtype'] = dtype
+  cfg = config_from_hf(hf_cfg, **overrides)
+
+  with contextlib.ExitStack() as stack:
+    reader = _SafetensorsReader(directory, stack)
+    model = load_params(RewardModel if reward else Decoder, cfg, reader.get, reward=reward, shardings=shardings)
+    unused = [k for k in reader.where if k not in reader.used and not k.endswith(_IGNORABLE_SUFFIXES)
+              and not (k == 'lm_head.weight' and cfg.tie_word_embeddings)]
+    if unused:
+      raise ValueError(f'{len(unused)} tensors in {reader.files()} do not belong to a {arch} with this config '
+                       f'(num_hidden_layers={cfg.num_layers}), e.g. {sorted(unused)[:5]}')
+  return model
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Saving
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _to_host(x: jax.Array) -> np.ndarray:
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    from jax.experimental import multihost_utils
+    x = multihost_utils.process_allgather(x, tiled=True)
+  return np.asarray(jax.device_get(x))
+
+
+def hf_tensors(model: Decoder | RewardModel) -> dict[str, np.ndarray]:
+  """HF-named, HF-layout host arrays of the model's parameters (per-layer tensors unstacked)."""
+  reward = isinstance(model, RewardModel)
+  cfg = model.cfg
+  specs = param_specs(cfg, reward=reward)
+  out = {}
+  for path, var in jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param), is_leaf=_is_var)[0]:
+    spec = specs[path_tuple(path)]
+    value = _to_host(var[...])
+    if spec.stacked:
+      for i in range(cfg.num_layers):
+        out[spec.hf_key.format(i=i)] = np.ascontiguousarray(spec.to_hf(value[i]))
+    else:
+      out[spec.hf_key] = np.ascontiguousarray(spec.to_hf(value))
+  return out
+
+
+def save_pretrained(model: Decoder | RewardModel, path: str, *, overwrite: bool = False, tokenizer=None,
+                    extra_config: Mapping[str, Any] | None = None) -> str:
+  """Write config.json + model.safetensors (+ tokenizer files if given) loadable by transformers.
+
+  Decoder -> AutoModelForCausalLM; RewardModel -> AutoModelForSequenceClassification (num_labels=1).
+  The directory is written under a temporary name beside `path` and renamed into place, so a failed save leaves
+  any previous content intact. A non-empty existing `path` is only replaced with overwrite=True.
+  Multi-host: every process must call it (parameters are gathered); only process 0 writes.
+  """
+  from safetensors.numpy import save_file
+  path = os.path.abspath(path)
+  if os.path.exists(path) and not overwrite and (not os.path.isdir(path) or os.listdir(path)):
+    raise FileExistsError(f'{path} exists and is not empty; pass overwrite=True to replace it')
+  reward = isinstance(model, RewardModel)
+  extra = dict(extra_config or {})
+  if tokenizer is not None:
+    for name in ('bos_token_id', 'eos_token_id', 'pad_token_id'):
+      if getattr(tokenizer, name, None) is not None:
+        extra.setdefault(name, getattr(tokenizer, name))
+  hf_cfg = config_to_hf(model.cfg, reward=reward, extra=extra)
+  tensors = hf_tensors(model)
+  if jax.process_index() != 0:
+    return path
+
+  parent = os.path.dirname(path)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=f'.{os.path.basename(path)}.tmp-', dir=parent)
+  try:
+    os.chmod(tmp, 0o755)
+    with open(os.path.join(tmp, 'config.json'), 'w') as fh:
+      json.dump(hf_cfg, fh, indent=2)
+    save_file(tensors, os.path.join(tmp, 'model.safetensors'), metadata={'format': 'pt'})
+    if tokenizer is not None:
+      tokenizer.save_pretrained(tmp)
+    if os.path.exists(path):
+      old = os.path.join(parent, f'.{os.path.basename(path)}.old-{uuid.uuid4().hex[:8]}')
+      os.rename(path, old)
+      os.rename(tmp, path)
+      shutil.rmtree(old) if os.path.isdir(old) else os.remove(old)
+    else:
+      os.rename(tmp, path)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return path
+
