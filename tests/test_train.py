@@ -324,3 +324,91 @@ def test_score_stage_prefix_shared_equals_pairwise():
     np.testing.assert_array_equal(np.isnan(shared[key]), np.isnan(pairwise[key]))
     np.testing.assert_allclose(shared[key], pairwise[key], rtol=2e-5, atol=2e-5)
   assert np.isnan(shared["ref_logp"]).any()  # The padded last block's dummy prompts stay NaN.
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A damaged newest checkpoint: moved aside, the previous step restored.
+
+
+def _truncate(path):
+  with open(path, "r+b") as f:
+    f.truncate(os.path.getsize(path) // 2)
+
+
+def _largest_file(directory):
+  files = [os.path.join(root, f) for root, _, names in os.walk(directory) for f in names]
+  return max(files, key=os.path.getsize)
+
+
+@pytest.mark.parametrize("damaged", ["state/_METADATA", "data/metadata", "largest array file"])
+def test_restore_newest_skips_a_damaged_step(tmp_path, damaged):
+  from var_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  ocp = __import__("orbax.checkpoint").checkpoint
+  cfg = tiny_config(**{"checkpoint.keep": 3, "checkpoint.async_save": False})
+  directory = str(tmp_path / "checkpoints")
+  state = lambda step: {"step": jnp.int32(step), "w": jnp.full((64, 1024), float(step))}  # noqa: E731
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state(0))
+  mngr = train_lib.checkpoint_manager(directory, cfg)
+  for step in (1, 2, 3):
+    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state(step)),
+                                            data=ocp.args.JsonSave({"pos": step})))
+  mngr.wait_until_finished()
+  mngr.close()
+  _truncate(_largest_file(os.path.join(directory, "3")) if damaged == "largest array file"
+            else os.path.join(directory, "3", damaged))
+  mngr = train_lib.checkpoint_manager(directory, cfg)
+  restored = checkpoints.restore_newest(mngr, abstract, "sft")
+  assert int(restored["state"]["step"]) == 2 and restored["data"] == {"pos": 2}
+  np.testing.assert_array_equal(restored["state"]["w"], 2.0)
+  (aside,) = [d for d in os.listdir(directory) if d.startswith("3.corrupt-")]
+  assert mngr.all_steps() == [1, 2] and not os.path.exists(os.path.join(directory, "3"))
+  # Saving step 3 again and then beyond checkpoint.keep deletes old steps, never the damaged one set aside.
+  for step in (3, 4):
+    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state(step)),
+                                            data=ocp.args.JsonSave({"pos": step})))
+  mngr.wait_until_finished()
+  assert sorted(mngr.all_steps()) == [2, 3, 4] and os.path.isdir(os.path.join(directory, aside))
+  mngr.close()
+
+
+def test_restore_newest_moves_nothing_when_no_step_restores(tmp_path):
+  from var_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  ocp = __import__("orbax.checkpoint").checkpoint
+  cfg = tiny_config(**{"checkpoint.async_save": False})
+  directory = str(tmp_path / "checkpoints")
+  mngr = train_lib.checkpoint_manager(directory, cfg)
+  for step in (1, 2):
+    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave({"w": jnp.zeros(4)}),
+                                            data=ocp.args.JsonSave({})))
+  mngr.close()
+  # A changed model (another shape), not damage: every step fails, nothing may be moved.
+  abstract = {"w": jax.ShapeDtypeStruct((8,), jnp.float32, sharding=jnp.zeros(8).sharding)}
+  mngr = train_lib.checkpoint_manager(directory, cfg)
+  with pytest.raises(RuntimeError, match=r"\[sft\] no checkpoint in .*checkpoints restores \(step 2: .*; step 1: "):
+    checkpoints.restore_newest(mngr, abstract, "sft")
+  assert sorted(os.listdir(directory)) == ["1", "2"]
+  assert checkpoints.restore_newest(train_lib.checkpoint_manager(str(tmp_path / "empty"), cfg), abstract,
+                                    "sft") is None
+
+
+@pytest.mark.slow
+def test_rerun_after_damaged_newest_checkpoint_resumes_from_the_previous_step(tmp_path, caplog):
+  workdir = str(tmp_path / "run")
+  cfg = tiny_config(stages="sft", **{"checkpoint.keep": 3, "checkpoint.async_save": False})
+  stages.run_pipeline(cfg, workdir)  # sft.steps=6, checkpoint.every=3: steps 3 and 6.
+  # What a crash right after the step-6 save leaves, with a file of step 6 cut short.
+  ckpt = os.path.join(workdir, "sft", "checkpoints")
+  os.remove(os.path.join(workdir, "sft", "DONE.json"))
+  __import__("shutil").rmtree(os.path.join(workdir, "sft", "params"))
+  _truncate(os.path.join(ckpt, "6", "state", "_METADATA"))
+  with caplog.at_level("WARNING"):
+    stages.run_pipeline(cfg, workdir)
+  assert os.path.exists(os.path.join(workdir, "sft", "DONE.json"))
+  text = caplog.text
+  assert f"checkpoint step 6 in {ckpt} does not restore" in text and "fell back to checkpoint step 3" in text
+  (aside,) = [d for d in os.listdir(ckpt) if d.startswith("6.corrupt-")]
+  assert os.path.getsize(os.path.join(ckpt, aside, "state", "_METADATA")) > 0  # Moved as it was, not deleted.
+  assert _saved_steps(workdir) == [3, 6]  # Step 6 trained again and saved anew.
+  with open(os.path.join(workdir, "sft", "logs", "metrics.jsonl")) as f:
+    logged = [r["step"] for r in map(json.loads, f) if "loss" in r]
+  assert logged == [3, 6, 6]  # First run: 3, 6; the rerun resumed at 3 and logged only 6 (from scratch: 3 again).

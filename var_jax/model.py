@@ -65,6 +65,10 @@ _REMAT_POLICIES = {
     'dots': jax.checkpoint_policies.checkpoint_dots,
     'dots_no_batch': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+# The accepted values of ModelConfig's choice fields, defined once (config validation and the CLIs use these).
+REMAT_POLICIES = tuple(_REMAT_POLICIES)  # ModelConfig.remat
+ATTENTION_IMPLS = ('xla', 'cudnn')  # ModelConfig.attention_impl
+DTYPES = ('float32', 'bfloat16')  # ModelConfig.param_dtype and ModelConfig.dtype
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,15 +129,15 @@ class ModelConfig:
       raise ValueError(f'head_dim={self.head_dim} must be even for rotary embeddings')
     if self.attention_block < 0:
       raise ValueError(f'attention_block={self.attention_block} must be >= 0 (0 = unblocked)')
-    if self.attention_impl not in ('xla', 'cudnn'):
-      raise ValueError(f"attention_impl={self.attention_impl!r} must be 'xla' or 'cudnn'")
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise ValueError(f'attention_impl={self.attention_impl!r} must be one of {ATTENTION_IMPLS}')
     if self.attention_impl == 'cudnn' and self.dtype != 'bfloat16':
       raise ValueError("attention_impl='cudnn' needs dtype='bfloat16' (cuDNN's fused attention has no float32)")
-    if self.remat not in _REMAT_POLICIES:
-      raise ValueError(f'remat={self.remat!r} not in {sorted(_REMAT_POLICIES)}')
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f'remat={self.remat!r} must be one of {REMAT_POLICIES}')
     for name in ('param_dtype', 'dtype'):
-      if getattr(self, name) not in ('float32', 'bfloat16'):
-        raise ValueError(f'{name}={getattr(self, name)!r} must be float32 or bfloat16')
+      if getattr(self, name) not in DTYPES:
+        raise ValueError(f'{name}={getattr(self, name)!r} must be one of {DTYPES}')
 
   @property
   def jnp_dtype(self):

@@ -21,6 +21,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from flax import nnx
 
+from var_jax import checkpoints
 from var_jax import flops as flops_lib
 from var_jax import objectives
 from var_jax import sharding as sharding_lib
@@ -238,10 +239,9 @@ def train(stage: str, cfg, section, model: nnx.Module, train_iter_fn: Callable[[
 
   mngr = checkpoint_manager(os.path.join(workdir, "checkpoints"), cfg)
   data_state = None
-  if mngr.latest_step() is not None:
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-    restored = mngr.restore(mngr.latest_step(), args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+  restored = checkpoints.restore_newest(mngr, abstract, stage)
+  if restored is not None:
     state, data_state = restored["state"], restored["data"]
     logging.info("[%s] resumed from step %d", stage, int(jax.device_get(state["step"])))
   it = train_iter_fn(data_state)
