@@ -45,16 +45,17 @@ def np_candidates(owner, num_prompts, normalizer, valid):
   return [list(real) for _ in range(num_prompts)]
 
 
-def np_var_weights(ref, rew, owner, lam, normalizer, valid=None):
+def np_var_weights(ref, rew, owner, lam, normalizer, valid=None, alpha=1.0):
+  """alpha weights the reference term: s = alpha * log pi_ref + r / lam (math page, section 6)."""
   ref, rew = np.asarray(ref, np.float64), np.asarray(rew, np.float64)
   num_prompts, n = ref.shape
   valid = np.ones(n, bool) if valid is None else np.asarray(valid)
   cands = np_candidates(owner, num_prompts, normalizer, valid)
 
   def score(p, k):
-    if normalizer == "cross_context":
-      return ref[p, k] + rew[p, k] / lam
-    return ref[owner[k], k] + rew[owner[k], k] / lam  # own-context score, whatever row it sits in
+    if normalizer != "cross_context":
+      p = owner[k]  # own-context score, whatever row it sits in
+    return (alpha * ref[p, k] if alpha else 0.0) + rew[p, k] / lam
 
   log_z = [np_logsumexp([score(p, k) for k in cands[p]]) for p in range(num_prompts)]
   w = np.zeros(n)
@@ -371,6 +372,280 @@ def test_small_lambda_concentrates_on_the_best_reward():
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Scale controls: ref_weight (alpha), reward standardisation, many groups, lambda for a target ESS.
+
+
+def np_group_ess(w, valid):
+  w = np.where(valid, np.asarray(w, np.float64), 0.0)
+  return w.sum() ** 2 / (w ** 2).sum() if (w ** 2).sum() > 0 else 0.0
+
+
+def np_prompt_ess(w, owner, valid, num_prompts):
+  """Mean over the prompts that own a valid response of (sum w)^2 / sum w^2 over their own responses."""
+  out = []
+  for p in range(num_prompts):
+    mine = np.asarray(w, np.float64)[(owner == p) & valid]
+    if mine.size:
+      out.append(mine.sum() ** 2 / (mine ** 2).sum() if (mine ** 2).sum() > 0 else 0.0)
+  return np.mean(out)
+
+
+def np_mean_ess(ws, owners, valids, num_prompts, kind):
+  per_group = [np_group_ess(w, v) if kind == "group" else np_prompt_ess(w, o, v, num_prompts)
+               for w, o, v in zip(ws, owners, valids) if v.any()]
+  return np.mean(per_group)
+
+
+def random_groups(rng, num_groups, num_prompts, k, *, dummy_rows=True):
+  """[num_groups, P, N] scores of groups of P prompts with up to k responses each (slot layout n = p*k + j, as the
+  pipeline's), some responses missing and, with dummy_rows, a dummy prompt (no response, NaN row) per group."""
+  n = num_prompts * k
+  owner = np.repeat(np.arange(num_prompts), k).astype(np.int32)
+  counts = rng.integers(1, k + 1, size=(num_groups, num_prompts))
+  valid = (np.arange(n) % k)[None, :] < counts[:, owner]
+  if dummy_rows:
+    dummy = rng.integers(0, num_prompts, size=num_groups)
+    valid &= owner[None, :] != dummy[:, None]
+  ref = rng.normal(-40.0, 15.0, size=(num_groups, num_prompts, n)).astype(np.float32)
+  rew = rng.normal(0.0, 2.0, size=(num_groups, num_prompts, n)).astype(np.float32)
+  real_rows = np.stack([np.isin(np.arange(num_prompts), owner[v]) for v in valid])  # [groups, P]
+  for x in (ref, rew):
+    x[~(real_rows[:, :, None] & valid[:, None, :])] = np.nan  # Never read: what the scoring stage writes there.
+  return ref, rew, owner, valid
+
+
+@pytest.mark.parametrize("normalizer", losses.NORMALIZERS)
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0, 2.5])
+@pytest.mark.parametrize("shape", [(1, 2), (4, 2), (5, 4)])
+def test_var_weights_with_ref_weight_match_numpy(normalizer, alpha, shape):
+  rng = np.random.default_rng(zlib.crc32(repr(("alpha", normalizer, alpha, shape)).encode()))
+  ref, rew, owner, valid = random_group(rng, *shape, pad=1)
+  got = losses.var_weights(jnp.asarray(ref), jnp.asarray(rew), jnp.asarray(owner), 0.7, normalizer,
+                           valid=jnp.asarray(valid), ref_weight=alpha)
+  np.testing.assert_allclose(got, np_var_weights(ref, rew, owner, 0.7, normalizer, valid, alpha=alpha),
+                             rtol=2e-5, atol=1e-7)
+  # alpha scales log pi_ref: the same as handing alpha * ref_logps to the paper's formula.
+  scaled = losses.var_weights(jnp.asarray(alpha * ref), jnp.asarray(rew), jnp.asarray(owner), 0.7, normalizer,
+                              valid=jnp.asarray(valid))
+  np.testing.assert_allclose(got, scaled, rtol=2e-5, atol=1e-7)
+
+
+def test_var_scores_with_ref_weight_match_numpy():
+  rng = np.random.default_rng(20)
+  ref, rew = rng.normal(-50, 20, size=(3, 5)).astype(np.float32), rng.normal(size=(3, 5)).astype(np.float32)
+  for alpha in (0.0, 0.25, 1.0, 3.0):
+    np.testing.assert_allclose(losses.var_scores(ref, rew, 0.3, ref_weight=alpha),
+                               alpha * ref.astype(np.float64) + rew.astype(np.float64) / 0.3, rtol=1e-6)
+
+
+@pytest.mark.parametrize("normalizer", losses.NORMALIZERS)
+def test_ref_weight_defaults_keep_old_results_and_zero_is_include_ref_logp_false(normalizer):
+  rng = np.random.default_rng(21)
+  ref, rew, owner, valid = random_group(rng, 4, 3, pad=1)
+  args = (jnp.asarray(ref), jnp.asarray(rew), jnp.asarray(owner), 0.5, normalizer)
+  base = losses.var_weights(*args, valid=valid)
+  np.testing.assert_array_equal(losses.var_weights(*args, valid=valid, ref_weight=1.0), base)
+  np.testing.assert_array_equal(losses.var_weights(*args, valid=valid, ref_weight=1), base)
+  off = losses.var_weights(*args, valid=valid, include_ref_logp=False)
+  np.testing.assert_array_equal(losses.var_weights(*args, valid=valid, ref_weight=0.0), off)
+  np.testing.assert_array_equal(losses.var_weights(*args, valid=valid, ref_weight=0.0, include_ref_logp=False), off)
+  np.testing.assert_allclose(off, np_var_weights(np.zeros_like(ref), rew, owner, 0.5, normalizer, valid),
+                             rtol=2e-5, atol=1e-7)
+  # alpha = 0 never reads ref_logps: NaN there changes nothing (and raises nothing).
+  nan_ref = jnp.full_like(jnp.asarray(ref), jnp.nan)
+  np.testing.assert_array_equal(losses.var_weights(nan_ref, *args[1:], valid=valid, ref_weight=0.0), off)
+
+
+def test_bad_ref_weight_raises():
+  args = (jnp.zeros((1, 2)), jnp.zeros((1, 2)), jnp.array([0, 0]), 1.0)
+  for bad in (-0.5, float("nan"), float("inf")):
+    with pytest.raises(ValueError, match="ref_weight must be a finite number >= 0"):
+      losses.var_weights(*args, ref_weight=bad)
+  with pytest.raises(ValueError, match="include_ref_logp=False means ref_weight=0, but ref_weight=0.5"):
+    losses.var_weights(*args, ref_weight=0.5, include_ref_logp=False)
+  with pytest.raises(ValueError, match="ref_weight must be a Python number"):
+    jax.jit(lambda a: losses.var_weights(*args, ref_weight=a))(0.5)
+
+
+@pytest.mark.parametrize("alpha", [1e-3, 0.5])
+def test_ref_weight_extremes_are_finite_and_match_float64(alpha):
+  rng = np.random.default_rng(23)
+  owner = np.repeat(np.arange(4), 2).astype(np.int32)
+  ref = rng.uniform(-1e5, 0, size=(4, 8)).astype(np.float32)
+  rew = rng.uniform(-1e4, 1e4, size=(4, 8)).astype(np.float32)
+  got = np.asarray(losses.var_weights(ref, rew, owner, 1.0, "cross_context", ref_weight=alpha))
+  want = np_var_weights(ref, rew, owner, 1.0, "cross_context", alpha=alpha)
+  assert np.all(np.isfinite(got))
+  tol = 4 * F32_EPS * float(alpha * np.abs(ref).max() + np.abs(rew).max())
+  np.testing.assert_allclose(got, want, atol=tol * want.max() + 1e-30)
+
+
+def test_per_token_logps_matches_numpy():
+  rng = np.random.default_rng(24)
+  ref = rng.normal(-80, 30, size=(3, 4, 6)).astype(np.float32)
+  ntok = rng.integers(0, 30, size=(3, 6)).astype(np.float32)  # 0 tokens: divided by 1, not by 0
+  want = ref.astype(np.float64) / np.maximum(ntok, 1)[:, None, :]
+  np.testing.assert_allclose(losses.per_token_logps(jnp.asarray(ref), jnp.asarray(ntok)), want, rtol=1e-6)
+  with pytest.raises(ValueError, match="num_tokens"):
+    losses.per_token_logps(jnp.asarray(ref), jnp.zeros((3, 5)))
+
+
+def np_own_reward_stats(reward):
+  nb, g, gk = reward.shape
+  k = gk // g
+  own = [float(reward[b, m // k, m]) for b in range(nb) for m in range(gk) if np.isfinite(reward[b, m // k, m])]
+  mean = sum(own) / len(own)
+  return mean, math.sqrt(sum((x - mean) ** 2 for x in own) / len(own))
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 2), (3, 4, 8), (5, 2, 6)])
+def test_own_reward_stats_match_numpy_and_ignore_cross_context_and_missing(shape):
+  rng = np.random.default_rng(sum(shape))
+  reward = rng.normal(1.5, 3.0, size=shape).astype(np.float32)
+  k = shape[2] // shape[1]
+  own = np.zeros(shape, bool)
+  own[:, np.arange(shape[2]) // k, np.arange(shape[2])] = True
+  reward[~own] = 1e30  # Cross-context entries must never be read.
+  if shape[2] > 2:
+    reward[0, :, -1] = np.nan  # A missing response.
+  got = losses.own_reward_stats(reward)
+  np.testing.assert_allclose(got, np_own_reward_stats(reward), rtol=1e-12)
+
+
+def test_own_reward_stats_errors():
+  with pytest.raises(ValueError, match=r"reward must be \[num_blocks, G, G\*K\]"):
+    losses.own_reward_stats(np.zeros((2, 3, 7)))
+  with pytest.raises(ValueError, match="no finite own-context entry"):
+    losses.own_reward_stats(np.full((2, 2, 4), np.nan))
+  constant = np.full((2, 2, 4), 0.5)
+  constant[:, 0, 2:] = 7.0  # Cross-context entries differ; the own-context ones are all 0.5.
+  with pytest.raises(ValueError, match=r"all equal 0.5 \(std 0\)"):
+    losses.own_reward_stats(constant)
+
+
+@pytest.mark.parametrize("normalizer", losses.NORMALIZERS)
+def test_standardized_rewards_equal_lambda_in_reward_std_units(normalizer):
+  rng = np.random.default_rng(25)
+  ref, rew, owner, valid = random_group(rng, 4, 3, pad=1)
+  rew = rew * 7.0 + 3.0
+  mean, std = 3.1, 6.5
+  z = losses.standardize_rewards(rew, (mean, std))
+  np.testing.assert_allclose(z, (rew.astype(np.float64) - mean) / std, rtol=1e-5, atol=1e-6)
+  got = losses.var_weights(ref, z, owner, 0.4, normalizer, valid=valid)
+  np.testing.assert_allclose(got, np_var_weights(ref, rew, owner, 0.4 * std, normalizer, valid), rtol=1e-4,
+                             atol=1e-7)
+
+
+@pytest.mark.parametrize("stats", [(0.0, 0.0), (0.0, -1.0), (float("nan"), 1.0), (0.0, float("inf")), (1.0,)])
+def test_standardize_rewards_rejects_bad_stats(stats):
+  with pytest.raises(ValueError, match="reward stats must be"):
+    losses.standardize_rewards(np.zeros(3), stats)
+
+
+@pytest.mark.parametrize("normalizer", losses.NORMALIZERS)
+@pytest.mark.parametrize("kind", losses.ESS_KINDS)
+def test_batched_weights_and_mean_ess_match_numpy(normalizer, kind):
+  rng = np.random.default_rng(zlib.crc32(repr(("ess", normalizer, kind)).encode()))
+  ref, rew, owner, valid = random_groups(rng, 6, 4, 3)
+  w = np.asarray(losses.batched_var_weights(ref, rew, owner, 0.8, normalizer, valid=valid, ref_weight=0.2))
+  want = np.stack([np_var_weights(np.nan_to_num(ref[i]), np.nan_to_num(rew[i]), owner, 0.8, normalizer, valid[i],
+                                  alpha=0.2) for i in range(6)])
+  np.testing.assert_allclose(w, want, rtol=2e-5, atol=1e-7)
+  owners = np.broadcast_to(owner, valid.shape)
+  got = losses.mean_ess(jnp.asarray(w), jnp.asarray(owner), 4, valid=jnp.asarray(valid), kind=kind)
+  np.testing.assert_allclose(got, np_mean_ess(want, owners, valid, 4, kind), rtol=1e-5)
+  # A group with no valid response at all (a padded block) does not count.
+  w2, v2 = np.concatenate([w, np.zeros_like(w[:1])]), np.concatenate([valid, np.zeros_like(valid[:1])])
+  got2 = losses.mean_ess(jnp.asarray(w2), jnp.asarray(owner), 4, valid=jnp.asarray(v2), kind=kind)
+  np.testing.assert_allclose(got2, got, rtol=1e-6)
+
+
+def test_group_ess_limits():
+  np.testing.assert_allclose(losses.group_ess(jnp.array([[0.25, 0.25, 0.25, 0.25], [1.0, 0.0, 0.0, 0.0]])), [4, 1])
+  np.testing.assert_allclose(losses.group_ess(jnp.array([0.5, 0.5, 9.0]), jnp.array([True, True, False])), 2.0)
+  assert float(losses.group_ess(jnp.zeros(3))) == 0.0
+
+
+def test_batched_weights_raise_on_nonfinite_candidate_of_a_real_prompt():
+  rng = np.random.default_rng(26)
+  ref, rew, owner, valid = random_groups(rng, 3, 2, 2, dummy_rows=False)
+  bad = rew.copy()
+  bad[1, 0, 3] = np.nan  # A cross-context entry: read by cross_context only.
+  if not valid[1, 3]:
+    valid[1, 3] = True
+    ref[1, :, 3], rew[1, :, 3] = -10.0, 0.0
+    bad[1, 1, 3] = 0.0
+  with pytest.raises(ValueError, match=r"rewards has 1 non-finite value\(s\), first at index \(1, 0, 3\)"):
+    losses.batched_var_weights(ref, bad, owner, 1.0, "cross_context", valid=valid)
+  w = losses.batched_var_weights(ref, bad, owner, 1.0, "per_prompt", valid=valid)
+  np.testing.assert_array_equal(w, losses.batched_var_weights(ref, rew, owner, 1.0, "per_prompt", valid=valid))
+  with pytest.raises(ValueError, match=r"owner has shape"):
+    losses.batched_var_weights(ref, rew, owner[:-1], 1.0, valid=valid)
+
+
+def np_ess_at(ref, rew, owner, valid, lam, normalizer, alpha, kind):
+  ws = [np_var_weights(np.nan_to_num(r), np.nan_to_num(q), owner, lam, normalizer, v, alpha=alpha)
+        for r, q, v in zip(ref, rew, valid)]
+  return np_mean_ess(ws, np.broadcast_to(owner, valid.shape), valid, ref.shape[1], kind)
+
+
+@pytest.mark.parametrize("normalizer,alpha,kind,target", [("batch", 0.0, "group", 3.0), ("per_prompt", 0.0, "prompt", 1.3),
+                                                           ("cross_context", 1.0, "group", 1.5),
+                                                           ("cross_context", 0.1, "prompt", 1.3)])
+def test_lambda_for_ess_is_the_smallest_lambda_reaching_the_target(normalizer, alpha, kind, target):
+  rng = np.random.default_rng(zlib.crc32(repr(("lam", normalizer, alpha, kind)).encode()))
+  ref, rew, owner, valid = random_groups(rng, 5, 4, 2, dummy_rows=False)
+  ref = ref / 20  # Reference spread comparable to the rewards', so the target lies inside the grid.
+  rtol = 1e-4
+  lam = losses.lambda_for_ess(ref, rew, owner, target, normalizer, valid=valid, ref_weight=alpha, kind=kind,
+                              lam_min=1e-2, lam_max=1e2, rtol=rtol)
+  assert np_ess_at(ref, rew, owner, valid, lam, normalizer, alpha, kind) >= target - 1e-4
+  assert np_ess_at(ref, rew, owner, valid, lam / (1 + 2 * rtol), normalizer, alpha, kind) < target + 1e-4
+  # No smaller lambda reaches the target (a dense float64 scan below the answer).
+  below = np.geomspace(1e-2, lam / (1 + 2 * rtol), 200)
+  assert max(np_ess_at(ref, rew, owner, valid, x, normalizer, alpha, kind) for x in below) < target + 1e-4
+
+
+def test_lambda_for_ess_monotone_case_matches_closed_form():
+  # One prompt, two responses, alpha = 0: w = softmax(r / lam), ESS = (1 + t)^2 / (1 + t^2), t = exp(-d / lam).
+  rew = np.array([[[1.0, -1.0]]], np.float32)
+  ref = np.zeros_like(rew)
+  target = 1.8
+  t = min(np.roots([1 - target, 2, 1 - target]).real)  # (1 + t)^2 = target (1 + t^2): roots t and 1/t.
+  want = -2.0 / math.log(t)
+  got = losses.lambda_for_ess(ref, rew, np.array([0, 0]), target, "per_prompt", ref_weight=0.0, rtol=1e-6)
+  np.testing.assert_allclose(got, want, rtol=1e-4)
+
+
+def test_lambda_for_ess_non_monotone_returns_the_first_crossing():
+  # log pi_ref favours response 0 by d = 2 nats, the reward favours response 1 by c = 1: response 1 wins for small
+  # lambda, response 0 for large; the ESS peaks at 2 for lambda = c / d = 0.5 and crosses 1.5 twice.
+  ref = np.array([[[0.0, -2.0]]], np.float32)
+  rew = np.array([[[0.0, 1.0]]], np.float32)
+  target = 1.5
+  roots = np.roots([1 - target, 2, 1 - target]).real  # (1 + t)^2 = target (1 + t^2), t = w1 / w0
+  lams = sorted(1.0 / (2.0 + math.log(t)) for t in roots)  # t = exp(-2 + 1 / lam)
+  got = losses.lambda_for_ess(ref, rew, np.array([0, 0]), target, "per_prompt", rtol=1e-6)
+  np.testing.assert_allclose(got, lams[0], rtol=1e-4)
+  assert lams[1] > 2 * lams[0]  # The second crossing is far: bisection over the whole range could have found it.
+  with pytest.raises(ValueError, match=r"target group ESS 2.5 is not reached .* largest mean ESS is 2"):
+    losses.lambda_for_ess(ref, rew, np.array([0, 0]), 2.5, "per_prompt")
+  assert losses.lambda_for_ess(ref, rew, np.array([0, 0]), 1.0, "per_prompt", lam_min=0.3) == 0.3
+
+
+@pytest.mark.parametrize("kwargs,match", [(dict(target=0.0), "target ESS"), (dict(target=float("nan")), "target ESS"),
+                                          (dict(lam_min=2.0, lam_max=1.0), "lam_min < lam_max"),
+                                          (dict(lam_min=0.0), "lam_min < lam_max"), (dict(grid=1), "grid >= 2"),
+                                          (dict(kind="token"), "kind='token' is not one of"),
+                                          (dict(normalizer="global"), "normalizer='global'")])
+def test_lambda_for_ess_bad_arguments(kwargs, match):
+  args = dict(ref_logps=np.zeros((1, 1, 2)), rewards=np.zeros((1, 1, 2)), owner=np.array([0, 0]), target=1.5)
+  args.update(kwargs)
+  with pytest.raises(ValueError, match=match):
+    losses.lambda_for_ess(**args)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Metrics.
 
 
@@ -440,15 +715,19 @@ def test_jit_compiles_once_per_shape_and_matches_eager():
   assert len(traces) == 1
 
 
-def test_vmap_over_groups_matches_per_group_calls():
+@pytest.mark.parametrize("alpha", [1.0, 0.05])
+def test_vmap_over_groups_matches_per_group_calls(alpha):
   rng = np.random.default_rng(14)
   g, num_prompts, n = 3, 4, 8
   owner = np.tile(np.repeat(np.arange(num_prompts), 2), (g, 1)).astype(np.int32)
   ref = rng.normal(-20, 5, size=(g, num_prompts, n)).astype(np.float32)
   rew = rng.normal(size=(g, num_prompts, n)).astype(np.float32)
-  batched = jax.vmap(lambda r, q, o: losses.var_weights(r, q, o, 0.3, "cross_context"))(ref, rew, owner)
+  fn = jax.jit(jax.vmap(lambda r, q, o, lam: losses.var_weights(r, q, o, lam, "cross_context", ref_weight=alpha),
+                        in_axes=(0, 0, 0, None)))  # lam traced: one compile serves a lambda sweep
+  batched = fn(ref, rew, owner, 0.3)
   for i in range(g):
-    np.testing.assert_allclose(batched[i], np_var_weights(ref[i], rew[i], owner[i], 0.3, "cross_context"), rtol=2e-5)
+    np.testing.assert_allclose(batched[i], np_var_weights(ref[i], rew[i], owner[i], 0.3, "cross_context", alpha=alpha),
+                               rtol=2e-5)
 
 
 def test_nonfinite_inside_jit_is_excluded_not_propagated():

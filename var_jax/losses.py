@@ -15,6 +15,7 @@ which is how the data boundary calls them. Inside jit no host sync is possible; 
 excluded from its partition (it gets weight 0) instead of turning every weight into NaN, and `var_metrics`
 reports prompts left with no weight so the training loop can stop with a message.
 """
+import math
 from typing import Optional
 
 import jax
@@ -119,12 +120,56 @@ def sequence_logprobs(logits, targets, mask):
 # VAR weights.
 
 
-def var_scores(ref_logps, rewards, lam):
-  """s = ref_logps + rewards / lam (elementwise; any matching shapes). lam > 0 is a scalar."""
+def _check_ref_weight(ref_weight) -> float:
+  """ref_weight is a static Python number >= 0 (it selects code paths: 0 never reads ref_logps)."""
+  if isinstance(ref_weight, jax.core.Tracer) or jnp.ndim(ref_weight) != 0:
+    raise ValueError(f"ref_weight must be a Python number (static), got {ref_weight!r}")
+  value = float(ref_weight)
+  if not (np.isfinite(value) and value >= 0):
+    raise ValueError(f"ref_weight must be a finite number >= 0, got {value}")
+  return value
+
+
+def effective_ref_weight(ref_weight: float = 1.0, include_ref_logp: bool = True) -> float:
+  """The alpha of s = alpha * log pi_ref + r / lam that the two switches select.
+
+  include_ref_logp=False is alpha = 0 (responses sampled from pi_ref itself). Combined with a ref_weight other
+  than the default 1 or 0 the two contradict each other, which raises.
+  """
+  alpha = _check_ref_weight(ref_weight)
+  if include_ref_logp:
+    return alpha
+  if alpha not in (0.0, 1.0):
+    raise ValueError(f"include_ref_logp=False means ref_weight=0, but ref_weight={alpha} was given; set only one")
+  return 0.0
+
+
+def var_scores(ref_logps, rewards, lam, *, ref_weight: float = 1.0):
+  """s = ref_weight * ref_logps + rewards / lam (elementwise; any matching shapes), float32.
+
+  lam > 0 is a scalar (may be traced). ref_weight = alpha >= 0 is a static Python number: 1 is the paper's
+  formula (and computes exactly what it always did), 0 drops the reference term without reading ref_logps
+  (so NaN there is harmless), other values scale log pi_ref against the reward (see the math page, section 6).
+  """
   _check_lam(lam)
+  alpha = _check_ref_weight(ref_weight)
   if jnp.shape(ref_logps) != jnp.shape(rewards):
     raise ValueError(f"ref_logps {jnp.shape(ref_logps)} and rewards {jnp.shape(rewards)} must have the same shape")
-  return ref_logps.astype(jnp.float32) + rewards.astype(jnp.float32) / jnp.asarray(lam, jnp.float32)
+  reward_term = rewards.astype(jnp.float32) / jnp.asarray(lam, jnp.float32)
+  if alpha == 0.0:
+    return reward_term
+  ref = ref_logps.astype(jnp.float32)
+  return (ref if alpha == 1.0 else jnp.float32(alpha) * ref) + reward_term
+
+
+def per_token_logps(ref_logps, num_tokens):
+  """Length-normalised log-probs: ref_logps / max(num_tokens, 1), broadcasting num_tokens [..., N] over the
+  candidate axis of ref_logps [..., P, N] (column n is response n, whatever prompt row it is scored under)."""
+  num_tokens = jnp.asarray(num_tokens)
+  if jnp.shape(ref_logps)[-1:] != jnp.shape(num_tokens)[-1:]:
+    raise ValueError(f"num_tokens {jnp.shape(num_tokens)} must end with the response axis of ref_logps "
+                     f"{jnp.shape(ref_logps)}")
+  return ref_logps / jnp.maximum(num_tokens[..., None, :], 1.0)
 
 
 def candidate_mask(owner, num_prompts: int, normalizer: str, valid=None):
@@ -176,7 +221,7 @@ def own_context(matrix, owner):
 
 
 def var_weights(ref_logps, rewards, owner, lam, normalizer: str = "cross_context", *, valid=None,
-                include_ref_logp: bool = True):
+                include_ref_logp: bool = True, ref_weight: float = 1.0):
   """VAR weights w [N] = exp(s[owner[n], n] - logZ[owner[n]]), stop-gradient.
 
   Args:
@@ -187,7 +232,9 @@ def var_weights(ref_logps, rewards, owner, lam, normalizer: str = "cross_context
     normalizer: "cross_context" | "per_prompt" | "batch" (static).
     valid: optional [N] bool; padded response slots get weight 0 and are never candidates.
     include_ref_logp: False when the responses were sampled from pi_ref itself (then pi_ref must not appear in s,
-      see the math page, section 3).
+      see the math page, section 3). Same as ref_weight=0.
+    ref_weight: alpha in s = alpha * log pi_ref + r / lam (static Python number >= 0; 1 = the paper). alpha = 0
+      never reads ref_logps.
   Returns:
     w [N] float32 in [0, 1]; for "per_prompt" each prompt's weights sum to 1, for "batch" all weights sum to 1.
   """
@@ -199,9 +246,10 @@ def var_weights(ref_logps, rewards, owner, lam, normalizer: str = "cross_context
   _check_shape("owner", owner, (n,))
   mask = candidate_mask(owner, num_prompts, normalizer, valid)
   own_valid = valid if valid is not None else jnp.ones((n,), bool)
-  if not include_ref_logp:
-    ref_logps = jnp.zeros_like(ref_logps)
-  scores = var_scores(ref_logps, rewards, lam)
+  alpha = effective_ref_weight(ref_weight, include_ref_logp)
+  if alpha == 0.0:
+    ref_logps = jnp.zeros_like(ref_logps)  # Never read (nor checked for NaN) when it does not enter s.
+  scores = var_scores(ref_logps, rewards, lam, ref_weight=alpha)
   if normalizer == "cross_context":
     _check_finite("ref_logps", ref_logps, mask)
     _check_finite("rewards", rewards, mask)
@@ -217,6 +265,211 @@ def var_weights(ref_logps, rewards, owner, lam, normalizer: str = "cross_context
   own_ok = own_context(mask, owner)
   weights = jnp.where(own_ok, jnp.exp(jnp.where(own_ok, own_score - log_z[owner], 0.0)), 0.0)
   return jax.lax.stop_gradient(weights)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Scale controls (math page, section 6): reward standardisation, many groups at once, lambda for a target ESS.
+# Host-side helpers: they run on concrete arrays, outside any training step.
+
+ESS_KINDS = ("group", "prompt")
+
+
+def own_reward_stats(reward) -> tuple[float, float]:
+  """(mean, std) of the own-context training rewards of a scoring stage's reward array, in float64.
+
+  Args:
+    reward: [num_blocks, G, G*K] with reward[b, p, m] = r(x_p, y_m) and response slot m owned by prompt m // K
+      (the scoring-block layout of var_jax/scoring.py); K is inferred from the shape.
+  Returns:
+    (mean, std) over the finite entries reward[b, m // K, m]; std is the population std (ddof 0). Missing
+    responses (NaN) are skipped; cross-context entries are never read.
+  Raises:
+    ValueError: bad shape, no finite own-context entry, or std == 0 (nothing to standardise by).
+  """
+  r = np.asarray(reward, np.float64)
+  if r.ndim != 3 or r.shape[1] < 1 or r.shape[2] % r.shape[1]:
+    raise ValueError(f"reward must be [num_blocks, G, G*K], got shape {r.shape}")
+  cols = np.arange(r.shape[2])
+  own = r[:, cols // (r.shape[2] // r.shape[1]), cols]
+  own = own[np.isfinite(own)]
+  if own.size == 0:
+    raise ValueError(f"reward {r.shape} has no finite own-context entry to standardise with")
+  mean, std = float(own.mean()), float(own.std())
+  if not std > 0:
+    raise ValueError(f"reward: the {own.size} finite own-context rewards all equal {mean} (std 0); "
+                     "standardisation would divide by zero")
+  return mean, std
+
+
+def standardize_rewards(rewards, stats):
+  """(rewards - mean) / std for stats = (mean, std) from `own_reward_stats` (any array shape; dtype kept).
+
+  Every normalizer is invariant to the shift, so with standardised rewards lambda is in units of the training
+  rewards' standard deviation: var_weights(ref, standardize_rewards(r, (m, sd)), ..., lam) equals
+  var_weights(ref, r, ..., lam * sd).
+  """
+  if len(stats) != 2:
+    raise ValueError(f"reward stats must be (mean, std), got {stats!r}")
+  mean, std = (float(x) for x in stats)
+  if not (np.isfinite(mean) and np.isfinite(std) and std > 0):
+    raise ValueError(f"reward stats must be a finite mean and a finite std > 0, got mean={mean}, std={std}")
+  return (rewards - mean) / std
+
+
+def group_ess(weights, valid=None):
+  """Group-level effective sample size of weights [..., N]: (sum_n w_n)^2 / sum_n w_n^2 over valid responses.
+
+  Equals 1 / sum_n v_n^2 for the weights v = w / sum w normalised over the group; from 1 (one response takes all
+  the weight) to the number of valid responses (uniform). 0 for a group with no weight. Returns [...].
+  """
+  w = weights.astype(jnp.float32)
+  if valid is not None:
+    w = jnp.where(valid, w, 0.0)
+  total, squares = w.sum(-1), (w * w).sum(-1)
+  return jnp.where(squares > 0, total ** 2 / jnp.where(squares > 0, squares, 1.0), 0.0)
+
+
+def mean_ess(weights, owner, num_prompts: int, *, valid=None, kind: str = "group"):
+  """Mean ESS over the groups with at least one valid response; weights [G, N], owner [N] or [G, N], valid [G, N].
+
+  kind "group":  `group_ess` of each group's weights.
+  kind "prompt": var_metrics' "ess" of each group (mean over its prompts of (sum w)^2 / sum w^2 over the prompt's
+                 own responses; 1 / sum w^2 under "per_prompt"), which is what training logs as var/ess.
+  """
+  _check_choice("kind", kind, ESS_KINDS)
+  g, n = jnp.shape(weights)
+  owner = jnp.broadcast_to(owner, (g, n))
+  valid = jnp.ones((g, n), bool) if valid is None else jnp.asarray(valid, bool)
+  if kind == "group":
+    per_group = group_ess(weights, valid)
+  else:
+    per_group = jax.vmap(lambda w, o, m: var_metrics(w, o, num_prompts, valid=m)["ess"])(weights, owner, valid)
+  real = valid.any(-1)
+  return jnp.sum(jnp.where(real, per_group, 0.0)) / jnp.maximum(real.sum(), 1)
+
+
+def _prepare_groups(ref_logps, rewards, owner, valid, normalizer: str, alpha: float):
+  """Shape- and value-checked numpy groups for `batched_var_weights`: what var_weights cannot check inside jit.
+
+  Prompt rows without any valid response (the dummy prompts of a padded block) are allowed; every candidate
+  entry of a real prompt must be finite (a NaN there would silently drop the candidate inside jit).
+  """
+  _check_choice("normalizer", normalizer, NORMALIZERS)
+  ref, rew = np.asarray(ref_logps, np.float32), np.asarray(rewards, np.float32)
+  if ref.ndim != 3:
+    raise ValueError(f"ref_logps must be [num_groups, P, N], got shape {ref.shape}")
+  g, p, n = ref.shape
+  _check_shape("rewards", rew, (g, p, n))
+  owner = np.asarray(owner)
+  if owner.shape not in ((n,), (g, n)):
+    raise ValueError(f"owner has shape {owner.shape}, expected ({n},) or ({g}, {n})")
+  _check_owner(owner.reshape(-1), p)
+  owner = np.broadcast_to(owner, (g, n)).astype(np.int32)
+  valid = np.ones((g, n), bool) if valid is None else np.asarray(valid, bool)
+  _check_shape("valid", valid, (g, n))
+  own_rows = (owner[:, None, :] == np.arange(p)[None, :, None]) & valid[:, None, :]  # [g, P, N]
+  if normalizer == "cross_context":
+    where = own_rows.any(-1)[:, :, None] & valid[:, None, :]
+  else:
+    where = own_rows
+  _check_finite("rewards", rew, where)
+  if alpha:
+    _check_finite("ref_logps", ref, where)
+  return ref, rew, owner, valid
+
+
+def _vmapped_weights(ref, rew, owner, valid, lam, normalizer: str, ref_weight: float):
+  return jax.vmap(lambda r, q, o, m: var_weights(r, q, o, lam, normalizer, valid=m, ref_weight=ref_weight))(
+      ref, rew, owner, valid)
+
+
+_vmapped_weights_jit = jax.jit(_vmapped_weights, static_argnames=("normalizer", "ref_weight"))
+
+
+def _ess_at(ref, rew, owner, valid, lam, normalizer: str, ref_weight: float, kind: str):
+  w = _vmapped_weights(ref, rew, owner, valid, lam, normalizer, ref_weight)
+  return mean_ess(w, owner, ref.shape[1], valid=valid, kind=kind)
+
+
+_ess_at_jit = jax.jit(_ess_at, static_argnames=("normalizer", "ref_weight", "kind"))
+
+
+def batched_var_weights(ref_logps, rewards, owner, lam, normalizer: str = "cross_context", *, valid=None,
+                        ref_weight: float = 1.0):
+  """`var_weights` of many normalizer groups at once (vmap under one jit), checked on the host first.
+
+  Args:
+    ref_logps, rewards: [num_groups, P, N] (length-normalise ref_logps first with `per_token_logps` if wanted).
+    owner: [N] or [num_groups, N] int prompt index of each response.
+    lam: scalar > 0. normalizer, ref_weight: as in var_weights (static).
+    valid: optional [num_groups, N] bool.
+  Returns:
+    w [num_groups, N] float32, exactly var_weights of each group. Unlike an eager var_weights call, a prompt row
+    with no valid response (a dummy prompt of a padded block) is allowed (it owns nothing); a non-finite
+    candidate entry of a real prompt raises ValueError naming [group, prompt, response].
+  """
+  _check_lam(lam)
+  alpha = _check_ref_weight(ref_weight)
+  ref, rew, owner, valid = _prepare_groups(ref_logps, rewards, owner, valid, normalizer, alpha)
+  return _vmapped_weights_jit(ref, rew, owner, valid, jnp.float32(lam), normalizer=normalizer, ref_weight=alpha)
+
+
+def lambda_for_ess(ref_logps, rewards, owner, target: float, normalizer: str = "cross_context", *, valid=None,
+                   ref_weight: float = 1.0, kind: str = "group", lam_min: float = 1e-3, lam_max: float = 1e3,
+                   grid: int = 61, rtol: float = 1e-4) -> float:
+  """The smallest lambda in [lam_min, lam_max] whose weights reach a mean ESS >= target.
+
+  The ESS is `mean_ess` of `batched_var_weights` (kind "group" or "prompt", see there) over all the given groups
+  (arguments as in `batched_var_weights`; pass standardised rewards or per-token ref log-probs to solve for those
+  settings).
+
+  Monotonicity: with ref_weight = 0 and one partition per group ("batch", or "per_prompt" for one prompt) the
+  weights are softmax(r / lam), whose ESS never decreases in lam (d log ESS / d(1/lam) = -2 (mean_{2/lam}(r) -
+  mean_{1/lam}(r)) <= 0). With the reference term it need not be monotone: for lam -> infinity the weights tend to
+  the softmax of alpha * log pi_ref, which may be as peaked as the reward's argmax at lam -> 0. So the solver
+  does not assume monotonicity: it evaluates a log-spaced grid of `grid` lambdas, takes the first grid point
+  reaching the target, and bisects in log-lambda between it and the grid point before it (where the ESS was
+  below) until they are within a factor 1 + rtol. A crossing is missed only if the ESS rises above the target and
+  falls back below it between two neighbouring grid points.
+  Returns:
+    lambda (float) with mean ESS >= target; lam_min itself if the target is reached there.
+  Raises:
+    ValueError: bad arguments, or the target is not reached anywhere on the grid (the message gives the largest
+      ESS seen and its lambda).
+  """
+  _check_choice("kind", kind, ESS_KINDS)
+  if not (np.isfinite(target) and target > 0):
+    raise ValueError(f"target ESS must be a finite number > 0, got {target}")
+  if not (np.isfinite(lam_min) and np.isfinite(lam_max) and 0 < lam_min < lam_max):
+    raise ValueError(f"need 0 < lam_min < lam_max < inf, got lam_min={lam_min}, lam_max={lam_max}")
+  if grid < 2 or not rtol > 0:
+    raise ValueError(f"need grid >= 2 and rtol > 0, got grid={grid}, rtol={rtol}")
+  alpha = _check_ref_weight(ref_weight)
+  arrays = _prepare_groups(ref_logps, rewards, owner, valid, normalizer, alpha)
+
+  def ess(lam: float) -> float:
+    return float(_ess_at_jit(*arrays, jnp.float32(lam), normalizer=normalizer, ref_weight=alpha, kind=kind))
+
+  lams = np.geomspace(lam_min, lam_max, grid)
+  values = []
+  for i, lam in enumerate(lams):
+    values.append(ess(lam))
+    if values[-1] >= target:
+      break
+  else:
+    best = int(np.argmax(values))
+    raise ValueError(f"target {kind} ESS {target} is not reached for lambda in [{lam_min}, {lam_max}]: the largest "
+                     f"mean ESS is {values[best]:.4g} at lambda={lams[best]:.4g} ({normalizer}, ref_weight={alpha})")
+  if i == 0:
+    return float(lams[0])
+  lo, hi = float(lams[i - 1]), float(lams[i])
+  while hi / lo > 1 + rtol:
+    mid = math.sqrt(lo * hi)
+    if ess(mid) >= target:
+      hi = mid
+    else:
+      lo = mid
+  return hi
 
 
 # ----------------------------------------------------------------------------------------------------------------
