@@ -1,6 +1,6 @@
 """A grid over config fields that shares the upstream stages, then one table and plots of every run.
 
-    python launch/sweep.py --config=configs/tiny.py --dir=workdir/sweep_lam_b \
+    python -m launch.sweep --config=configs/tiny.py --dir=workdir/sweep_lam_b \
         --grid=var.lam=0.03,0.1,0.3,1 --grid=var.group_size=2,4,8,16 --stages=var,eval
 
 Every grid point is a run directory DIR/runs/<field=value,...>. Runs whose upstream settings (everything the
@@ -25,14 +25,11 @@ import sys
 from absl import app
 from absl import flags
 from absl import logging
+from ml_collections import config_flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from ml_collections import config_flags  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
-
-from var_jax import stages as stages_lib  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
-
-UPSTREAM = ("sft", "reward", "score")
+from var_jax import artifacts
+from var_jax import stage_table
+from var_jax import stages as stages_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Base config file.")
 _DIR = flags.DEFINE_string("dir", "workdir/sweep", "Sweep directory.")
@@ -98,9 +95,14 @@ def run_name(point: dict) -> str:
   return ",".join(f"{k}={v}" for k, v in point.items()) or "base"
 
 
+# What the policy stages and eval need but do not train themselves (sft, reward, score): computed once per setting
+# of theirs and linked into every run.
+UPSTREAM = stage_table.upstream([s.name for s in stage_table.STAGES if s.runner in ("policy", "eval")])
+
+
 def upstream_key(cfg) -> str:
   """A short hash of everything the upstream stages depend on."""
-  text = json.dumps(stages_lib._fingerprint(cfg, "score"), sort_keys=True)  # pylint: disable=protected-access
+  text = json.dumps(artifacts.fingerprint(cfg, *UPSTREAM), sort_keys=True)
   return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 

@@ -1,4 +1,4 @@
-"""launch/sweep.py: grid parsing, upstream sharing, emitted commands, collection (no training here)."""
+"""launch.sweep: grid parsing, upstream sharing, emitted commands, collection (no training here)."""
 import json
 import os
 import shlex
@@ -7,12 +7,10 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "launch"))
-sys.path.insert(0, ROOT)
+from configs import tiny
+from launch import sweep
 
-import sweep  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
-from configs import tiny  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_grid_points_are_typed_products():
@@ -37,6 +35,10 @@ def test_runs_share_upstream_only_when_upstream_settings_agree(tmp_path):
   assert len({up for _, _, _, up, _ in b_runs}) == 1  # B <= G reuses one scoring pass.
 
 
+def test_upstream_is_derived_from_the_stage_table():
+  assert sweep.UPSTREAM == ("sft", "reward", "score")
+
+
 def test_link_upstream_refuses_to_replace_real_directories(tmp_path):
   up, run = tmp_path / "up", tmp_path / "run"
   (run / "sft").mkdir(parents=True)
@@ -45,7 +47,7 @@ def test_link_upstream_refuses_to_replace_real_directories(tmp_path):
 
 
 def test_emit_commands_prints_upstream_once_then_each_run(tmp_path):
-  proc = subprocess.run([sys.executable, "launch/sweep.py", "--config=configs/tiny.py", f"--dir={tmp_path}",
+  proc = subprocess.run([sys.executable, "-m", "launch.sweep", "--config=configs/tiny.py", f"--dir={tmp_path}",
                          "--grid=var.lam=0.1,1", "--emit_commands"], cwd=ROOT, capture_output=True, text=True,
                         timeout=120, check=True)
   lines = [l for l in proc.stdout.splitlines() if l.startswith("python -m var_jax.main")]
@@ -57,7 +59,7 @@ def test_emit_commands_prints_upstream_once_then_each_run(tmp_path):
 def test_emitted_commands_carry_the_sweeps_own_overrides(tmp_path):
   """Each emitted command rebuilds the config its directory was named after: the sweep's --config.* flags (which
   went into the upstream hash) are carried, a grid field replaces the same flag, and values are shell-quoted."""
-  proc = subprocess.run([sys.executable, "launch/sweep.py", "--config=configs/tiny.py", f"--dir={tmp_path}",
+  proc = subprocess.run([sys.executable, "-m", "launch.sweep", "--config=configs/tiny.py", f"--dir={tmp_path}",
                          "--config.sft.steps=7", "--config.var.lam=0.5", "--config.data.source=my prefs.jsonl",
                          "--grid=var.lam=0.1,1", "--emit_commands"], cwd=ROOT, capture_output=True, text=True,
                         timeout=120, check=True)

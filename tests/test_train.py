@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from var_jax import artifacts
 from var_jax import config as config_lib
 from var_jax import losses
 from var_jax import model as model_lib
@@ -31,7 +32,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # The tiny config shrunk to a test's size (seconds per stage), as command-line overrides too.
 TEST_SIZE = {"data.num_sft": 256, "data.num_pairs": 128, "data.num_eval": 32, "data.groups_per_batch": 2,
-             "sft.steps": 6, "reward.steps": 6, "var.steps": 6, "dpo.steps": 6, "chosen.steps": 6,
+             "sft.steps": 6, "reward.steps": 6, "var.steps": 6, "dpo.steps": 6, "chosen.steps": 6, "ipo.steps": 6,
              "checkpoint.every": 3, "log_every": 3, "eval_every": 0, "eval_batches": 1, "eval.num_prompts": 8,
              "eval.max_new_tokens": 6, "optim.warmup_steps": 2}
 
@@ -72,9 +73,9 @@ def test_var_objective_equals_per_group_losses(normalizer, reduction):
   cfg = tiny_config(**{"var.normalizer": normalizer, "var.reduction": reduction, "var.lam": 0.7})
   model = _tiny_model(vocab)
   jb = jax.tree.map(jnp.asarray, batch)
-  const = objectives.prepare("var", jb, cfg)
+  const = objectives.VAR.prepare(jb, cfg)
   logp, ntok = objectives.sequence_outputs(model, jb)
-  got = objectives.numerator("var", logp, const, cfg) / const["denominator"]
+  got = objectives.numerator(objectives.VAR, logp, const, cfg) / const["denominator"]
   # Reference: the public loss functions, group by group, then combined as the math page says.
   num, den_prompts, den_tokens = 0.0, 0, 0.0
   for g in range(batch["inputs"].shape[0]):
@@ -87,17 +88,18 @@ def test_var_objective_equals_per_group_losses(normalizer, reduction):
   np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
-@pytest.mark.parametrize("stage", ["sft", "var", "dpo", "reward"])
+@pytest.mark.parametrize("stage", sorted(objectives.OBJECTIVES))
 def test_gradient_accumulation_is_exact(stage):
   batch, vocab = _var_batch(groups=4)
   cfg = tiny_config()
-  reward = stage == "reward"
+  objective = objectives.get(stage)
+  reward = objective.reward_model
   model = (model_lib.RewardModel(model_lib.get_config("tiny", vocab_size=vocab), rngs=nnx.Rngs(0)) if reward
            else _tiny_model(vocab))
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   jb = jax.tree.map(jnp.asarray, batch)
-  one = train_lib.make_loss_and_grads(stage, graphdef, rest, cfg, 1, reward)(params, jb)
-  four = train_lib.make_loss_and_grads(stage, graphdef, rest, cfg, 4, reward)(params, jb)
+  one = train_lib.make_loss_and_grads(objective, graphdef, rest, cfg, 1)(params, jb)
+  four = train_lib.make_loss_and_grads(objective, graphdef, rest, cfg, 4)(params, jb)
   np.testing.assert_allclose(one[0], four[0], rtol=1e-5)
   for a, b in zip(jax.tree.leaves(one[1]), jax.tree.leaves(four[1])):
     np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6)
@@ -116,11 +118,10 @@ def test_train_step_compiles_once_per_shape_bucket():
 
   def step(state, batch):
     traces.append(batch["inputs"].shape)
-    return train_lib.make_train_step("sft", graphdef, rest, tx, schedule, cfg)(state, batch)
+    return train_lib.make_train_step(objectives.SFT, graphdef, rest, tx, schedule, cfg)(state, batch)
 
   step = jax.jit(step)
-  state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
-           "first_bad_step": jnp.full((), -1, jnp.int32)}
+  state = train_lib.init_train_state(params, tx)
   it = pipe.iterator()
   shapes = []
   for _ in range(12):
@@ -131,14 +132,15 @@ def test_train_step_compiles_once_per_shape_bucket():
   assert len(set(shapes)) <= 3  # Bucketed lengths: a handful of shapes, not one per batch.
 
 
+@pytest.mark.slow
 def test_tiny_pipeline_end_to_end_and_rerun_skips(tmp_path):
-  cfg = tiny_config()
+  cfg = tiny_config(stages=",".join(config_lib.STAGES))  # Every stage, the default pipeline's and ipo.
   workdir = str(tmp_path / "run")
   stages.run_pipeline(cfg, workdir)
   for stage in config_lib.STAGES:
     assert os.path.exists(os.path.join(workdir, stage, "DONE.json")), stage
   results = json.load(open(os.path.join(workdir, "eval", "results.json")))
-  assert set(results["policies"]) == {"sft", "var", "dpo", "chosen"}
+  assert set(results["policies"]) == {"sft", "var", "dpo", "chosen", "ipo"}
   for row in results["policies"].values():
     assert 0.0 <= row["gold_reward"] <= 1.0 and np.isfinite(row["rm_reward"])
   lines = [json.loads(l) for l in open(os.path.join(workdir, "var", "logs", "metrics.jsonl"))]
@@ -234,10 +236,24 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     ("data.source", "", "config.data.source"),
     ("stages", "sft,rl", "unknown stage 'rl'"),
     ("optim.grad_accum", 3, "must divide data.groups_per_batch"),
+    ("model.remat", "everything", "config.model.remat = 'everything': must be one of"),
+    ("ipo.tau", 0.0, "config.ipo.tau = 0.0: must be > 0"),
 ])
 def test_config_validation_names_the_field(field, value, message):
   with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
     config_lib.validate(tiny_config(**{field: value}), num_devices=1)
+
+
+@pytest.mark.parametrize("field", sorted(config_lib.CHOICES))
+def test_every_choice_the_code_accepts_passes_validation(field):
+  """The sets of choices are defined once, by the code that uses them: none is rejected at the config boundary."""
+  for value in config_lib.CHOICES[field]:
+    cfg = tiny_config(**{field: value})
+    if field == "model.attention_impl" and value == "cudnn":
+      cfg.model.dtype = "bfloat16"
+    if field == "wandb.mode" and value != "disabled":
+      continue  # Needs the optional wandb package; tests/test_metrics_writer.py covers it.
+    config_lib.validate(cfg)
 
 
 def test_mesh_that_does_not_fit_is_rejected_before_compiling():
@@ -267,7 +283,7 @@ def test_two_process_var_stage_matches_one_process(tmp_path):
   cfg = tiny_config(stages="var")
   mesh = sharding_lib.make_mesh()
   ctx = stages.Context(cfg, one, mesh, sharding_lib.DEFAULT_RULES)
-  scores = stages.load_scores(one, "train")
+  scores = artifacts.load_scores(one, "train")
   shards = [stages.with_scores(stages.make_pipeline(cfg, ctx.task.pref_records, ctx.task.tok, k_max=2, train=True,
                                                     shard_index=i, shard_count=2), scores) for i in range(2)]
 
@@ -282,10 +298,10 @@ def test_two_process_var_stage_matches_one_process(tmp_path):
     def get_state(self):
       return {"shards": [it.get_state() for it in self.its]}
 
-  policy = stages.load_model(cfg, ctx.mcfg, mesh, sharding_lib.DEFAULT_RULES, one, "sft")
-  train_lib.train("var", cfg, cfg.var, policy, lambda state: Concatenated(), None, os.path.join(one, "var"), mesh,
-                  sharding_lib.DEFAULT_RULES)
-  stages.save_model(policy, one, "var")
+  policy = ctx.load("sft")
+  train_lib.train("var", objectives.VAR, cfg, cfg.var, policy, lambda state: Concatenated(), None,
+                  os.path.join(one, "var"), mesh, sharding_lib.DEFAULT_RULES)
+  artifacts.save_model(policy, one, "var")
   flags = [f"--config.{k}={v}" for k, v in TEST_SIZE.items()] + ["--config.stages=var"]
   port = portpicker.pick_unused_port()
   env = {**os.environ, "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo", "JAX_PLATFORMS": "cpu"}

@@ -4,20 +4,41 @@ Config files in configs/ start from `base_config()` and override what their sett
 overrides any field (`--config.var.lam=0.5`). `validate(cfg)` runs before any data is read or anything is
 compiled and raises a ValueError naming the field.
 """
+import importlib.util
 import os
 
 import ml_collections
 
 from var_jax import losses
+from var_jax import metrics_writer
+from var_jax import model as model_lib
+from var_jax import stage_table
+from var_jax import train as train_lib
 from var_jax.data import formats
 
-STAGES = ("sft", "reward", "score", "var", "dpo", "chosen", "eval")
+STAGES = stage_table.NAMES
+
+# Fields that take one of a fixed set of values, each set defined once, next to the code that uses it; validate()
+# checks them all.
+CHOICES = {
+    "data.format": ("auto",) + formats.FORMATS,
+    "model.dtype": model_lib.DTYPES,
+    "model.remat": model_lib.REMAT_POLICIES,
+    "model.attention_impl": model_lib.ATTENTION_IMPLS,
+    "optim.schedule": train_lib.SCHEDULES,
+    "sft.on": ("all", "chosen"),        # Responses the sft stage trains on.
+    "reward.init": ("sft", "base"),     # Backbone of a trained reward model.
+    "var.normalizer": losses.NORMALIZERS,
+    "var.reduction": losses.REDUCTIONS,
+    "wandb.mode": metrics_writer.WANDB_MODES,
+}
 
 
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0                      # Seeds parameter init, data order and sampling; same seed -> same run.
-  c.stages = ",".join(STAGES)     # Comma-separated pipeline; each is skipped when its artifacts are complete.
+  c.stages = ",".join(stage_table.DEFAULT_PIPELINE)  # Comma-separated pipeline (any of STAGES); each stage is
+                                                    # skipped when its artifacts are complete.
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "synthetic"     # "synthetic" (the embedded task), a local file (.jsonl/.json/.gz/.parquet) or hub id.
@@ -108,6 +129,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.chosen.steps = 300
   c.chosen.lr = 5e-4
 
+  c.ipo = ml_collections.ConfigDict()      # Baseline: IPO (Azar et al. 2023) on the pairs, from the reference.
+  c.ipo.steps = 300
+  c.ipo.lr = 5e-4
+  c.ipo.tau = 0.1                 # Regularisation: the log-ratio margin is driven to 1 / (2 tau).
+
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every = 100        # Save every N steps (and at the end, and on SIGTERM).
   c.checkpoint.keep = 2           # Keep the last K.
@@ -116,6 +142,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.log_every = 25                # Metrics to console / JSONL / TensorBoard every N steps.
   c.eval_every = 100              # Held-out loss every N steps (0 = only at the end).
   c.eval_batches = 4              # Held-out batches per evaluation.
+
+  c.wandb = ml_collections.ConfigDict()  # Weights & Biases, next to JSONL and TensorBoard (main process only).
+  c.wandb.mode = "disabled"       # "disabled" (off) | "online" | "offline" (under <stage>/logs/wandb; `wandb sync`).
+  c.wandb.project = ""            # W&B project; "" = WANDB_PROJECT or W&B's default.
+  c.wandb.entity = ""             # W&B team or user; "" = WANDB_ENTITY or the account's default.
+  c.wandb.group = ""              # Groups the stages' runs (one run per stage); "" = the workdir's name.
+  c.wandb.name = ""               # Run names are "<name>-<stage>"; "" = the workdir's name.
+  c.wandb.tags = ""               # Comma-separated run tags.
 
   c.eval = ml_collections.ConfigDict()
   c.eval.num_prompts = 128        # Held-out prompts to generate for.
@@ -128,13 +162,22 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def stage_list(cfg) -> list[str]:
+  """The stages of config.stages, in the order given."""
+  return [s.strip() for s in cfg.stages.split(",") if s.strip()]
+
+
 def _fail(field: str, value, why: str):
   raise ValueError(f"config.{field} = {value!r}: {why}")
 
 
 def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
   """Raises ValueError naming the first invalid field. Cheap: runs before any data or compilation."""
-  stages = [s.strip() for s in cfg.stages.split(",") if s.strip()]
+  for field, choices in CHOICES.items():
+    section, name = field.split(".")
+    if cfg[section][name] not in choices:
+      _fail(field, cfg[section][name], f"must be one of {choices}")
+  stages = stage_list(cfg)
   for s in stages:
     if s not in STAGES:
       _fail("stages", cfg.stages, f"unknown stage {s!r}; stages are {STAGES}")
@@ -149,8 +192,6 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
     _fail("data.block_size", d.block_size, f"must be a multiple of data.group_size={d.group_size}")
   if not 0 <= d.eval_fraction < 1:
     _fail("data.eval_fraction", d.eval_fraction, "must be in [0, 1)")
-  if d.format != "auto" and d.format not in formats.FORMATS:
-    _fail("data.format", d.format, f"must be 'auto' or one of {formats.FORMATS}")
   for field, parse in (("columns", formats.parse_columns), ("data_files", formats.parse_data_files)):
     try:
       parse(d[field])
@@ -165,47 +206,39 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
     _fail("data.columns", d.columns, "the synthetic task has no columns to rename")
   if cfg.var.lam <= 0 or cfg.var.lam != cfg.var.lam:
     _fail("var.lam", cfg.var.lam, "lambda must be > 0")
-  if cfg.var.normalizer not in losses.NORMALIZERS:
-    _fail("var.normalizer", cfg.var.normalizer, f"must be one of {losses.NORMALIZERS}")
-  if cfg.var.reduction not in losses.REDUCTIONS:
-    _fail("var.reduction", cfg.var.reduction, f"must be one of {losses.REDUCTIONS}")
   if cfg.var.normalizer == "per_prompt" and d.max_responses < 2 and "var" in stages:
     _fail("data.max_responses", d.max_responses, "normalizer 'per_prompt' needs >= 2 responses per prompt")
-  if "dpo" in stages and d.max_responses != 2:
-    _fail("data.max_responses", d.max_responses, "the dpo stage needs preference pairs (2 responses per prompt)")
+  for s in ("dpo", "ipo", "reward"):
+    if s in stages and d.max_responses != 2 and not (s == "reward" and cfg.reward.source != "train"):
+      _fail("data.max_responses", d.max_responses, f"the {s} stage needs preference pairs (2 responses per prompt)")
   if cfg.dpo.beta <= 0:
     _fail("dpo.beta", cfg.dpo.beta, "must be > 0")
-  if cfg.sft.on not in ("all", "chosen"):
-    _fail("sft.on", cfg.sft.on, "must be 'all' or 'chosen'")
-  if cfg.reward.init not in ("sft", "base"):
-    _fail("reward.init", cfg.reward.init, "must be 'sft' or 'base'")
+  if cfg.ipo.tau <= 0:
+    _fail("ipo.tau", cfg.ipo.tau, "must be > 0")
   if cfg.reward.source == "gold" and d.source != "synthetic":
     _fail("reward.source", cfg.reward.source, "a gold reward exists only for data.source='synthetic'")
   if cfg.var.group_size < 0 or (cfg.var.group_size and (d.block_size % cfg.var.group_size or
                                                          (d.group_size * d.groups_per_batch) % cfg.var.group_size)):
     _fail("var.group_size", cfg.var.group_size,
           f"must divide data.block_size={d.block_size} and the {d.group_size * d.groups_per_batch} prompts per step")
-  for stage in ("sft", "reward", "var", "dpo", "chosen"):
+  for stage in (st.name for st in stage_table.STAGES if st.objective):
     section = cfg[stage]
     if section.steps < 0:
       _fail(f"{stage}.steps", section.steps, "must be >= 0")
     if section.lr <= 0:
       _fail(f"{stage}.lr", section.lr, "must be > 0")
   o = cfg.optim
-  if o.schedule not in ("cosine", "linear", "constant"):
-    _fail("optim.schedule", o.schedule, "must be 'cosine', 'linear' or 'constant'")
   if o.grad_accum < 1:
     _fail("optim.grad_accum", o.grad_accum, "must be >= 1")
-  if cfg.model.dtype not in ("float32", "bfloat16"):
-    _fail("model.dtype", cfg.model.dtype, "must be 'float32' or 'bfloat16'")
   if not isinstance(cfg.model.attention_block, int) or cfg.model.attention_block < 0:
     _fail("model.attention_block", cfg.model.attention_block, "must be an int >= 0 (0 = unblocked)")
-  if cfg.model.attention_impl not in ("xla", "cudnn"):
-    _fail("model.attention_impl", cfg.model.attention_impl, "must be 'xla' or 'cudnn'")
   if cfg.model.attention_impl == "cudnn" and cfg.model.dtype != "bfloat16":
     _fail("model.attention_impl", cfg.model.attention_impl, "'cudnn' needs model.dtype='bfloat16'")
-  if cfg.model.remat not in ("none", "full", "dots"):
-    _fail("model.remat", cfg.model.remat, "must be 'none', 'full' or 'dots'")
+  if cfg.wandb.mode != "disabled" and importlib.util.find_spec("wandb") is None:
+    _fail("wandb.mode", cfg.wandb.mode, "needs the wandb package (pip install wandb), or set 'disabled'")
+  for field in ("project", "entity", "group", "name"):
+    if "/" in cfg.wandb[field] or "," in cfg.wandb[field]:
+      _fail(f"wandb.{field}", cfg.wandb[field], "must not contain '/' or ','")
   if cfg.eval.temperature < 0:
     _fail("eval.temperature", cfg.eval.temperature, "must be >= 0")
   if cfg.checkpoint.every < 1 or cfg.checkpoint.keep < 1:

@@ -11,31 +11,12 @@ Per policy (the reference = sft, and var / dpo when trained):
   length             mean generated tokens (EOS included).
 Results go to workdir/eval/results.json and a Markdown table (also printed).
 """
-import json
-import os
-
 import numpy as np
-from flax import nnx
 
+from var_jax import artifacts
 from var_jax import sampling
 from var_jax import scoring
-from var_jax import sharding as sharding_lib
-from var_jax import stages
-from var_jax.data import pipeline as data_pipeline
 from var_jax.data import synthetic
-
-
-def _score_pairs(model, pairs, pad_id, bucket, reward: bool):
-  """Per pair (prompt ids, response ids): summed response log-prob (policy) or reward (reward model)."""
-  longest = max(len(p) + len(r) for p, r in pairs)
-  length = -(-longest // bucket) * bucket
-  seqs = data_pipeline.build_sequences(pairs, length, pad_id)
-  graphdef, state = nnx.split(model)
-  fn = scoring._reward_scores_jit if reward else scoring._policy_scores_jit  # pylint: disable=protected-access
-  # Chunks of at most 128 rows, never more rows than there are pairs (padding rows would be computed too).
-  chunk = min(128, len(pairs))
-  out = scoring._in_chunks(fn, graphdef, state, seqs, len(pairs), chunk)  # pylint: disable=protected-access
-  return out if reward else out[0]
 
 
 def _win_rate(a, b):
@@ -43,27 +24,24 @@ def _win_rate(a, b):
   return {"win": float(np.mean(a > b)), "tie": float(np.mean(a == b)), "loss": float(np.mean(a < b))}
 
 
-def evaluate_policies(ctx) -> dict:
+def evaluate_policies(ctx, policies) -> dict:
+  """Compares the reference (sft) and `policies` (finished policy stages) on held-out prompts.
+
+  ctx: the pipeline's stages.Context (config, task, `load(stage)`, `reward_model()`).
+  """
   cfg, task, tok = ctx.cfg, ctx.task, ctx.task.tok
   e = cfg.eval
   records = task.eval_records[:e.num_prompts]
   prompt_ids, _ = tok.encode_prompts([r.prompt for r in records])
-  policies = ["sft"] + [s for s in ("var", "dpo", "chosen") if os.path.exists(
-      os.path.join(stages.stage_dir(ctx.workdir, s), "DONE.json"))]
-  rm = None
-  if cfg.reward.source not in ("gold", "dataset"):
-    if cfg.reward.source == "train":
-      rm = stages.load_model(cfg, ctx.mcfg, ctx.mesh, ctx.rules, ctx.workdir, "reward", reward=True)
-    else:
-      from var_jax import hf_io  # pylint: disable=g-import-not-at-top
-      rm = hf_io.from_pretrained(cfg.reward.source, reward=True)
-  ref = stages.load_model(cfg, ctx.mcfg, ctx.mesh, ctx.rules, ctx.workdir, "sft")
+  policies = ["sft"] + list(policies)
+  rm = ctx.reward_model()
+  ref = ctx.load("sft")
   unbiased_kl = e.temperature == 1.0 and e.top_k == 0 and e.top_p >= 1.0
   bucket = cfg.data.bucket
 
   generations, per_policy = {}, {}
   for name in policies:
-    model = ref if name == "sft" else stages.load_model(cfg, ctx.mcfg, ctx.mesh, ctx.rules, ctx.workdir, name)
+    model = ref if name == "sft" else ctx.load(name)
     gen = sampling.generate(model, prompt_ids, max_new_tokens=e.max_new_tokens, eos_id=tok.eos_id,
                             pad_id=tok.pad_id, temperature=e.temperature, top_k=e.top_k, top_p=e.top_p,
                             seed=cfg.seed, batch_size=e.batch_size, bucket=bucket)
@@ -71,13 +49,13 @@ def evaluate_policies(ctx) -> dict:
     pairs = list(zip(prompt_ids, gen))
     texts = [tok.decode(g) for g in gen]
     m = {"length": float(np.mean([len(g) for g in gen]))}
-    logp = _score_pairs(model, pairs, tok.pad_id, bucket, reward=False)
-    ref_logp = logp if name == "sft" else _score_pairs(ref, pairs, tok.pad_id, bucket, reward=False)
+    logp = scoring.score_pairs(model, pairs, pad_id=tok.pad_id, bucket=bucket)
+    ref_logp = logp if name == "sft" else scoring.score_pairs(ref, pairs, pad_id=tok.pad_id, bucket=bucket)
     m["kl_to_ref" if unbiased_kl else "logratio_to_ref"] = float(np.mean(logp - ref_logp))
     if task.synthetic:
       m["gold"] = [synthetic.gold_reward(r.prompt, t) for r, t in zip(records, texts)]
     if rm is not None:
-      m["rm"] = _score_pairs(rm, pairs, tok.pad_id, bucket, reward=True).tolist()
+      m["rm"] = scoring.score_pairs(rm, pairs, pad_id=tok.pad_id, bucket=bucket, reward=True).tolist()
     generations[name], per_policy[name] = texts, m
 
   chosen_rm = None
@@ -85,8 +63,8 @@ def evaluate_policies(ctx) -> dict:
     chosen_ids, _ = tok.encode_responses([r.responses[r.chosen] for r in records])
     keep = [i for i, c in enumerate(chosen_ids) if c is not None]
     chosen_rm = np.full(len(records), np.nan)
-    chosen_rm[keep] = _score_pairs(rm, [(prompt_ids[i], chosen_ids[i]) for i in keep], tok.pad_id, bucket,
-                                   reward=True)
+    chosen_rm[keep] = scoring.score_pairs(rm, [(prompt_ids[i], chosen_ids[i]) for i in keep], pad_id=tok.pad_id,
+                                          bucket=bucket, reward=True)
   results = {"policies": {}, "num_prompts": len(records), "temperature": e.temperature}
   for name, m in per_policy.items():
     row = {k: v for k, v in m.items() if not isinstance(v, list)}
@@ -116,16 +94,9 @@ def markdown_table(results: dict) -> str:
   return "\n".join(lines)
 
 
-def _write(workdir: str, results: dict) -> None:
-  if not sharding_lib.is_main_process():
-    return
-  out = stages.stage_dir(workdir, "eval")
-  os.makedirs(out, exist_ok=True)
-  with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as f:
-    json.dump(results, f, indent=1)
+def _write(workdir, results: dict) -> None:
   table = markdown_table(results)
   samples = "\n\n".join("\n".join(f"- **{k}**: {v!r}" for k, v in s.items()) for s in results["samples"])
-  with open(os.path.join(out, "results.md"), "w", encoding="utf-8") as f:
-    f.write(table + "\n\n" + samples + "\n")
+  artifacts.write_eval_results(workdir, results, table + "\n\n" + samples + "\n")
   print(table)
   print(samples)

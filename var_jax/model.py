@@ -583,6 +583,10 @@ class Decoder(nnx.Module):
     """
     return chunked_target_logprobs(hidden, self.unembedding(), targets, chunk or self.cfg.logprob_chunk)
 
+  def sequence_logprobs(self, hidden: Array, targets: Array, loss_mask: Array) -> Array:
+    """Summed log-probability of each row's response tokens: sum_t loss_mask * log p(targets) -> [B] float32."""
+    return jnp.sum(self.target_logprobs(hidden, targets) * loss_mask.astype(jnp.float32), axis=-1)
+
   def weighted_target_logprobs(self, hidden: Array, targets: Array, token_weights: Array, chunk: int | None = None
                                ) -> tuple[Array, Array]:
     """(sum(token_weights * logp), logp [B,T] without gradient); see the module-level `weighted_target_logprobs`."""
@@ -604,6 +608,15 @@ class RewardModel(nnx.Module):
     last = jnp.take_along_axis(hidden, last_index.astype(jnp.int32)[:, None, None], axis=1)[:, 0]  # [B, D]
     return jnp.einsum('bd,do->bo', last, self.score[...].astype(last.dtype),
                       preferred_element_type=jnp.float32)[:, 0]
+
+  def score_sequences(self, tokens: Array, positions: Array, segment_ids: Array) -> Array:
+    """Reward [B] of right-padded rows (segment_ids > 0 on real tokens), read at each row's last real token."""
+    return self(tokens, positions, segment_ids, last_token_index(segment_ids))
+
+
+def last_token_index(segment_ids: Array) -> Array:
+  """[B] index of the last real (segment_ids > 0) token of right-padded rows [B, T]; 0 for an empty row."""
+  return jnp.maximum((segment_ids > 0).astype(jnp.int32).sum(-1) - 1, 0)
 
 
 def logical_axes(model: nnx.Module):

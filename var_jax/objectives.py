@@ -1,23 +1,53 @@
-"""How each training stage turns a prompt-grouped batch into a loss.
+"""Training objectives: one small object each, in one table (`OBJECTIVES`).
 
 A batch (see var_jax/data/pipeline.py) holds `g` normalizer groups of B prompts with N = B*K response slots each;
-sequence arrays are [g, N, T]. Every objective is split in two so gradient accumulation is exact:
+sequence arrays are [g, N, T]. The model turns it into per-sequence outputs [g, N] (summed response log-probs of
+a policy, or rewards of a reward model). Every objective is split in two so gradient accumulation is exact:
 
-  prepare(batch)            -> per-sequence constants for the WHOLE batch (VAR weights, DPO reference log-probs,
-                               the loss denominator), computed before any micro-batch split and without the model;
-  numerator(outputs, const) -> the loss numerator of one micro-batch of whole groups, from the model's
-                               per-sequence outputs (policy log-probs, or reward-model scores).
+  prepare(batch, cfg)              -> per-sequence constants for the WHOLE batch (VAR weights, DPO reference
+                                      log-probs, the loss denominator), computed before any micro-batch split and
+                                      without the model;
+  terms(outputs, const, cfg)       -> per-example loss terms of one micro-batch of whole groups, each computed by a
+                                      var_jax/losses.py function (0 where invalid).
 
-loss = sum over micro-batches of numerator / denominator, which equals the loss on the undivided batch.
+loss = sum over micro-batches of sum(terms) / denominator, which equals the loss on the undivided batch. The
+objectives only gather arguments, sum terms and divide: the float64 tests of losses.py cover what trains.
+
+A new objective is one `Objective(...)` below plus its stage in var_jax/stage_table.py.
 """
+import dataclasses
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
 
 from var_jax import losses
 
-POLICY_STAGES = ("sft", "var", "dpo", "chosen")
-# Losses linear in the policy log-probs with parameter-free weights: their head gradient is fused into the forward.
-WEIGHTED_STAGES = ("sft", "var", "chosen")
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  """How one stage turns a batch into a loss.
+
+  name: the key in OBJECTIVES (and the name of the config section its stage reads).
+  prepare: (batch, cfg) -> dict of per-sequence constants for the whole batch, including "denominator".
+  terms: (outputs [g, N], const, cfg) -> per-example loss terms (any shape) from var_jax/losses.py.
+  metrics: (outputs [g, N], num_tokens [g, N], const, batch, cfg) -> dict of scalars, on the whole batch.
+  reward_model: trains a RewardModel (outputs are rewards) instead of a policy (outputs are log-probs).
+  needs_scores: its batches carry the score stage's matrices (ref_logp, reward_matrix).
+  fused_head: its terms are `losses.weighted_nll_terms(const["weights"], outputs)`: linear in the log-probs with
+    parameter-free weights, so the head's gradient is computed in the forward pass (Decoder.weighted_target_logprobs).
+  """
+  name: str
+  prepare: Callable
+  terms: Callable
+  metrics: Callable
+  reward_model: bool = False
+  needs_scores: bool = False
+  fused_head: bool = False
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The model's per-sequence outputs and the loss numerator.
 
 
 def sequence_outputs(model, batch, *, reward_model: bool = False):
@@ -30,25 +60,28 @@ def sequence_outputs(model, batch, *, reward_model: bool = False):
   flat = lambda k: batch[k].reshape(g * n, t)
   num_tokens = batch["loss_mask"].sum(-1).astype(jnp.float32)
   if reward_model:
-    last = jnp.maximum(flat("segment_ids").astype(jnp.int32).sum(-1) - 1, 0)
-    scores = model(flat("inputs"), flat("positions"), flat("segment_ids"), last)
+    scores = model.score_sequences(flat("inputs"), flat("positions"), flat("segment_ids"))
     return scores.reshape(g, n).astype(jnp.float32), num_tokens
   hidden = model(flat("inputs"), flat("positions"), flat("segment_ids"))
-  token_logp = model.target_logprobs(hidden, flat("targets"))
-  logp = jnp.sum(token_logp * flat("loss_mask").astype(jnp.float32), axis=-1)
+  logp = model.sequence_logprobs(hidden, flat("targets"), flat("loss_mask"))
   return logp.reshape(g, n), num_tokens
 
 
-def forward_numerator(stage: str, model, batch, const, cfg, *, reward_model: bool = False):
+def numerator(objective: Objective, outputs, const, cfg):
+  """Loss numerator of a micro-batch: the sum of its per-example terms. outputs [g, N]; const sliced alike."""
+  return jnp.sum(objective.terms(outputs, const, cfg))
+
+
+def forward_numerator(objective: Objective, model, batch, const, cfg):
   """(loss numerator, outputs [g, N], num_tokens [g, N]) of a micro-batch, for differentiation.
 
-  Equals `numerator(stage, *sequence_outputs(model, batch), const, cfg)`. For the weighted stages the numerator
-  -sum_n w_n sum_t mask log p is computed by `Decoder.weighted_target_logprobs`, whose backward pass does not
-  rebuild the vocabulary logits (see var_jax/model.py).
+  Equals `numerator(objective, *sequence_outputs(model, batch), const, cfg)`. For fused-head objectives the
+  numerator sum_n weighted_nll_terms(w_n, sum_t mask log p) is computed by `Decoder.weighted_target_logprobs`,
+  whose backward pass does not rebuild the vocabulary logits (see var_jax/model.py).
   """
-  if reward_model or stage not in WEIGHTED_STAGES:
-    outputs, num_tokens = sequence_outputs(model, batch, reward_model=reward_model)
-    return numerator(stage, outputs, const, cfg), outputs, num_tokens
+  if not objective.fused_head:
+    outputs, num_tokens = sequence_outputs(model, batch, reward_model=objective.reward_model)
+    return numerator(objective, outputs, const, cfg), outputs, num_tokens
   g, n, t = batch["inputs"].shape
   flat = lambda k: batch[k].reshape(g * n, t)
   mask = flat("loss_mask").astype(jnp.float32)
@@ -59,8 +92,77 @@ def forward_numerator(stage: str, model, batch, const, cfg, *, reward_model: boo
   return num, outputs, batch["loss_mask"].sum(-1).astype(jnp.float32)
 
 
-def _pairs(batch):
-  """Indices [g, B] of each prompt's chosen and rejected response slots (K = 2: slots 2j and 2j + 1)."""
+# ----------------------------------------------------------------------------------------------------------------
+# Weighted SFT: sft, chosen, var.
+
+
+def _num_tokens(batch):
+  return batch["loss_mask"].sum(-1).astype(jnp.float32)
+
+
+def _weighted_terms(outputs, const, cfg):
+  del cfg
+  return losses.weighted_nll_terms(const["weights"], outputs)
+
+
+def _weighted_metrics(outputs, num_tokens, const, batch, cfg):
+  del cfg
+  w = const["weights"]
+  return {"num_tokens": jnp.sum(jnp.where(batch["valid"], num_tokens, 0.0)),
+          "nll_per_token": jnp.sum(_weighted_terms(outputs, const, None)) / jnp.maximum(jnp.sum(w * num_tokens), 1e-9)}
+
+
+def _sft_prepare(on_chosen: Callable):
+  """Weight 1 on every valid response (or only the chosen ones); token-mean denominator."""
+
+  def prepare(batch, cfg):
+    w = batch["valid"] & (batch["is_chosen"] if on_chosen(cfg) else True)
+    w = w.astype(jnp.float32)
+    return {"weights": w, "denominator": jnp.maximum(jnp.sum(w * _num_tokens(batch)), 1.0)}
+
+  return prepare
+
+
+def _var_prepare(batch, cfg):
+  """VAR weights per normalizer group from the cached scores (losses.var_weights), and the reduction's denominator."""
+  v, valid = cfg.var, batch["valid"]
+  ref = batch["ref_logp"]
+  if v.length_normalize:
+    ref = ref / jnp.maximum(batch["ref_ntok"][:, None, :], 1.0)
+  num_prompts = ref.shape[1]
+  weights = jax.vmap(lambda r, q, o, m: losses.var_weights(
+      r, q, o, v.lam, v.normalizer, valid=m, include_ref_logp=v.include_ref_logp))(
+          ref, batch["reward_matrix"], batch["owner"], valid)
+  if v.reduction == "prompt_mean":
+    has_response = jax.vmap(lambda o, m: jnp.zeros(num_prompts, bool).at[o].max(m))(batch["owner"], valid)
+    denominator = jnp.maximum(has_response.sum().astype(jnp.float32), 1.0)
+  else:
+    denominator = jnp.maximum(jnp.sum(weights * _num_tokens(batch)), 1e-9)
+  return {"weights": weights, "denominator": denominator}
+
+
+def _var_metrics(outputs, num_tokens, const, batch, cfg):
+  out = _weighted_metrics(outputs, num_tokens, const, batch, cfg)
+  num_prompts = batch["ref_logp"].shape[1]
+  per_group = jax.vmap(lambda w, o, m, c: losses.var_metrics(w, o, num_prompts, is_chosen=c, valid=m))(
+      const["weights"], batch["owner"], batch["valid"], batch["is_chosen"])
+  out.update({f"var/{k}": (v.sum() if k == "zero_weight_prompts" else v.mean()) for k, v in per_group.items()})
+  return out
+
+
+SFT = Objective("sft", _sft_prepare(lambda cfg: cfg.sft.on == "chosen"), _weighted_terms, _weighted_metrics,
+                fused_head=True)
+CHOSEN = Objective("chosen", _sft_prepare(lambda cfg: True), _weighted_terms, _weighted_metrics, fused_head=True)
+VAR = Objective("var", _var_prepare, _weighted_terms, _var_metrics, needs_scores=True, fused_head=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Preference pairs (K = 2): dpo, ipo, reward.
+
+
+def pair_slots(batch):
+  """Indices [g, B] of each prompt's chosen and rejected response slots (K = 2: slots 2j and 2j + 1), and which
+  pairs are real [g, B]."""
   g, n = batch["owner"].shape
   slots = jnp.arange(n).reshape(n // 2, 2)
   chosen_first = batch["is_chosen"].reshape(g, n // 2, 2)[..., 0]
@@ -74,75 +176,67 @@ def _take(x, idx):
   return jnp.take_along_axis(x, idx, axis=1)
 
 
-def prepare(stage: str, batch, cfg):
-  """Per-sequence constants of the whole batch (no gradient, no model). `cfg` is the full config."""
-  valid = batch["valid"]
-  num_tokens = batch["loss_mask"].sum(-1).astype(jnp.float32)
-  if stage in ("sft", "chosen"):
-    on_chosen = stage == "chosen" or cfg.sft.on == "chosen"
-    w = valid & (batch["is_chosen"] if on_chosen else True)
-    w = w.astype(jnp.float32)
-    return {"weights": w, "denominator": jnp.maximum(jnp.sum(w * num_tokens), 1.0)}
-  if stage == "var":
-    v = cfg.var
-    ref = batch["ref_logp"]
-    if v.length_normalize:
-      ref = ref / jnp.maximum(batch["ref_ntok"][:, None, :], 1.0)
-    num_prompts = ref.shape[1]
-    weights = jax.vmap(lambda r, q, o, m: losses.var_weights(
-        r, q, o, v.lam, v.normalizer, valid=m, include_ref_logp=v.include_ref_logp))(
-            ref, batch["reward_matrix"], batch["owner"], valid)
-    if v.reduction == "prompt_mean":
-      has_response = jax.vmap(lambda o, m: jnp.zeros(num_prompts, bool).at[o].max(m))(batch["owner"], valid)
-      denominator = jnp.maximum(has_response.sum().astype(jnp.float32), 1.0)
-    else:
-      denominator = jnp.maximum(jnp.sum(weights * num_tokens), 1e-9)
-    return {"weights": weights, "denominator": denominator}
-  if stage == "dpo":
-    chosen, rejected, pair_valid = _pairs(batch)
-    ref_own = jax.vmap(losses.own_context)(batch["ref_logp"], batch["owner"])
-    return {"chosen": chosen, "rejected": rejected, "pair_valid": pair_valid,
-            "ref_chosen": _take(ref_own, chosen), "ref_rejected": _take(ref_own, rejected),
-            "denominator": jnp.maximum(pair_valid.sum().astype(jnp.float32), 1.0)}
-  if stage == "reward":
-    chosen, rejected, pair_valid = _pairs(batch)
-    return {"chosen": chosen, "rejected": rejected, "pair_valid": pair_valid,
-            "denominator": jnp.maximum(pair_valid.sum().astype(jnp.float32), 1.0)}
-  raise ValueError(f"no training objective for stage {stage!r}")
+def _pairs_prepare(batch, cfg):
+  """Chosen / rejected slots; the loss is a mean over real pairs."""
+  del cfg
+  chosen, rejected, pair_valid = pair_slots(batch)
+  return {"chosen": chosen, "rejected": rejected, "pair_valid": pair_valid,
+          "denominator": jnp.maximum(pair_valid.sum().astype(jnp.float32), 1.0)}
 
 
-def numerator(stage: str, outputs, const, cfg):
-  """Loss numerator of a micro-batch. outputs: [g, N] log-probs (or rewards); const: `prepare` sliced alike."""
-  if stage in ("sft", "var", "chosen"):
-    return -jnp.sum(const["weights"] * outputs)
-  if stage == "dpo":
-    pc, pr = _take(outputs, const["chosen"]), _take(outputs, const["rejected"])
-    logits = cfg.dpo.beta * ((pc - const["ref_chosen"]) - (pr - const["ref_rejected"]))
-    return -jnp.sum(jnp.where(const["pair_valid"], jax.nn.log_sigmoid(logits), 0.0))
-  if stage == "reward":
-    rc, rr = _take(outputs, const["chosen"]), _take(outputs, const["rejected"])
-    return -jnp.sum(jnp.where(const["pair_valid"], jax.nn.log_sigmoid(rc - rr), 0.0))
-  raise ValueError(f"no training objective for stage {stage!r}")
+def _ref_pairs_prepare(batch, cfg):
+  """`_pairs_prepare` plus the cached reference log-probs of each pair under its own prompt."""
+  const = _pairs_prepare(batch, cfg)
+  ref_own = jax.vmap(losses.own_context)(batch["ref_logp"], batch["owner"])
+  const.update(ref_chosen=_take(ref_own, const["chosen"]), ref_rejected=_take(ref_own, const["rejected"]))
+  return const
 
 
-def metrics(stage: str, outputs, num_tokens, const, batch, cfg):
-  """Stage metrics from the whole batch's per-sequence outputs [g, N] (after all micro-batches)."""
-  valid = batch["valid"]
-  out = {"num_tokens": jnp.sum(jnp.where(valid, num_tokens, 0.0))}
-  if stage in ("sft", "var", "chosen"):
-    w = const["weights"]
-    out["nll_per_token"] = -jnp.sum(w * outputs) / jnp.maximum(jnp.sum(w * num_tokens), 1e-9)
-  if stage == "var":
-    num_prompts = batch["ref_logp"].shape[1]
-    per_group = jax.vmap(lambda w, o, m, c: losses.var_metrics(w, o, num_prompts, is_chosen=c, valid=m))(
-        const["weights"], batch["owner"], valid, batch["is_chosen"])
-    out.update({f"var/{k}": (v.sum() if k == "zero_weight_prompts" else v.mean()) for k, v in per_group.items()})
-  if stage == "dpo":
-    c, r = _take(outputs, const["chosen"]), _take(outputs, const["rejected"])
-    m = losses.dpo_metrics(c, r, const["ref_chosen"], const["ref_rejected"], cfg.dpo.beta, valid=const["pair_valid"])
-    out.update({f"dpo/{k}": v for k, v in m.items()})
-  if stage == "reward":
-    c, r = _take(outputs, const["chosen"]), _take(outputs, const["rejected"])
-    m = losses.bradley_terry_metrics(c, r, valid=const["pair_valid"])
-    out.update({f"rm/{k}": v for k, v in m.items()})
-  return out
+def _pair_outputs(outputs, const):
+  return _take(outputs, const["chosen"]), _take(outputs, const["rejected"])
+
+
+def _ref_pair_objective(name: str, loss_terms: Callable, coefficient: Callable,
+                        metrics_coefficient: Callable) -> Objective:
+  """An objective on the policy-vs-reference log-ratio margin of pairs (DPO family): loss_terms(pc, pr, rc, rr,
+  coefficient(cfg), valid=) from losses.py; metrics are the implicit rewards at metrics_coefficient(cfg)."""
+
+  def terms(outputs, const, cfg):
+    pc, pr = _pair_outputs(outputs, const)
+    return loss_terms(pc, pr, const["ref_chosen"], const["ref_rejected"], coefficient(cfg), valid=const["pair_valid"])
+
+  def metrics(outputs, num_tokens, const, batch, cfg):
+    pc, pr = _pair_outputs(outputs, const)
+    m = losses.dpo_metrics(pc, pr, const["ref_chosen"], const["ref_rejected"], metrics_coefficient(cfg),
+                           valid=const["pair_valid"])
+    return {"num_tokens": jnp.sum(jnp.where(batch["valid"], num_tokens, 0.0)), **{f"{name}/{k}": v for k, v in m.items()}}
+
+  return Objective(name, _ref_pairs_prepare, terms, metrics, needs_scores=True)
+
+
+def _reward_terms(outputs, const, cfg):
+  del cfg
+  rc, rr = _pair_outputs(outputs, const)
+  return losses.bradley_terry_terms(rc, rr, valid=const["pair_valid"])
+
+
+def _reward_metrics(outputs, num_tokens, const, batch, cfg):
+  del cfg
+  rc, rr = _pair_outputs(outputs, const)
+  m = losses.bradley_terry_metrics(rc, rr, valid=const["pair_valid"])
+  return {"num_tokens": jnp.sum(jnp.where(batch["valid"], num_tokens, 0.0)), **{f"rm/{k}": v for k, v in m.items()}}
+
+
+DPO = _ref_pair_objective("dpo", losses.dpo_terms, lambda cfg: cfg.dpo.beta, lambda cfg: cfg.dpo.beta)
+# IPO's metrics report the implicit rewards at coefficient 1: the raw log-ratios whose margin it drives to 1/(2 tau).
+IPO = _ref_pair_objective("ipo", losses.ipo_terms, lambda cfg: cfg.ipo.tau, lambda cfg: 1.0)
+REWARD = Objective("reward", _pairs_prepare, _reward_terms, _reward_metrics, reward_model=True)
+
+
+OBJECTIVES = {o.name: o for o in (SFT, CHOSEN, VAR, DPO, IPO, REWARD)}
+
+
+def get(name: str) -> Objective:
+  if name not in OBJECTIVES:
+    raise ValueError(f"no training objective {name!r}; objectives are {sorted(OBJECTIVES)}")
+  return OBJECTIVES[name]

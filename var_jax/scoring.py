@@ -20,15 +20,12 @@ from var_jax.data import pipeline as data_pipeline
 def _policy_scores(graphdef, state, batch):
   model = nnx.merge(graphdef, state)
   hidden = model(batch["inputs"], batch["positions"], batch["segment_ids"])
-  token_logp = model.target_logprobs(hidden, batch["targets"])
-  mask = batch["loss_mask"].astype(jnp.float32)
-  return jnp.sum(token_logp * mask, axis=-1), mask.sum(-1)
+  return model.sequence_logprobs(hidden, batch["targets"], batch["loss_mask"]), batch["loss_mask"].sum(-1)
 
 
 def _reward_scores(graphdef, state, batch):
   model = nnx.merge(graphdef, state)
-  last = jnp.maximum(batch["segment_ids"].astype(jnp.int32).sum(-1) - 1, 0)
-  return model(batch["inputs"], batch["positions"], batch["segment_ids"], last).astype(jnp.float32)
+  return model.score_sequences(batch["inputs"], batch["positions"], batch["segment_ids"]).astype(jnp.float32)
 
 
 _policy_scores_jit = jax.jit(_policy_scores)
@@ -192,11 +189,21 @@ def prefix_shared_logprobs(model: nnx.Module, prompt_ids, response_ids, *, pad_i
   return np.asarray(jax.device_get(out), np.float32)
 
 
+def score_pairs(model: nnx.Module, pairs, *, pad_id: int, bucket: int, reward: bool = False,
+                chunk: int = 128) -> np.ndarray:
+  """Per (prompt ids, response ids) pair, concatenated: the summed response log-prob under a policy, or the reward
+  of a reward model (reward=True). [len(pairs)] float32, computed `chunk` rows at a time (never more rows than
+  pairs, since padding rows would be computed too)."""
+  longest = max(len(p) + len(r) for p, r in pairs)
+  seqs = data_pipeline.build_sequences(pairs, data_pipeline.bucket_length(longest, bucket, 1 << 30), pad_id)
+  fn = _reward_scores_jit if reward else _policy_scores_jit
+  out = _in_chunks(fn, *nnx.split(model), seqs, len(pairs), min(chunk, len(pairs)))
+  return (out if reward else out[0]).astype(np.float32)
+
+
 def naive_logprobs(model: nnx.Module, prompt_ids, response_ids, *, pad_id: int = 0, bucket: int = 32,
                    chunk: int = 256) -> np.ndarray:
   """The same [G, M] matrix the naive way `score_blocks` uses: every (prompt, response) pair concatenated."""
   pairs = [(p, r) for p in prompt_ids for r in response_ids]
-  longest = max(len(p) + len(r) for p, r in pairs)
-  seqs = data_pipeline.build_sequences(pairs, data_pipeline.bucket_length(longest, bucket, 1 << 30), pad_id)
-  logp, _ = _in_chunks(_policy_scores_jit, *nnx.split(model), seqs, len(pairs), min(chunk, len(pairs)))
-  return logp.reshape(len(prompt_ids), len(response_ids)).astype(np.float32)
+  logp = score_pairs(model, pairs, pad_id=pad_id, bucket=bucket, chunk=chunk)
+  return logp.reshape(len(prompt_ids), len(response_ids))

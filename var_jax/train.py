@@ -40,6 +40,9 @@ class Preempted(RuntimeError):
 # Optimizer.
 
 
+SCHEDULES = ("cosine", "linear", "constant")  # config.optim.schedule
+
+
 def learning_rate_schedule(peak_lr: float, total_steps: int, optim_cfg) -> optax.Schedule:
   """Linear warmup to peak_lr, then cosine / linear decay to end_lr_frac * peak_lr (or constant)."""
   warmup = min(optim_cfg.warmup_steps, max(total_steps - 1, 0))
@@ -86,19 +89,18 @@ def _merge_micro(x):
   return x.swapaxes(0, 1).reshape((-1,) + x.shape[2:])
 
 
-def make_loss_and_grads(stage: str, graphdef, rest, cfg, accum: int, reward_model: bool):
+def make_loss_and_grads(objective: objectives.Objective, graphdef, rest, cfg, accum: int):
   """(params, batch) -> (loss, grads, outputs [g, N], num_tokens [g, N], const). Exact under accumulation."""
 
   def micro_loss(params, micro_batch, micro_const, denominator):
     model = nnx.merge(graphdef, params, rest)
-    num, outputs, num_tokens = objectives.forward_numerator(stage, model, micro_batch, micro_const, cfg,
-                                                            reward_model=reward_model)
+    num, outputs, num_tokens = objectives.forward_numerator(objective, model, micro_batch, micro_const, cfg)
     return num / denominator, (outputs, num_tokens)
 
   grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
   def loss_and_grads(params, batch):
-    const = objectives.prepare(stage, batch, cfg)
+    const = objective.prepare(batch, cfg)
     denominator = const.pop("denominator")
     if accum == 1:
       (loss, (outputs, num_tokens)), grads = grad_fn(params, batch, const, denominator)
@@ -117,9 +119,15 @@ def make_loss_and_grads(stage: str, graphdef, rest, cfg, accum: int, reward_mode
   return loss_and_grads
 
 
-def make_train_step(stage: str, graphdef, rest, tx, schedule, cfg, accum: int = 1, reward_model: bool = False):
+def init_train_state(params, tx: optax.GradientTransformation) -> dict:
+  """The state a train step carries, at step 0: {step, params, opt_state, first_bad_step (-1: none yet)}."""
+  return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
+          "first_bad_step": jnp.full((), -1, jnp.int32)}
+
+
+def make_train_step(objective: objectives.Objective, graphdef, rest, tx, schedule, cfg, accum: int = 1):
   """Returns step(state, batch) -> (state, metrics); state = {step, params, opt_state, first_bad_step}."""
-  loss_and_grads = make_loss_and_grads(stage, graphdef, rest, cfg, accum, reward_model)
+  loss_and_grads = make_loss_and_grads(objective, graphdef, rest, cfg, accum)
 
   def step(state, batch):
     params = state["params"]
@@ -133,22 +141,22 @@ def make_train_step(stage: str, graphdef, rest, tx, schedule, cfg, accum: int = 
     new_state = {"step": state["step"] + 1, "params": keep_if_bad(new_params, params),
                  "opt_state": keep_if_bad(opt_state, state["opt_state"]), "first_bad_step": first_bad}
     metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state["step"])}
-    metrics.update(objectives.metrics(stage, outputs, num_tokens, const, batch, cfg))
+    metrics.update(objective.metrics(outputs, num_tokens, const, batch, cfg))
     return new_state, metrics
 
   return step
 
 
-def make_eval_step(stage: str, graphdef, rest, cfg, reward_model: bool = False):
-  """eval(params, batch) -> metrics of the stage objective on a held-out batch (no gradient)."""
+def make_eval_step(objective: objectives.Objective, graphdef, rest, cfg):
+  """eval(params, batch) -> metrics of the objective on a held-out batch (no gradient)."""
 
   def evaluate(params, batch):
     model = nnx.merge(graphdef, params, rest)
-    const = objectives.prepare(stage, batch, cfg)
+    const = objective.prepare(batch, cfg)
     denominator = const.pop("denominator")
-    outputs, num_tokens = objectives.sequence_outputs(model, batch, reward_model=reward_model)
-    metrics = {"loss": objectives.numerator(stage, outputs, const, cfg) / denominator}
-    metrics.update(objectives.metrics(stage, outputs, num_tokens, const, batch, cfg))
+    outputs, num_tokens = objectives.sequence_outputs(model, batch, reward_model=objective.reward_model)
+    metrics = {"loss": objectives.numerator(objective, outputs, const, cfg) / denominator}
+    metrics.update(objective.metrics(outputs, num_tokens, const, batch, cfg))
     return metrics
 
   return evaluate
@@ -162,20 +170,6 @@ def checkpoint_manager(directory: str, cfg) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(max_to_keep=cfg.checkpoint.keep, create=True,
                                          enable_async_checkpointing=cfg.checkpoint.async_save)
   return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_names=("state", "data"))
-
-
-def save_params(params, path: str) -> None:
-  """Writes parameters once (e.g. the frozen reference), atomically: a failed write leaves no partial directory."""
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(os.path.abspath(path), params)
-
-
-def restore_params(abstract_params, path: str):
-  """Restores parameters saved by `save_params` onto the shardings of `abstract_params` (ShapeDtypeStructs)."""
-  if not os.path.isdir(path):
-    raise FileNotFoundError(f"no parameters at {path}")
-  with ocp.StandardCheckpointer() as ckptr:
-    return ckptr.restore(os.path.abspath(path), abstract_params)
 
 
 @contextlib.contextmanager
@@ -210,15 +204,16 @@ def _check_finite(state, where: str) -> None:
         f"checkpoint after step {bad} was written. Check the data (rewards / scores), the learning rate, and dtype.")
 
 
-def train(stage: str, cfg, section, model: nnx.Module, train_iter_fn: Callable[[Optional[dict]], Any],
-          eval_batches_fn: Optional[Callable[[], Iterable[dict]]], workdir: str, mesh, rules,
-          *, reward_model: bool = False, tokens_flops: Optional[Callable[[int], float]] = None) -> nnx.Module:
+def train(stage: str, objective: objectives.Objective, cfg, section, model: nnx.Module,
+          train_iter_fn: Callable[[Optional[dict]], Any], eval_batches_fn: Optional[Callable[[], Iterable[dict]]],
+          workdir: str, mesh, rules, *, tokens_flops: Optional[Callable[[int], float]] = None) -> nnx.Module:
   """Trains `model` in place for section.steps steps and returns it.
 
   Args:
-    stage: "sft" | "reward" | "var" | "dpo" (selects the objective).
+    stage: the stage's name (for logs and messages).
+    objective: what it minimises (var_jax/objectives.py).
     cfg: the full config; section: cfg[stage] (steps, lr).
-    model: the initial model (policy or reward model), already sharded onto `mesh`.
+    model: the initial model (a policy, or a reward model for objective.reward_model), sharded onto `mesh`.
     train_iter_fn: state -> a checkpointable iterator of local numpy batches (state None = from the start).
     eval_batches_fn: () -> held-out local batches, or None.
     workdir: the stage's directory; checkpoints go to workdir/checkpoints.
@@ -228,13 +223,11 @@ def train(stage: str, cfg, section, model: nnx.Module, train_iter_fn: Callable[[
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   tx, schedule = make_optimizer(float(section.lr), total_steps, cfg.optim)
   param_shardings = jax.tree.map(lambda x: x.sharding, params)
-  opt_shardings = sharding_lib.opt_state_shardings(jax.eval_shape(tx.init, params), params, param_shardings, mesh)
+  opt_shardings = sharding_lib.opt_state_shardings(tx, params, param_shardings, mesh)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   state_shardings = {"step": replicated, "params": param_shardings, "opt_state": opt_shardings,
                      "first_bad_step": replicated}
-  init_state = jax.jit(lambda p: {"step": jnp.zeros((), jnp.int32), "params": p, "opt_state": tx.init(p),
-                                  "first_bad_step": jnp.full((), -1, jnp.int32)},
-                       out_shardings=state_shardings)
+  init_state = jax.jit(lambda p: init_train_state(p, tx), out_shardings=state_shardings)
   state = init_state(params)
 
   mngr = checkpoint_manager(os.path.join(workdir, "checkpoints"), cfg)
@@ -246,12 +239,13 @@ def train(stage: str, cfg, section, model: nnx.Module, train_iter_fn: Callable[[
     logging.info("[%s] resumed from step %d", stage, int(jax.device_get(state["step"])))
   it = train_iter_fn(data_state)
 
-  train_step = make_train_step(stage, graphdef, rest, tx, schedule, cfg, cfg.optim.grad_accum, reward_model)
-  eval_step = make_eval_step(stage, graphdef, rest, cfg, reward_model)
+  train_step = make_train_step(objective, graphdef, rest, tx, schedule, cfg, cfg.optim.grad_accum)
+  eval_step = make_eval_step(objective, graphdef, rest, cfg)
   train_step = jax.jit(train_step, out_shardings=(state_shardings, replicated), donate_argnums=(0,))
   eval_step = jax.jit(eval_step, out_shardings=replicated)
   peak = flops_lib.peak_flops_per_second()
-  writer = MetricsWriter(os.path.join(workdir, "logs"), enabled=sharding_lib.is_main_process())
+  writer = MetricsWriter(os.path.join(workdir, "logs"), enabled=sharding_lib.is_main_process(), wandb_cfg=cfg.wandb,
+                         run_name=stage, run_config=cfg.to_dict())
 
   def save(step_number: int) -> None:
     _check_finite(state, f"before saving step {step_number}")
