@@ -20,7 +20,6 @@ import itertools
 import json
 import os
 import shlex
-import sys
 
 from absl import app
 from absl import flags

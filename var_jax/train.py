@@ -7,7 +7,6 @@ message; the last good checkpoint is never overwritten). The loop saves policy p
 and the data-iterator state in one orbax CheckpointManager, resumes from the latest one, and saves on SIGTERM.
 """
 import contextlib
-import json
 import os
 import signal
 import time
