@@ -13,6 +13,7 @@ Sharding: both take a model whose parameters may live on a mesh (e.g. from `shar
 `stages.load_model`); the jitted call follows the parameters' shardings, the small token inputs are replicated on
 the parameters' mesh and the outputs are constrained to replicated so every process can read them.
 """
+import sys
 from typing import Sequence
 
 import jax
@@ -22,6 +23,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from var_jax import model as model_lib
+from var_jax.data.pipeline import bucket_length
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -173,7 +175,7 @@ def generate(model: nnx.Module, prompts: Sequence[np.ndarray], *, max_new_tokens
   out = []
   for index, start in enumerate(range(0, len(prompts), batch)):
     chunk = prompts[start:start + batch]
-    width = -(-max(len(p) for p in chunk) // bucket) * bucket
+    width = bucket_length(max(len(p) for p in chunk), bucket, sys.maxsize)
     tokens, lengths, active = left_pad(chunk, batch, width, pad_id)
     inputs = (tokens, lengths, active, jax.random.fold_in(root, index), np.int32(eos_id), np.int32(pad_id))
     ids, counts = _generate_cached_jit(graphdef, state, *map(put, inputs), mesh=mesh,
@@ -234,7 +236,7 @@ def generate_reference(model: nnx.Module, prompts: Sequence[np.ndarray], *, max_
   _check_prompts(prompts)
   graphdef, state = nnx.split(model)
   longest = max(len(p) for p in prompts)
-  length = -(-(longest + max_new_tokens) // bucket) * bucket
+  length = bucket_length(longest + max_new_tokens, bucket, sys.maxsize)
   out = []
   key = jax.random.key(seed)
   for start in range(0, len(prompts), batch_size):
