@@ -200,15 +200,34 @@ def test_abstract_sharded_params_allocates_nothing():
   assert isinstance(abstract.w.get_value(), jax.ShapeDtypeStruct) and len(calls) == 1
 
 
-def test_opt_state_shardings_matches_by_path_suffix_and_shape():
+def test_opt_state_shardings_follow_params_through_optax_wrappers():
   mesh = sharding.make_mesh()
   params = {"a": {"kernel": jnp.zeros((4, 2))}, "b": {"kernel": jnp.zeros((2,))}}
-  shardings = {"a": {"kernel": NamedSharding(mesh, P("fsdp", None))}, "b": {"kernel": NamedSharding(mesh, P())}}
-  # A factored second moment (shape differs from its parameter) must not inherit the parameter's sharding.
-  opt = {"mu": params, "v_row": {"a": {"kernel": jnp.zeros((4,))}, "b": {"kernel": jnp.zeros((2,))}}, "n": 0}
-  out = sharding.opt_state_shardings(opt, params, shardings, mesh)
-  assert out["mu"]["a"]["kernel"].spec == P("fsdp", None)
-  assert out["v_row"]["a"]["kernel"].spec == P() and out["n"].spec == P()
+  shardings = {"a": {"kernel": NamedSharding(mesh, P("fsdp", None))}, "b": {"kernel": NamedSharding(mesh, P("tensor"))}}
+
+  def specs(tx):
+    out = sharding.opt_state_shardings(tx, params, shardings, mesh)
+    # The result is usable as jit out_shardings of tx.init: same structure as the state.
+    state = jax.jit(tx.init, out_shardings=out)(params)
+    assert jax.tree.structure(state) == jax.tree.structure(out)
+    flat = jax.tree_util.tree_flatten_with_path(out)[0]
+    return {jax.tree_util.keystr(p): s.spec for p, s in flat}
+
+  adam = specs(optax.chain(optax.clip_by_global_norm(1.0), optax.inject_hyperparams(optax.adamw)(1e-3)))
+  assert adam["[1].inner_state[0].mu['a']['kernel']"] == P("fsdp", None)
+  assert adam["[1].inner_state[0].nu['b']['kernel']"] == P("tensor")
+  assert adam["[1].inner_state[0].count"] == P() and adam["[1].hyperparams['learning_rate']"] == P()
+  # optax.masked leaves MaskedNodes (no leaves) where the mask is False: only the masked-in parameter remains.
+  masked = specs(optax.masked(optax.adam(1e-3), lambda p: jax.tree.map(lambda x: x.ndim > 1, p)))
+  assert {k: v for k, v in masked.items() if "kernel" in k} == {
+      ".inner_state[0].mu['a']['kernel']": P("fsdp", None), ".inner_state[0].nu['a']['kernel']": P("fsdp", None)}
+  multi = specs(optax.MultiSteps(optax.sgd(1e-3, momentum=0.9), 4))
+  assert multi[".acc_grads['a']['kernel']"] == P("fsdp", None) and multi[".mini_step"] == P()
+  assert multi[".inner_opt_state[0].trace['a']['kernel']"] == P("fsdp", None)
+  # Adafactor's factored moments are not parameter-shaped: replicated, not given the parameter's 2-d spec.
+  factored = specs(optax.adafactor(1e-3, min_dim_size_to_factor=2))
+  assert factored["[0].v_row['a']['kernel']"] == P() and factored["[0].v_col['a']['kernel']"] == P()
+  assert factored["[0].v['b']['kernel']"] == P("tensor")
 
 
 def test_global_batch_single_process():

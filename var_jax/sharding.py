@@ -26,6 +26,7 @@ from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
+import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -326,38 +327,34 @@ def create_sharded_model(make_model_fn: Callable[[], nnx.Module], mesh: Mesh, ru
 # Optimizer state.
 
 
-def opt_state_shardings(abstract_opt_state, abstract_params, shardings, mesh: Mesh):
-  """Shardings for an optax state that follow the parameters' (FSDP shards optimizer state like parameters).
+def opt_state_shardings(tx, params, shardings, mesh: Mesh):
+  """Shardings for the optimizer state of `tx` that follow the parameters' (FSDP shards it like the parameters).
 
-  Every optimizer-state leaf whose key path ends with a parameter's path and whose shape equals that parameter's
-  shape (Adam's mu and nu, momentum, ... inside any chain, `optax.masked`, `MultiSteps` or `nnx.Optimizer`) gets
-  that parameter's sharding; everything else (step counts, schedules' state, factored second moments of other
-  shapes) is small and replicated.
+  `optax.tree_map_params` finds the copies of the parameter tree inside the state (Adam's mu and nu, momentum,
+  `MultiSteps`' accumulated gradients, ... inside any chain, `optax.masked`, `inject_hyperparams`, `MultiSteps` or
+  `multi_transform`) by initialising `tx` on a placeholder. A leaf of such a copy with its parameter's shape gets
+  that parameter's sharding; one of another shape (adafactor's factored row / column moments) is replicated, and
+  so is every leaf outside the copies (step counts, injected hyperparameters): they are small. The entries that
+  `optax.masked` leaves out (`optax.MaskedNode`, no leaves) stay in place, so the result matches the state.
 
   Args:
-    abstract_opt_state: `jax.eval_shape(tx.init, params)` (or a concrete state; only shapes and paths are read).
-    abstract_params: the parameter tree the optimizer was initialised with.
-    shardings: `param_shardings(abstract_params, ...)`.
+    tx: the optax GradientTransformation (or anything with `init`, e.g. `optax.MultiSteps`) of the state.
+    params: the parameter tree `tx` is initialised with: arrays or jax.ShapeDtypeStruct (only shapes are read).
+    shardings: the parameters' shardings, same structure (e.g. `param_shardings(params, ...)`).
+    mesh: the mesh for the replicated leaves.
   Returns:
-    NamedSharding tree with the structure of `abstract_opt_state`.
+    NamedSharding tree with the structure of `jax.eval_shape(tx.init, params)`.
   """
-  pflat, _ = jax.tree_util.tree_flatten_with_path(abstract_params)
-  sflat = jax.tree_util.tree_leaves(shardings)
-  by_path = {}
-  for (p, leaf), s in zip(pflat, sflat):
-    by_path[tuple(_path_str(_strip_value(p)).split("/"))] = (np.shape(leaf), s)
-  longest = max((len(k) for k in by_path), default=0)
   rep = replicated(mesh)
 
-  def pick(path, leaf):
-    parts = tuple(_path_str(_strip_value(path)).split("/"))
-    for n in range(min(longest, len(parts)), 0, -1):  # Longest matching suffix: 'kernel' alone is ambiguous.
-      hit = by_path.get(parts[-n:])
-      if hit is not None and hit[0] == np.shape(leaf):
-        return hit[1]
-    return rep
+  def follow(leaf, param, sharding):
+    if isinstance(leaf, optax.MaskedNode):
+      return leaf
+    return sharding if np.shape(leaf) == np.shape(param) else rep
 
-  return jax.tree_util.tree_map_with_path(pick, abstract_opt_state)
+  return optax.tree_map_params(tx, follow, jax.eval_shape(tx.init, params), params, shardings,
+                               transform_non_params=lambda _: rep,
+                               is_leaf=lambda x: isinstance(x, optax.MaskedNode))
 
 
 def create_sharded_opt_state(tx, params, shardings, mesh: Mesh):
@@ -365,7 +362,7 @@ def create_sharded_opt_state(tx, params, shardings, mesh: Mesh):
 
   Returns (opt_state, opt_shardings); pass opt_shardings as the optimizer state's in/out_shardings of the step.
   """
-  out = opt_state_shardings(jax.eval_shape(tx.init, params), params, shardings, mesh)
+  out = opt_state_shardings(tx, params, shardings, mesh)
   return jax.jit(tx.init, in_shardings=(shardings,), out_shardings=out)(params), out
 
 
