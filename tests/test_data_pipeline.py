@@ -67,7 +67,7 @@ def test_response_eos_exactly_once(syn_tok, bpe):
 
 
 def test_truncation_keeps_recent_turns_and_bos(syn_tok):
-  tok = Tokenizer(syn_tok.tok, max_prompt_len=12, max_response_len=4)
+  tok = Tokenizer(syn_tok.tok, max_prompt_len=12, max_response_len=4, truncation="eos")
   msgs = [{"role": "system", "content": "sort"}, {"role": "user", "content": "sort 9 9 9"},
           {"role": "assistant", "content": "9 9 9"}, {"role": "user", "content": "reverse 1 2 3"}]
   (p, long), n = tok.encode_prompts([msgs, [{"role": "user", "content": "sort " + "1 2 3 4 5 6 7 8 9 " * 2}]])
@@ -79,6 +79,47 @@ def test_truncation_keeps_recent_turns_and_bos(syn_tok):
   (r, short), nr = tok.encode_responses(["1 2 3 4 5 6", "1"])
   assert nr == 1 and list(r) == list(tok.tok("1 2 3", add_special_tokens=False)["input_ids"]) + [tok.eos_id]
   assert len(short) == 2
+
+
+@pytest.mark.parametrize("truncation", ["no_eos", "drop", "eos"])
+def test_response_truncation_modes(syn_tok, truncation):
+  tok = Tokenizer(syn_tok.tok, max_prompt_len=16, max_response_len=4, truncation=truncation)
+  ids = lambda text: list(tok.tok(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+  texts = ["1 2 3 4 5 6", "1 2 3 4", "1 2 3", "1"]  # 6 and 4 tokens are cut (4 + EOS > 4); 3 + EOS fits
+  got, n = tok.encode_responses(texts)
+  assert n == 2
+  want_cut = {"no_eos": [ids("1 2 3 4"), ids("1 2 3 4")], "drop": [None, None],
+              "eos": [ids("1 2 3") + [tok.eos_id]] * 2}[truncation]
+  assert [None if g is None else list(g) for g in got[:2]] == want_cut
+  assert list(got[2]) == ids("1 2 3") + [tok.eos_id] and list(got[3]) == ids("1") + [tok.eos_id]
+  assert all(g is None or len(g) <= 4 for g in got)
+  recs = [_rec("sort 2 1", ["1 2", "1 2 3 4 5"], src="a"), _rec("sort 3 1", ["1 3", "3 1 1 1 1", "3"], src="b")]
+  if truncation == "drop":
+    with pytest.raises(ValueError, match=r"a: 1 response\(s\) left .*over-long \(truncation='drop'\)"):
+      tokenize_records(recs, tok)
+  toks, stats = tokenize_records(recs, tok, skip_invalid=True)
+  assert stats.responses == 5 and stats.responses_truncated == 2 and stats.truncated_share == 0.4
+  assert stats.responses_dropped == (2 if truncation == "drop" else 0)
+  if truncation == "drop":
+    assert toks[0] is None and [list(r) for r in toks[1].responses] == [ids("1 3") + [tok.eos_id],
+                                                                       ids("3") + [tok.eos_id]]
+    assert toks[1].chosen == 0 and toks[1].ranking == (0, 1)
+  # A cut response under "no_eos" trains every one of its tokens and no EOS target.
+  if truncation == "no_eos":
+    pipe, _ = build_pipeline(recs, tok, PipelineConfig(block_size=2, group_size=2, groups_per_batch=1, k_max=3,
+                                                       shuffle=False), shard_index=0, shard_count=1)
+    batch = pipe.batch(0)
+    for n, (i, k) in enumerate((i, k) for i in range(2) for k in range(3)):
+      if not batch["valid"][0, n]:
+        continue
+      response = toks[pipe.blocks[0, i]].responses[k]
+      targets = batch["targets"][0, n][batch["loss_mask"][0, n] > 0]
+      assert list(targets) == list(response) and (targets[-1] == tok.eos_id) == (len(response) < 4)
+
+
+def test_unknown_truncation_raises(syn_tok):
+  with pytest.raises(ValueError, match="truncation='cut' is not one of"):
+    Tokenizer(syn_tok.tok, truncation="cut")
 
 
 def test_empty_responses_dropped_and_counted(syn_tok):
@@ -360,11 +401,12 @@ def test_hh_batches_round_trip_and_throughput():
     p, k = batch["prompt_index"][0, n // 2], n % 2
     mask = batch["loss_mask"][0, n].astype(bool)
     resp = batch["targets"][0, n][mask]
-    assert resp[-1] == hf.eos_token_id
-    text = hf.decode(list(resp[:-1]))
     full = " " + records[p].responses[k]
-    # Decoding the masked tokens gives the response (cut at 63 tokens when long).
-    assert text == full if len(resp) < 64 else full.startswith(text)
+    # Decoding the masked tokens gives the response plus EOS, or (truncation="no_eos") its first 64 tokens, no EOS.
+    if resp[-1] == hf.eos_token_id:
+      assert len(resp) <= 64 and hf.decode(list(resp[:-1])) == full
+    else:
+      assert len(resp) == 64 and full.startswith(hf.decode(list(resp))) and hf.eos_token_id not in resp
     prompt_text = hf.decode(list(batch["inputs"][0, n][:batch["prompt_len"][0, n]]))
     assert prompt_text.endswith(records[p].prompt[-1]["content"] + "\n\nAssistant:")
   result = measure_throughput(str(HH), tok, cfg, limit=512)

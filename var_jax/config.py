@@ -15,6 +15,7 @@ from var_jax import model as model_lib
 from var_jax import stage_table
 from var_jax import train as train_lib
 from var_jax.data import formats
+from var_jax.data import tokenize
 
 STAGES = stage_table.NAMES
 
@@ -22,6 +23,7 @@ STAGES = stage_table.NAMES
 # checks them all.
 CHOICES = {
     "data.format": ("auto",) + formats.FORMATS,
+    "data.truncation": tokenize.TRUNCATIONS,  # What happens to a response longer than data.max_response_len.
     "model.dtype": model_lib.DTYPES,
     "model.remat": model_lib.REMAT_POLICIES,
     "model.attention_impl": model_lib.ATTENTION_IMPLS,
@@ -57,6 +59,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.skip_invalid = False     # Skip (and count) invalid records instead of failing on the first one.
   c.data.max_prompt_len = 256     # Tokens; longer prompts keep their most recent tokens.
   c.data.max_response_len = 128   # Tokens incl. EOS; responses cut to nothing are dropped and counted.
+  c.data.truncation = "no_eos"    # Response longer than max_response_len: "no_eos" (cut, no EOS target), "drop" it,
+                                  # or "eos" (cut + EOS: the old behaviour, teaches stopping mid-sentence).
   c.data.max_responses = 2        # K: response slots per prompt (2 for preference pairs).
   c.data.group_size = 8           # B: prompts per VAR normalizer group (the paper's "batch size").
   c.data.block_size = 16          # G: prompts per scoring block (a multiple of group_size).
@@ -209,8 +213,9 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
   if cfg.var.normalizer == "per_prompt" and d.max_responses < 2 and "var" in stages:
     _fail("data.max_responses", d.max_responses, "normalizer 'per_prompt' needs >= 2 responses per prompt")
   for s in ("dpo", "ipo", "reward"):
-    if s in stages and d.max_responses != 2 and not (s == "reward" and cfg.reward.source != "train"):
-      _fail("data.max_responses", d.max_responses, f"the {s} stage needs preference pairs (2 responses per prompt)")
+    if s in stages and d.max_responses < 2 and not (s == "reward" and cfg.reward.source != "train"):
+      _fail("data.max_responses", d.max_responses, f"the {s} stage needs >= 2 responses per prompt (it trains "
+            "on the best vs the worst)")
   if cfg.dpo.beta <= 0:
     _fail("dpo.beta", cfg.dpo.beta, "must be > 0")
   if cfg.ipo.tau <= 0:

@@ -281,23 +281,14 @@ def _floats(text: str) -> list[float]:
   return [float(x) for x in text.split(",") if x.strip()]
 
 
-def _load_scores(workdir: str, split: str) -> dict:
-  # The reader of the score files lives in var_jax.artifacts (stages.load_scores before that refactor).
-  try:
-    from var_jax import artifacts  # pylint: disable=g-import-not-at-top
-    return artifacts.load_scores(workdir, split)
-  except ImportError:
-    from var_jax import stages  # pylint: disable=g-import-not-at-top
-    return stages.load_scores(workdir, split)
-
-
 def run(workdir: str, *, split: str, lams, normalizers, group_sizes, ref_weights, length_normalize: bool,
         standardize: bool, target_ess: float = 0.0, ess_kind: str = "group", out: str = "") -> list[dict]:
   """What the command line does; returns the rows. Prints the table, warnings and lambda solutions."""
-  scores = _load_scores(workdir, split)
+  from var_jax import artifacts  # pylint: disable=g-import-not-at-top  (orbax etc.: only the CLI needs it)
+  scores = artifacts.load_scores(workdir, split)
   nb, g, k = _layout(scores)
   group_sizes = [b or g for b in group_sizes]
-  stats = losses.own_reward_stats(_load_scores(workdir, "train")["reward"]) if standardize else None
+  stats = losses.own_reward_stats(artifacts.load_scores(workdir, "train")["reward"]) if standardize else None
   print(f"{workdir} [{split}]: {nb} blocks, G={g}, K={k}, {int(np.isfinite(scores['ref_ntok']).sum())} responses"
         + (f"; rewards standardised with train mean {stats[0]:.4g}, std {stats[1]:.4g}" if stats else ""))
   rows = sweep(scores, lams=lams, normalizers=normalizers, group_sizes=group_sizes, ref_weights=ref_weights,

@@ -59,7 +59,8 @@ def _hf_tokenizer(cfg):
 def load_task(cfg) -> Task:
   """Records and tokenizer of the configured data (the embedded synthetic task or preference files)."""
   d = cfg.data
-  tok = tokenize.Tokenizer(_hf_tokenizer(cfg), max_prompt_len=d.max_prompt_len, max_response_len=d.max_response_len)
+  tok = tokenize.Tokenizer(_hf_tokenizer(cfg), max_prompt_len=d.max_prompt_len, max_response_len=d.max_response_len,
+                           truncation=d.truncation)
   if d.source == "synthetic":
     sft = synthetic.sft_records(d.num_sft, seed=cfg.seed)
     pref = synthetic.preference_records(d.num_pairs, seed=cfg.seed, k=d.max_responses)

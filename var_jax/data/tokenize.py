@@ -8,10 +8,16 @@ Any (prompt, response) sequence -- own-context or the cross-context pairs VAR's 
   special tokens (a template that writes ``{{ bos_token }}`` would otherwise get a second BOS); a BOS is then
   prepended only if the tokenizer's convention adds one and the text did not already start with it. Result: at
   most one leading BOS, whatever the template does.
-- Response: encoded without special tokens, any trailing EOS in the text removed, cut to ``max_response_len - 1``
-  tokens, then exactly one ``eos_id`` appended (default ``tokenizer.eos_token_id``; for chat models pass the
-  end-of-turn id if it differs). In the plain format a leading space is prepended to the text (HH transcripts
-  read "Assistant: text"; byte-level BPEs fold the space into the first token).
+- Response: encoded without special tokens, any trailing EOS in the text removed, then exactly one ``eos_id``
+  appended (default ``tokenizer.eos_token_id``; for chat models pass the end-of-turn id if it differs). In the plain
+  format a leading space is prepended to the text (HH transcripts read "Assistant: text"; byte-level BPEs fold the
+  space into the first token). A response whose tokens plus EOS exceed ``max_response_len`` is "truncated" and
+  handled by the ``truncation`` option: "no_eos" (default) keeps its first ``max_response_len`` tokens and appends NO
+  EOS, so the sequence just ends and no EOS target teaches the policy to stop mid-sentence; "drop" drops it (counted
+  in responses_dropped as well as responses_truncated); "eos" cuts it to ``max_response_len - 1`` tokens plus EOS
+  (the behaviour before the option existed, for reproducing old runs). Downstream code treats the response tokens
+  as a list that may or may not end in EOS: sequence log-probs sum over them, and a reward model reads the hidden
+  state at the last response token, whatever it is, in training and scoring alike.
 - Truncation: prompts longer than ``max_prompt_len`` lose their oldest turns first (a leading system message is
   kept), then -- if the last turn alone is too long -- their oldest tokens (a leading BOS is kept). Responses with
   no tokens left are dropped and counted; a prompt left with fewer than ``min_responses`` responses raises
@@ -30,13 +36,16 @@ from var_jax.data.formats import PreferenceRecord
 
 log = logging.getLogger(__name__)
 
+TRUNCATIONS = ("no_eos", "drop", "eos")  # What happens to a response cut by max_response_len (module docstring).
+
 
 @dataclasses.dataclass(frozen=True)
 class TokenizedRecord:
   """A PreferenceRecord as token ids.
 
   prompt_ids: [P] int32, the rendered prompt (incl. any BOS and the generation prompt).
-  responses: K arrays [R_k] int32, each ending with exactly one EOS.
+  responses: K arrays [R_k] int32, each ending with exactly one EOS, except responses cut by max_response_len under
+    truncation="no_eos" (no EOS at all).
   rewards, chosen, ranking, source: as in PreferenceRecord, re-indexed if responses were dropped.
   """
   prompt_ids: np.ndarray
@@ -53,9 +62,14 @@ class TokenizeStats:
   prompts: int = 0
   prompts_truncated: int = 0
   responses: int = 0
-  responses_truncated: int = 0
-  responses_dropped: int = 0
+  responses_truncated: int = 0   # Longer than max_response_len (with their EOS), whatever `truncation` did.
+  responses_dropped: int = 0     # Empty after tokenization, or truncated under truncation="drop".
   prompts_dropped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+
+  @property
+  def truncated_share(self) -> float:
+    """Share of responses longer than max_response_len."""
+    return self.responses_truncated / max(self.responses, 1)
 
   def merge(self, other: "TokenizeStats") -> "TokenizeStats":
     out = TokenizeStats()
@@ -98,12 +112,17 @@ class Tokenizer:
     max_response_len: response tokens kept, incl. the EOS.
     eos_id: token appended to every response (default tokenizer.eos_token_id).
     use_chat_template: None = use it when the tokenizer has one.
+    truncation: what happens to a response longer than max_response_len: "no_eos" | "drop" | "eos" (module
+      docstring).
   """
 
   def __init__(self, tokenizer, max_prompt_len: int = 256, max_response_len: int = 256,
-               eos_id: int | None = None, use_chat_template: bool | None = None):
+               eos_id: int | None = None, use_chat_template: bool | None = None, truncation: str = "no_eos"):
     if max_prompt_len < 1 or max_response_len < 2:
       raise ValueError("need max_prompt_len >= 1 and max_response_len >= 2 (one content token plus EOS)")
+    if truncation not in TRUNCATIONS:
+      raise ValueError(f"truncation={truncation!r} is not one of {TRUNCATIONS}")
+    self.truncation = truncation
     self.tok = tokenizer
     self.max_prompt_len = max_prompt_len
     self.max_response_len = max_response_len
@@ -167,17 +186,24 @@ class Tokenizer:
     return ([ids[0]] if keep_bos else []) + ids[len(ids) - self.max_prompt_len + keep_bos:]
 
   def encode_responses(self, texts: Sequence[str]) -> tuple[list[np.ndarray | None], int]:
-    """Per text: [R] int32 ids ending with one EOS, or None if no content token is left; and #truncated."""
+    """Per text: [R] int32 ids (ending with one EOS unless cut under "no_eos"), or None if no content token is left
+    or the response was cut under "drop"; and the number of responses longer than max_response_len."""
     out, truncated = [], 0
     for x in self._encode([self.response_prefix + t for t in texts]):
       while x and x[-1] == self.eos_id:  # The text itself may end with the EOS string.
         x = x[:-1]
       if self.bos_id is not None and x and x[0] == self.bos_id:
         x = x[1:]
+      eos = [self.eos_id]
       if len(x) > self.max_response_len - 1:
-        x = x[:self.max_response_len - 1]
         truncated += 1
-      out.append(np.asarray(x + [self.eos_id], np.int32) if x else None)
+        if self.truncation == "drop":
+          x = []
+        elif self.truncation == "no_eos":  # The text goes on: it has no end here, so no EOS target either.
+          x, eos = x[:self.max_response_len], []
+        else:
+          x = x[:self.max_response_len - 1]
+      out.append(np.asarray(x + eos, np.int32) if x else None)
     return out, truncated
 
   def decode(self, ids) -> str:
@@ -205,7 +231,8 @@ def tokenize_records(records: Sequence[PreferenceRecord], tok: Tokenizer, *, min
     keep = [k for k, x in enumerate(ids) if x is not None]
     stats.responses_dropped += len(ids) - len(keep)
     if len(keep) < min_responses:
-      msg = (f"{rec.source}: {len(keep)} response(s) left after tokenization (empty ones dropped), "
+      why = "empty" + (" or over-long (truncation='drop')" if tok.truncation == "drop" else "")
+      msg = (f"{rec.source}: {len(keep)} response(s) left after tokenization ({why} ones dropped), "
              f"need {min_responses}")
       if not skip_invalid:
         raise ValueError(msg)
@@ -218,9 +245,13 @@ def tokenize_records(records: Sequence[PreferenceRecord], tok: Tokenizer, *, min
         prompt_ids=pids, responses=tuple(ids[k] for k in keep),
         rewards=None if rec.rewards is None else tuple(rec.rewards[k] for k in keep),
         chosen=ranking[0], ranking=ranking, source=rec.source))
+  if stats.responses_truncated:
+    log.info("tokenization: %d of %d responses (%.1f%%) longer than max_response_len=%d, truncation=%r",
+             stats.responses_truncated, stats.responses, 100 * stats.truncated_share, tok.max_response_len,
+             tok.truncation)
   if stats.responses_dropped or stats.prompts_dropped:
-    log.warning("tokenization dropped %d empty responses and %d prompts", stats.responses_dropped,
-                sum(stats.prompts_dropped.values()))
+    log.warning("tokenization dropped %d responses (empty, or over-long under truncation='drop') and %d prompts",
+                stats.responses_dropped, sum(stats.prompts_dropped.values()))
   return out, stats
 
 
