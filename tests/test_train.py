@@ -88,6 +88,29 @@ def test_var_objective_equals_per_group_losses(normalizer, reduction):
   np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
+@pytest.mark.parametrize("k", [2, 4])
+def test_pair_slots_are_best_and_worst_valid_response(k):
+  """Pair objectives (dpo, ipo, reward) train on each prompt's best vs worst response: chosen vs rejected for K=2."""
+  tok = tokenize.Tokenizer(synthetic.build_tokenizer(), max_prompt_len=16, max_response_len=12)
+  records = synthetic.preference_records(32, seed=1, k=k)
+  pcfg = data_pipeline.PipelineConfig(block_size=8, group_size=4, groups_per_batch=2, k_max=k, seed=0, bucket=8,
+                                      max_len=28)
+  pipe, _ = data_pipeline.build_pipeline(records, tok, pcfg, shard_index=0, shard_count=1)
+  batch = next(pipe.iterator())
+  batch["valid"][0, :k - 1] = False  # Prompt 0 of group 0 keeps one response: no pair.
+  best, worst, pair_valid = map(np.asarray, objectives.pair_slots(jax.tree.map(jnp.asarray, batch)))
+  for g in range(batch["owner"].shape[0]):
+    for p in range(best.shape[1]):
+      slots = [n for n in range(p * k, (p + 1) * k) if batch["valid"][g, n]]
+      assert pair_valid[g, p] == (len(slots) >= 2)
+      if len(slots) >= 2:
+        ranks = {n: batch["rank"][g, n] for n in slots}
+        assert best[g, p] == min(slots, key=ranks.get) and worst[g, p] == max(slots, key=ranks.get)
+        if k == 2:
+          assert batch["is_chosen"][g, best[g, p]] and not batch["is_chosen"][g, worst[g, p]]
+  assert not pair_valid[0, 0]
+
+
 @pytest.mark.parametrize("stage", sorted(objectives.OBJECTIVES))
 def test_gradient_accumulation_is_exact(stage):
   batch, vocab = _var_batch(groups=4)

@@ -21,6 +21,7 @@ from etils import epath
 from flax import nnx
 import orbax.checkpoint as ocp
 
+from var_jax import config as config_lib
 from var_jax import model as model_lib
 from var_jax import sharding as sharding_lib
 from var_jax import stage_table
@@ -65,6 +66,36 @@ def is_complete(workdir, stage: str) -> bool:
   return _done_path(workdir, stage).exists()
 
 
+# A DONE.json written before a field (or section) existed is read as having the field's default: new fields are
+# added with defaults that reproduce the old behaviour, except those listed here with the value that does. So an
+# old workdir stays valid exactly when its results would be the same today.
+_ADDED_LATER = {"data": {"truncation": "eos"}}
+
+
+def _with_added_later(have: dict) -> dict:
+  """`have` (a DONE.json's config) with the fields and sections it predates filled in (see _ADDED_LATER)."""
+  defaults = _without_how(config_lib.base_config().to_dict())
+  out = dict(have)
+  for k, default in defaults.items():
+    if k not in out:
+      out[k] = default
+    elif isinstance(out[k], dict) and isinstance(default, dict):
+      out[k] = {**default, **_ADDED_LATER.get(k, {}), **out[k]}
+  return out
+
+
+def _differences(want: dict, have: dict) -> list[str]:
+  """'section.field: old -> new' for every differing field (whole sections when one side lacks them)."""
+  out = []
+  for k in sorted(set(want) | set(have)):
+    a, b = have.get(k), want.get(k)
+    if isinstance(a, dict) and isinstance(b, dict):
+      out += [f"{k}.{f}: {a.get(f)!r} -> {b.get(f)!r}" for f in sorted(set(a) | set(b)) if a.get(f) != b.get(f)]
+    elif a != b:
+      out.append(f"{k}: {a!r} -> {b!r}")
+  return out
+
+
 def is_done(cfg, workdir, stage: str) -> bool:
   """True when the stage completed with the same settings; raises if it completed with different ones."""
   path = _done_path(workdir, stage)
@@ -72,11 +103,12 @@ def is_done(cfg, workdir, stage: str) -> bool:
     return False
   done = json.loads(path.read_text())
   want = json.loads(json.dumps(fingerprint(cfg, stage)))
-  have = _without_how(done.get("config", {}))
+  recorded = _without_how(done.get("config", {}))
+  have = {k: v for k, v in _with_added_later(recorded).items() if k in want or k in recorded}
   if have != want:
-    diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
-    raise ValueError(f"{path}: stage {stage!r} was completed with different settings ({', '.join(diff)}). "
-                     "Use a new --workdir for a new setting; nothing in the existing one is overwritten.")
+    raise ValueError(f"{path}: stage {stage!r} was completed with different settings "
+                     f"({'; '.join(_differences(want, have))}). Use a new --workdir for a new setting; nothing in "
+                     "the existing one is overwritten.")
   return True
 
 

@@ -161,15 +161,18 @@ VAR = Objective("var", _var_prepare, _weighted_terms, _var_metrics, needs_scores
 
 
 def pair_slots(batch):
-  """Indices [g, B] of each prompt's chosen and rejected response slots (K = 2: slots 2j and 2j + 1), and which
-  pairs are real [g, B]."""
+  """Per prompt [g, B]: the slot of its best valid response (lowest rank) and of its worst valid one, and whether
+  those are two distinct valid responses. For K = 2 they are the chosen and rejected responses; with K > 2 ranked
+  candidates the pair objectives (dpo, ipo, reward) train on best vs worst, while VAR weighs every candidate."""
   g, n = batch["owner"].shape
-  slots = jnp.arange(n).reshape(n // 2, 2)
-  chosen_first = batch["is_chosen"].reshape(g, n // 2, 2)[..., 0]
-  chosen = jnp.where(chosen_first, slots[None, :, 0], slots[None, :, 1])
-  rejected = jnp.where(chosen_first, slots[None, :, 1], slots[None, :, 0])
-  pair_valid = batch["valid"].reshape(g, n // 2, 2).all(-1)
-  return chosen, rejected, pair_valid
+  b = batch["prompt_slot"].shape[1]
+  k = n // b
+  rank = batch["rank"].reshape(g, b, k)
+  valid = batch["valid"].reshape(g, b, k)
+  best = jnp.argmin(jnp.where(valid, rank, jnp.iinfo(jnp.int32).max), axis=-1)
+  worst = jnp.argmax(jnp.where(valid, rank, -1), axis=-1)
+  first_slot = (jnp.arange(b) * k)[None, :]
+  return first_slot + best, first_slot + worst, valid.sum(-1) >= 2
 
 
 def _take(x, idx):
