@@ -451,3 +451,32 @@ def test_rerun_after_damaged_newest_checkpoint_resumes_from_the_previous_step(tm
   with open(os.path.join(workdir, "sft", "logs", "metrics.jsonl")) as f:
     logged = [r["step"] for r in map(json.loads, f) if "loss" in r]
   assert logged == [3, 6, 6]  # First run: 3, 6; the rerun resumed at 3 and logged only 6 (from scratch: 3 again).
+
+
+@pytest.mark.multiprocess
+def test_two_processes_fall_back_to_the_same_step_when_only_one_cannot_read(tmp_path):
+  """Step 2's array data of process 1 is cut short: process 1's read fails, process 0's succeeds; both must agree
+  on step 1 (orbax's restore barrier, which process 1 never reaches, is joined by it so the collectives stay paired)."""
+  import portpicker  # pylint: disable=g-import-not-at-top
+  out, port = str(tmp_path / "out.json"), portpicker.pick_unused_port()
+  env = {**os.environ, "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo", "JAX_PLATFORMS": "cpu"}
+  env.pop("XLA_FLAGS", None)
+  procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "checkpoint_worker.py"),
+                             str(tmp_path / "ckpt"), out, str(port), str(i)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  logs = []
+  try:
+    for p in procs:
+      logs.append(p.communicate(timeout=180)[0])
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  for i, (p, log) in enumerate(zip(procs, logs)):
+    assert p.returncode == 0, f"process {i} failed:\n{log[-5000:]}"
+  assert "checkpoint step 2 in" in logs[1] and "Encountered error while reading" in logs[1]
+  assert "restored on this process but failed on another" in logs[0]
+  results = [json.load(open(f"{out}.{i}")) for i in range(2)]
+  for i, r in enumerate(results):
+    assert r["data"] == {"s": 1} and r["steps"] == [1] and r["local"][0][0] == 10 + i
+    assert r["listing"][0] == "1" and len(r["listing"]) == 2 and r["listing"][1].startswith("2.corrupt-")
