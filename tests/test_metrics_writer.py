@@ -6,7 +6,6 @@ import struct
 import sys
 import time
 
-import ml_collections
 import pytest
 
 from var_jax import metrics_writer

@@ -29,7 +29,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import gzip
-import io
 import json
 import itertools
 import logging
