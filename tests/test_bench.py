@@ -3,6 +3,7 @@ records (no timing assertions: timings on shared machines are noise)."""
 import json
 import math
 import os
+import sys
 
 import pytest
 
@@ -59,3 +60,19 @@ def test_torch_step_record():
 def test_unknown_measurement_is_rejected():
   with pytest.raises(ValueError, match="unknown measurements"):
     bench.run(["nope"], "tiny", seq=8, pairs=1, warmup=0, repeats=1)
+
+
+@pytest.mark.parametrize("what,peer", [("torch", "torch"), ("trl", "trl")])
+def test_missing_peer_is_skipped_loudly(what, peer, monkeypatch, tmp_path, caplog):
+  """A measurement whose optional peer is missing warns and writes a record that names the peer and the fix."""
+  monkeypatch.setitem(sys.modules, peer, None)  # `import peer` now raises ModuleNotFoundError(name=peer).
+  # The var step at TRL's shape that `trl` measures first is covered above; this test is about the skip.
+  monkeypatch.setattr(bench, "bench_train", lambda stage, *a: bench._record("train", stage, {}, {}))
+  out = tmp_path / "bench.jsonl"
+  with caplog.at_level("WARNING"):
+    records = bench.run([what], "tiny", seq=8, pairs=1, warmup=0, repeats=1, trl_seq=8, trl_pairs=1,
+                        out=str(out), extra={})
+  line = [json.loads(l) for l in out.read_text().splitlines()][-1]
+  assert line["what"] == what and line["name"].endswith("_skipped") and line == records[-1]
+  assert line["metrics"]["skipped"] == peer and "requirements-bench.txt" in line["metrics"]["reason"]
+  assert any(f"skipped the {what!r} measurement" in r.getMessage() and peer in r.getMessage() for r in caplog.records)

@@ -8,7 +8,9 @@ shared CPU the spread is printed as well), MFU divides model FLOPs (`flops.decod
 included) by the median step time and by the dense matmul rate measured in the same run
 (`flops.peak_flops_per_second`: float32 2048^2 on CPU, the compute dtype at 8192^2 on accelerators, where the
 datasheet bf16 peak is reported too). Results print as a table and append one JSON line per measurement to --out
-with the hardware, versions and config. On an NVIDIA GPU:
+with the hardware, versions and config. `torch` and `trl` compare with PyTorch and TRL, optional peers pinned in
+requirements-bench.txt; without them those measurements are skipped, with a warning and a `*_skipped` record that
+names the missing package. On an NVIDIA GPU:
 
     python -m var_jax.bench --preset qwen2.5-0.5b --seq 2048 --pairs 4 --dtype bfloat16 --attention_impl cudnn \
         --what train,profile,score,generate,memory
@@ -36,7 +38,7 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 from flax import nnx
 
 from var_jax import config as config_lib
@@ -189,6 +191,14 @@ def train_config():
 
 def _record(what: str, name: str, metrics: dict, config: dict) -> dict:
   return {"what": what, "name": name, "metrics": metrics, "config": config}
+
+
+def skipped(what: str, name: str, error: ImportError) -> dict:
+  """The record of a measurement whose optional peer (requirements-bench.txt) is missing, logged as a warning."""
+  peer = error.name or what
+  reason = f"{peer} is not importable ({error}); install the peers with: pip install -r requirements-bench.txt"
+  logging.warning("bench: skipped the %r measurement: %s", what, reason)
+  return _record(what, f"{name}_skipped", {"skipped": peer, "reason": reason}, {})
 
 
 def init_state(model: nnx.Module, tx):
@@ -590,7 +600,7 @@ _SHOWN = ("median_s", "min_s", "max_s", "tokens_per_s", "mfu_measured_peak", "mf
           "max_rss_delta_bytes", "device_peak_bytes", "flops_per_s", "pairs_per_s", "pair_tokens_per_s", "speedup_vs_naive",
           "max_abs_diff_vs_naive", "new_tokens_per_s", "examples_per_s", "total_s", "policy_tokens_per_s",
           "chunked_temp_frac_of_full_logits", "max_abs_diff_vs_full", "sft_compile_s", "var_compile_s",
-          "ratio_vs_torch", "ratio_vs_trl_dpo", "ratio_vs_sft")
+          "ratio_vs_torch", "ratio_vs_trl_dpo", "ratio_vs_sft", "skipped", "reason")
 
 
 def table(records: Sequence[dict]) -> str:
@@ -678,7 +688,10 @@ def run(what: Sequence[str], preset: str, seq: int, pairs: int, warmup: int, rep
     for stage in STAGES:
       done(bench_train(stage, mcfg, batch, peak, warmup, repeats))
   if "torch" in what:
-    done(bench_torch_train(mcfg, batch, peak, warmup, repeats))
+    try:
+      done(bench_torch_train(mcfg, batch, peak, warmup, repeats))
+    except ImportError as e:  # PyTorch is an optional peer.
+      done(skipped("torch", "transformers_llama_sft", e))
   if "trl" in what:
     trl_batch = synthetic_batch(mcfg.vocab_size, kw.get("trl_seq", 256), groups=1, group_size=kw.get("trl_pairs", 8))
     r = bench_train("var", mcfg, trl_batch, peak, warmup, repeats)
@@ -687,8 +700,8 @@ def run(what: Sequence[str], preset: str, seq: int, pairs: int, warmup: int, rep
     try:
       done(bench_trl_dpo(mcfg, kw.get("trl_pairs", 8), kw.get("trl_seq", 256), warmup, repeats,
                          kw.get("workdir", "/tmp/var_jax_bench_trl")))
-    except ImportError as e:  # TRL is optional.
-      done(_record("trl", "trl_dpo_skipped", {"error": repr(e)}, {}))
+    except ImportError as e:  # TRL (and PyTorch) are optional peers.
+      done(skipped("trl", "trl_dpo", e))
   if "profile" in what:
     done(profile_pieces(mcfg, 2 * pairs, seq, warmup, repeats))
   if "score" in what:
