@@ -226,3 +226,30 @@ def test_command_line(tmp_path):
                           cwd=root, capture_output=True, text=True, timeout=300, check=False)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "per_prompt" in result.stdout and os.path.exists(tmp_path / "diagnostics" / "weights_train.png")
+
+
+def test_calibrate_standardizes_both_splits_with_train_stats_and_solves_lambda():
+  """What the var stage runs before training: rewards standardised with the TRAIN statistics (held-out rewards
+  too), lambda reaching the target ESS, and the diagnostics of that exact setting in the report."""
+  rng = np.random.default_rng(7)
+  train, held_out = fake_scores(rng, nb=4), fake_scores(rng, nb=3)
+  stats = losses.own_reward_stats(train["reward"])
+  t2, h2, lam, report = diagnostics.calibrate(
+      train, held_out, lam=0.1, normalizer="cross_context", group_size=4, ref_weight=0.0, length_normalize=False,
+      standardize=True, reward_stats=stats, target_ess=3.0)
+  np.testing.assert_allclose(t2["reward"], (train["reward"].astype(np.float64) - stats[0]) / stats[1], rtol=1e-5)
+  np.testing.assert_allclose(h2["reward"], (held_out["reward"].astype(np.float64) - stats[0]) / stats[1], rtol=1e-5)
+  ess = diagnostics.weight_diagnostics(t2, lam=lam, normalizer="cross_context", group_size=4, ref_weight=0.0)
+  assert ess["ess_group"] >= 3.0 - 1e-4
+  below = diagnostics.weight_diagnostics(t2, lam=lam * 0.98, normalizer="cross_context", group_size=4,
+                                         ref_weight=0.0)
+  assert below["ess_group"] < 3.0  # The smallest such lambda (alpha = 0: ESS is monotone in lambda).
+  assert report["lam"] == lam and report["diagnostics"] == ess and report["reward_stats"] == list(stats)
+  # Without a target, lambda is the given one and the rewards are untouched when not standardising.
+  t3, _, lam3, _ = diagnostics.calibrate(train, held_out, lam=0.1, normalizer="per_prompt", group_size=4,
+                                          ref_weight=1.0, length_normalize=True, standardize=False,
+                                          reward_stats=None, target_ess=0.0)
+  assert lam3 == 0.1 and t3["reward"] is train["reward"]
+  with pytest.raises(ValueError, match="standardize_rewards needs"):
+    diagnostics.calibrate(train, held_out, lam=0.1, normalizer="batch", group_size=4, ref_weight=1.0,
+                          length_normalize=False, standardize=True, reward_stats=None, target_ess=0.0)

@@ -164,6 +164,8 @@ def test_tiny_pipeline_end_to_end_and_rerun_skips(tmp_path):
     assert os.path.exists(os.path.join(workdir, stage, "DONE.json")), stage
   results = json.load(open(os.path.join(workdir, "eval", "results.json")))
   assert set(results["policies"]) == {"sft", "var", "dpo", "chosen", "ipo"}
+  var_done = json.load(open(os.path.join(workdir, "var", "DONE.json")))["results"]  # Weights checked before training.
+  assert var_done["lam"] == cfg.var.lam and "swap_sensitivity" in var_done["diagnostics"]
   for row in results["policies"].values():
     assert 0.0 <= row["gold_reward"] <= 1.0 and np.isfinite(row["rm_reward"])
   lines = [json.loads(l) for l in open(os.path.join(workdir, "var", "logs", "metrics.jsonl"))]
@@ -261,6 +263,9 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     ("optim.grad_accum", 3, "must divide data.groups_per_batch"),
     ("model.remat", "everything", "config.model.remat = 'everything': must be one of"),
     ("ipo.tau", 0.0, "config.ipo.tau = 0.0: must be > 0"),
+    ("var.target_ess", 40.0, "config.var.target_ess = 40.0: must be 0 (off) or in (0, 16]"),
+    ("var.ref_weight", -1.0, "config.var.ref_weight = -1.0: alpha must be"),
+    ("data.truncation", "cut", "config.data.truncation = 'cut': must be one of"),
 ])
 def test_config_validation_names_the_field(field, value, message):
   with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):

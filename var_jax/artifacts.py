@@ -22,6 +22,7 @@ from flax import nnx
 import orbax.checkpoint as ocp
 
 from var_jax import config as config_lib
+from var_jax import losses
 from var_jax import model as model_lib
 from var_jax import sharding as sharding_lib
 from var_jax import stage_table
@@ -197,6 +198,19 @@ def load_scores(workdir, split: str) -> dict:
       for k, v in part.items():
         merged[k] = np.where(np.isnan(merged[k]), v, merged[k])
   return merged
+
+
+def reward_stats(workdir) -> Optional[tuple[float, float]]:
+  """(mean, std) of the own-context TRAIN rewards of the cached scores (losses.own_reward_stats), or None when they
+  have no spread (e.g. include_ref_logp-only runs). Every process computes the same numbers from the merged files;
+  with several processes they first wait until all have written theirs."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices("var_jax scores written")
+  try:
+    return losses.own_reward_stats(load_scores(workdir, "train")["reward"])
+  except ValueError:
+    return None
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -12,8 +12,8 @@ import ml_collections
 from var_jax import losses
 from var_jax import metrics_writer
 from var_jax import model as model_lib
+from var_jax import schedules
 from var_jax import stage_table
-from var_jax import train as train_lib
 from var_jax.data import formats
 from var_jax.data import tokenize
 
@@ -27,11 +27,12 @@ CHOICES = {
     "model.dtype": model_lib.DTYPES,
     "model.remat": model_lib.REMAT_POLICIES,
     "model.attention_impl": model_lib.ATTENTION_IMPLS,
-    "optim.schedule": train_lib.SCHEDULES,
+    "optim.schedule": schedules.SCHEDULES,
     "sft.on": ("all", "chosen"),        # Responses the sft stage trains on.
     "reward.init": ("sft", "base"),     # Backbone of a trained reward model.
     "var.normalizer": losses.NORMALIZERS,
     "var.reduction": losses.REDUCTIONS,
+    "var.ess_kind": losses.ESS_KINDS,
     "wandb.mode": metrics_writer.WANDB_MODES,
 }
 
@@ -120,6 +121,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.var.reduction = "prompt_mean"      # "prompt_mean" | "token_mean".
   c.var.length_normalize = False  # Per-token mean ref log-prob inside s instead of the sum.
   c.var.include_ref_logp = True   # False for responses sampled from pi_ref itself (see the math page).
+  c.var.ref_weight = 1.0          # alpha in s = alpha * log pi_ref + r / lambda: 1 = the paper, 0 = no reference term.
+  c.var.standardize_rewards = False  # r -> (r - mean) / std with the own-context TRAIN reward statistics of the
+                                  # score stage: lambda is then in units of the reward's standard deviation.
+  c.var.target_ess = 0.0          # > 0: lambda is solved on the cached train scores (before training) so that the
+                                  # mean ESS per group (var.ess_kind) reaches this; var.lam is then unused. Logged
+                                  # and saved in var/DONE.json.
+  c.var.ess_kind = "group"        # "group": (sum w)^2 / sum w^2 over a group's N = B*K responses; "prompt": per prompt.
+  c.var.paper = False             # True: the paper's weights exactly (alpha = 1, summed log-probs, raw rewards,
+                                  # lambda = var.lam), whatever the four fields above say.
   c.var.group_size = 0            # B for this stage (0 = data.group_size); any divisor of data.block_size, so a
                                   # sweep over B reuses one scoring pass. Prompts per step stay
                                   # data.group_size * data.groups_per_batch.
@@ -164,6 +174,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.batch_size = 64
   c.eval.show = 4                 # Sample generations printed side by side.
   return c
+
+
+def with_overrides(cfg, overrides: dict) -> ml_collections.ConfigDict:
+  """A copy of cfg with {"section.field": value} set (cfg itself is left alone)."""
+  out = cfg.copy_and_resolve_references()
+  for field, value in overrides.items():
+    section, name = field.split(".")
+    out[section][name] = value
+  return out
 
 
 def stage_list(cfg) -> list[str]:
@@ -216,6 +235,15 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
     if s in stages and d.max_responses < 2 and not (s == "reward" and cfg.reward.source != "train"):
       _fail("data.max_responses", d.max_responses, f"the {s} stage needs >= 2 responses per prompt (it trains "
             "on the best vs the worst)")
+  v = cfg.var
+  if not v.ref_weight >= 0 or v.ref_weight == float("inf"):
+    _fail("var.ref_weight", v.ref_weight, "alpha must be a finite number >= 0")
+  if not v.include_ref_logp and v.ref_weight not in (0.0, 1.0):
+    _fail("var.ref_weight", v.ref_weight, "include_ref_logp=False already sets alpha = 0; leave ref_weight at 1 or 0")
+  candidates = (v.group_size or d.group_size) * d.max_responses if v.ess_kind == "group" else d.max_responses
+  if not 0 <= v.target_ess <= candidates:
+    _fail("var.target_ess", v.target_ess, f"must be 0 (off) or in (0, {candidates}]: the ESS of {v.ess_kind!r} "
+          f"weights is at most the {candidates} responses they spread over")
   if cfg.dpo.beta <= 0:
     _fail("dpo.beta", cfg.dpo.beta, "must be > 0")
   if cfg.ipo.tau <= 0:

@@ -226,6 +226,44 @@ def collapse_warnings(diag: dict) -> list[str]:
 _COLUMNS = ("normalizer", "B", "alpha", "lam") + METRICS
 
 
+def calibrate(train: dict, held_out: dict, *, lam: float, normalizer: str, group_size: int, ref_weight: float,
+              length_normalize: bool, standardize: bool, reward_stats: Optional[tuple[float, float]],
+              target_ess: float, ess_kind: str = "group") -> tuple[dict, dict, float, dict]:
+  """What the var stage does with the cached scores before training.
+
+  1. standardize: rewards of both splits -> (r - mean) / std with the TRAIN statistics `reward_stats`;
+  2. target_ess > 0: lambda = `losses.lambda_for_ess` on the train groups (else `lam`);
+  3. the `weight_diagnostics` of the resulting setting on the train scores, each `collapse_warnings` line logged
+     as a warning.
+  Returns (train scores, held-out scores, lambda, report: the settings, reward_stats, diagnostics and warnings).
+  """
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  if standardize:
+    if reward_stats is None:
+      raise ValueError("var.standardize_rewards needs the train reward statistics of the score stage")
+    train = dict(train, reward=losses.standardize_rewards(train["reward"], reward_stats))
+    held_out = dict(held_out, reward=losses.standardize_rewards(held_out["reward"], reward_stats))
+  if target_ess > 0:
+    groups = group_scores(train, group_size)
+    ref, reward = scaled_inputs(groups, length_normalize=length_normalize)
+    lam = losses.lambda_for_ess(ref, reward, groups["owner"], target_ess, normalizer, valid=groups["valid"],
+                                ref_weight=ref_weight, kind=ess_kind)
+    logging.info("var: lambda = %.6g reaches the target mean %s ESS %.3g on the train scores", lam, ess_kind,
+                 target_ess)
+  diag = weight_diagnostics(train, lam=lam, normalizer=normalizer, group_size=group_size, ref_weight=ref_weight,
+                            length_normalize=length_normalize)
+  warnings = collapse_warnings(diag)
+  for line in warnings:
+    logging.warning("VAR WEIGHTS: %s", line)
+  logging.info("var weight diagnostics (train scores):\n%s", format_table([dict(
+      normalizer=normalizer, B=group_size, alpha=ref_weight, lam=lam, **diag)]))
+  report = {"lam": float(lam), "ref_weight": ref_weight, "length_normalize": length_normalize,
+            "standardize_rewards": standardize, "target_ess": target_ess,
+            "reward_stats": list(reward_stats) if reward_stats is not None else None,
+            "diagnostics": diag, "warnings": warnings}
+  return train, held_out, float(lam), report
+
+
 def sweep(scores: dict, *, lams, normalizers, group_sizes, ref_weights, length_normalize: bool,
           reward_stats=None, is_chosen=None) -> list[dict]:
   """One row per combination of settings: the settings plus `weight_diagnostics` and its warnings."""

@@ -16,11 +16,12 @@ objectives only gather arguments, sum terms and divide: the float64 tests of los
 A new objective is one `Objective(...)` below plus its stage in var_jax/stage_table.py.
 """
 import dataclasses
-from typing import Callable
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
 
+from var_jax import diagnostics
 from var_jax import losses
 
 
@@ -36,6 +37,8 @@ class Objective:
   needs_scores: its batches carry the score stage's matrices (ref_logp, reward_matrix).
   fused_head: its terms are `losses.weighted_nll_terms(const["weights"], outputs)`: linear in the log-probs with
     parameter-free weights, so the head's gradient is computed in the forward pass (Decoder.weighted_target_logprobs).
+  calibrate: optional host-side step before training, on the cached scores: (cfg, train scores, held-out scores,
+    train reward statistics) -> (train scores, held-out scores, config overrides {field: value}, report dict).
   """
   name: str
   prepare: Callable
@@ -44,6 +47,7 @@ class Objective:
   reward_model: bool = False
   needs_scores: bool = False
   fused_head: bool = False
+  calibrate: Optional[Callable] = None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -123,15 +127,25 @@ def _sft_prepare(on_chosen: Callable):
   return prepare
 
 
+def var_settings(cfg) -> dict:
+  """The scale settings of VAR's weights (see the math page): config.var's, or the paper's when var.paper is set."""
+  v = cfg.var
+  if v.paper:
+    return {"ref_weight": 1.0, "length_normalize": False, "standardize": False, "target_ess": 0.0}
+  return {"ref_weight": losses.effective_ref_weight(v.ref_weight, v.include_ref_logp),
+          "length_normalize": bool(v.length_normalize), "standardize": bool(v.standardize_rewards),
+          "target_ess": float(v.target_ess)}
+
+
 def _var_prepare(batch, cfg):
   """VAR weights per normalizer group from the cached scores (losses.var_weights), and the reduction's denominator."""
-  v, valid = cfg.var, batch["valid"]
+  v, valid, settings = cfg.var, batch["valid"], var_settings(cfg)
   ref = batch["ref_logp"]
-  if v.length_normalize:
-    ref = ref / jnp.maximum(batch["ref_ntok"][:, None, :], 1.0)
+  if settings["length_normalize"]:
+    ref = losses.per_token_logps(ref, batch["ref_ntok"])
   num_prompts = ref.shape[1]
   weights = jax.vmap(lambda r, q, o, m: losses.var_weights(
-      r, q, o, v.lam, v.normalizer, valid=m, include_ref_logp=v.include_ref_logp))(
+      r, q, o, v.lam, v.normalizer, valid=m, ref_weight=settings["ref_weight"]))(
           ref, batch["reward_matrix"], batch["owner"], valid)
   if v.reduction == "prompt_mean":
     has_response = jax.vmap(lambda o, m: jnp.zeros(num_prompts, bool).at[o].max(m))(batch["owner"], valid)
@@ -139,6 +153,15 @@ def _var_prepare(batch, cfg):
   else:
     denominator = jnp.maximum(jnp.sum(weights * _num_tokens(batch)), 1e-9)
   return {"weights": weights, "denominator": denominator}
+
+
+def _var_calibrate(cfg, train, held_out, reward_stats):
+  """Reward standardisation, lambda for a target ESS and the weight diagnostics (diagnostics.calibrate)."""
+  v, settings = cfg.var, var_settings(cfg)
+  train, held_out, lam, report = diagnostics.calibrate(
+      train, held_out, lam=v.lam, normalizer=v.normalizer, group_size=v.group_size or cfg.data.group_size,
+      reward_stats=reward_stats, ess_kind=v.ess_kind, **settings)
+  return train, held_out, {"var.lam": lam}, report
 
 
 def _var_metrics(outputs, num_tokens, const, batch, cfg):
@@ -153,7 +176,8 @@ def _var_metrics(outputs, num_tokens, const, batch, cfg):
 SFT = Objective("sft", _sft_prepare(lambda cfg: cfg.sft.on == "chosen"), _weighted_terms, _weighted_metrics,
                 fused_head=True)
 CHOSEN = Objective("chosen", _sft_prepare(lambda cfg: True), _weighted_terms, _weighted_metrics, fused_head=True)
-VAR = Objective("var", _var_prepare, _weighted_terms, _var_metrics, needs_scores=True, fused_head=True)
+VAR = Objective("var", _var_prepare, _weighted_terms, _var_metrics, needs_scores=True, fused_head=True,
+                calibrate=_var_calibrate)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -190,12 +190,14 @@ class Context:
         raise KeyError(name)
     return self._pipes[name]
 
-  def train(self, stage: str, model, train_pipe, eval_pipe):
-    """Trains `model` with the stage's objective (stage_table) and its config section's steps and lr."""
+  def train(self, stage: str, model, train_pipe, eval_pipe, cfg=None):
+    """Trains `model` with the stage's objective (stage_table) and its config section's steps and lr; `cfg`
+    replaces the run's config for this stage (an objective's calibrated settings)."""
+    cfg = cfg or self.cfg
     per_token = flops_lib.decoder_flops_per_token(self.mcfg, train_pipe.max_len)
     objective = objectives.get(stage_table.get(stage).objective)
-    return train_lib.train(stage, objective, self.cfg, self.cfg[stage], model, iterator_fn(train_pipe),
-                           eval_batches_fn(self.cfg, eval_pipe), str(artifacts.stage_dir(self.workdir, stage)),
+    return train_lib.train(stage, objective, cfg, cfg[stage], model, iterator_fn(train_pipe),
+                           eval_batches_fn(cfg, eval_pipe), str(artifacts.stage_dir(self.workdir, stage)),
                            self.mesh, self.rules, tokens_flops=lambda n: n * per_token)
 
   def load(self, stage: str, *, reward: bool = False) -> nnx.Module:
@@ -274,22 +276,29 @@ def run_score(ctx: Context, stage: str) -> None:
                                   prefix_shared=cfg.score.prefix_shared)
     artifacts.save_scores(ctx.workdir, split, scores)
     summary[split] = {"blocks": int(len(pipe.blocks)), "nan_ref_logp": int(np.isnan(scores["ref_logp"]).sum())}
+  summary["train_reward_stats"] = artifacts.reward_stats(ctx.workdir)  # After every process wrote its scores.
   artifacts.mark_done(cfg, ctx.workdir, stage, summary)
 
 
 def run_policy(ctx: Context, stage: str) -> None:
   """A policy from the reference (sft) trained with the stage's objective on the preference data. Objectives that
   need scores read the cached ones, so the reference model is never in memory next to the policy."""
-  cfg = ctx.cfg
+  cfg, results = ctx.cfg, {}
+  objective = objectives.get(stage_table.get(stage).objective)
   policy = ctx.load("sft")
   train_pipe, eval_pipe = ctx.pipe("pref"), ctx.pipe("pref_eval")
-  if objectives.get(stage_table.get(stage).objective).needs_scores:
+  if objective.needs_scores:
+    train, held_out = artifacts.load_scores(ctx.workdir, "train"), artifacts.load_scores(ctx.workdir, "eval")
+    if objective.calibrate is not None:
+      train, held_out, overrides, results = objective.calibrate(cfg, train, held_out,
+                                                                artifacts.reward_stats(ctx.workdir))
+      cfg = config_lib.with_overrides(cfg, overrides)
     group_size = cfg[stage].get("group_size", 0)
-    train_pipe = with_scores(train_pipe, artifacts.load_scores(ctx.workdir, "train"), group_size)
-    eval_pipe = with_scores(eval_pipe, artifacts.load_scores(ctx.workdir, "eval"), group_size)
-  policy = ctx.train(stage, policy, train_pipe, eval_pipe)
+    train_pipe = with_scores(train_pipe, train, group_size)
+    eval_pipe = with_scores(eval_pipe, held_out, group_size)
+  policy = ctx.train(stage, policy, train_pipe, eval_pipe, cfg)
   artifacts.save_model(policy, ctx.workdir, stage)
-  artifacts.mark_done(cfg, ctx.workdir, stage)
+  artifacts.mark_done(ctx.cfg, ctx.workdir, stage, results)
 
 
 def run_eval(ctx: Context, stage: str) -> dict:

@@ -23,6 +23,7 @@ from flax import nnx
 from var_jax import checkpoints
 from var_jax import flops as flops_lib
 from var_jax import objectives
+from var_jax import schedules
 from var_jax import sharding as sharding_lib
 from var_jax.metrics_writer import MetricsWriter
 
@@ -39,28 +40,9 @@ class Preempted(RuntimeError):
 # Optimizer.
 
 
-SCHEDULES = ("cosine", "linear", "constant")  # config.optim.schedule
-
-
-def learning_rate_schedule(peak_lr: float, total_steps: int, optim_cfg) -> optax.Schedule:
-  """Linear warmup to peak_lr, then cosine / linear decay to end_lr_frac * peak_lr (or constant)."""
-  warmup = min(optim_cfg.warmup_steps, max(total_steps - 1, 0))
-  decay_steps = max(total_steps - warmup, 1)
-  end = peak_lr * optim_cfg.end_lr_frac
-  if optim_cfg.schedule == "cosine":
-    decay = optax.cosine_decay_schedule(peak_lr, decay_steps, alpha=optim_cfg.end_lr_frac)
-  elif optim_cfg.schedule == "linear":
-    decay = optax.linear_schedule(peak_lr, end, decay_steps)
-  else:
-    decay = optax.constant_schedule(peak_lr)
-  if warmup == 0:
-    return decay
-  return optax.join_schedules([optax.linear_schedule(0.0, peak_lr, warmup), decay], [warmup])
-
-
 def make_optimizer(peak_lr: float, total_steps: int, optim_cfg) -> tuple[optax.GradientTransformation, Callable]:
   """AdamW (decay on matrices only) with global-norm clipping; float32 moments whatever the compute dtype."""
-  schedule = learning_rate_schedule(peak_lr, total_steps, optim_cfg)
+  schedule = schedules.learning_rate_schedule(peak_lr, total_steps, optim_cfg)
   decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)  # noqa: E731
   chain = []
   if optim_cfg.clip_norm > 0:
