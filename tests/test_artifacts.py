@@ -60,3 +60,19 @@ def test_eval_results_round_trip(tmp_path):
   artifacts.write_eval_results(tmp_path, {"policies": {"sft": {"gold_reward": 0.5}}}, "| table |\n")
   assert artifacts.read_eval_results(tmp_path)["policies"]["sft"]["gold_reward"] == 0.5
   assert (tmp_path / "eval" / "results.md").read_text() == "| table |\n"
+
+
+def test_win_rates_pair_samples_per_prompt_and_bootstrap_interval_matches_numpy():
+  from var_jax import evaluate  # pylint: disable=g-import-not-at-top
+  # 2 samples x 3 prompts, sample j of prompt i at j * 3 + i.
+  a = np.array([1.0, 0.0, 2.0, 1.0, 5.0, 0.0])
+  b = np.array([0.0, 0.0, 3.0, 2.0, 1.0, 1.0])
+  win, tie = evaluate.per_prompt_outcomes(a, b, 3)
+  np.testing.assert_allclose(win, [0.5, 0.5, 0.0])
+  np.testing.assert_allclose(tie, [0.0, 0.5, 0.0])
+  values = np.random.default_rng(3).uniform(size=40)
+  lo, hi = evaluate.bootstrap_ci(values, 2000, seed=5)
+  rng = np.random.default_rng(5)
+  means = values[rng.integers(0, 40, size=(2000, 40))].mean(-1)
+  np.testing.assert_allclose([lo, hi], np.quantile(means, [0.025, 0.975]))
+  assert lo < values.mean() < hi

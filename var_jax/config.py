@@ -173,6 +173,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.top_p = 1.0
   c.eval.batch_size = 64
   c.eval.show = 4                 # Sample generations printed side by side.
+  c.eval.samples_per_prompt = 1   # Generations per prompt and policy (use > 1 with temperature 1).
+  c.eval.bootstrap = 1000         # Bootstrap resamples of prompts for the 95% intervals of win rates (0 = none).
   return c
 
 
@@ -272,6 +274,11 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
   for field in ("project", "entity", "group", "name"):
     if "/" in cfg.wandb[field] or "," in cfg.wandb[field]:
       _fail(f"wandb.{field}", cfg.wandb[field], "must not contain '/' or ','")
+  if cfg.eval.samples_per_prompt < 1 or cfg.eval.bootstrap < 0:
+    _fail("eval.samples_per_prompt", cfg.eval.samples_per_prompt, "samples_per_prompt must be >= 1 and bootstrap >= 0")
+  if cfg.eval.samples_per_prompt > 1 and cfg.eval.temperature == 0:
+    _fail("eval.samples_per_prompt", cfg.eval.samples_per_prompt, "several greedy samples are one sample repeated: "
+          "set eval.temperature > 0")
   if cfg.eval.temperature < 0:
     _fail("eval.temperature", cfg.eval.temperature, "must be >= 0")
   if cfg.checkpoint.every < 1 or cfg.checkpoint.keep < 1:

@@ -3,25 +3,51 @@
 Per policy (the reference = sft, and var / dpo when trained):
   gold_reward        mean gold reward of its generations (the synthetic task only: ground truth);
   rm_reward          mean reward-model score (when a reward model was trained or given);
-  win/tie vs ref     per prompt, its generation against the reference policy's, judged by gold reward and by RM;
+  win/tie vs ref     per prompt, its generations against the reference policy's, judged by gold reward and by RM,
+                     with a percentile-bootstrap 95% interval over prompts (`*_lo`, `*_hi`);
+  win vs chosen_sft  the same against the SFT-on-chosen baseline (the `chosen` stage), when it was trained;
   win/tie vs chosen  against the dataset's chosen response, judged by the RM (real data);
   kl_to_ref          mean over prompts of sum_t [log pi(y_t) - log pi_ref(y_t)] on the policy's own samples: an
                      unbiased estimate of KL(pi || pi_ref) when sampling at temperature 1 without truncation,
                      otherwise the log-ratio on its generations (reported as such);
   length             mean generated tokens (EOS included).
-Results go to workdir/eval/results.json and a Markdown table (also printed).
+Prompts are distinct (a repeated prompt would count its win twice); eval.samples_per_prompt samples of each are
+compared sample by sample and averaged per prompt. Results go to workdir/eval/results.json and a Markdown table
+(also printed).
 """
 import numpy as np
 
 from var_jax import artifacts
 from var_jax import sampling
 from var_jax import scoring
+from var_jax.data import splits
 from var_jax.data import synthetic
 
 
-def _win_rate(a, b):
-  a, b = np.asarray(a), np.asarray(b)
-  return {"win": float(np.mean(a > b)), "tie": float(np.mean(a == b)), "loss": float(np.mean(a < b))}
+def per_prompt_outcomes(a, b, num_prompts: int):
+  """Per prompt, the fraction of its samples where a beats b, and where they tie. a, b: [S * P] judge scores of
+  sample j of prompt i at index j * P + i (the two policies' j-th samples are paired)."""
+  a = np.asarray(a, np.float64).reshape(-1, num_prompts)
+  b = np.asarray(b, np.float64).reshape(-1, num_prompts)
+  return (a > b).mean(0), (a == b).mean(0)
+
+
+def bootstrap_ci(values, resamples: int, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+  """Percentile bootstrap interval of the mean of `values` [P] (prompts resampled with replacement)."""
+  values = np.asarray(values, np.float64)
+  rng = np.random.default_rng(seed)
+  means = values[rng.integers(0, len(values), size=(resamples, len(values)))].mean(-1)
+  lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+  return float(lo), float(hi)
+
+
+def _comparison(row: dict, name: str, a, b, num_prompts: int, resamples: int, seed: int) -> None:
+  """row[name], row[name + '_lo' / '_hi'] (bootstrap 95% interval over prompts) and the tie rate, of a vs b."""
+  win, tie = per_prompt_outcomes(a, b, num_prompts)
+  row[name] = float(win.mean())
+  row[name.replace("_win_", "_tie_")] = float(tie.mean())
+  if resamples:
+    row[f"{name}_lo"], row[f"{name}_hi"] = bootstrap_ci(win, resamples, seed)
 
 
 def evaluate_policies(ctx, policies) -> dict:
@@ -31,7 +57,11 @@ def evaluate_policies(ctx, policies) -> dict:
   """
   cfg, task, tok = ctx.cfg, ctx.task, ctx.task.tok
   e = cfg.eval
-  records = task.eval_records[:e.num_prompts]
+  records, repeats = splits.distinct_prompts(task.eval_records)
+  records = records[:e.num_prompts]
+  num_prompts, samples = len(records), e.samples_per_prompt
+  # Sample j of prompt i sits at j * P + i; the policies' j-th samples of a prompt are compared with each other.
+  records = records * samples
   prompt_ids, _ = tok.encode_prompts([r.prompt for r in records])
   policies = ["sft"] + list(policies)
   rm = ctx.reward_model()
@@ -65,19 +95,21 @@ def evaluate_policies(ctx, policies) -> dict:
     chosen_rm = np.full(len(records), np.nan)
     chosen_rm[keep] = scoring.score_pairs(rm, [(prompt_ids[i], chosen_ids[i]) for i in keep], pad_id=tok.pad_id,
                                           bucket=bucket, reward=True)
-  results = {"policies": {}, "num_prompts": len(records), "temperature": e.temperature}
+  results = {"policies": {}, "num_prompts": num_prompts, "samples_per_prompt": samples,
+             "repeated_prompts_dropped": repeats, "temperature": e.temperature}
+  compare = lambda row, name, a, b, p=num_prompts: _comparison(row, name, a, b, p, e.bootstrap, cfg.seed)
   for name, m in per_policy.items():
     row = {k: v for k, v in m.items() if not isinstance(v, list)}
     for judge in ("gold", "rm"):
       if judge in m:
         row[f"{judge}_reward"] = float(np.mean(m[judge]))
         if name != "sft":
-          wr = _win_rate(m[judge], per_policy["sft"][judge])
-          row[f"{judge}_win_vs_ref"], row[f"{judge}_tie_vs_ref"] = wr["win"], wr["tie"]
+          compare(row, f"{judge}_win_vs_ref", m[judge], per_policy["sft"][judge])
+        if name not in ("sft", "chosen") and "chosen" in per_policy:
+          compare(row, f"{judge}_win_vs_chosen_sft", m[judge], per_policy["chosen"][judge])
     if chosen_rm is not None:
       ok = ~np.isnan(chosen_rm)
-      wr = _win_rate(np.asarray(m["rm"])[ok], chosen_rm[ok])
-      row["rm_win_vs_chosen"], row["rm_tie_vs_chosen"] = wr["win"], wr["tie"]
+      compare(row, "rm_win_vs_chosen", np.asarray(m["rm"])[ok], chosen_rm[ok], int(ok.sum()) // samples)
     results["policies"][name] = row
   results["samples"] = [{"prompt": tok.render(records[i].prompt), **{n: generations[n][i] for n in policies}}
                         for i in range(min(e.show, len(records)))]

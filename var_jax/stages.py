@@ -27,6 +27,7 @@ from var_jax import stage_table
 from var_jax import train as train_lib
 from var_jax.data import formats
 from var_jax.data import pipeline as data_pipeline
+from var_jax.data import splits
 from var_jax.data import synthetic
 from var_jax.data import tokenize
 
@@ -72,13 +73,20 @@ def load_task(cfg) -> Task:
   records, stats = formats.load_preferences(d.source, d.format, split=d.split, skip_invalid=d.skip_invalid,
                                             limit=limit, **hub)
   logging.info("data %s: %s", d.source, stats)
+  # No held-out prompt shares its first user turn with a training prompt (var_jax/data/splits.py).
   if d.eval_source:
     held_out, eval_stats = formats.load_preferences(d.eval_source, d.format, split=d.eval_split,
                                                     skip_invalid=d.skip_invalid, limit=limit, **hub)
-    logging.info("eval data %s: %s", d.eval_source, eval_stats)
+    held_out, overlap = splits.drop_train_overlap(held_out, records)
+    logging.info("eval data %s: %s; %d records dropped: first user turn also in the training data", d.eval_source,
+                 eval_stats, overlap)
+    if not held_out:
+      raise ValueError(f"config.data.eval_source={d.eval_source!r}: every record shares its first user turn with "
+                       "the training data")
   else:
-    cut = len(records) - max(int(len(records) * d.eval_fraction), 1)
-    records, held_out = records[:cut], records[cut:]
+    records, held_out = splits.split_by_first_turn(records, d.eval_fraction)
+    logging.info("held out %d of %d records (%.1f%%), split by first user turn", len(held_out),
+                 len(records) + len(held_out), 100 * len(held_out) / max(len(records) + len(held_out), 1))
   return Task(tok, records, records, held_out, synthetic=False)
 
 
