@@ -2,7 +2,8 @@
 
 Owns the safetensors reader (single file or sharded index), resolving a local directory or HF hub id,
 `load_params` (fill an abstract model from any HF-named tensor source, used by gguf_io too), `from_pretrained`,
-`hf_tensors` and `save_pretrained`. Names and layouts come from keymap.
+`hf_tensors` and `save_pretrained` (float32 or bfloat16, one file or transformers-style shards with an index).
+Names and layouts come from keymap.
 
 Loading builds the model abstractly (`nnx.eval_shape`: no device memory), then reads one tensor at a time from
 the safetensors files (memory-mapped by `safe_open`), converts it on the host and places it straight onto its
@@ -216,19 +217,87 @@ def hf_tensors(model: Decoder | RewardModel) -> dict[str, np.ndarray]:
   return out
 
 
+# transformers' size units: decimal KB/MB/GB, binary KiB/MiB/GiB.
+_SIZE_UNITS = {'B': 1, 'KB': 10**3, 'MB': 10**6, 'GB': 10**9, 'TB': 10**12, 'KIB': 2**10, 'MIB': 2**20,
+               'GIB': 2**30, 'TIB': 2**40}
+
+
+def size_in_bytes(size: int | str) -> int:
+  """Bytes of a shard size given as an int or a string such as '5GB', '500MB', '2GiB' (transformers' units)."""
+  if isinstance(size, (int, np.integer)):
+    value = int(size)
+  else:
+    text = str(size).strip().upper()
+    unit = next((u for u in sorted(_SIZE_UNITS, key=len, reverse=True) if text.endswith(u)), '')
+    try:
+      value = int(float(text[:len(text) - len(unit)].strip()) * _SIZE_UNITS.get(unit, 1))
+    except ValueError:
+      raise ValueError(f'max_shard_size={size!r}: expected bytes or a size like 5GB, 500MB, 2GiB') from None
+  if value <= 0:
+    raise ValueError(f'max_shard_size={size!r} must be positive')
+  return value
+
+
+def check_target(path: str, overwrite: bool = False) -> str:
+  """The absolute `path`, after refusing an existing file or non-empty directory unless overwrite (FileExistsError).
+
+  save_pretrained checks this itself; callers that load a large model first call it to fail before loading.
+  """
+  path = os.path.abspath(path)
+  if os.path.exists(path) and not overwrite and (not os.path.isdir(path) or os.listdir(path)):
+    raise FileExistsError(f'{path} exists and is not empty; pass overwrite=True to replace it')
+  return path
+
+
+def _tensor_order(key: str) -> tuple:
+  """Embeddings, then layer by layer (numerically), then the final norm and heads: each shard holds whole layers."""
+  parts = key.split('.')
+  if parts[:2] == ['model', 'layers']:
+    return (1, int(parts[2]), key)
+  return (0 if 'embed' in key else 2, 0, key)
+
+
+def shard_names(tensors: Mapping[str, np.ndarray], max_bytes: int) -> dict[str, str]:
+  """Tensor name -> safetensors file name: 'model.safetensors' when all fit in max_bytes, else transformers'
+  'model-0000i-of-0000n.safetensors', filled in `_tensor_order` (a tensor larger than max_bytes gets its own)."""
+  shards: list[list[str]] = [[]]
+  size = 0
+  for key in sorted(tensors, key=_tensor_order):
+    nbytes = tensors[key].nbytes
+    if shards[-1] and size + nbytes > max_bytes:
+      shards.append([])
+      size = 0
+    shards[-1].append(key)
+    size += nbytes
+  if len(shards) == 1:
+    return {k: 'model.safetensors' for k in shards[0]}
+  n = len(shards)
+  return {k: f'model-{i + 1:05d}-of-{n:05d}.safetensors' for i, keys in enumerate(shards) for k in keys}
+
+
 def save_pretrained(model: Decoder | RewardModel, path: str, *, overwrite: bool = False, tokenizer=None,
-                    extra_config: Mapping[str, Any] | None = None) -> str:
-  """Write config.json + model.safetensors (+ tokenizer files if given) loadable by transformers.
+                    extra_config: Mapping[str, Any] | None = None, dtype: str | None = None,
+                    max_shard_size: int | str = '5GB') -> str:
+  """Write config.json + safetensors (+ tokenizer files if given) loadable by transformers, vLLM and llama.cpp's
+  convert_hf_to_gguf.py.
 
   Decoder -> AutoModelForCausalLM; RewardModel -> AutoModelForSequenceClassification (num_labels=1).
+  dtype: 'float32' | 'bfloat16' tensors (and config.json's dtype); None keeps the model's param_dtype.
+  max_shard_size: above it (bytes, or '5GB' -- the hub's usual shard size --, '500MB', ...) the weights go into
+    several files listed in model.safetensors.index.json, as transformers writes them; below it one
+    model.safetensors.
+  tokenizer: an HF tokenizer, written with `tokenizer.save_pretrained` (chat template included); its bos / eos /
+    pad ids go into config.json unless extra_config sets them.
   The directory is written under a temporary name beside `path` and renamed into place, so a failed save leaves
   any previous content intact. A non-empty existing `path` is only replaced with overwrite=True.
   Multi-host: every process must call it (parameters are gathered); only process 0 writes.
   """
   from safetensors.numpy import save_file
-  path = os.path.abspath(path)
-  if os.path.exists(path) and not overwrite and (not os.path.isdir(path) or os.listdir(path)):
-    raise FileExistsError(f'{path} exists and is not empty; pass overwrite=True to replace it')
+  path = check_target(path, overwrite)
+  dtype = dtype or model.cfg.param_dtype
+  if dtype not in ('float32', 'bfloat16'):
+    raise ValueError(f"dtype={dtype!r}: expected 'float32' or 'bfloat16'")
+  max_bytes = size_in_bytes(max_shard_size)
   reward = isinstance(model, RewardModel)
   extra = dict(extra_config or {})
   if tokenizer is not None:
@@ -236,9 +305,11 @@ def save_pretrained(model: Decoder | RewardModel, path: str, *, overwrite: bool 
       if getattr(tokenizer, name, None) is not None:
         extra.setdefault(name, getattr(tokenizer, name))
   hf_cfg = config_to_hf(model.cfg, reward=reward, extra=extra)
+  hf_cfg['dtype'] = hf_cfg['torch_dtype'] = dtype
   tensors = hf_tensors(model)
   if jax.process_index() != 0:
     return path
+  files = shard_names(tensors, max_bytes)
 
   parent = os.path.dirname(path)
   os.makedirs(parent, exist_ok=True)
@@ -247,7 +318,15 @@ def save_pretrained(model: Decoder | RewardModel, path: str, *, overwrite: bool 
     os.chmod(tmp, 0o755)
     with open(os.path.join(tmp, 'config.json'), 'w') as fh:
       json.dump(hf_cfg, fh, indent=2)
-    save_file(tensors, os.path.join(tmp, 'model.safetensors'), metadata={'format': 'pt'})
+    total = 0
+    for name in sorted(set(files.values())):
+      # Converted one file at a time, so the host holds at most one shard in the export dtype.
+      shard = {k: tensors[k].astype(np_dtype(dtype), copy=False) for k, f in files.items() if f == name}
+      total += sum(t.nbytes for t in shard.values())
+      save_file(shard, os.path.join(tmp, name), metadata={'format': 'pt'})
+    if len(set(files.values())) > 1:
+      with open(os.path.join(tmp, 'model.safetensors.index.json'), 'w') as fh:
+        json.dump({'metadata': {'total_size': total}, 'weight_map': dict(sorted(files.items()))}, fh, indent=2)
     if tokenizer is not None:
       tokenizer.save_pretrained(tmp)
     if os.path.exists(path):
@@ -261,4 +340,3 @@ def save_pretrained(model: Decoder | RewardModel, path: str, *, overwrite: bool 
     shutil.rmtree(tmp, ignore_errors=True)
     raise
   return path
-

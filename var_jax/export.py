@@ -1,0 +1,106 @@
+"""Export a trained policy or reward model as a Hugging Face checkpoint directory:
+
+    python -m var_jax.export --config=configs/tiny.py --workdir=workdir/tiny --stage=var --out=exports/var
+    (options: --dtype=bfloat16|float32, default the model's param_dtype; --max_shard_size=5GB)
+
+OUT gets config.json, the weights as safetensors (one file, or shards listed in model.safetensors.index.json
+above --max_shard_size) and the run's tokenizer with its chat template. A policy stage (sft, var, dpo, chosen,
+ipo, ...) loads with transformers' AutoModelForCausalLM; the reward stage with AutoModelForSequenceClassification
+(one label). This is the layout vLLM and llama.cpp's convert_hf_to_gguf.py read (README: Export).
+
+--config (with the same overrides as the run) must be the run's: the model config and tokenizer come from it, and
+a stage finished with other settings is refused. The stage must be finished, and OUT must not exist or be empty.
+"""
+from typing import Optional
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from var_jax import artifacts
+from var_jax import hf_io
+from var_jax import metrics_writer
+from var_jax import objectives
+from var_jax import sharding as sharding_lib
+from var_jax import stage_table
+from var_jax import stages as stages_lib
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "The run's config file (configs/*.py).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "The run's workdir (holding <stage>/params).", required=True)
+_STAGE = flags.DEFINE_string("stage", "var", "The stage whose model to export (a policy stage, or reward).")
+_OUT = flags.DEFINE_string("out", None, "The HF checkpoint directory to write (must not exist or be empty).",
+                           required=True)
+_DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Tensor dtype; default the model's "
+                           "param_dtype.")
+_MAX_SHARD_SIZE = flags.DEFINE_string("max_shard_size", "5GB", "Largest safetensors file (e.g. 5GB, 500MB); "
+                                      "bigger models are split into shards with an index.")
+
+
+def exportable_stages() -> tuple[str, ...]:
+  """Stages that leave a trained model (workdir/<stage>/params): the policies and the reward model."""
+  return tuple(s.name for s in stage_table.STAGES if "params" in s.writes)
+
+
+def is_reward_stage(stage: str) -> bool:
+  """The stage trains a RewardModel (exported as a sequence classifier) rather than a policy."""
+  objective = stage_table.get(stage).objective
+  return bool(objective) and objectives.get(objective).reward_model
+
+
+def check_exportable(cfg, workdir: str, stage: str) -> None:
+  """ValueError naming the stage and workdir unless `stage` trained a model that finished there with cfg's
+  settings."""
+  stage_table.get(stage)  # An unknown name fails listing the stages.
+  if stage not in exportable_stages():
+    raise ValueError(f"stage {stage!r} trains no model to export; exportable stages: {exportable_stages()}")
+  if not artifacts.is_complete(workdir, stage):
+    raise ValueError(f"stage {stage!r} is not finished in workdir {workdir} (no {stage}/DONE.json); run it first: "
+                     f"python -m var_jax.main --config=... --workdir={workdir}")
+  artifacts.is_done(cfg, workdir, stage)  # Raises (naming the settings) when it finished with other settings.
+  if stage_table.get(stage).runner == "reward" and cfg.reward.source != "train":
+    raise ValueError(f"stage {stage!r} in workdir {workdir} trained no model: reward.source is "
+                     f"{cfg.reward.source!r} (only reward.source='train' leaves a reward model)")
+
+
+def export(cfg, workdir: str, stage: str, out: str, *, dtype: Optional[str] = None,
+           max_shard_size: int | str = "5GB") -> str:
+  """Writes the model `stage` trained in `workdir` (with `cfg`) as an HF checkpoint directory `out`; returns its
+  absolute path. Refuses an unfinished stage and a non-empty `out` before loading anything."""
+  check_exportable(cfg, workdir, stage)
+  try:
+    hf_io.check_target(out)
+  except FileExistsError:
+    raise FileExistsError(f"cannot export stage {stage!r}: {out} exists and is not empty; choose a new --out "
+                          "(an export never overwrites)") from None
+  hf_io.size_in_bytes(max_shard_size)  # A bad size fails here, not after loading the model.
+  mesh = sharding_lib.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+  ctx = stages_lib.Context(cfg, workdir, mesh, sharding_lib.parse_rules(cfg.mesh.rules))
+  reward = is_reward_stage(stage)
+  model = ctx.load(stage, reward=reward)
+  tok = ctx.task.tok
+  # The ids var_jax trained with (EOS ends every response, padding is what a reward model skips), which the
+  # Tokenizer may have chosen differently from the HF tokenizer's own attributes (e.g. pad = EOS when it has none).
+  ids = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
+  if reward and tok.pad_id == tok.eos_id:
+    logging.warning("the tokenizer pads with its EOS (id %d): transformers' sequence classifier scores a response "
+                    "ending in EOS at the token before it, var_jax at the EOS itself, so their rewards differ",
+                    tok.eos_id)
+  return hf_io.save_pretrained(model, out, tokenizer=tok.tok, dtype=dtype, max_shard_size=max_shard_size,
+                               extra_config={k: int(v) for k, v in ids.items() if v is not None})
+
+
+def main(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  metrics_writer.quiet_library_logs()
+  sharding_lib.initialize_distributed()
+  path = export(_CONFIG.value, _WORKDIR.value, _STAGE.value, _OUT.value, dtype=_DTYPE.value,
+                max_shard_size=_MAX_SHARD_SIZE.value)
+  kind = "AutoModelForSequenceClassification" if is_reward_stage(_STAGE.value) else "AutoModelForCausalLM"
+  logging.info("stage %s of %s exported to %s (load with transformers' %s.from_pretrained)", _STAGE.value,
+               _WORKDIR.value, path, kind)
+
+
+if __name__ == "__main__":
+  app.run(main)
