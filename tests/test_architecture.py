@@ -11,7 +11,7 @@ from var_jax import stage_table
 from var_jax import stages
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PACKAGES = ("var_jax", "launch", "configs")
+PACKAGES = ("var_jax", "launch", "configs", "benchmarks")
 
 
 def _modules() -> dict[str, str]:

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from var_jax import bench
+from benchmarks import bench
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HH = os.path.join(ROOT, "..", "shared", "data", "hh_rlhf", "harmless-base_test.jsonl.gz")

@@ -105,7 +105,7 @@ class ModelConfig:
   dtype: str = 'float32'
   remat: str = 'none'
   # 64 positions: with V=49k, T=1024, B=8 the forward+backward temp is 22% of the full [B,T,V] float32 logits
-  # (256: 59%, 128: 34%; XLA memory_analysis, `python -m var_jax.bench --what memory`), and no slower on CPU.
+  # (256: 59%, 128: 34%; XLA memory_analysis, `python -m benchmarks.bench --what memory`), and no slower on CPU.
   logprob_chunk: int = 64
   # 128: forward+backward of one layer's attention at T=512 is 2.1x faster than one T x T block on 2 CPU cores
   # (fewer FLOPs, and [.., 128, S] float32 scores stay in cache); 64 is no faster and compiles 2x longer.

