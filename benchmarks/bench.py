@@ -1,6 +1,6 @@
 """Benchmark of every stage: train step (sft / var / dpo), scoring, generation, data, memory, compile time.
 
-    python -m var_jax.bench [--preset bench-30m] [--seq 512] [--pairs 2] \
+    python -m benchmarks.bench [--preset bench-30m] [--seq 512] [--pairs 2] \
         [--what train,profile,score,generate,data,memory,compile,torch,trl] [--out bench_results.jsonl]
 
 Every figure is measured in the run: step times are medians over `--repeats` steps after `--warmup` steps (on a
@@ -12,9 +12,9 @@ with the hardware, versions and config. `torch` and `trl` compare with PyTorch a
 requirements-bench.txt; without them those measurements are skipped, with a warning and a `*_skipped` record that
 names the missing package. On an NVIDIA GPU:
 
-    python -m var_jax.bench --preset qwen2.5-0.5b --seq 2048 --pairs 4 --dtype bfloat16 --attention_impl cudnn \
+    python -m benchmarks.bench --preset qwen2.5-0.5b --seq 2048 --pairs 4 --dtype bfloat16 --attention_impl cudnn \
         --what train,profile,score,generate,memory
-    python -m var_jax.bench --preset qwen2.5-0.5b --seq 2048 --pairs 4 --dtype bfloat16 --what torch
+    python -m benchmarks.bench --preset qwen2.5-0.5b --seq 2048 --pairs 4 --dtype bfloat16 --what torch
 
 (the PyTorch baseline in its own process: JAX keeps the GPU memory it has allocated).
 
@@ -43,7 +43,9 @@ from flax import nnx
 
 from var_jax import config as config_lib
 from var_jax import flops as flops_lib
+from var_jax import hf_io
 from var_jax import model as model_lib
+from var_jax import objectives
 from var_jax import sampling
 from var_jax import scoring
 from var_jax import train as train_lib
@@ -202,10 +204,9 @@ def skipped(what: str, name: str, error: ImportError) -> dict:
 
 
 def init_state(model: nnx.Module, tx):
+  """(graphdef, rest, train state) of a model, in the state layout train.py's step carries."""
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
-           "first_bad_step": jnp.full((), -1, jnp.int32)}
-  return graphdef, rest, state
+  return graphdef, rest, train_lib.init_train_state(params, tx)
 
 
 def compile_train_step(stage: str, mcfg: model_lib.ModelConfig, batch: dict, seed: int = 0):
@@ -214,7 +215,8 @@ def compile_train_step(stage: str, mcfg: model_lib.ModelConfig, batch: dict, see
   model = model_lib.Decoder(mcfg, rngs=nnx.Rngs(seed))
   tx, schedule = train_lib.make_optimizer(1e-4, 1000, cfg.optim)
   graphdef, rest, state = init_state(model, tx)
-  step = jax.jit(train_lib.make_train_step(stage, graphdef, rest, tx, schedule, cfg), donate_argnums=(0,))
+  step = jax.jit(train_lib.make_train_step(objectives.get(stage), graphdef, rest, tx, schedule, cfg),
+                 donate_argnums=(0,))
   dev_batch = jax.tree.map(jnp.asarray, batch)
   start = time.perf_counter()
   compiled = step.lower(state, dev_batch).compile()
@@ -463,14 +465,9 @@ def bench_compile(preset: str, seq: int, pairs: int) -> dict:
 
 
 def hf_llama_config(mcfg: model_lib.ModelConfig):
+  """The transformers config of the same model: the one `hf_io.save_pretrained` writes."""
   from transformers import LlamaConfig  # pylint: disable=g-import-not-at-top
-  return LlamaConfig(vocab_size=mcfg.vocab_size, hidden_size=mcfg.hidden_size,
-                     intermediate_size=mcfg.intermediate_size, num_hidden_layers=mcfg.num_layers,
-                     num_attention_heads=mcfg.num_heads, num_key_value_heads=mcfg.num_kv_heads,
-                     head_dim=mcfg.head_dim, rope_theta=mcfg.rope_theta, rms_norm_eps=mcfg.rms_norm_eps,
-                     tie_word_embeddings=mcfg.tie_word_embeddings,
-                     max_position_embeddings=mcfg.max_position_embeddings, attention_bias=mcfg.attention_bias,
-                     torch_dtype="float32")
+  return LlamaConfig(**hf_io.config_to_hf(mcfg))
 
 
 def bench_torch_train(mcfg: model_lib.ModelConfig, batch: dict, peak: float, warmup: int, repeats: int) -> dict:

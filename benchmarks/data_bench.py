@@ -1,6 +1,6 @@
 """Throughput of parse + tokenize + batch on a real preference file (one process, CPU).
 
-  python -m var_jax.data.bench [FILE] [--tokenizer DIR]
+  python -m benchmarks.data_bench [FILE] [--tokenizer DIR]
 """
 from var_jax.data.formats import load_preferences
 from var_jax.data.pipeline import PipelineConfig, measure_throughput
@@ -8,7 +8,7 @@ from var_jax.data.tokenize import Tokenizer, byte_level_bpe_tokenizer, plain_pro
 
 
 def _main(argv=None):
-  """python -m var_jax.data.bench [FILE] [--tokenizer DIR] : parse + tokenize + batch throughput.
+  """python -m benchmarks.data_bench [FILE] [--tokenizer DIR] : parse + tokenize + batch throughput.
 
   Without --tokenizer, a GPT-2-style byte-level BPE (8k vocab) is trained in memory on the first 1000 records
   (not timed), so the measurement needs no network.
