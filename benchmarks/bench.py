@@ -632,27 +632,31 @@ def write_jsonl(records: Sequence[dict], path: str, extra: dict) -> None:
 
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("preset", "bench-30m", "model preset (var_jax.model.PRESETS)")
-flags.DEFINE_integer("seq", 512, "train sequence length (every token real)")
-flags.DEFINE_integer("pairs", 2, "prompts (pairs of K=2 responses) per train step: one group of B=pairs")
-flags.DEFINE_list("what", ",".join(ALL), f"measurements to run, from {ALL}")
-flags.DEFINE_string("out", "bench_results.jsonl", "JSONL file the records are appended to")
-flags.DEFINE_integer("warmup", 2, "untimed calls before timing")
-flags.DEFINE_integer("repeats", 5, "timed calls (the median is reported)")
-flags.DEFINE_string("dtype", "float32", "compute dtype of the JAX model")
-flags.DEFINE_enum("attention_impl", "xla", ["xla", "cudnn"], "attention of the JAX model (cudnn: GPU, bfloat16)")
-flags.DEFINE_enum("remat", "none", ["none", "full", "dots"], "rematerialisation of the JAX model's layers")
-flags.DEFINE_integer("trl_pairs", 8, "pairs per step of the TRL DPO comparison (and of the var step it is compared "
-                     "with)")
-flags.DEFINE_integer("trl_seq", 256, "tokens per sequence of the TRL comparison")
-flags.DEFINE_integer("score_g", 8, "prompts per scoring block (G); K = 2")
-flags.DEFINE_integer("prompt_len", 150, "mean prompt tokens of the scoring block")
-flags.DEFINE_integer("response_len", 60, "mean response tokens of the scoring block")
-flags.DEFINE_string("data_source", "../shared/data/hh_rlhf/harmless-base_test.jsonl.gz", "preference file")
-flags.DEFINE_integer("data_limit", 0, "records of the data benchmark (0 = all)")
-flags.DEFINE_string("compile_preset", "smollm2-135m", "preset of the compile-time measurement")
-flags.DEFINE_integer("gen_batch", 4, "prompts per generation batch")
-flags.DEFINE_integer("gen_tokens", 16, "new tokens per prompt")
+
+
+def _define_flags() -> None:
+  """Defined only when run as a program, so that importing this module (tests) adds no flags."""
+  flags.DEFINE_string("preset", "bench-30m", "model preset (var_jax.model.PRESETS)")
+  flags.DEFINE_integer("seq", 512, "train sequence length (every token real)")
+  flags.DEFINE_integer("pairs", 2, "prompts (pairs of K=2 responses) per train step: one group of B=pairs")
+  flags.DEFINE_list("what", ",".join(ALL), f"measurements to run, from {ALL}")
+  flags.DEFINE_string("out", "bench_results.jsonl", "JSONL file the records are appended to")
+  flags.DEFINE_integer("warmup", 2, "untimed calls before timing")
+  flags.DEFINE_integer("repeats", 5, "timed calls (the median is reported)")
+  flags.DEFINE_string("dtype", "float32", "compute dtype of the JAX model")
+  flags.DEFINE_enum("attention_impl", "xla", list(model_lib.ATTENTION_IMPLS), "attention of the JAX model (cudnn: GPU, bfloat16)")
+  flags.DEFINE_enum("remat", "none", list(model_lib.REMAT_POLICIES), "rematerialisation of the JAX model's layers")
+  flags.DEFINE_integer("trl_pairs", 8, "pairs per step of the TRL DPO comparison (and of the var step it is compared "
+                       "with)")
+  flags.DEFINE_integer("trl_seq", 256, "tokens per sequence of the TRL comparison")
+  flags.DEFINE_integer("score_g", 8, "prompts per scoring block (G); K = 2")
+  flags.DEFINE_integer("prompt_len", 150, "mean prompt tokens of the scoring block")
+  flags.DEFINE_integer("response_len", 60, "mean response tokens of the scoring block")
+  flags.DEFINE_string("data_source", "../shared/data/hh_rlhf/harmless-base_test.jsonl.gz", "preference file")
+  flags.DEFINE_integer("data_limit", 0, "records of the data benchmark (0 = all)")
+  flags.DEFINE_string("compile_preset", "smollm2-135m", "preset of the compile-time measurement")
+  flags.DEFINE_integer("gen_batch", 4, "prompts per generation batch")
+  flags.DEFINE_integer("gen_tokens", 16, "new tokens per prompt")
 
 
 def run(what: Sequence[str], preset: str, seq: int, pairs: int, warmup: int, repeats: int, dtype: str = "float32",
@@ -740,4 +744,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

@@ -30,18 +30,22 @@ from var_jax import artifacts
 from var_jax import stage_table
 from var_jax import stages as stages_lib
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Base config file.")
-_DIR = flags.DEFINE_string("dir", "workdir/sweep", "Sweep directory.")
-_GRID = flags.DEFINE_multi_string("grid", [], "field=v1,v2,... (repeat for a product grid).")
-_STAGES = flags.DEFINE_string("stages", "var,dpo,chosen,eval", "Stages each run executes after the upstream ones.")
-_EMIT = flags.DEFINE_bool("emit_commands", False, "Print one command per run instead of running.")
-_COLLECT = flags.DEFINE_bool("collect_only", False, "Only collect finished runs into the table and plots.")
-_PIVOT = flags.DEFINE_multi_string("pivot", [], "ROW:COLUMN:METRIC (e.g. var.lam:var.group_size:gold_reward): a "
-                                   "METRIC table with one row per ROW value and one column per COLUMN value (either "
-                                   "may be `policy`), written to pivot.md; repeat for several.")
-_PIVOT_POLICY = flags.DEFINE_string("pivot_policy", "var", "Policy whose rows the pivot tables use ('' = all).")
-_AGGREGATE = flags.DEFINE_string("aggregate_over", "", "A grid field (e.g. seed) to average over: adds a "
-                                 "mean / std / n summary (summary.md) per policy and remaining grid values.")
+
+def _define_flags() -> None:
+  """Defined only when run as a program, so that importing this module (tests) adds no flags."""
+  global _CONFIG, _DIR, _GRID, _STAGES, _EMIT, _COLLECT, _PIVOT, _PIVOT_POLICY, _AGGREGATE
+  _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Base config file.")
+  _DIR = flags.DEFINE_string("dir", "workdir/sweep", "Sweep directory.")
+  _GRID = flags.DEFINE_multi_string("grid", [], "field=v1,v2,... (repeat for a product grid).")
+  _STAGES = flags.DEFINE_string("stages", "var,dpo,chosen,eval", "Stages each run executes after the upstream ones.")
+  _EMIT = flags.DEFINE_bool("emit_commands", False, "Print one command per run instead of running.")
+  _COLLECT = flags.DEFINE_bool("collect_only", False, "Only collect finished runs into the table and plots.")
+  _PIVOT = flags.DEFINE_multi_string("pivot", [], "ROW:COLUMN:METRIC (e.g. var.lam:var.group_size:gold_reward): a "
+                                     "METRIC table with one row per ROW value and one column per COLUMN value (either "
+                                     "may be `policy`), written to pivot.md; repeat for several.")
+  _PIVOT_POLICY = flags.DEFINE_string("pivot_policy", "var", "Policy whose rows the pivot tables use ('' = all).")
+  _AGGREGATE = flags.DEFINE_string("aggregate_over", "", "A grid field (e.g. seed) to average over: adds a "
+                                   "mean / std / n summary (summary.md) per policy and remaining grid values.")
 
 
 def parse_value(text: str, current):
@@ -402,4 +406,5 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

@@ -17,6 +17,7 @@ def _finite_number(x):
   return isinstance(x, (int, float)) and math.isfinite(x)
 
 
+@pytest.mark.slow
 def test_bench_records_are_well_formed(tmp_path):
   what = ["train", "profile", "score", "generate", "memory"] + (["data"] if os.path.exists(HH) else [])
   records = bench.run(what, "tiny", seq=32, pairs=2, warmup=1, repeats=2, score_g=2, prompt_len=12,
@@ -48,6 +49,7 @@ def test_bench_records_are_well_formed(tmp_path):
   assert "train" in bench.table(records)
 
 
+@pytest.mark.slow
 def test_torch_step_record():
   pytest.importorskip("torch")
   pytest.importorskip("transformers")

@@ -387,6 +387,7 @@ needs_shared = pytest.mark.skipif(not SHARED.is_dir() and os.environ.get("CI") !
                                   reason="../shared/data not present (runs in CI)")
 
 
+@pytest.mark.slow
 @needs_shared
 def test_hh_batches_round_trip_and_throughput():
   records, _ = load_preferences(str(HH), skip_invalid=True)
@@ -429,6 +430,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.multiprocess
 def test_two_real_processes_form_the_global_batch():
   """Two independent interpreters (different hash seeds) agree on blocks and split the data exactly once."""
   import json

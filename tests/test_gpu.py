@@ -7,7 +7,7 @@ from flax import nnx
 
 from var_jax import model as M
 
-pytestmark = pytest.mark.skipif(jax.default_backend() != 'gpu', reason='needs an NVIDIA GPU')
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(jax.default_backend() != 'gpu', reason='needs an NVIDIA GPU')]
 
 
 def _rows(b, t, seed=0):

@@ -551,6 +551,7 @@ print("OK", err)
 '''
 
 
+@pytest.mark.slow
 def test_load_onto_8_device_mesh(hf_dirs, tmp_path):
   """On 8 simulated devices (fsdp=4 x tensor=2), each tensor goes straight to its shards and logits still match HF."""
   import subprocess

@@ -322,6 +322,7 @@ def _assert_matches_reference(results, ref, adamw):
     assert np.abs(want - ref["init/" + name]).max() > 0.5 * lr or np.abs(g).max() == 0.0, name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh", MESHES)
 def test_sharded_step_matches_single_device(equivalence, mesh):
   """Forward hidden/log-probs, VAR loss and one AdamW step on the mesh == one device without sharding."""
@@ -347,6 +348,7 @@ _EXPECTED_SHARD_SHAPES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh", MESHES)
 def test_params_and_optimizer_state_sharded_as_rules_say(equivalence, mesh):
   meta = equivalence[1][mesh]
@@ -358,6 +360,7 @@ def test_params_and_optimizer_state_sharded_as_rules_say(equivalence, mesh):
   assert meta["shard_state_ok"]
 
 
+@pytest.mark.slow
 def test_bad_input_on_eight_devices(equivalence):
   errors = equivalence[1]["errors"]
   assert "data=3, fsdp=-1, tensor=1" in errors["mesh_3_rest"] and "8 devices" in errors["mesh_3_rest"]
@@ -365,6 +368,8 @@ def test_bad_input_on_eight_devices(equivalence):
   assert "batch['tokens']: 6 local rows do not divide over the 8 batch shards" in errors["rows_6_on_8"]
 
 
+@pytest.mark.multiprocess
+@pytest.mark.slow
 def test_two_processes_match_single_device(equivalence, tmp_path):
   """Two processes x 4 CPU devices (gloo), each feeding its half of the batch, take the reference step."""
   out = str(tmp_path / "multiprocess.npz")

@@ -212,6 +212,7 @@ def _run_until_checkpoint(cmd, workdir, min_step, sig):
   return proc.returncode, err
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_is_bitwise_exact(tmp_path):
   steps = ["--config.sft.steps=60", "--config.checkpoint.every=10"]
   straight = str(tmp_path / "straight")
@@ -226,6 +227,7 @@ def test_resume_after_sigkill_is_bitwise_exact(tmp_path):
     np.testing.assert_array_equal(x, y)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_exits_then_resumes(tmp_path):
   workdir = str(tmp_path / "run")
   cmd = _main_cmd(workdir, "--config.sft.steps=400", "--config.checkpoint.every=10")
@@ -238,6 +240,7 @@ def test_sigterm_saves_and_exits_then_resumes(tmp_path):
   assert lines and lines[-1]["step"] <= last
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   workdir = str(tmp_path / "run")
   cmd = _main_cmd(workdir, "--config.sft.steps=30", "--config.checkpoint.every=1", "--config.sft.lr=1e30",
@@ -298,6 +301,8 @@ def test_unknown_override_fails_naming_the_field():
   assert "lamb" in proc.stderr
 
 
+@pytest.mark.multiprocess
+@pytest.mark.slow
 def test_two_process_var_stage_matches_one_process(tmp_path):
   import shutil  # pylint: disable=g-import-not-at-top
   import portpicker  # pylint: disable=g-import-not-at-top
@@ -356,6 +361,7 @@ def test_two_process_var_stage_matches_one_process(tmp_path):
     np.testing.assert_allclose(x, y, atol=2e-5)
 
 
+@pytest.mark.slow
 def test_score_stage_prefix_shared_equals_pairwise():
   cfg = tiny_config()
   tok = tokenize.Tokenizer(synthetic.build_tokenizer(), max_prompt_len=16, max_response_len=12)
@@ -458,6 +464,7 @@ def test_rerun_after_damaged_newest_checkpoint_resumes_from_the_previous_step(tm
   assert logged == [3, 6, 6]  # First run: 3, 6; the rerun resumed at 3 and logged only 6 (from scratch: 3 again).
 
 
+@pytest.mark.slow
 @pytest.mark.multiprocess
 def test_two_processes_fall_back_to_the_same_step_when_only_one_cannot_read(tmp_path):
   """Step 2's array data of process 1 is cut short: process 1's read fails, process 0's succeeds; both must agree

@@ -22,19 +22,24 @@ from var_jax import artifacts
 from var_jax import hf_io
 from var_jax import metrics_writer
 from var_jax import objectives
+from var_jax import model as model_lib
 from var_jax import sharding as sharding_lib
 from var_jax import stage_table
 from var_jax import stages as stages_lib
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "The run's config file (configs/*.py).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "The run's workdir (holding <stage>/params).", required=True)
-_STAGE = flags.DEFINE_string("stage", "var", "The stage whose model to export (a policy stage, or reward).")
-_OUT = flags.DEFINE_string("out", None, "The HF checkpoint directory to write (must not exist or be empty).",
-                           required=True)
-_DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Tensor dtype; default the model's "
-                           "param_dtype.")
-_MAX_SHARD_SIZE = flags.DEFINE_string("max_shard_size", "5GB", "Largest safetensors file (e.g. 5GB, 500MB); "
-                                      "bigger models are split into shards with an index.")
+
+def _define_flags() -> None:
+  """Defined only when run as a program, so that importing this module (tests, other entry points) adds no flags."""
+  global _CONFIG, _WORKDIR, _STAGE, _OUT, _DTYPE, _MAX_SHARD_SIZE
+  _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "The run's config file (configs/*.py).")
+  _WORKDIR = flags.DEFINE_string("workdir", None, "The run's workdir (holding <stage>/params).", required=True)
+  _STAGE = flags.DEFINE_string("stage", "var", "The stage whose model to export (a policy stage, or reward).")
+  _OUT = flags.DEFINE_string("out", None, "The HF checkpoint directory to write (must not exist or be empty).",
+                             required=True)
+  _DTYPE = flags.DEFINE_enum("dtype", None, list(model_lib.DTYPES), "Tensor dtype; default the model's "
+                             "param_dtype.")
+  _MAX_SHARD_SIZE = flags.DEFINE_string("max_shard_size", "5GB", "Largest safetensors file (e.g. 5GB, 500MB); "
+                                        "bigger models are split into shards with an index.")
 
 
 def exportable_stages() -> tuple[str, ...]:
@@ -103,4 +108,5 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

@@ -16,7 +16,6 @@ excluded from its partition (it gets weight 0) instead of turning every weight i
 reports prompts left with no weight so the training loop can stop with a message.
 """
 import math
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
