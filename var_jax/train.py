@@ -4,7 +4,8 @@ One jitted step with explicit shardings: prepare the whole batch's constants (VA
 objectives.py), run `grad_accum` micro-batches of whole groups under `lax.scan`, clip, AdamW, and keep the old
 parameters if the loss or gradient is not finite (the host finds out at the next log or save and stops with a
 message; the last good checkpoint is never overwritten). The loop saves policy parameters, optimizer state, step
-and the data-iterator state in one orbax CheckpointManager, resumes from the latest one, and saves on SIGTERM.
+and the data-iterator state in one orbax CheckpointManager, resumes from the latest one, and saves on SIGTERM (on
+several processes at a step they agree on, see `PreemptionCheck`).
 """
 import contextlib
 import os
@@ -18,7 +19,9 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from var_jax import checkpoints
 from var_jax import flops as flops_lib
@@ -147,10 +150,13 @@ def make_eval_step(objective: objectives.Objective, graphdef, rest, cfg):
 # Checkpoints.
 
 
-def checkpoint_manager(directory: str, cfg) -> ocp.CheckpointManager:
+def checkpoint_manager(directory, cfg) -> ocp.CheckpointManager:
+  """The stage's CheckpointManager on a local directory (made absolute, as orbax wants) or a cloud URL (gs://...)."""
   options = ocp.CheckpointManagerOptions(max_to_keep=cfg.checkpoint.keep, create=True,
                                          enable_async_checkpointing=cfg.checkpoint.async_save)
-  return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_names=("state", "data"))
+  path = epath.Path(directory)
+  return ocp.CheckpointManager(path if "://" in os.fspath(path) else path.absolute(), options=options,
+                               item_names=("state", "data"))
 
 
 @contextlib.contextmanager
@@ -167,6 +173,51 @@ def sigterm_flag():
     yield flag
   finally:
     signal.signal(signal.SIGTERM, previous)
+
+
+class PreemptionCheck:
+  """stop(step) -> True when training should save this step and stop, with the same answer on every process.
+
+  On a pod the hosts see SIGTERM at different steps (or only some of them see it); a host that saved and stopped
+  alone would leave the others waiting in a collective. So with several processes the decision is agreed on:
+
+  - "sync point" (the default with `jax.distributed.initialize`): JAX's preemption sync manager has its own SIGTERM
+    notifier, shares a notice with every process through the coordination service and names one step (the
+    largest step any process has reached, plus one) at which `multihost_utils.reached_preemption_sync_point`
+    returns True everywhere; it must be asked at every step from the same starting step, which the loop does. No
+    Python handler is installed then: it would replace the notifier's and the notice would never be shared.
+  - "allgather" (several processes, but the preemption service is off: jax_enable_preemption_service=False): a
+    Python handler sets a local flag, and every `every` steps the processes allgather their flags and stop when
+    any is set.
+  - "local" (one process): a Python handler, checked at every step, as `sigterm_flag`.
+  """
+
+  def __init__(self, every: int):
+    self.every = max(int(every), 1)
+    self.mode = "local"
+    if jax.process_count() > 1:
+      # jax.distributed.initialize starts the sync manager when this option is on (JAX's default).
+      synced = jax.distributed.is_initialized() and jax.config.jax_enable_preemption_service
+      self.mode = "sync point" if synced else "allgather"
+    self._flag = None
+    self._stack = contextlib.ExitStack()
+
+  def __enter__(self) -> "PreemptionCheck":
+    if self.mode != "sync point":
+      self._flag = self._stack.enter_context(sigterm_flag())
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self._stack.close()
+
+  def stop(self, step: int) -> bool:
+    if self.mode == "sync point":
+      return multihost_utils.reached_preemption_sync_point(step)
+    if self.mode == "local":
+      return self._flag["set"]
+    if step % self.every:
+      return False
+    return bool(np.any(multihost_utils.process_allgather(np.int32(self._flag["set"]))))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -247,7 +298,7 @@ def train(stage: str, objective: objectives.Objective, cfg, section, model: nnx.
 
   step_number = int(jax.device_get(state["step"]))
   window_tokens, window_flops, window_start = 0.0, 0.0, time.perf_counter()
-  with sigterm_flag() as preempted, writer.progress(total_steps, step_number, stage) as progress:
+  with PreemptionCheck(cfg.log_every) as preemption, writer.progress(total_steps, step_number, stage) as progress:
     while step_number < total_steps:
       local = next(it)
       batch = sharding_lib.global_batch(local, mesh)
@@ -269,9 +320,10 @@ def train(stage: str, objective: objectives.Objective, cfg, section, model: nnx.
         window_tokens, window_flops, window_start = 0.0, 0.0, time.perf_counter()
       if cfg.eval_every and step_number % cfg.eval_every == 0 and step_number < total_steps:
         run_eval(step_number)
-      if step_number % cfg.checkpoint.every == 0 or step_number == total_steps or preempted["set"]:
+      preempted = preemption.stop(step_number)
+      if step_number % cfg.checkpoint.every == 0 or step_number == total_steps or preempted:
         save(step_number)
-      if preempted["set"] and step_number < total_steps:
+      if preempted and step_number < total_steps:
         mngr.wait_until_finished()
         mngr.close()
         writer.close()
