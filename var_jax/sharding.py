@@ -19,6 +19,8 @@ Multi-host (TPU pod slices, GPU clusters): every process runs the same program. 
 first thing (before anything touches a device), build the mesh over `jax.devices()` (all processes' devices),
 feed each process's own rows with `global_batch`, and let only `is_main_process()` write logs and files.
 """
+import glob
+import importlib.util
 import logging
 import math
 import os
@@ -413,17 +415,52 @@ def global_batch(local_batch: dict, mesh: Mesh) -> dict:
 # Processes.
 
 
+# Where Linux lists PCI devices, and the ids of Cloud TPU chips on it: Google's vendor id with the device ids JAX's
+# own detection counts as TPU chips (jax/_src/hardware_utils.py, jax 0.10.2: v3, v4, v5p, v5e, v6e, TPU7x and one
+# unnamed). Google's vendor id alone would also match the gVNIC network card and NVMe disks of any GCE VM.
+_PCI_DEVICES = "/sys/bus/pci/devices"
+_GOOGLE_PCI_VENDOR = "0x1ae0"
+_TPU_PCI_DEVICES = frozenset({"0x0027", "0x0056", "0x005e", "0x0062", "0x0063", "0x006f", "0x0076"})
+_LIBTPU = "libtpu"  # The package jax[tpu] installs; TPU_LIBRARY_PATH names the library instead.
+
+
+def _libtpu_installed() -> bool:
+  return importlib.util.find_spec(_LIBTPU) is not None or bool(os.environ.get("TPU_LIBRARY_PATH"))
+
+
+def _cloud_tpu_vm() -> bool:
+  """True on a Cloud TPU VM where `jax.distributed.initialize()` finds its hosts by itself: TPU chips on PCI and
+  libtpu installed (what JAX checks before it asks the VM metadata server for the worker list and this worker's
+  number), and TPU_SKIP_MDS_QUERY unset (JAX then skips the metadata server). Reads a few sysfs files only."""
+  if os.environ.get("TPU_SKIP_MDS_QUERY") is not None or not _libtpu_installed():
+    return False
+  for vendor_file in glob.glob(os.path.join(_PCI_DEVICES, "*", "vendor")):
+    try:
+      with open(vendor_file, encoding="ascii") as f:
+        if f.read().strip() != _GOOGLE_PCI_VENDOR:
+          continue
+      with open(os.path.join(os.path.dirname(vendor_file), "device"), encoding="ascii") as f:
+        if f.read().strip() in _TPU_PCI_DEVICES:
+          return True
+    except OSError:  # A device that went away, or an unreadable file: not a TPU chip we can use.
+      continue
+  return False
+
+
 def _cluster_env() -> str | None:
-  """Name of a multi-process launcher visible in the environment, or None (cheap: environment only)."""
+  """Name of a multi-process launcher visible in the environment, or None (cheap: environment and sysfs only)."""
   env = os.environ
   if env.get("JAX_COORDINATOR_ADDRESS"):
     return "JAX_COORDINATOR_ADDRESS"
-  if "," in env.get("TPU_WORKER_HOSTNAMES", "") or "," in env.get("TPU_PROCESS_ADDRESSES", ""):
-    return "Cloud TPU pod slice"
+  for hosts in ("TPU_PROCESS_ADDRESSES", "TPU_WORKER_HOSTNAMES"):  # Set by GKE: one name means a single host.
+    if hosts in env:
+      return "Cloud TPU pod slice" if "," in env[hosts] else None
   if int(env.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_JOB_ID" in env:
     return "SLURM"
   if int(env.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1:
     return "Open MPI"
+  if _cloud_tpu_vm():
+    return "Cloud TPU VM"
   return None
 
 
@@ -433,12 +470,15 @@ def initialize_distributed(coordinator: str | None = None, num_processes: int | 
 
   - Explicit: `initialize_distributed("10.0.0.1:1234", num_processes=4, process_id=i)` on each process (any
     cluster, or several processes on one machine, e.g. CPU tests with gloo collectives).
-  - TPU pod slices (`TPU_WORKER_HOSTNAMES` lists several hosts), SLURM (`srun`, SLURM_NTASKS > 1), Open MPI
-    (`mpirun`, OMPI_COMM_WORLD_SIZE > 1) or `JAX_COORDINATOR_ADDRESS` set: `jax.distributed.initialize()` with no
-    arguments, which reads the coordinator, process count and id from that environment. Launch the same command on
-    every host (e.g. `gcloud compute tpus tpu-vm ssh NAME --worker=all --command="python -m var_jax.train ..."`).
+  - From the environment, `jax.distributed.initialize()` with no arguments, which reads the coordinator, process
+    count and id from it: `JAX_COORDINATOR_ADDRESS` set; GKE TPU pod slices (`TPU_WORKER_HOSTNAMES` or
+    `TPU_PROCESS_ADDRESSES` lists several hosts); SLURM (`srun`, SLURM_NTASKS > 1); Open MPI (`mpirun`,
+    OMPI_COMM_WORLD_SIZE > 1); a Cloud TPU VM (TPU chips on PCI and libtpu installed; JAX asks the VM metadata
+    server for the slice's workers, so a pod slice needs no variables: run the same command on every worker, e.g.
+    `gcloud compute tpus tpu-vm ssh NAME --worker=all --command="python -m var_jax.main ..."`). On a single-host
+    TPU VM this makes a one-process "cluster", which changes nothing else; TPU_SKIP_MDS_QUERY=1 turns it off.
   - Otherwise (one host, one process): nothing; JAX uses the local devices.
-  Returns True when running distributed after the call.
+  Returns True when jax.distributed is initialised after the call.
   """
   if jax.distributed.is_initialized():
     return True
