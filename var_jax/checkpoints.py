@@ -5,13 +5,13 @@ file; orbax then fails deep inside its reader (e.g. a JSONDecodeError) and never
 `restore_newest` tries the steps newest first, reports each failure by step and directory, moves the failed newer
 steps aside once an older one restores, and returns that one.
 """
-import os
 import time
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 
 from var_jax import sharding as sharding_lib
 
@@ -72,9 +72,9 @@ def _move_aside(mngr: ocp.CheckpointManager, steps: list[int], stage: str) -> No
   if sharding_lib.is_main_process():
     stamp = time.strftime("%Y%m%dT%H%M%S")
     for step in steps:
-      src = os.path.join(str(mngr.directory), str(step))
-      dst = f"{src}.corrupt-{stamp}"
-      os.rename(src, dst)
+      src = epath.Path(mngr.directory) / str(step)  # A local directory or a cloud URL (gs://...).
+      dst = src.parent / f"{src.name}.corrupt-{stamp}"
+      src.rename(dst)
       logging.error("[%s] moved checkpoint step %d, which does not restore, aside: %s -> %s", stage, step, src, dst)
   if jax.process_count() > 1:  # The others reload the step list only once the renames are done.
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top

@@ -323,9 +323,6 @@ RUNNERS = {"reference": run_reference, "reward": run_reward, "score": run_score,
 
 def run_pipeline(cfg, workdir: str) -> None:
   """Runs the configured stages that are not complete in workdir (validating the config first)."""
-  if "://" in workdir:
-    raise ValueError(f"--workdir={workdir}: var_jax writes through the local filesystem; mount the bucket (gcsfuse, "
-                     "as launch/tpu_pod.sh does) and pass the mount path")
   sharding_lib.initialize_distributed()
   config_lib.validate(cfg, jax.device_count())
   if sharding_lib.is_main_process():  # The settings of this run, before any stage can fail (never overwritten).
