@@ -6,13 +6,16 @@
 #     launch/tpu_pod.sh all --spot -- --config.var.lam=0.5
 #
 # Subcommands (default: all):
-#   create   create the TPU VM unless it exists (a PREEMPTED/TERMINATED one is deleted and recreated)
+#   create   get the TPU VM unless it exists: by default a queued resource (PROVISION=queued) that waits in
+#            Cloud TPU's queue until capacity is free, then creates the node; PROVISION=direct creates the node at
+#            once (fails when there is no capacity). A PREEMPTED/TERMINATED node or a SUSPENDED/FAILED queued
+#            resource is deleted and requested again.
 #   setup    copy the code to every worker (or git-clone GIT_URL there) and install requirements + jax[tpu]
 #   run      run var_jax on every worker (gcloud compute tpus tpu-vm ssh --worker=all --command=...)
 #   all      create + setup + run; with RETRIES=N (or --retries N), repeat all three after a failure or a
 #            preemption, up to N more times: var_jax resumes from WORKDIR, so a rerun continues the run.
-#   delete   delete the TPU VM
-#   status   print the TPU VM's state
+#   delete   delete the TPU VM (and its queued resource, with --force)
+#   status   print the queued resource's and the TPU VM's state
 #
 # Everything after `--` (and EXTRA_ARGS) is appended to the var_jax command line (config overrides).
 # DRY_RUN=1 (or --dry-run) prints every command instead of running it.
@@ -26,7 +29,13 @@
 #                                 (Cloud TPU "TPU software versions" page: v6e -> v2-alpha-tpuv6e,
 #                                 v5p -> v2-alpha-tpuv5, v5e -> v2-alpha-tpuv5-lite, v4 and older ->
 #                                 tpu-ubuntu2204-base); `gcloud compute tpus tpu-vm versions list` lists them.
-#   SPOT=1 / --spot, PREEMPTIBLE=1 / --preemptible   capacity type (Spot VMs have no 24h limit; prefer --spot)
+#   PROVISION / --queued, --direct  queued (default: `gcloud compute tpus queued-resources create`, which Google
+#                                 recommends) or direct (`gcloud compute tpus tpu-vm create`)
+#   QUEUED_RESOURCE               the queued resource's id (default: NAME); the node it creates is NAME
+#   QUEUE_TIMEOUT                 give up a queued request not served within this long, e.g. 6h
+#                                 (--valid-until-duration); default: wait indefinitely
+#   SPOT=1 / --spot, PREEMPTIBLE=1 / --preemptible   capacity type (Spot VMs have no 24h limit; prefer --spot;
+#                                 preemptible exists for direct creation only)
 #   SERVICE_ACCOUNT / --service-account   the VM's service account (default: Compute Engine default account)
 #   SCOPES                        OAuth scopes of that account (default cloud-platform: access is then governed
 #                                 by IAM roles, e.g. roles/storage.objectUser on the bucket)
@@ -39,20 +48,24 @@
 #   PYTHON                        interpreter on the workers (default python3.11; installed with apt if missing)
 #   JAX_VERSION                   default: the jax pin in requirements.txt (jax[tpu] must match jax/jaxlib)
 #   GCS_MOUNT_ROOT                where buckets are mounted on the workers (default /mnt/gcs)
-#   COORDINATOR_PORT              port of the jax.distributed coordinator on worker 0 (default 8482, JAX's own)
 #   SKIP_SETUP=1                  `all` skips setup (code and packages already on the workers)
 #
 # Why WORKDIR must be shared and why gs:// is mounted: on a multi-host slice every process must see the same
 # workdir (orbax writes each host's shards there, process 0 writes the stage markers DONE.json that all
-# processes read, the score stage writes one file per process). orbax itself writes gs:// paths directly
-# (through tensorstore), but var_jax also writes stage markers, scores, metrics and eval results with plain
-# Python file I/O (and resolves the checkpoint directory with os.path.abspath), which does not understand
-# gs://. So a gs:// WORKDIR is mounted with gcsfuse at $GCS_MOUNT_ROOT/BUCKET on every worker and var_jax gets
-# the mounted path. Needs: a bucket in the TPU's region (ideally with hierarchical namespace, which gives
-# atomic directory renames, as orbax's finalize step uses; on a flat bucket gcsfuse emulates them with
-# --rename-dir-limit), and the VM's service account with write access to it (roles/storage.objectUser).
+# processes read, the score stage writes one file per process). var_jax writes every artifact through
+# etils.epath and orbax, so `--workdir=gs://...` works directly where epath can reach GCS (gcsfs installed, or
+# TensorFlow); requirements.txt installs neither, so this script mounts a gs:// WORKDIR with gcsfuse at
+# $GCS_MOUNT_ROOT/BUCKET on every worker and var_jax gets the mounted path. Needs: a bucket in the TPU's region
+# (ideally with hierarchical namespace, which gives atomic directory renames, as orbax's finalize step uses; on a
+# flat bucket gcsfuse emulates them with --rename-dir-limit), and the VM's service account with write access to
+# it (roles/storage.objectUser).
 #
-# Docs this follows (checked against Google Cloud SDK 528's own --help as well):
+# Docs this follows (checked against Google Cloud SDK 528's own --help as well; the queued-resources syntax
+# against the gcloud reference pages below):
+#   https://cloud.google.com/sdk/gcloud/reference/compute/tpus/queued-resources/create  (GA: --node-id,
+#       --accelerator-type, --runtime-version, --spot, --valid-until-duration; --best-effort is alpha-only)
+#   https://cloud.google.com/sdk/gcloud/reference/compute/tpus/queued-resources/delete  (--force: nodes too)
+#   https://cloud.google.com/tpu/docs/queued-resources      (states: WAITING_FOR_RESOURCES ... ACTIVE, SUSPENDED)
 #   https://cloud.google.com/tpu/docs/jax-pods              (create / install on --worker=all / run)
 #   https://cloud.google.com/tpu/docs/runtimes              (software versions per TPU generation)
 #   https://cloud.google.com/tpu/docs/spot-compute, https://cloud.google.com/tpu/docs/preemptible
@@ -87,7 +100,9 @@ PYTHON="${PYTHON:-python3.11}"
 JAX_VERSION="${JAX_VERSION:-$(sed -n 's/^jax==\([^ ]*\).*/\1/p' "$REPO_ROOT/requirements.txt")}"
 JAX_TPU_FIND_LINKS="${JAX_TPU_FIND_LINKS:-}"
 GCS_MOUNT_ROOT="${GCS_MOUNT_ROOT:-/mnt/gcs}"
-COORDINATOR_PORT="${COORDINATOR_PORT:-8482}"
+PROVISION="${PROVISION:-queued}"
+QUEUED_RESOURCE="${QUEUED_RESOURCE:-}"
+QUEUE_TIMEOUT="${QUEUE_TIMEOUT:-}"
 RETRIES="${RETRIES:-0}"
 SKIP_SETUP="${SKIP_SETUP:-0}"
 DRY_RUN="${DRY_RUN:-0}"
@@ -107,6 +122,8 @@ while (($#)); do
     --workdir) WORKDIR="$2"; shift ;;       --workdir=*) WORKDIR="${1#*=}" ;;
     --git-url) GIT_URL="$2"; shift ;;       --git-url=*) GIT_URL="${1#*=}" ;;
     --retries) RETRIES="$2"; shift ;;       --retries=*) RETRIES="${1#*=}" ;;
+    --queued) PROVISION=queued ;;
+    --direct) PROVISION=direct ;;
     --spot) SPOT=1 ;;
     --preemptible) PREEMPTIBLE=1 ;;
     --dry-run) DRY_RUN=1 ;;
@@ -154,6 +171,10 @@ default_runtime() {
 [[ -n "$ZONE" || "$CMD" == status ]] || die "set ZONE (or --zone), e.g. ZONE=us-west4-a"
 [[ -n "$RUNTIME_VERSION" ]] || RUNTIME_VERSION="$(default_runtime "$ACCELERATOR_TYPE")"
 [[ "$SPOT" == 1 && "$PREEMPTIBLE" == 1 ]] && die "--spot and --preemptible are exclusive"
+[[ "$PROVISION" == queued || "$PROVISION" == direct ]] || die "PROVISION must be queued or direct, not '$PROVISION'"
+[[ "$PROVISION" == queued && "$PREEMPTIBLE" == 1 ]] && die "queued resources take --spot, not --preemptible (or use --direct)"
+QUEUED_RESOURCE="${QUEUED_RESOURCE:-$NAME}"
+QR=(gcloud compute tpus queued-resources)
 
 LOC=(--zone="$ZONE")
 [[ -n "$PROJECT" ]] && LOC+=(--project="$PROJECT")
@@ -188,7 +209,15 @@ tpu_state() {  # Prints the TPU VM's state (READY, CREATING, PREEMPTED, ...) or 
   "${TPU[@]}" describe "$NAME" "${LOC[@]}" --format='value(state)' 2>/dev/null || true
 }
 
-do_create() {
+qr_state() {  # Prints the queued resource's state (WAITING_FOR_RESOURCES, ACTIVE, ...) or nothing.
+  if [[ "$DRY_RUN" == 1 ]]; then
+    echo "+ $(qjoin "${QR[@]}" describe "$QUEUED_RESOURCE" "${LOC[@]}" --format='value(state.state)')" >&2
+    return 0
+  fi
+  "${QR[@]}" describe "$QUEUED_RESOURCE" "${LOC[@]}" --format='value(state.state)' 2>/dev/null || true
+}
+
+create_direct() {
   local state
   state="$(tpu_state)"
   case "$state" in
@@ -205,6 +234,42 @@ do_create() {
   [[ "$SPOT" == 1 ]] && args+=(--spot)
   [[ "$PREEMPTIBLE" == 1 ]] && args+=(--preemptible)
   run "${args[@]}"
+}
+
+create_queued() {
+  local state
+  state="$(qr_state)"
+  case "$state" in
+    ""|SUSPENDED|SUSPENDING|FAILED)
+      if [[ -n "$state" ]]; then  # A preempted Spot slice leaves its request SUSPENDED: request it anew.
+        echo "tpu_pod.sh: queued resource $QUEUED_RESOURCE is $state: deleting and requesting it again" >&2
+        run "${QR[@]}" delete "$QUEUED_RESOURCE" "${LOC[@]}" --force --quiet
+      fi
+      local args=("${QR[@]}" create "$QUEUED_RESOURCE" "${LOC[@]}" --node-id="$NAME"
+                  --accelerator-type="$ACCELERATOR_TYPE" --runtime-version="$RUNTIME_VERSION" --scopes="$SCOPES")
+      [[ -n "$SERVICE_ACCOUNT" ]] && args+=(--service-account="$SERVICE_ACCOUNT")
+      [[ "$SPOT" == 1 ]] && args+=(--spot)
+      [[ -n "$QUEUE_TIMEOUT" ]] && args+=(--valid-until-duration="$QUEUE_TIMEOUT")
+      run "${args[@]}" ;;
+    *) echo "tpu_pod.sh: reusing queued resource $QUEUED_RESOURCE ($state)" >&2 ;;
+  esac
+  [[ "$DRY_RUN" == 1 ]] && return 0
+  # The request waits in the queue (WAITING_FOR_RESOURCES, PROVISIONING) until capacity is free: poll until ACTIVE.
+  while true; do
+    state="$(qr_state)"
+    case "$state" in
+      ACTIVE) echo "tpu_pod.sh: queued resource $QUEUED_RESOURCE is ACTIVE (node $NAME)" >&2; return 0 ;;
+      FAILED|SUSPENDED|SUSPENDING|"") die "queued resource $QUEUED_RESOURCE is ${state:-gone}; see: $(qjoin "${QR[@]}" describe "$QUEUED_RESOURCE" "${LOC[@]}")" ;;
+      *) echo "tpu_pod.sh: queued resource $QUEUED_RESOURCE is $state; waiting" >&2; sleep 60 ;;
+    esac
+  done
+}
+
+do_create() { if [[ "$PROVISION" == queued ]]; then create_queued; else create_direct; fi; }
+
+do_delete() {
+  if [[ "$PROVISION" == queued ]]; then run "${QR[@]}" delete "$QUEUED_RESOURCE" "${LOC[@]}" --force --quiet
+  else run "${TPU[@]}" delete "$NAME" "${LOC[@]}" --quiet; fi
 }
 
 ssh_all() { run "${TPU[@]}" ssh "$NAME" "${LOC[@]}" --worker=all --command="$1"; }
@@ -238,21 +303,12 @@ do_setup() {
 
 do_run() {
   [[ -n "$RUN_WORKDIR" ]] || die "set WORKDIR (gs://BUCKET/PATH or a shared absolute path): a multi-host run needs one all workers see, and a preempted VM loses its disk"
-  local coord="<worker-0-ip>"
-  if [[ "$DRY_RUN" == 1 ]]; then
-    echo "+ $(qjoin "${TPU[@]}" describe "$NAME" "${LOC[@]}" --format='value(networkEndpoints[0].ipAddress)')"
-  else
-    coord="$("${TPU[@]}" describe "$NAME" "${LOC[@]}" --format='value(networkEndpoints[0].ipAddress)')"
-    [[ -n "$coord" ]] || die "could not read worker 0's address of $NAME"
-  fi
   local py=(.venv/bin/python -m var_jax.main --config="$CONFIG" --workdir="$RUN_WORKDIR" "${OVERRIDES[@]}")
-  # JAX_COORDINATOR_ADDRESS: worker 0 (= JAX process 0, the coordinator) at JAX's own TPU port. It makes
-  # var_jax's initialize_distributed() call jax.distributed.initialize(), which then reads the process count
-  # and id from the TPU VM metadata; on GCE TPU VMs TPU_WORKER_HOSTNAMES is not in the environment, so without
-  # it var_jax would not initialise the distributed runtime.
+  # No coordinator variables: on a Cloud TPU VM var_jax's initialize_distributed() calls jax.distributed.initialize(),
+  # which reads the workers, this worker's number and the coordinator (worker 0) from the TPU VM metadata.
   local remote="set -e; cd \$HOME/$REMOTE_DIR"
   [[ -n "$MOUNT_SNIPPET" ]] && remote+="; $MOUNT_SNIPPET"
-  remote+="; mkdir -p $(q "$RUN_WORKDIR"); export JAX_COORDINATOR_ADDRESS=$coord:$COORDINATOR_PORT; exec $(qjoin "${py[@]}")"
+  remote+="; mkdir -p $(q "$RUN_WORKDIR"); exec $(qjoin "${py[@]}")"
   ssh_all "$remote"
 }
 
@@ -266,8 +322,10 @@ case "$CMD" in
   create) do_create ;;
   setup) do_setup ;;
   run) do_run ;;
-  delete) run "${TPU[@]}" delete "$NAME" "${LOC[@]}" --quiet ;;
-  status) run "${TPU[@]}" describe "$NAME" "${LOC[@]}" --format='value(state,acceleratorType,runtimeVersion)' ;;
+  delete) do_delete ;;
+  status)
+    [[ "$PROVISION" == queued ]] && run "${QR[@]}" describe "$QUEUED_RESOURCE" "${LOC[@]}" --format='value(state.state)'
+    run "${TPU[@]}" describe "$NAME" "${LOC[@]}" --format='value(state,acceleratorType,runtimeVersion)' ;;
   all)
     # Each attempt runs in a subshell with errexit on (a function called as a loop condition would run with
     # errexit ignored, so a failed step would not stop the attempt).

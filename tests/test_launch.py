@@ -16,7 +16,7 @@ SCRIPTS = ["tpu_pod.sh", "gpu.sh", "slurm.sbatch"]
 # Environment variables the scripts read: cleared so the caller's shell (or a SLURM allocation) cannot leak in.
 _SCRIPT_VARS = ("NAME ZONE PROJECT ACCELERATOR_TYPE RUNTIME_VERSION SPOT PREEMPTIBLE SERVICE_ACCOUNT SCOPES CONFIG "
                 "WORKDIR EXTRA_ARGS GIT_URL GIT_REF REMOTE_DIR PYTHON JAX_VERSION JAX_TPU_FIND_LINKS GCS_MOUNT_ROOT "
-                "COORDINATOR_PORT RETRIES SKIP_SETUP CUDA VENV REPO GPUS_PER_NODE REQUEUE").split()
+                "PROVISION QUEUED_RESOURCE QUEUE_TIMEOUT RETRIES SKIP_SETUP CUDA VENV REPO GPUS_PER_NODE REQUEUE").split()
 
 
 def _run(script, *args, env=None):
@@ -53,11 +53,14 @@ def test_tpu_pod_all_dry_run():
              env={"ZONE": "us-central2-b", "NAME": "my-tpu", "PROJECT": "my-proj", "ACCELERATOR_TYPE": "v4-32",
                   "WORKDIR": "gs://my-bucket/runs/a", "CONFIG": "configs/tiny.py"})
   loc = "--zone=us-central2-b --project=my-proj"
-  create = _lines(out, "gcloud compute tpus tpu-vm create my-tpu")
-  assert len(create) == 1
-  for flag in (loc, "--accelerator-type=v4-32", "--version=tpu-ubuntu2204-base", "--spot"):
+  # By default a queued resource (named like the node) whose node is my-tpu; no direct tpu-vm create.
+  assert _lines(out, "gcloud compute tpus queued-resources describe my-tpu", loc, "--format=value(state.state)")
+  create = _lines(out, "gcloud compute tpus queued-resources create my-tpu")
+  assert len(create) == 1 and not _lines(out, "tpu-vm create")
+  for flag in (loc, "--node-id=my-tpu", "--accelerator-type=v4-32", "--runtime-version=tpu-ubuntu2204-base",
+               "--spot", "--scopes=https://www.googleapis.com/auth/cloud-platform"):
     assert flag in create[0], create[0]
-  assert "--preemptible" not in create[0]
+  assert "--preemptible" not in create[0] and "--valid-until-duration" not in create[0]
   scp = _lines(out, "gcloud compute tpus tpu-vm scp")
   assert len(scp) == 1 and "my-tpu:var_jax_code.tar.gz" in scp[0] and "--worker=all" in scp[0] and loc in scp[0]
   ssh = _lines(out, f"gcloud compute tpus tpu-vm ssh my-tpu {loc} --worker=all")
@@ -68,19 +71,36 @@ def test_tpu_pod_all_dry_run():
   assert ("python -m var_jax.main --config=configs/tiny.py --workdir=/mnt/gcs/my-bucket/runs/a "
           "--config.var.lam=0.5 --config.data.groups_per_batch=16") in run
   assert "gcsfuse --implicit-dirs --rename-dir-limit=1000000 my-bucket /mnt/gcs/my-bucket" in run
-  assert "JAX_COORDINATOR_ADDRESS=" in run
-  assert _lines(out, "gcloud compute tpus tpu-vm describe my-tpu", "networkEndpoints[0].ipAddress")
+  assert "JAX_COORDINATOR" not in run  # var_jax finds the slice's workers itself (sharding.initialize_distributed).
+
+
+def test_tpu_pod_queued_and_direct_provisioning():
+  base = {"ZONE": "us-west4-a", "NAME": "n", "WORKDIR": "/nfs/r", "ACCELERATOR_TYPE": "v5litepod-16"}
+  out = _run("tpu_pod.sh", "create", env={**base, "QUEUED_RESOURCE": "q1", "QUEUE_TIMEOUT": "6h"})
+  (create,) = _lines(out, "gcloud compute tpus queued-resources create q1")
+  for flag in ("--zone=us-west4-a", "--node-id=n", "--accelerator-type=v5litepod-16",
+               "--runtime-version=v2-alpha-tpuv5-lite", "--valid-until-duration=6h"):
+    assert flag in create, create
+  assert "--spot" not in create
+  (delete,) = _lines(_run("tpu_pod.sh", "delete", env={**base, "QUEUED_RESOURCE": "q1"}), "queued-resources delete")
+  assert "q1 --zone=us-west4-a --force --quiet" in delete
+  out = _run("tpu_pod.sh", "status", env=base)
+  assert _lines(out, "queued-resources describe n") and _lines(out, "tpu-vm describe n")
+  out = _run("tpu_pod.sh", "create", "--direct", "--spot", env=base)
+  (create,) = _lines(out, "gcloud compute tpus tpu-vm create n")
+  assert "--version=v2-alpha-tpuv5-lite" in create and "--spot" in create and "queued-resources" not in out
+  assert _lines(_run("tpu_pod.sh", "delete", env={**base, "PROVISION": "direct"}), "tpu-vm delete n")
 
 
 def test_tpu_pod_runtime_defaults_preemptible_git_and_local_workdir():
   base = {"ZONE": "us-west4-a", "NAME": "t", "WORKDIR": "/nfs/runs/b"}
   for acc, version in (("v5litepod-16", "v2-alpha-tpuv5-lite"), ("v5p-16", "v2-alpha-tpuv5"),
                        ("v6e-16", "v2-alpha-tpuv6e"), ("v4-32", "tpu-ubuntu2204-base")):
-    out = _run("tpu_pod.sh", "create", "--preemptible", env={**base, "ACCELERATOR_TYPE": acc})
+    out = _run("tpu_pod.sh", "create", "--direct", "--preemptible", env={**base, "ACCELERATOR_TYPE": acc})
     (create,) = _lines(out, "tpu-vm create t")
     assert f"--accelerator-type={acc}" in create and f"--version={version}" in create and "--preemptible" in create
   out = _run("tpu_pod.sh", "create", "--runtime-version=v2-alpha-tpuv6e", "--accelerator-type", "v6e-8", env=base)
-  assert "--version=v2-alpha-tpuv6e" in out and "--accelerator-type=v6e-8" in out
+  assert "--runtime-version=v2-alpha-tpuv6e" in out and "--accelerator-type=v6e-8" in out
   out = _run("tpu_pod.sh", "setup", "--git-url", "https://github.com/me/var_jax.git", env=base)
   assert "git clone --quiet https://github.com/me/var_jax.git" in out and "tpu-vm scp" not in out
   out = _run("tpu_pod.sh", "run", "--config=configs/tiny.py", "--config.var.lam=2.0", env=base)
@@ -92,6 +112,8 @@ def test_tpu_pod_rejects_bad_settings():
   e = {k: v for k, v in os.environ.items() if k not in _SCRIPT_VARS}
   for env, args in (({}, ["create"]),                                               # no ZONE
                     ({"ZONE": "z"}, ["create", "--spot", "--preemptible"]),
+                    ({"ZONE": "z"}, ["create", "--preemptible"]),                    # queued: Spot only
+                    ({"ZONE": "z", "PROVISION": "later"}, ["create"]),
                     ({"ZONE": "z", "WORKDIR": "relative/dir"}, ["run"]),
                     ({"ZONE": "z"}, ["run"]),                                         # no WORKDIR
                     ({"ZONE": "z"}, ["--bogus"])):
