@@ -12,7 +12,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import portpicker
 import pytest
 from flax import nnx
 from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec as P
@@ -370,24 +369,10 @@ def test_bad_input_on_eight_devices(equivalence):
 
 @pytest.mark.multiprocess
 @pytest.mark.slow
-def test_two_processes_match_single_device(equivalence, tmp_path):
+def test_two_processes_match_single_device(equivalence, tmp_path, run_jax_processes):
   """Two processes x 4 CPU devices (gloo), each feeding its half of the batch, take the reference step."""
   out = str(tmp_path / "multiprocess.npz")
-  port = portpicker.pick_unused_port()
-  env = _env()
-  env.pop("XLA_FLAGS", None)
-  procs = [subprocess.Popen([sys.executable, WORKER, "multiprocess", out, str(port), str(i)], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
-  logs = []
-  try:
-    for p in procs:
-      logs.append(p.communicate(timeout=TIMEOUT_S)[0])
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-  for i, (p, log) in enumerate(zip(procs, logs)):
-    assert p.returncode == 0, f"process {i} failed:\n{log[-5000:]}"
+  run_jax_processes(lambda i, port: [WORKER, "multiprocess", out, str(port), str(i)], timeout=TIMEOUT_S)
   results, meta = _load(out)
   # The data axis spans the two processes, so each process really holds only its own rows.
   assert meta["mesh_process_ids"] == [[0, 0, 0, 0], [1, 1, 1, 1]]

@@ -303,9 +303,8 @@ def test_unknown_override_fails_naming_the_field():
 
 @pytest.mark.multiprocess
 @pytest.mark.slow
-def test_two_process_var_stage_matches_one_process(tmp_path):
+def test_two_process_var_stage_matches_one_process(tmp_path, run_jax_processes):
   import shutil  # pylint: disable=g-import-not-at-top
-  import portpicker  # pylint: disable=g-import-not-at-top
   upstream = str(tmp_path / "upstream")
   stages.run_pipeline(tiny_config(stages="sft,reward,score"), upstream)
   one, two = str(tmp_path / "one"), str(tmp_path / "two")
@@ -336,15 +335,8 @@ def test_two_process_var_stage_matches_one_process(tmp_path):
                   os.path.join(one, "var"), mesh, sharding_lib.DEFAULT_RULES)
   artifacts.save_model(policy, one, "var")
   flags = [f"--config.{k}={v}" for k, v in TEST_SIZE.items()] + ["--config.stages=var"]
-  port = portpicker.pick_unused_port()
-  env = {**os.environ, "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo", "JAX_PLATFORMS": "cpu"}
-  procs = [subprocess.Popen(
-      [sys.executable, "-m", "var_jax.main", "--config=configs/tiny.py", f"--workdir={two}", *flags,
-       f"--coordinator=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
-      cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in range(2)]
-  for p in procs:
-    _, err = p.communicate(timeout=300)
-    assert p.returncode == 0, err[-3000:]
+  run_jax_processes(lambda i, port: ["-m", "var_jax.main", "--config=configs/tiny.py", f"--workdir={two}", *flags,
+                                     f"--coordinator=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"])
 
   def losses_of(workdir):
     with open(os.path.join(workdir, "var", "logs", "metrics.jsonl")) as f:
@@ -466,26 +458,12 @@ def test_rerun_after_damaged_newest_checkpoint_resumes_from_the_previous_step(tm
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_two_processes_fall_back_to_the_same_step_when_only_one_cannot_read(tmp_path):
+def test_two_processes_fall_back_to_the_same_step_when_only_one_cannot_read(tmp_path, run_jax_processes):
   """Step 2's array data of process 1 is cut short: process 1's read fails, process 0's succeeds; both must agree
   on step 1 (orbax's restore barrier, which process 1 never reaches, is joined by it so the collectives stay paired)."""
-  import portpicker  # pylint: disable=g-import-not-at-top
-  out, port = str(tmp_path / "out.json"), portpicker.pick_unused_port()
-  env = {**os.environ, "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo", "JAX_PLATFORMS": "cpu"}
-  env.pop("XLA_FLAGS", None)
-  procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "checkpoint_worker.py"),
-                             str(tmp_path / "ckpt"), out, str(port), str(i)], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
-  logs = []
-  try:
-    for p in procs:
-      logs.append(p.communicate(timeout=180)[0])
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-  for i, (p, log) in enumerate(zip(procs, logs)):
-    assert p.returncode == 0, f"process {i} failed:\n{log[-5000:]}"
+  out = str(tmp_path / "out.json")
+  logs = run_jax_processes(lambda i, port: [os.path.join(ROOT, "tests", "checkpoint_worker.py"),
+                                            str(tmp_path / "ckpt"), out, str(port), str(i)], timeout=180)
   assert "checkpoint step 2 in" in logs[1] and "Encountered error while reading" in logs[1]
   assert "restored on this process but failed on another" in logs[0]
   results = [json.load(open(f"{out}.{i}")) for i in range(2)]
