@@ -195,9 +195,10 @@ def collect(runs) -> list[dict]:
   """One row per (run, policy) with the grid values, eval results and the policy stage's final train metrics."""
   rows = []
   for name, cfg, run_dir, _, _ in runs:
-    if not artifacts.is_complete(run_dir, "eval"):
+    try:
+      results = artifacts.read_eval_results(run_dir)
+    except FileNotFoundError:
       continue
-    results = artifacts.read_eval_results(run_dir)
     point = dict(p.split("=", 1) for p in name.split(",")) if name != "base" else {}
     for policy, metrics in results["policies"].items():
       row = {"run": name, **point, "policy": policy, **metrics}
