@@ -13,7 +13,7 @@ from etils import epath
 
 from var_jax import artifacts
 from var_jax import metrics_writer
-from tests.test_train import tiny_config
+from tests.helpers import tiny_config
 
 WORKDIR = "gs://bucket/runs/a"
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tests.test_train import ROOT, TEST_SIZE, tiny_config
+from tests.helpers import ROOT, TEST_SIZE, tiny_config
 from var_jax import export
 from var_jax import hf_io
 from var_jax import sampling

@@ -172,7 +172,7 @@ def test_run_pipeline_writes_the_config_before_any_stage_runs(tmp_path):
 @pytest.mark.slow
 def test_training_logs_to_wandb_offline(tmp_path):
   pytest.importorskip("wandb")
-  from tests.test_train import tiny_config  # pylint: disable=g-import-not-at-top
+  from tests.helpers import tiny_config  # pylint: disable=g-import-not-at-top
   from var_jax import stages  # pylint: disable=g-import-not-at-top
   workdir = str(tmp_path / "run")
   stages.run_pipeline(tiny_config(stages="sft", **{"wandb.mode": "offline", "wandb.project": "p"}), workdir)

@@ -9,7 +9,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
@@ -27,25 +26,7 @@ from var_jax.data import pipeline as data_pipeline
 from var_jax.data import synthetic
 from var_jax.data import tokenize
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-# The tiny config shrunk to a test's size (seconds per stage), as command-line overrides too.
-TEST_SIZE = {"data.num_sft": 256, "data.num_pairs": 128, "data.num_eval": 32, "data.groups_per_batch": 2,
-             "sft.steps": 6, "reward.steps": 6, "var.steps": 6, "dpo.steps": 6, "chosen.steps": 6, "ipo.steps": 6,
-             "checkpoint.every": 3, "log_every": 3, "eval_every": 0, "eval_batches": 1, "eval.num_prompts": 8,
-             "eval.max_new_tokens": 6, "optim.warmup_steps": 2}
-
-
-def tiny_config(**overrides) -> ml_collections.ConfigDict:
-  sys.path.insert(0, ROOT)
-  from configs import tiny  # pylint: disable=g-import-not-at-top
-  c = tiny.get_config()
-  for key, value in {**TEST_SIZE, **overrides}.items():
-    section, _, field = key.rpartition(".")
-    (c[section] if section else c)[field] = value
-  return c
-
+from tests.helpers import ROOT, TEST_SIZE, tiny_config
 
 def _var_batch(seed=0, groups=4):
   """A synthetic-task batch with random cross-context scores gathered in."""
