@@ -41,7 +41,11 @@ def get_config():
   c.reward.lr = 1e-5
   c.var.steps = 2000
   c.var.lr = 1e-6
-  c.var.lam = 1.0                       # The KL coefficient; sweep it (launch/sweep).
+  c.var.lam = 1.0                       # The KL coefficient, in reward standard deviations; sweep it (launch.sweep).
+  # Per-token log pi_ref and standardised rewards: summed log-probs of whole responses would decide the weights
+  # alone on real data (docs/math.md). --config.var.paper=True gives the paper's formula; report both.
+  c.var.length_normalize = True
+  c.var.standardize_rewards = True
   c.var.normalizer = "cross_context"
   c.dpo.steps = 2000
   c.dpo.lr = 1e-6
