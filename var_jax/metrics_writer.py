@@ -87,10 +87,11 @@ class MetricsWriter:
     if self._remote and time.monotonic() - self._synced >= self._sync_secs:
       self._sync()
 
-  def _sync(self) -> None:
+  def _sync(self, tb_closed: bool = False) -> None:
     """Copies a cloud log directory's files over: the whole JSONL file and every local TensorBoard event file."""
     (self._logdir / "metrics.jsonl").write_text("".join(self._lines))
-    self._tb.flush()
+    if not tb_closed:
+      self._tb.flush()
     for name in os.listdir(self._tb_local):
       with open(os.path.join(self._tb_local, name), "rb") as f:
         (self._logdir / name).write_bytes(f.read())
@@ -109,8 +110,8 @@ class MetricsWriter:
   def close(self) -> None:
     if self.enabled:
       if self._remote:
-        self._sync()
-        self._tb.close()
+        self._tb.close()  # Closing (not just flushing) guarantees every pending event is on disk before the copy.
+        self._sync(tb_closed=True)
         shutil.rmtree(self._tb_local, ignore_errors=True)
       else:
         self._tb.close()
