@@ -113,6 +113,14 @@ def is_done(cfg, workdir, stage: str) -> bool:
   return True
 
 
+def done_results(workdir, stage: str) -> dict:
+  """The results a finished stage recorded in its DONE.json."""
+  path = _done_path(workdir, stage)
+  if not path.exists():
+    raise FileNotFoundError(f"stage {stage!r} is not finished in {workdir} (no {path})")
+  return json.loads(path.read_text()).get("results", {})
+
+
 def mark_done(cfg, workdir, stage: str, results: Optional[dict] = None) -> None:
   """Writes DONE.json (main process only), last, so a stage that failed midway is never taken as finished."""
   if sharding_lib.is_main_process():

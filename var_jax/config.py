@@ -148,6 +148,17 @@ def base_config() -> ml_collections.ConfigDict:
   c.ipo.lr = 5e-4
   c.ipo.tau = 0.1                 # Regularisation: the log-ratio margin is driven to 1 / (2 tau).
 
+  c.judge = ml_collections.ConfigDict()    # A held-out judge for the eval stage (stage `judge`, not in the default
+                                           # pipeline): a Bradley-Terry reward model from the base model (not the SFT
+                                           # backbone) trained on pairs no policy and no training reward model saw.
+  c.judge.source = ""             # Preference file / hub id of the same source, e.g. the rest of the training file;
+                                  # records sharing a first user turn with the training or eval data are dropped.
+  c.judge.split = "train"         # Split of a hub judge.source.
+  c.judge.max_records = 0         # Read at most this many records (0 = all).
+  c.judge.heldout_fraction = 0.1  # Judge pairs kept out of its training to measure its pairwise accuracy.
+  c.judge.steps = 300
+  c.judge.lr = 1e-4
+
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every = 100        # Save every N steps (and at the end, and on SIGTERM).
   c.checkpoint.keep = 2           # Keep the last K.
@@ -274,6 +285,10 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
   for field in ("project", "entity", "group", "name"):
     if "/" in cfg.wandb[field] or "," in cfg.wandb[field]:
       _fail(f"wandb.{field}", cfg.wandb[field], "must not contain '/' or ','")
+  if "judge" in stages and not cfg.judge.source:
+    _fail("judge.source", cfg.judge.source, "the judge stage needs preference data of its own (a file or hub id)")
+  if not 0 < cfg.judge.heldout_fraction < 1:
+    _fail("judge.heldout_fraction", cfg.judge.heldout_fraction, "must be in (0, 1)")
   if cfg.eval.samples_per_prompt < 1 or cfg.eval.bootstrap < 0:
     _fail("eval.samples_per_prompt", cfg.eval.samples_per_prompt, "samples_per_prompt must be >= 1 and bootstrap >= 0")
   if cfg.eval.samples_per_prompt > 1 and cfg.eval.temperature == 0:

@@ -6,6 +6,8 @@ Per policy (the reference = sft, and var / dpo when trained):
   win/tie vs ref     per prompt, its generations against the reference policy's, judged by gold reward and by RM,
                      with a percentile-bootstrap 95% interval over prompts (`*_lo`, `*_hi`);
   win vs chosen_sft  the same against the SFT-on-chosen baseline (the `chosen` stage), when it was trained;
+  judge_*            the same judged by the held-out judge (stage `judge`, when it finished): a reward model trained
+                     on pairs no policy and no training reward model saw; its held-out accuracy is in results.judge;
   win/tie vs chosen  against the dataset's chosen response, judged by the RM (real data);
   kl_to_ref          mean over prompts of sum_t [log pi(y_t) - log pi_ref(y_t)] on the policy's own samples: an
                      unbiased estimate of KL(pi || pi_ref) when sampling at temperature 1 without truncation,
@@ -22,6 +24,19 @@ from var_jax import sampling
 from var_jax import scoring
 from var_jax.data import splits
 from var_jax.data import synthetic
+
+
+def pairwise_accuracy(reward_model, records, tok, bucket: int) -> float:
+  """Share of records whose chosen response the reward model scores above its worst-ranked one (real pairs only)."""
+  prompt_ids, _ = tok.encode_prompts([r.prompt for r in records])
+  chosen, _ = tok.encode_responses([r.responses[r.chosen] for r in records])
+  worst, _ = tok.encode_responses([r.responses[r.ranking[-1]] for r in records])
+  keep = [i for i in range(len(records)) if chosen[i] is not None and worst[i] is not None]
+  if not keep:
+    raise ValueError("no held-out pair has two non-empty responses: cannot measure the judge's accuracy")
+  score = lambda ids: scoring.score_pairs(reward_model, [(prompt_ids[i], ids[i]) for i in keep], pad_id=tok.pad_id,
+                                          bucket=bucket, reward=True)
+  return float(np.mean(score(chosen) > score(worst)))
 
 
 def per_prompt_outcomes(a, b, num_prompts: int):
@@ -65,6 +80,8 @@ def evaluate_policies(ctx, policies) -> dict:
   prompt_ids, _ = tok.encode_prompts([r.prompt for r in records])
   policies = ["sft"] + list(policies)
   rm = ctx.reward_model()
+  # The held-out judge (stage `judge`): trained on pairs no policy and no training reward model saw.
+  judge_rm = ctx.load("judge", reward=True) if artifacts.is_complete(ctx.workdir, "judge") else None
   ref = ctx.load("sft")
   unbiased_kl = e.temperature == 1.0 and e.top_k == 0 and e.top_p >= 1.0
   bucket = cfg.data.bucket
@@ -84,32 +101,38 @@ def evaluate_policies(ctx, policies) -> dict:
     m["kl_to_ref" if unbiased_kl else "logratio_to_ref"] = float(np.mean(logp - ref_logp))
     if task.synthetic:
       m["gold"] = [synthetic.gold_reward(r.prompt, t) for r, t in zip(records, texts)]
-    if rm is not None:
-      m["rm"] = scoring.score_pairs(rm, pairs, pad_id=tok.pad_id, bucket=bucket, reward=True).tolist()
+    for key, model_of_judge in (("rm", rm), ("judge", judge_rm)):
+      if model_of_judge is not None:
+        m[key] = scoring.score_pairs(model_of_judge, pairs, pad_id=tok.pad_id, bucket=bucket, reward=True).tolist()
     generations[name], per_policy[name] = texts, m
 
-  chosen_rm = None
-  if rm is not None and not task.synthetic:
+  # The dataset's chosen response of each prompt, scored by each reward-model judge (real data).
+  chosen_scores = {}
+  if not task.synthetic:
     chosen_ids, _ = tok.encode_responses([r.responses[r.chosen] for r in records])
     keep = [i for i, c in enumerate(chosen_ids) if c is not None]
-    chosen_rm = np.full(len(records), np.nan)
-    chosen_rm[keep] = scoring.score_pairs(rm, [(prompt_ids[i], chosen_ids[i]) for i in keep], pad_id=tok.pad_id,
-                                          bucket=bucket, reward=True)
+    for key, model_of_judge in (("rm", rm), ("judge", judge_rm)):
+      if model_of_judge is not None and keep:
+        chosen_scores[key] = np.full(len(records), np.nan)
+        chosen_scores[key][keep] = scoring.score_pairs(model_of_judge, [(prompt_ids[i], chosen_ids[i]) for i in keep],
+                                                       pad_id=tok.pad_id, bucket=bucket, reward=True)
   results = {"policies": {}, "num_prompts": num_prompts, "samples_per_prompt": samples,
              "repeated_prompts_dropped": repeats, "temperature": e.temperature}
+  if judge_rm is not None:
+    results["judge"] = artifacts.done_results(ctx.workdir, "judge")
   compare = lambda row, name, a, b, p=num_prompts: _comparison(row, name, a, b, p, e.bootstrap, cfg.seed)
   for name, m in per_policy.items():
     row = {k: v for k, v in m.items() if not isinstance(v, list)}
-    for judge in ("gold", "rm"):
+    for judge in ("gold", "rm", "judge"):
       if judge in m:
         row[f"{judge}_reward"] = float(np.mean(m[judge]))
         if name != "sft":
           compare(row, f"{judge}_win_vs_ref", m[judge], per_policy["sft"][judge])
         if name not in ("sft", "chosen") and "chosen" in per_policy:
           compare(row, f"{judge}_win_vs_chosen_sft", m[judge], per_policy["chosen"][judge])
-    if chosen_rm is not None:
-      ok = ~np.isnan(chosen_rm)
-      compare(row, "rm_win_vs_chosen", np.asarray(m["rm"])[ok], chosen_rm[ok], int(ok.sum()) // samples)
+    for key, chosen in chosen_scores.items():
+      ok = ~np.isnan(chosen)
+      compare(row, f"{key}_win_vs_chosen", np.asarray(m[key])[ok], chosen[ok], int(ok.sum()) // samples)
     results["policies"][name] = row
   results["samples"] = [{"prompt": tok.render(records[i].prompt), **{n: generations[n][i] for n in policies}}
                         for i in range(min(e.show, len(records)))]

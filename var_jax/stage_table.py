@@ -17,7 +17,8 @@ class Stage:
 
   name: the stage's name (in config.stages, and its directory workdir/<name>/).
   runner: how it runs, a key of var_jax/stages.RUNNERS: "reference" (trains pi_ref), "reward" (trains or names the
-    reward model), "score" (caches log pi_ref and rewards), "policy" (trains a policy from the reference), "eval".
+    reward model), "score" (caches log pi_ref and rewards), "policy" (trains a policy from the reference), "judge"
+    (trains the held-out judge on its own data), "eval".
   sections: config sections its artifacts depend on (beyond those of the stages it reads).
   reads: stages whose artifacts it needs, complete, before it runs.
   writes: artifacts it leaves in workdir/<name>/ (see var_jax/artifacts.py).
@@ -44,7 +45,9 @@ STAGES = (
     Stage("chosen", "policy", ("chosen",), reads=("sft",), writes=("params",), objective="chosen", compared=True),
     Stage("ipo", "policy", ("ipo",), reads=("score",), writes=("params",), objective="ipo", compared=True,
           default=False),
-    # Eval compares every policy stage that finished; its results depend on all of their settings.
+    Stage("judge", "judge", ("judge",), reads=("sft",), writes=("params",), objective="reward", default=False),
+    # Eval compares every policy stage that finished (judged by the judge too when it finished); its results depend
+    # on all of their settings.
     Stage("eval", "eval", ("eval",), reads=("sft", "reward"), writes=("results",)),
 )
 
@@ -70,7 +73,7 @@ def depends_on(name: str) -> tuple[str, ...]:
     if s in seen:
       continue
     seen.add(s)
-    todo.extend(get(s).reads + (COMPARED if get(s).runner == "eval" else ()))
+    todo.extend(get(s).reads + (COMPARED + ("judge",) if get(s).runner == "eval" else ()))
   return tuple(sorted(seen))
 
 

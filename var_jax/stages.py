@@ -309,6 +309,37 @@ def run_policy(ctx: Context, stage: str) -> None:
   artifacts.mark_done(ctx.cfg, ctx.workdir, stage, results)
 
 
+def _judge_records(ctx: Context):
+  """(train, held-out, info): judge.source without the records whose first user turn the policies' training or eval
+  data has, split by first user turn so the judge's accuracy is measured on conversations it never saw."""
+  cfg, j = ctx.cfg, ctx.cfg.judge
+  records, stats = formats.load_preferences(j.source, cfg.data.format, split=j.split,
+                                            skip_invalid=cfg.data.skip_invalid, limit=j.max_records or None)
+  records, overlap = splits.drop_train_overlap(records, list(ctx.task.pref_records) + list(ctx.task.eval_records))
+  train, held_out = splits.split_by_first_turn(records, j.heldout_fraction)
+  if not train or not held_out:
+    raise ValueError(f"config.judge.source={j.source!r}: {len(records)} records left after dropping {overlap} that "
+                     "share a first user turn with the training or eval data; the judge needs more")
+  logging.info("judge data %s: %s; %d dropped (overlap), %d train, %d held out", j.source, stats, overlap,
+               len(train), len(held_out))
+  return train, held_out, {"train_records": len(train), "heldout_records": len(held_out), "dropped_overlap": overlap}
+
+
+def run_judge(ctx: Context, stage: str) -> None:
+  """A held-out judge for the eval stage: a Bradley-Terry reward model from the base model (model.path or the random
+  init; not the SFT backbone, which trained on the policies' data), trained on judge.source."""
+  cfg, tok = ctx.cfg, ctx.task.tok
+  train, held_out, info = _judge_records(ctx)
+  judge = new_model(cfg, ctx.mcfg, ctx.mesh, ctx.rules, reward=True, seed=cfg.seed + 2)
+  _copy_backbone(judge, new_model(cfg, ctx.mcfg, ctx.mesh, ctx.rules, seed=cfg.seed + 2))
+  judge = ctx.train(stage, judge, make_pipeline(cfg, train, tok, k_max=2, train=True),
+                    make_pipeline(cfg, held_out, tok, k_max=2, train=False))
+  info["heldout_accuracy"] = evaluate.pairwise_accuracy(judge, held_out, tok, cfg.data.bucket)
+  logging.info("judge: held-out pairwise accuracy %.4f on %d pairs", info["heldout_accuracy"], len(held_out))
+  artifacts.save_model(judge, ctx.workdir, stage)
+  artifacts.mark_done(cfg, ctx.workdir, stage, info)
+
+
 def run_eval(ctx: Context, stage: str) -> dict:
   """Generations of the reference and every finished compared policy on held-out prompts (var_jax/evaluate.py)."""
   policies = [s for s in stage_table.COMPARED if artifacts.is_complete(ctx.workdir, s)]
@@ -318,7 +349,7 @@ def run_eval(ctx: Context, stage: str) -> dict:
 
 
 RUNNERS = {"reference": run_reference, "reward": run_reward, "score": run_score, "policy": run_policy,
-           "eval": run_eval}
+           "judge": run_judge, "eval": run_eval}
 
 
 def run_pipeline(cfg, workdir: str) -> None:
