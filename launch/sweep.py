@@ -137,8 +137,10 @@ def command_line_overrides(config_flag) -> dict:
           for field in config_flags.get_override_values(config_flag)}
 
 
-def plan(base_cfg, points: list[dict], sweep_dir: str, stages: str, base_flags: dict | None = None):
-  """[(name, cfg, run_dir, upstream_dir, overrides)] for every grid point (base_flags: see `overrides`)."""
+def plan(base_cfg, points: list[dict], sweep_dir: str, stages: str, base_flags: dict | None = None,
+         upstream_root: str | None = None):
+  """[(name, cfg, run_dir, upstream_dir, overrides)] for every grid point (base_flags: see `overrides`); upstream
+  directories live under upstream_root (default sweep_dir/upstream), so several sweeps can share them."""
   out = []
   for point in points:
     cfg = base_cfg.copy_and_resolve_references()
@@ -146,7 +148,7 @@ def plan(base_cfg, points: list[dict], sweep_dir: str, stages: str, base_flags: 
       set_field(cfg, field, value)
     cfg.stages = stages
     name = run_name(point)
-    upstream = os.path.join(sweep_dir, "upstream", upstream_key(cfg))
+    upstream = os.path.join(upstream_root or os.path.join(sweep_dir, "upstream"), upstream_key(cfg))
     out.append((name, cfg, os.path.join(sweep_dir, "runs", name), upstream,
                 overrides(point, stages, base_flags)))
   return out

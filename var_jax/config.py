@@ -33,6 +33,7 @@ CHOICES = {
     "var.normalizer": losses.NORMALIZERS,
     "var.reduction": losses.REDUCTIONS,
     "var.ess_kind": losses.ESS_KINDS,
+    "eval.prompts": ("test", "validation"),
     "wandb.mode": metrics_writer.WANDB_MODES,
 }
 
@@ -56,6 +57,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.eval_source = ""         # Held-out file or hub id; "" -> the last eval_fraction of prompts of `source`.
   c.data.eval_split = "test"      # Split of a hub eval dataset.
   c.data.eval_fraction = 0.05     # Used when eval_source is "".
+  c.data.validation_fraction = 0.0  # > 0: this share of the held-out prompts (whole first-user-turn families) is a
+                                  # validation split for tuning (eval.prompts="validation"); results use the rest.
   c.data.max_records = 0          # Read at most this many records (0 = all); for quick runs on big files.
   c.data.skip_invalid = False     # Skip (and count) invalid records instead of failing on the first one.
   c.data.max_prompt_len = 256     # Tokens; longer prompts keep their most recent tokens.
@@ -184,6 +187,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.top_p = 1.0
   c.eval.batch_size = 64
   c.eval.show = 4                 # Sample generations printed side by side.
+  c.eval.prompts = "test"         # "test" | "validation" (needs data.validation_fraction > 0): the held-out split
+                                  # eval generates for; tune on validation, report on test (launch.tune).
   c.eval.samples_per_prompt = 1   # Generations per prompt and policy (use > 1 with temperature 1).
   c.eval.bootstrap = 1000         # Bootstrap resamples of prompts for the 95% intervals of win rates (0 = none).
   return c
@@ -289,6 +294,10 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
     _fail("judge.source", cfg.judge.source, "the judge stage needs preference data of its own (a file or hub id)")
   if not 0 < cfg.judge.heldout_fraction < 1:
     _fail("judge.heldout_fraction", cfg.judge.heldout_fraction, "must be in (0, 1)")
+  if not 0 <= d.validation_fraction < 1:
+    _fail("data.validation_fraction", d.validation_fraction, "must be in [0, 1)")
+  if cfg.eval.prompts == "validation" and d.validation_fraction <= 0:
+    _fail("eval.prompts", cfg.eval.prompts, "needs data.validation_fraction > 0 (a validation split to evaluate on)")
   if cfg.eval.samples_per_prompt < 1 or cfg.eval.bootstrap < 0:
     _fail("eval.samples_per_prompt", cfg.eval.samples_per_prompt, "samples_per_prompt must be >= 1 and bootstrap >= 0")
   if cfg.eval.samples_per_prompt > 1 and cfg.eval.temperature == 0:

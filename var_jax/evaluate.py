@@ -72,7 +72,8 @@ def evaluate_policies(ctx, policies) -> dict:
   """
   cfg, task, tok = ctx.cfg, ctx.task, ctx.task.tok
   e = cfg.eval
-  records, repeats = splits.distinct_prompts(task.eval_records)
+  held_out = task.validation_records if e.prompts == "validation" else task.test_records
+  records, repeats = splits.distinct_prompts(held_out)
   records = records[:e.num_prompts]
   num_prompts, samples = len(records), e.samples_per_prompt
   # Sample j of prompt i sits at j * P + i; the policies' j-th samples of a prompt are compared with each other.
@@ -116,7 +117,7 @@ def evaluate_policies(ctx, policies) -> dict:
         chosen_scores[key] = np.full(len(records), np.nan)
         chosen_scores[key][keep] = scoring.score_pairs(model_of_judge, [(prompt_ids[i], chosen_ids[i]) for i in keep],
                                                        pad_id=tok.pad_id, bucket=bucket, reward=True)
-  results = {"policies": {}, "num_prompts": num_prompts, "samples_per_prompt": samples,
+  results = {"policies": {}, "prompts": e.prompts, "num_prompts": num_prompts, "samples_per_prompt": samples,
              "repeated_prompts_dropped": repeats, "temperature": e.temperature}
   if judge_rm is not None:
     results["judge"] = artifacts.done_results(ctx.workdir, "judge")

@@ -41,8 +41,18 @@ class Task:
   tok: tokenize.Tokenizer
   sft_records: list            # PreferenceRecords for the sft stage.
   pref_records: list           # Training preference records (>= 2 responses each).
-  eval_records: list           # Held-out preference records.
+  eval_records: list           # Held-out preference records (scored, and the held-out loss during training).
   synthetic: bool              # The embedded task: a gold reward exists.
+  validation_records: list = dataclasses.field(default_factory=list)  # Held-out prompts for tuning (eval.prompts).
+  test_records: list = dataclasses.field(default_factory=list)        # The rest: what results are reported on.
+
+
+def _with_validation(task: "Task", fraction: float) -> "Task":
+  """Splits the held-out records into validation (`fraction` of them, whole first-user-turn families) and test."""
+  if fraction <= 0:
+    return dataclasses.replace(task, validation_records=[], test_records=list(task.eval_records))
+  test, validation = splits.split_by_first_turn(task.eval_records, fraction)
+  return dataclasses.replace(task, validation_records=validation, test_records=test)
 
 
 def _hf_tokenizer(cfg):
@@ -66,7 +76,7 @@ def load_task(cfg) -> Task:
     sft = synthetic.sft_records(d.num_sft, seed=cfg.seed)
     pref = synthetic.preference_records(d.num_pairs, seed=cfg.seed, k=d.max_responses)
     held_out = synthetic.preference_records(d.num_eval, seed=cfg.seed, k=d.max_responses, split="eval")
-    return Task(tok, sft, pref, held_out, synthetic=True)
+    return _with_validation(Task(tok, sft, pref, held_out, synthetic=True), d.validation_fraction)
   limit = d.max_records or None
   hub = dict(data_dir=d.data_dir or None, config_name=d.config_name or None, data_files=d.data_files or None,
              revision=d.revision or None, columns=d.columns)
@@ -87,7 +97,7 @@ def load_task(cfg) -> Task:
     records, held_out = splits.split_by_first_turn(records, d.eval_fraction)
     logging.info("held out %d of %d records (%.1f%%), split by first user turn", len(held_out),
                  len(records) + len(held_out), 100 * len(held_out) / max(len(records) + len(held_out), 1))
-  return Task(tok, records, records, held_out, synthetic=False)
+  return _with_validation(Task(tok, records, records, held_out, synthetic=False), d.validation_fraction)
 
 
 def make_pipeline(cfg, records, tok, *, k_max: int, train: bool, min_responses: int = 2,

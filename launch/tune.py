@@ -1,0 +1,107 @@
+"""Every method tuned with the same budget on a validation split, then reported on the test prompts over seeds.
+
+    python -m launch.tune --config=configs/tiny.py --dir=workdir/results/tuned \
+        --config.data.validation_fraction=0.5 \
+        --space=var:var.lam=0.03,0.1,0.3 --space=dpo:dpo.beta=0.03,0.1,0.3 \
+        --space=chosen:chosen.lr=1e-4,3e-4,1e-3 --space=ipo:ipo.tau=0.1,0.3,1 --seeds=0,1,2
+
+1. Validation: for each method, one run per point of its space (the same number of trials for every method: the
+   command refuses unequal spaces), seed = the first seed, `<method>,eval` stages, eval.prompts = "validation"
+   (held-out prompts split off by first user turn, data.validation_fraction). The point with the best --metric of
+   that method's policy is chosen. All runs share the upstream stages (sft, reward, score) of launch.sweep.
+2. Test: every method at its chosen point, together in one run per seed (so eval compares them with each other),
+   eval.prompts = "test", aggregated over the seeds.
+
+Writes DIR/tuning.md (every validation trial and the choice) and DIR/summary.md (the test table, mean ± std over
+seeds), with launch.sweep's results.csv / results.md under DIR/validation/<method> and DIR/test.
+"""
+import os
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from launch import sweep
+from var_jax import stage_table
+
+
+def parse_space(spec: str) -> tuple[str, str]:
+  """"method:field=v1,v2[,...]" (fields may be tied with '+', as in launch.sweep) -> (method, grid spec)."""
+  method, sep, grid = spec.partition(":")
+  if not sep or method not in stage_table.COMPARED:
+    raise ValueError(f"--space={spec!r}: expected METHOD:field=v1,v2,... with METHOD one of {stage_table.COMPARED}")
+  return method, grid
+
+
+def plan_validation(base_cfg, spaces: list[tuple[str, str]], sweep_dir: str, seed: int, base_flags: dict):
+  """{method: launch.sweep plan of its trials on the validation prompts}; refuses unequal budgets."""
+  plans, sizes = {}, {}
+  for method, grid in spaces:
+    points = [{**p, "seed": seed, "eval.prompts": "validation"} for p in sweep.grid_points(base_cfg, [grid])]
+    plans[method] = sweep.plan(base_cfg, points, os.path.join(sweep_dir, "validation", method), f"{method},eval",
+                               base_flags, upstream_root=os.path.join(sweep_dir, "upstream"))
+    sizes[method] = len(points)
+  if len(set(sizes.values())) > 1:
+    raise ValueError(f"unequal tuning budgets {sizes}: give every method the same number of trials")
+  return plans
+
+
+def choose(rows: list[dict], method: str, fields: list[str], metric: str) -> tuple[dict, list[dict]]:
+  """(the best point's {field: value}, the method's trial rows), by `metric` of the method's own policy row."""
+  trials = [r for r in rows if r["policy"] == method and metric in r]
+  if not trials:
+    raise ValueError(f"no finished validation trial of {method!r} reports {metric!r}")
+  best = max(trials, key=lambda r: float(r[metric]))
+  return {f: best[f] for f in fields}, trials
+
+
+def main(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  base = _CONFIG.value
+  base_flags = sweep.command_line_overrides(flags.FLAGS["config"])
+  config_file = flags.FLAGS["config"].config_filename
+  seeds = [int(s) for s in _SEEDS.value]
+  spaces = [parse_space(s) for s in _SPACE.value]
+  plans = plan_validation(base, spaces, _DIR.value, seeds[0], base_flags)
+  lines, chosen = [f"Validation trials (seed {seeds[0]}, metric {_METRIC.value}):", ""], {}
+  for method, grid in spaces:
+    sweep.run_all(plans[method], config_file, emit=False)
+    fields = [f for f in sweep.grid_points(base, [grid])[0]]
+    best, trials = choose(sweep.collect(plans[method]), method, fields, _METRIC.value)
+    chosen.update({f: sweep.parse_value(str(v), sweep.get_field(base, f)) for f, v in best.items()})
+    for r in trials:
+      mark = " <- chosen" if all(r[f] == best[f] for f in fields) else ""
+      lines.append(f"- {method} " + ", ".join(f"{f}={r[f]}" for f in fields) + f": {float(r[_METRIC.value]):.4f}{mark}")
+  stages = ",".join([m for m, _ in spaces] + ["eval"])
+  test_points = [{**chosen, "seed": s, "eval.prompts": "test"} for s in seeds]
+  test_runs = sweep.plan(base, test_points, os.path.join(_DIR.value, "test"), stages, base_flags,
+                         upstream_root=os.path.join(_DIR.value, "upstream"))
+  sweep.run_all(test_runs, config_file, emit=False)
+  rows = sweep.collect(test_runs)
+  os.makedirs(_DIR.value, exist_ok=True)
+  with open(os.path.join(_DIR.value, "tuning.md"), "w", encoding="utf-8") as f:
+    f.write("\n".join(lines) + "\n")
+  sweep.write_table(rows, os.path.join(_DIR.value, "test"))
+  summary = sweep.markdown(sweep.aggregate(rows, "seed"))
+  with open(os.path.join(_DIR.value, "summary.md"), "w", encoding="utf-8") as f:
+    f.write(summary + "\n")
+  print("\n".join(lines))
+  print(summary)
+  logging.info("wrote %s/tuning.md and %s/summary.md", _DIR.value, _DIR.value)
+
+
+def _define_flags() -> None:
+  """Defined only when run as a program, so that importing this module (tests) adds no flags."""
+  global _CONFIG, _DIR, _SPACE, _SEEDS, _METRIC
+  _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Base config file.")
+  _DIR = flags.DEFINE_string("dir", "workdir/tuned", "Output directory.")
+  _SPACE = flags.DEFINE_multi_string("space", [], "METHOD:field=v1,v2,... (one per method, equal sizes).")
+  _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds of the test runs (the first also tunes).")
+  _METRIC = flags.DEFINE_string("metric", "gold_reward", "Validation metric to maximise (a column of eval).")
+
+
+if __name__ == "__main__":
+  _define_flags()
+  app.run(main)
