@@ -26,3 +26,14 @@ def test_drop_train_overlap_and_distinct_prompts():
   assert dropped == 1 and [splits.first_user_turn(r) for r in kept] == ["new", "new", "new"]
   distinct, repeats = splits.distinct_prompts(kept)
   assert repeats == 1 and len(distinct) == 2
+
+
+def test_validation_and_test_prompts_split_the_held_out_records_by_first_turn():
+  from tests.helpers import tiny_config  # pylint: disable=g-import-not-at-top
+  from var_jax import stages  # pylint: disable=g-import-not-at-top
+  task = stages.load_task(tiny_config(**{"data.validation_fraction": 0.5}))
+  assert len(task.validation_records) >= 0.5 * len(task.eval_records)
+  assert sorted(map(id, task.validation_records + task.test_records)) == sorted(map(id, task.eval_records))
+  turns = lambda records: set(map(splits.first_user_turn, records))
+  assert not turns(task.validation_records) & turns(task.test_records)
+  assert stages.load_task(tiny_config()).test_records == stages.load_task(tiny_config()).eval_records
