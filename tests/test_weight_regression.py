@@ -7,7 +7,6 @@ import numpy as np
 
 from configs import smollm2
 from var_jax import config as config_lib
-from var_jax import losses
 from var_jax import objectives
 
 FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "smollm2_hh_scores.npz")
@@ -20,8 +19,7 @@ def _scores():
 
 def _calibrated(cfg, scores):
   """What the var stage computes before training, for cfg's settings (objectives.VAR.calibrate)."""
-  stats = losses.own_reward_stats(scores["reward"])
-  _, _, overrides, report = objectives.VAR.calibrate(cfg, scores, scores, stats)
+  _, _, overrides, report = objectives.VAR.calibrate(cfg, scores, scores)
   return overrides["var.lam"], report
 
 

@@ -24,6 +24,7 @@ import orbax.checkpoint as ocp
 from var_jax import config as config_lib
 from var_jax import losses
 from var_jax import model as model_lib
+from var_jax import paths
 from var_jax import sharding as sharding_lib
 from var_jax import stage_table
 
@@ -128,12 +129,16 @@ def mark_done(cfg, workdir, stage: str, results: Optional[dict] = None) -> None:
                 json.dumps({"config": fingerprint(cfg, stage), "results": results or {}}, indent=1, default=float))
 
 
-def _write_text(path: epath.Path, text: str) -> None:
+def _write_bytes(path: epath.Path, data: bytes) -> None:
   """Writes through a temporary file and a rename: atomic on local disks, so readers never see half a file."""
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.parent / (path.name + ".tmp")
-  tmp.write_text(text)
+  tmp.write_bytes(data)
   tmp.replace(path)
+
+
+def _write_text(path: epath.Path, text: str) -> None:
+  _write_bytes(path, text.encode("utf-8"))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -141,9 +146,7 @@ def _write_text(path: epath.Path, text: str) -> None:
 
 
 def _params_dir(workdir, stage: str) -> epath.Path:
-  """Orbax wants absolute paths; cloud URLs already are."""
-  path = stage_dir(workdir, stage) / "params"
-  return path if "://" in str(path) else path.absolute()
+  return paths.absolute(stage_dir(workdir, stage) / "params")
 
 
 def save_model(model: nnx.Module, workdir, stage: str) -> None:
@@ -180,13 +183,9 @@ def _scores_path(workdir, split: str, process: int) -> epath.Path:
 
 def save_scores(workdir, split: str, scores: dict) -> None:
   """This process's score matrices of one split ("train" / "eval"); blocks of other processes are NaN."""
-  path = _scores_path(workdir, split, jax.process_index())
-  path.parent.mkdir(parents=True, exist_ok=True)
   buffer = io.BytesIO()
   np.savez(buffer, **scores)
-  tmp = path.parent / (path.name + ".tmp")
-  tmp.write_bytes(buffer.getvalue())
-  tmp.replace(path)
+  _write_bytes(_scores_path(workdir, split, jax.process_index()), buffer.getvalue())
 
 
 def load_scores(workdir, split: str) -> dict:

@@ -8,20 +8,11 @@ steps aside once an older one restores, and returns that one.
 import time
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
 from var_jax import sharding as sharding_lib
-
-
-def _all_processes_agree(ok: bool) -> bool:
-  """True when `ok` holds on every process (a collective: every process must call it in the same order)."""
-  if jax.process_count() == 1:
-    return ok
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
 
 
 def restore_newest(mngr: ocp.CheckpointManager, abstract_state, stage: str):
@@ -34,7 +25,7 @@ def restore_newest(mngr: ocp.CheckpointManager, abstract_state, stage: str):
   (a changed model or config, not damage, is the likely cause) and a RuntimeError lists every step's error.
 
   Multi-process: every process attempts each step and the step counts as restored only if it restored on all of
-  them (`_all_processes_agree`), so all processes fall back to the same step; the main process alone renames.
+  them (`sharding.all_processes`), so all processes fall back to the same step; the main process alone renames.
   """
   directory = str(mngr.directory)
   failed: list[tuple[int, Exception]] = []
@@ -49,7 +40,7 @@ def restore_newest(mngr: ocp.CheckpointManager, abstract_state, stage: str):
         # orbax 0.12's Checkpointer.restore ends in this barrier, after reading; a process whose read failed never
         # reached it, while processes whose shards read fine wait there. Joining it keeps the collectives paired.
         ocp.multihost.sync_global_processes(ocp.multihost.unique_barrier_key("Checkpointer:restore"))
-    if not _all_processes_agree(error is None):
+    if not sharding_lib.all_processes(error is None):
       error = error or RuntimeError("it restored on this process but failed on another")
       logging.error("[%s] checkpoint step %d in %s does not restore: %s: %s", stage, step, directory,
                     type(error).__name__, error)

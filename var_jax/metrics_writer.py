@@ -19,6 +19,8 @@ from typing import Optional
 from absl import logging
 from etils import epath
 
+from var_jax import paths
+
 WANDB_MODES = ("disabled", "online", "offline")
 # The version requirements-test.txt pins and the tests run; W&B is optional, so not in requirements.txt.
 _WANDB_PIN = "wandb==0.31.0"
@@ -51,7 +53,7 @@ class MetricsWriter:
     self._jsonl = None
     self._wandb = None
     self._logdir = epath.Path(logdir)
-    self._remote = is_url(logdir)
+    self._remote = paths.is_url(logdir)
     self._sync_secs = sync_secs
     self._synced = time.monotonic()
     if enabled:
@@ -122,11 +124,6 @@ class MetricsWriter:
       self.enabled = False
 
 
-def is_url(path) -> bool:
-  """True for a cloud URL (gs://, s3://, ...), False for a local path."""
-  return "://" in os.fspath(path)
-
-
 def _start_wandb_run(logdir: epath.Path, wandb_cfg, run_name: str, run_config: Optional[dict]):
   wandb = import_wandb(wandb_cfg.mode)
   id_path = logdir / "wandb_run_id"
@@ -137,9 +134,9 @@ def _start_wandb_run(logdir: epath.Path, wandb_cfg, run_name: str, run_config: O
     id_path.write_text(run_id + "\n")
   # W&B writes its own files to a local directory only: under a cloud log directory they go to a local one (online
   # runs upload from there; an offline run must be synced from this machine).
-  wandb_dir = os.path.join(tempfile.gettempdir(), "var_jax_wandb", run_id) if is_url(logdir) else os.fspath(logdir)
+  wandb_dir = os.path.join(tempfile.gettempdir(), "var_jax_wandb", run_id) if paths.is_url(logdir) else os.fspath(logdir)
   os.makedirs(wandb_dir, exist_ok=True)
-  workdir_name = (logdir if is_url(logdir) else logdir.absolute()).parent.parent.name
+  workdir_name = paths.absolute(logdir).parent.parent.name
   name = "-".join(x for x in (wandb_cfg.name or workdir_name, run_name) if x)
   tags = [t.strip() for t in wandb_cfg.tags.split(",") if t.strip()]
   try:

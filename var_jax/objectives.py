@@ -32,13 +32,14 @@ class Objective:
   name: the key in OBJECTIVES (and the name of the config section its stage reads).
   prepare: (batch, cfg) -> dict of per-sequence constants for the whole batch, including "denominator".
   terms: (outputs [g, N], const, cfg) -> per-example loss terms (any shape) from var_jax/losses.py.
-  metrics: (outputs [g, N], num_tokens [g, N], const, batch, cfg) -> dict of scalars, on the whole batch.
+  metrics: (outputs [g, N], num_tokens [g, N], const, batch, cfg) -> dict of scalars, on the whole batch
+    (`batch_metrics` adds the count of real response tokens).
   reward_model: trains a RewardModel (outputs are rewards) instead of a policy (outputs are log-probs).
   needs_scores: its batches carry the score stage's matrices (ref_logp, reward_matrix).
   fused_head: its terms are `losses.weighted_nll_terms(const["weights"], outputs)`: linear in the log-probs with
     parameter-free weights, so the head's gradient is computed in the forward pass (Decoder.weighted_target_logprobs).
-  calibrate: optional host-side step before training, on the cached scores: (cfg, train scores, held-out scores,
-    train reward statistics) -> (train scores, held-out scores, config overrides {field: value}, report dict).
+  calibrate: optional host-side step before training, on the cached scores: (cfg, train scores, held-out scores)
+    -> (train scores, held-out scores, config overrides {field: value}, report dict).
   """
   name: str
   prepare: Callable
@@ -54,6 +55,11 @@ class Objective:
 # The model's per-sequence outputs and the loss numerator.
 
 
+def _num_tokens(batch):
+  """[g, N] float32 response tokens (loss targets) of every sequence."""
+  return batch["loss_mask"].sum(-1).astype(jnp.float32)
+
+
 def sequence_outputs(model, batch, *, reward_model: bool = False):
   """Runs the model on every sequence of the batch.
 
@@ -62,7 +68,7 @@ def sequence_outputs(model, batch, *, reward_model: bool = False):
   """
   g, n, t = batch["inputs"].shape
   flat = lambda k: batch[k].reshape(g * n, t)
-  num_tokens = batch["loss_mask"].sum(-1).astype(jnp.float32)
+  num_tokens = _num_tokens(batch)
   if reward_model:
     scores = model.score_sequences(flat("inputs"), flat("positions"), flat("segment_ids"))
     return scores.reshape(g, n).astype(jnp.float32), num_tokens
@@ -93,15 +99,17 @@ def forward_numerator(objective: Objective, model, batch, const, cfg):
   token_weights = -const["weights"].reshape(g * n, 1) * mask
   num, token_logp = model.weighted_target_logprobs(hidden, flat("targets"), token_weights)
   outputs = jnp.sum(token_logp * mask, axis=-1).reshape(g, n)
-  return num, outputs, batch["loss_mask"].sum(-1).astype(jnp.float32)
+  return num, outputs, _num_tokens(batch)
+
+
+def batch_metrics(objective: Objective, outputs, num_tokens, const, batch, cfg):
+  """The metrics of a whole batch: its real response tokens, then the objective's own."""
+  return {"num_tokens": jnp.sum(jnp.where(batch["valid"], num_tokens, 0.0)),
+          **objective.metrics(outputs, num_tokens, const, batch, cfg)}
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Weighted SFT: sft, chosen, var.
-
-
-def _num_tokens(batch):
-  return batch["loss_mask"].sum(-1).astype(jnp.float32)
 
 
 def _weighted_terms(outputs, const, cfg):
@@ -112,8 +120,7 @@ def _weighted_terms(outputs, const, cfg):
 def _weighted_metrics(outputs, num_tokens, const, batch, cfg):
   del cfg
   w = const["weights"]
-  return {"num_tokens": jnp.sum(jnp.where(batch["valid"], num_tokens, 0.0)),
-          "nll_per_token": jnp.sum(_weighted_terms(outputs, const, None)) / jnp.maximum(jnp.sum(w * num_tokens), 1e-9)}
+  return {"nll_per_token": jnp.sum(_weighted_terms(outputs, const, None)) / jnp.maximum(jnp.sum(w * num_tokens), 1e-9)}
 
 
 def _sft_prepare(on_chosen: Callable):
@@ -155,9 +162,11 @@ def _var_prepare(batch, cfg):
   return {"weights": weights, "denominator": denominator}
 
 
-def _var_calibrate(cfg, train, held_out, reward_stats):
-  """Reward standardisation, lambda for a target ESS and the weight diagnostics (diagnostics.calibrate)."""
+def _var_calibrate(cfg, train, held_out):
+  """Reward standardisation (with the train scores' own-context statistics, as the score stage records them), lambda
+  for a target ESS and the weight diagnostics (diagnostics.calibrate)."""
   v, settings = cfg.var, var_settings(cfg)
+  reward_stats = losses.own_reward_stats(train["reward"]) if settings["standardize"] else None
   train, held_out, lam, report = diagnostics.calibrate(
       train, held_out, lam=v.lam, normalizer=v.normalizer, group_size=v.group_size or cfg.data.group_size,
       reward_stats=reward_stats, ess_kind=v.ess_kind, **settings)
@@ -236,7 +245,7 @@ def _ref_pair_objective(name: str, loss_terms: Callable, coefficient: Callable,
     pc, pr = _pair_outputs(outputs, const)
     m = losses.dpo_metrics(pc, pr, const["ref_chosen"], const["ref_rejected"], metrics_coefficient(cfg),
                            valid=const["pair_valid"])
-    return {"num_tokens": jnp.sum(jnp.where(batch["valid"], num_tokens, 0.0)), **{f"{name}/{k}": v for k, v in m.items()}}
+    return {f"{name}/{k}": v for k, v in m.items()}
 
   return Objective(name, _ref_pairs_prepare, terms, metrics, needs_scores=True)
 
@@ -251,7 +260,7 @@ def _reward_metrics(outputs, num_tokens, const, batch, cfg):
   del cfg
   rc, rr = _pair_outputs(outputs, const)
   m = losses.bradley_terry_metrics(rc, rr, valid=const["pair_valid"])
-  return {"num_tokens": jnp.sum(jnp.where(batch["valid"], num_tokens, 0.0)), **{f"rm/{k}": v for k, v in m.items()}}
+  return {f"rm/{k}": v for k, v in m.items()}
 
 
 DPO = _ref_pair_objective("dpo", losses.dpo_terms, lambda cfg: cfg.dpo.beta, lambda cfg: cfg.dpo.beta)

@@ -496,6 +496,19 @@ def initialize_distributed(coordinator: str | None = None, num_processes: int | 
   return True
 
 
+def all_processes(ok: bool) -> bool:
+  """True when `ok` holds on every process (with several, a collective: all must call it in the same order)."""
+  if jax.process_count() == 1:
+    return bool(ok)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
+
+
+def any_process(flag: bool) -> bool:
+  """True when `flag` holds on some process (a collective like `all_processes`)."""
+  return not all_processes(not flag)
+
+
 def is_main_process() -> bool:
   """True on exactly one process (index 0): the one that writes logs, metrics and exported files."""
   return jax.process_index() == 0

@@ -308,8 +308,7 @@ def run_policy(ctx: Context, stage: str) -> None:
   if objective.needs_scores:
     train, held_out = artifacts.load_scores(ctx.workdir, "train"), artifacts.load_scores(ctx.workdir, "eval")
     if objective.calibrate is not None:
-      train, held_out, overrides, results = objective.calibrate(cfg, train, held_out,
-                                                                artifacts.reward_stats(ctx.workdir))
+      train, held_out, overrides, results = objective.calibrate(cfg, train, held_out)
       cfg = config_lib.with_overrides(cfg, overrides)
     group_size = cfg[stage].get("group_size", 0)
     train_pipe = with_scores(train_pipe, train, group_size)

@@ -19,13 +19,13 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from absl import logging
-from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
 from var_jax import checkpoints
 from var_jax import flops as flops_lib
 from var_jax import objectives
+from var_jax import paths
 from var_jax import schedules
 from var_jax import sharding as sharding_lib
 from var_jax.metrics_writer import MetricsWriter
@@ -125,7 +125,7 @@ def make_train_step(objective: objectives.Objective, graphdef, rest, tx, schedul
     new_state = {"step": state["step"] + 1, "params": keep_if_bad(new_params, params),
                  "opt_state": keep_if_bad(opt_state, state["opt_state"]), "first_bad_step": first_bad}
     metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state["step"])}
-    metrics.update(objective.metrics(outputs, num_tokens, const, batch, cfg))
+    metrics.update(objectives.batch_metrics(objective, outputs, num_tokens, const, batch, cfg))
     return new_state, metrics
 
   return step
@@ -140,7 +140,7 @@ def make_eval_step(objective: objectives.Objective, graphdef, rest, cfg):
     denominator = const.pop("denominator")
     outputs, num_tokens = objectives.sequence_outputs(model, batch, reward_model=objective.reward_model)
     metrics = {"loss": objectives.numerator(objective, outputs, const, cfg) / denominator}
-    metrics.update(objective.metrics(outputs, num_tokens, const, batch, cfg))
+    metrics.update(objectives.batch_metrics(objective, outputs, num_tokens, const, batch, cfg))
     return metrics
 
   return evaluate
@@ -154,9 +154,7 @@ def checkpoint_manager(directory, cfg) -> ocp.CheckpointManager:
   """The stage's CheckpointManager on a local directory (made absolute, as orbax wants) or a cloud URL (gs://...)."""
   options = ocp.CheckpointManagerOptions(max_to_keep=cfg.checkpoint.keep, create=True,
                                          enable_async_checkpointing=cfg.checkpoint.async_save)
-  path = epath.Path(directory)
-  return ocp.CheckpointManager(path if "://" in os.fspath(path) else path.absolute(), options=options,
-                               item_names=("state", "data"))
+  return ocp.CheckpointManager(paths.absolute(directory), options=options, item_names=("state", "data"))
 
 
 @contextlib.contextmanager
@@ -217,7 +215,7 @@ class PreemptionCheck:
       return self._flag["set"]
     if step % self.every:
       return False
-    return bool(np.any(multihost_utils.process_allgather(np.int32(self._flag["set"]))))
+    return sharding_lib.any_process(self._flag["set"])
 
 
 # ----------------------------------------------------------------------------------------------------------------
