@@ -33,6 +33,7 @@ CHOICES = {
     "var.normalizer": losses.NORMALIZERS,
     "var.reduction": losses.REDUCTIONS,
     "var.ess_kind": losses.ESS_KINDS,
+    "online_var.sample_from": ("reference", "policy"),  # Whose samples online VAR weighs (see docs/math.md, Online).
     "eval.prompts": ("test", "validation"),
     "wandb.mode": metrics_writer.WANDB_MODES,
 }
@@ -150,6 +151,27 @@ def base_config() -> ml_collections.ConfigDict:
   c.ipo.steps = 300
   c.ipo.lr = 5e-4
   c.ipo.tau = 0.1                 # Regularisation: the log-ratio margin is driven to 1 / (2 tau).
+
+  c.online = ml_collections.ConfigDict()   # Sampling of the online stages (grpo, online_var; var_jax/online.py).
+  c.online.prompts_per_step = 8   # Training prompts per rollout (P); must divide over the data x fsdp shards.
+  c.online.group = 8              # Responses sampled per prompt (G), at temperature 1; a group is one prompt's.
+  c.online.max_new_tokens = 0     # Longest sampled response (0 = data.max_response_len).
+  c.online.updates_per_rollout = 1   # Optimizer steps on each rollout (GRPO's mu); the stage's steps count rollouts.
+
+  c.grpo = ml_collections.ConfigDict()     # GRPO (Shao et al. 2024, DeepSeekMath), the online baseline.
+  c.grpo.steps = 200              # Rollouts (each followed by online.updates_per_rollout optimizer steps).
+  c.grpo.lr = 1e-4
+  c.grpo.clip_eps = 0.2           # The importance ratio is clipped to [1 - eps, 1 + eps].
+  c.grpo.kl_coef = 0.04           # beta of the per-token k3 KL penalty to the reference (DeepSeekMath's 0.04).
+
+  c.online_var = ml_collections.ConfigDict()   # VAR's weighted SFT on responses sampled during training.
+  c.online_var.steps = 200        # Rollouts, as grpo.steps.
+  c.online_var.lr = 1e-4
+  c.online_var.lam = 0.1          # lambda of pi* ∝ pi_ref exp(r / lambda).
+  c.online_var.sample_from = "policy"  # "reference": samples of pi_ref, w = softmax(r / lambda) per prompt;
+                                       # "policy": samples of the policy, self-normalised importance weights.
+  c.online_var.refresh_every = 1  # With sample_from="policy": the sampling policy is the trained one as of every N
+                                  # rollouts (1 = always the current one).
 
   c.judge = ml_collections.ConfigDict()    # A held-out judge for the eval stage (stage `judge`, not in the default
                                            # pipeline): a Bradley-Terry reward model from the base model (not the SFT
@@ -278,6 +300,21 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
       _fail(f"{stage}.steps", section.steps, "must be >= 0")
     if section.lr <= 0:
       _fail(f"{stage}.lr", section.lr, "must be > 0")
+  on = cfg.online
+  if min(on.prompts_per_step, on.group, on.updates_per_rollout) < 1 or on.max_new_tokens < 0:
+    _fail("online", (on.prompts_per_step, on.group, on.updates_per_rollout, on.max_new_tokens),
+          "prompts_per_step, group and updates_per_rollout must be >= 1 and max_new_tokens >= 0")
+  if "grpo" in stages and on.group < 2:
+    _fail("online.group", on.group, "GRPO's advantages compare >= 2 samples of each prompt")
+  if cfg.grpo.clip_eps <= 0 or cfg.grpo.kl_coef < 0:
+    _fail("grpo.clip_eps", (cfg.grpo.clip_eps, cfg.grpo.kl_coef), "clip_eps must be > 0 and kl_coef >= 0")
+  if not cfg.online_var.lam > 0:
+    _fail("online_var.lam", cfg.online_var.lam, "lambda must be > 0")
+  if cfg.online_var.refresh_every < 1:
+    _fail("online_var.refresh_every", cfg.online_var.refresh_every, "must be >= 1")
+  if any(s in stages for s in ("grpo", "online_var")) and cfg.reward.source == "dataset":
+    _fail("reward.source", cfg.reward.source, "the online stages reward new samples: use 'gold' (synthetic data), "
+          "'train' or a reward-model checkpoint")
   o = cfg.optim
   if o.grad_accum < 1:
     _fail("optim.grad_accum", o.grad_accum, "must be >= 1")
@@ -317,5 +354,7 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
     if d.groups_per_batch % batch_shards:
       _fail("data.groups_per_batch", d.groups_per_batch,
             f"normalizer groups per batch must divide over the {batch_shards} data x fsdp shards")
+    if on.prompts_per_step % batch_shards:
+      _fail("online.prompts_per_step", on.prompts_per_step, f"must divide over the {batch_shards} data x fsdp shards")
     if d.groups_per_batch % o.grad_accum:
       _fail("optim.grad_accum", o.grad_accum, f"must divide data.groups_per_batch={d.groups_per_batch}")

@@ -562,6 +562,72 @@ def bradley_terry_terms(r_chosen, r_rejected, *, valid=None):
   return _where_valid(-jax.nn.log_sigmoid(margin), valid)
 
 
+
+# ----------------------------------------------------------------------------------------------------------------
+# Online objectives (GRPO, online VAR): G responses y_1..y_G sampled for each prompt x form one group; inputs are
+# [..., G] per response, or [..., G, T] per token with a response `mask` (see docs/math.md, "Online").
+
+
+def group_advantages(rewards, valid, eps: float = 1e-4):
+  """GRPO's advantages [..., G]: (r - mean) / (std + eps) over each group's valid responses (DeepSeekMath, "outcome
+  supervision"). std is the sample standard deviation (ddof = 1, as TRL's GRPOTrainer); a group whose rewards are all
+  equal gets advantage 0 (no signal); invalid responses get 0."""
+  r = jnp.where(valid, rewards.astype(jnp.float32), 0.0)
+  n = jnp.sum(valid, axis=-1, keepdims=True).astype(jnp.float32)
+  mean = jnp.sum(r, axis=-1, keepdims=True) / jnp.maximum(n, 1.0)
+  var = jnp.sum(jnp.where(valid, jnp.square(r - mean), 0.0), axis=-1, keepdims=True) / jnp.maximum(n - 1.0, 1.0)
+  return jnp.where(valid, (r - mean) / (jnp.sqrt(var) + eps), 0.0)
+
+
+def k3_kl(logp, ref_logp):
+  """Per-token estimate of KL(pi_theta || pi_ref) from a sample of pi_theta: exp(d) - d - 1 with d = log pi_ref - log
+  pi_theta (Schulman's "k3": unbiased, always >= 0; the estimator of DeepSeekMath's GRPO). Any shape."""
+  d = ref_logp.astype(jnp.float32) - logp.astype(jnp.float32)
+  return jnp.exp(d) - d - 1.0
+
+
+def grpo_terms(logp, old_logp, ref_logp, advantages, mask, *, clip_eps: float, kl_coef: float, valid=None):
+  """Per response [..., G]: minus GRPO's objective, averaged over the response's tokens (DeepSeekMath eq. 3):
+
+      -(1/|y|) sum_t [min(rho_t A, clip(rho_t, 1 - eps, 1 + eps) A) - beta * k3_t],   rho_t = pi_theta / pi_old
+
+  logp, old_logp, ref_logp [..., G, T]: per-token log-probs of the sampled tokens under the policy being trained,
+  the policy that sampled them (no gradient) and the reference; mask [..., G, T] marks response tokens;
+  advantages [..., G] (`group_advantages`). Only `logp` carries a gradient."""
+  _check_shape("old_logp", old_logp, jnp.shape(logp))
+  _check_shape("ref_logp", ref_logp, jnp.shape(logp))
+  _check_shape("mask", mask, jnp.shape(logp))
+  mask = mask.astype(jnp.float32)
+  logp = logp.astype(jnp.float32)
+  old = jax.lax.stop_gradient(old_logp.astype(jnp.float32))
+  ref = jax.lax.stop_gradient(ref_logp.astype(jnp.float32))
+  adv = jax.lax.stop_gradient(advantages.astype(jnp.float32))[..., None]
+  ratio = jnp.exp(jnp.where(mask > 0, logp - old, 0.0))
+  surrogate = jnp.minimum(ratio * adv, jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps) * adv)
+  per_token = (surrogate - kl_coef * k3_kl(logp, ref)) * mask
+  terms = -jnp.sum(per_token, axis=-1) / jnp.maximum(jnp.sum(mask, axis=-1), 1.0)
+  return _where_valid(terms, valid)
+
+
+def online_var_weights(rewards, lam, valid, *, ref_logp=None, sample_logp=None):
+  """VAR's weights [..., G] for responses sampled online, normalised over each group (the samples of one prompt):
+
+      w_i = softmax_i( r_i / lam + log pi_ref(y_i) - log q(y_i) )
+
+  the self-normalised importance weights of pi* ∝ pi_ref exp(r / lam) under the sampling policy q. With q = pi_ref
+  (ref_logp and sample_logp both None) the reference cancels: w = softmax(r / lam). ref_logp, sample_logp [..., G]
+  are summed response log-probs. Invalid responses get 0; a group with none gets all zeros."""
+  _check_lam(lam)
+  if (ref_logp is None) != (sample_logp is None):
+    raise ValueError("online_var_weights: pass both ref_logp and sample_logp (q = pi_theta) or neither (q = pi_ref)")
+  s = rewards.astype(jnp.float32) / lam
+  if ref_logp is not None:
+    s = s + ref_logp.astype(jnp.float32) - sample_logp.astype(jnp.float32)
+  s = jnp.where(valid, s, -jnp.inf)
+  top = jnp.max(s, axis=-1, keepdims=True)
+  e = jnp.where(valid, jnp.exp(s - jnp.where(jnp.isfinite(top), top, 0.0)), 0.0)
+  return jax.lax.stop_gradient(e / jnp.maximum(jnp.sum(e, axis=-1, keepdims=True), 1e-30))
+
 # ----------------------------------------------------------------------------------------------------------------
 # Metrics a researcher watches. Each returns a flat dict of float32 scalars, jit-friendly.
 

@@ -40,6 +40,9 @@ class Objective:
     parameter-free weights, so the head's gradient is computed in the forward pass (Decoder.weighted_target_logprobs).
   calibrate: optional host-side step before training, on the cached scores: (cfg, train scores, held-out scores)
     -> (train scores, held-out scores, config overrides {field: value}, report dict).
+  token_outputs: its outputs are per-token response log-probs [g, N, T] (0 off the response) instead of their sums
+    [g, N] (GRPO's per-token importance ratios).
+  online: it trains on responses sampled during training (var_jax/online.py), not on the preference data.
   """
   name: str
   prepare: Callable
@@ -49,6 +52,8 @@ class Objective:
   needs_scores: bool = False
   fused_head: bool = False
   calibrate: Optional[Callable] = None
+  token_outputs: bool = False
+  online: bool = False
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -60,11 +65,11 @@ def _num_tokens(batch):
   return batch["loss_mask"].sum(-1).astype(jnp.float32)
 
 
-def sequence_outputs(model, batch, *, reward_model: bool = False):
+def sequence_outputs(model, batch, *, reward_model: bool = False, token_outputs: bool = False):
   """Runs the model on every sequence of the batch.
 
   Returns [g, N] float32: summed response log-probs (policy) or the scalar reward at the last response token
-  (reward model), plus token counts [g, N].
+  (reward model), plus token counts [g, N]. token_outputs: per-token response log-probs [g, N, T] instead of sums.
   """
   g, n, t = batch["inputs"].shape
   flat = lambda k: batch[k].reshape(g * n, t)
@@ -73,8 +78,16 @@ def sequence_outputs(model, batch, *, reward_model: bool = False):
     scores = model.score_sequences(flat("inputs"), flat("positions"), flat("segment_ids"))
     return scores.reshape(g, n).astype(jnp.float32), num_tokens
   hidden = model(flat("inputs"), flat("positions"), flat("segment_ids"))
+  if token_outputs:
+    logp = model.target_logprobs(hidden, flat("targets")) * flat("loss_mask").astype(jnp.float32)
+    return logp.reshape(g, n, t), num_tokens
   logp = model.sequence_logprobs(hidden, flat("targets"), flat("loss_mask"))
   return logp.reshape(g, n), num_tokens
+
+
+def outputs_of(objective: "Objective", model, batch):
+  """`sequence_outputs` in the form `objective` trains on."""
+  return sequence_outputs(model, batch, reward_model=objective.reward_model, token_outputs=objective.token_outputs)
 
 
 def numerator(objective: Objective, outputs, const, cfg):
@@ -90,7 +103,7 @@ def forward_numerator(objective: Objective, model, batch, const, cfg):
   whose backward pass does not rebuild the vocabulary logits (see var_jax/model.py).
   """
   if not objective.fused_head:
-    outputs, num_tokens = sequence_outputs(model, batch, reward_model=objective.reward_model)
+    outputs, num_tokens = outputs_of(objective, model, batch)
     return numerator(objective, outputs, const, cfg), outputs, num_tokens
   g, n, t = batch["inputs"].shape
   flat = lambda k: batch[k].reshape(g * n, t)
@@ -269,7 +282,73 @@ IPO = _ref_pair_objective("ipo", losses.ipo_terms, lambda cfg: cfg.ipo.tau, lamb
 REWARD = Objective("reward", _pairs_prepare, _reward_terms, _reward_metrics, reward_model=True)
 
 
-OBJECTIVES = {o.name: o for o in (SFT, CHOSEN, VAR, DPO, IPO, REWARD)}
+# ----------------------------------------------------------------------------------------------------------------
+# Online: grpo, online_var. A batch is a rollout (var_jax/online.py): g prompts with N = G sampled responses each
+# (a group is one prompt's samples), its rewards "reward" [g, N], and the per-token log-probs of the sampled
+# tokens under the policy that sampled them ("sample_logp") and under the reference ("ref_logp"), [g, N, T].
+
+
+def _grpo_prepare(batch, cfg):
+  """Group-relative advantages; the loss is a mean over valid responses."""
+  del cfg
+  valid = batch["valid"]
+  return {"advantages": losses.group_advantages(batch["reward"], valid), "sample_logp": batch["sample_logp"],
+          "ref_logp": batch["ref_logp"], "mask": batch["loss_mask"], "valid": valid,
+          "denominator": jnp.maximum(valid.sum().astype(jnp.float32), 1.0)}
+
+
+def _grpo_terms(outputs, const, cfg):
+  return losses.grpo_terms(outputs, const["sample_logp"], const["ref_logp"], const["advantages"], const["mask"],
+                           clip_eps=cfg.grpo.clip_eps, kl_coef=cfg.grpo.kl_coef, valid=const["valid"])
+
+
+def _rollout_metrics(batch, num_tokens):
+  """The sampled responses' mean reward and length, and the sampler's per-token KL to the reference (k3)."""
+  valid = batch["valid"]
+  mask = batch["loss_mask"].astype(jnp.float32) * valid[..., None]
+  ref_kl = jnp.sum(losses.k3_kl(batch["sample_logp"], batch["ref_logp"]) * mask) / jnp.maximum(mask.sum(), 1.0)
+  return {"reward": jnp.sum(jnp.where(valid, batch["reward"], 0.0)) / jnp.maximum(valid.sum(), 1),
+          "response_tokens": jnp.sum(jnp.where(valid, num_tokens, 0.0)) / jnp.maximum(valid.sum(), 1),
+          "sampler_kl_to_ref_per_token": ref_kl}
+
+
+def _grpo_metrics(outputs, num_tokens, const, batch, cfg):
+  mask = const["mask"].astype(jnp.float32) * const["valid"][..., None]
+  log_ratio = jnp.where(mask > 0, outputs - const["sample_logp"], 0.0)
+  clipped = (jnp.abs(jnp.exp(log_ratio) - 1.0) > cfg.grpo.clip_eps) & (mask > 0)
+  tokens = jnp.maximum(mask.sum(), 1.0)
+  return {**_rollout_metrics(batch, num_tokens),
+          "grpo/kl_per_token": jnp.sum(losses.k3_kl(outputs, const["ref_logp"]) * mask) / tokens,
+          "grpo/clip_fraction": jnp.sum(clipped) / tokens,
+          "grpo/zero_advantage_groups": jnp.sum(jnp.all(const["advantages"] == 0, axis=-1))}
+
+
+def _online_var_prepare(batch, cfg):
+  """VAR's weights over each prompt's samples (losses.online_var_weights); the loss is a mean over prompts."""
+  o, valid = cfg.online_var, batch["valid"]
+  if o.sample_from == "policy":
+    mask = batch["loss_mask"].astype(jnp.float32)
+    logs = {"ref_logp": jnp.sum(batch["ref_logp"] * mask, -1), "sample_logp": jnp.sum(batch["sample_logp"] * mask, -1)}
+  else:  # Samples of pi_ref: its density cancels.
+    logs = {}
+  weights = losses.online_var_weights(batch["reward"], o.lam, valid, **logs)
+  prompts = jnp.any(valid, axis=-1).sum().astype(jnp.float32)
+  return {"weights": weights, "denominator": jnp.maximum(prompts, 1.0)}
+
+
+def _online_var_metrics(outputs, num_tokens, const, batch, cfg):
+  w, valid = const["weights"], batch["valid"]
+  return {**_weighted_metrics(outputs, num_tokens, const, batch, cfg), **_rollout_metrics(batch, num_tokens),
+          "online_var/ess": jnp.mean(losses.group_ess(w, valid)),
+          "online_var/max_weight": jnp.mean(jnp.max(w, axis=-1))}
+
+
+GRPO = Objective("grpo", _grpo_prepare, _grpo_terms, _grpo_metrics, token_outputs=True, online=True)
+ONLINE_VAR = Objective("online_var", _online_var_prepare, _weighted_terms, _online_var_metrics, fused_head=True,
+                       online=True)
+
+
+OBJECTIVES = {o.name: o for o in (SFT, CHOSEN, VAR, DPO, IPO, REWARD, GRPO, ONLINE_VAR)}
 
 
 def get(name: str) -> Objective:

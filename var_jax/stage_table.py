@@ -17,7 +17,7 @@ class Stage:
 
   name: the stage's name (in config.stages, and its directory workdir/<name>/).
   runner: how it runs, a key of var_jax/stages.RUNNERS: "reference" (trains pi_ref), "reward" (trains or names the
-    reward model), "score" (caches log pi_ref and rewards), "policy" (trains a policy from the reference), "judge"
+    reward model), "score" (caches log pi_ref and rewards), "policy" (trains a policy from the reference), "online" (trains a policy on its own samples), "judge"
     (trains the held-out judge on its own data), "eval".
   sections: config sections its artifacts depend on (beyond those of the stages it reads).
   reads: stages whose artifacts it needs, complete, before it runs.
@@ -45,6 +45,12 @@ STAGES = (
     Stage("chosen", "policy", ("chosen",), reads=("sft",), writes=("params",), objective="chosen", compared=True),
     Stage("ipo", "policy", ("ipo",), reads=("score",), writes=("params",), objective="ipo", compared=True,
           default=False),
+    # Online: sample from the policy during training (var_jax/online.py); rewards from the reward stage's model or
+    # the gold reward.
+    Stage("grpo", "online", ("online", "grpo"), reads=("sft", "reward"), writes=("params",), objective="grpo",
+          compared=True, default=False),
+    Stage("online_var", "online", ("online", "online_var"), reads=("sft", "reward"), writes=("params",),
+          objective="online_var", compared=True, default=False),
     Stage("judge", "judge", ("judge",), reads=("sft",), writes=("params",), objective="reward", default=False),
     # Eval compares every policy stage that finished (judged by the judge too when it finished); its results depend
     # on all of their settings.

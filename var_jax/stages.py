@@ -1,4 +1,4 @@
-"""The pipeline's runners: sft -> reward -> score -> var / dpo / chosen / ipo -> eval, one function per kind of
+"""The pipeline's runners: sft -> reward -> score -> var / dpo / chosen / ipo (and grpo / online_var) -> eval, one function per kind of
 stage in var_jax/stage_table.py, each writing its artifacts under workdir through var_jax/artifacts.py.
 
 A stage is complete when workdir/<stage>/DONE.json exists; it records the config fields the stage depends on,
@@ -21,6 +21,7 @@ from var_jax import metrics_writer
 from var_jax import model as model_lib
 from var_jax import model_source
 from var_jax import objectives
+from var_jax import online
 from var_jax import scoring
 from var_jax import sharding as sharding_lib
 from var_jax import stage_table
@@ -318,6 +319,26 @@ def run_policy(ctx: Context, stage: str) -> None:
   artifacts.mark_done(ctx.cfg, ctx.workdir, stage, results)
 
 
+def run_online(ctx: Context, stage: str) -> None:
+  """A policy from the reference trained on its own samples (GRPO, online VAR; var_jax/online.py), rewarded by the
+  reward stage's model or, on the embedded task with reward.source = "gold", by the gold reward."""
+  cfg, tok = ctx.cfg, ctx.task.tok
+  if not cfg.online.max_new_tokens:
+    cfg = config_lib.with_overrides(cfg, {"online.max_new_tokens": cfg.data.max_response_len})
+  gold = cfg.reward.source == "gold"
+  table = online.prompt_table(ctx.task.pref_records, tok, gold=gold, bucket=cfg.data.bucket)
+  if len(table.tokens) < cfg.online.prompts_per_step:
+    raise ValueError(f"config.online.prompts_per_step={cfg.online.prompts_per_step} exceeds the "
+                     f"{len(table.tokens)} distinct training prompts")
+  ignore = tok.tok.convert_tokens_to_ids(list(synthetic.SPECIAL)) if gold else []
+  policy = online.train_online(
+      stage, objectives.get(stage_table.get(stage).objective), cfg, ctx.load("sft"), ctx.load("sft"),
+      None if gold else ctx.reward_model(), table, str(artifacts.stage_dir(ctx.workdir, stage)), ctx.mesh,
+      eos_id=tok.eos_id, pad_id=tok.pad_id, ignore_ids=ignore)
+  artifacts.save_model(policy, ctx.workdir, stage)
+  artifacts.mark_done(ctx.cfg, ctx.workdir, stage, {"prompts": len(table.tokens)})
+
+
 def _judge_records(ctx: Context):
   """(train, held-out, info): judge.source without the records whose first user turn the policies' training or eval
   data has, split by first user turn so the judge's accuracy is measured on conversations it never saw."""
@@ -358,7 +379,7 @@ def run_eval(ctx: Context, stage: str) -> dict:
 
 
 RUNNERS = {"reference": run_reference, "reward": run_reward, "score": run_score, "policy": run_policy,
-           "judge": run_judge, "eval": run_eval}
+           "online": run_online, "judge": run_judge, "eval": run_eval}
 
 
 def run_pipeline(cfg, workdir: str) -> None:

@@ -138,7 +138,7 @@ def make_eval_step(objective: objectives.Objective, graphdef, rest, cfg):
     model = nnx.merge(graphdef, params, rest)
     const = objective.prepare(batch, cfg)
     denominator = const.pop("denominator")
-    outputs, num_tokens = objectives.sequence_outputs(model, batch, reward_model=objective.reward_model)
+    outputs, num_tokens = objectives.outputs_of(objective, model, batch)
     metrics = {"loss": objectives.numerator(objective, outputs, const, cfg) / denominator}
     metrics.update(objectives.batch_metrics(objective, outputs, num_tokens, const, batch, cfg))
     return metrics
@@ -226,7 +226,7 @@ def _host(metrics) -> dict[str, float]:
   return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
 
-def _check_finite(state, where: str) -> None:
+def check_finite(state, where: str) -> None:
   bad = int(jax.device_get(state["first_bad_step"]))
   if bad >= 0:
     raise NonFiniteLossError(
@@ -278,7 +278,7 @@ def train(stage: str, objective: objectives.Objective, cfg, section, model: nnx.
                          run_name=stage, run_config=cfg.to_dict())
 
   def save(step_number: int) -> None:
-    _check_finite(state, f"before saving step {step_number}")
+    check_finite(state, f"before saving step {step_number}")
     mngr.save(step_number, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                    data=ocp.args.JsonSave(it.get_state())))
 
@@ -296,6 +296,7 @@ def train(stage: str, objective: objectives.Objective, cfg, section, model: nnx.
 
   step_number = int(jax.device_get(state["step"]))
   window_tokens, window_flops, window_start = 0.0, 0.0, time.perf_counter()
+  loop_start = window_start
   with PreemptionCheck(cfg.log_every) as preemption, writer.progress(total_steps, step_number, stage) as progress:
     while step_number < total_steps:
       local = next(it)
@@ -308,9 +309,10 @@ def train(stage: str, objective: objectives.Objective, cfg, section, model: nnx.
       progress.update(1)
       if step_number % cfg.log_every == 0 or step_number == total_steps:
         host = _host(metrics)  # The only host sync of a step, once per log interval.
-        _check_finite(state, f"step {step_number}")
+        check_finite(state, f"step {step_number}")
         elapsed = time.perf_counter() - window_start
         host["tokens_per_s"] = window_tokens / elapsed
+        host["elapsed_s"] = time.perf_counter() - loop_start  # This run's training seconds (the race reads them).
         if window_flops:
           host["mfu"] = window_flops / elapsed / peak
         writer.write(step_number, host)
@@ -331,6 +333,6 @@ def train(stage: str, objective: objectives.Objective, cfg, section, model: nnx.
   mngr.wait_until_finished()
   mngr.close()
   writer.close()
-  _check_finite(state, "end of training")
+  check_finite(state, "end of training")
   nnx.update(model, state["params"])
   return model
