@@ -67,7 +67,7 @@ _REMAT_POLICIES = {
 }
 # The accepted values of ModelConfig's choice fields, defined once (config validation and the CLIs use these).
 REMAT_POLICIES = tuple(_REMAT_POLICIES)  # ModelConfig.remat
-ATTENTION_IMPLS = ('xla', 'cudnn')  # ModelConfig.attention_impl
+ATTENTION_IMPLS = ('xla', 'cudnn', 'splash')  # ModelConfig.attention_impl
 DTYPES = ('float32', 'bfloat16')  # ModelConfig.param_dtype and ModelConfig.dtype
 
 
@@ -84,7 +84,9 @@ class ModelConfig:
     scores only keys [0, (i+1) * attention_block), skipping the masked upper triangle.
   attention_impl: 'xla' (`causal_block_attention`, any backend) | 'cudnn' (cuDNN's fused flash attention through
     `jax.nn.dot_product_attention`: NVIDIA GPUs, bfloat16 compute; never stores the [T, T] probabilities, which
-    at T=2048 do not fit in GPU memory for every layer). Only the cache-free path; decoding always uses 'xla'.
+    at T=2048 do not fit in GPU memory for every layer) | 'splash' (the Pallas TPU splash-attention kernel,
+    `splash_attention`: TPU, any dtype; on other backends it runs in Pallas interpret mode, slowly, for tests).
+    Only the cache-free path; decoding always uses 'xla'.
   model_type: 'llama' | 'qwen2'; only used to name the architecture when exporting to HF.
   """
 
@@ -296,12 +298,75 @@ def cudnn_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
   return jnp.where(alone[:, :, None, None], jnp.zeros_like(out), out)
 
 
-def decoder_layer(cfg: ModelConfig, p: Mapping[str, Array], x: Array, cos: Array, sin: Array, mask: Array,
-                  kv: tuple[Array, Array] | None = None, index: Array | None = None):
+def _round_up(n: int, multiple: int) -> int:
+  return -(-n // multiple) * multiple
+
+
+@functools.lru_cache(maxsize=32)
+def _splash_kernel(heads: int, length: int, block: int, interpret: bool):
+  """A causal splash-attention kernel for one example: q [heads, length, Dh], k/v [Hkv, length, Dh] (MHA layout,
+  query head h reads KV head h // (heads / Hkv)); cached per shape, since building its block mask runs numpy."""
+  from jax.experimental.pallas.ops.tpu import splash_attention as splash  # pylint: disable=g-import-not-at-top
+  mask = splash.MultiHeadMask([splash.CausalMask((length, length))] * heads)
+  sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                            block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+  return splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
+
+
+def _splash_local(q: Array, k: Array, v: Array, segment_ids: Array, block: int, interpret: bool) -> Array:
+  """The kernel over a (local) batch: q [B, Hq, T, Dh], k/v [B, Hkv, T, Dh], segment_ids [B, T] -> [B, Hq, T, Dh]."""
+  from jax.experimental.pallas.ops.tpu.splash_attention import SegmentIds  # pylint: disable=g-import-not-at-top
+  kernel = _splash_kernel(q.shape[1], q.shape[2], block, interpret)
+  return jax.vmap(lambda q1, k1, v1, s1: kernel(q1, k1, v1, segment_ids=SegmentIds(s1, s1)))(q, k, v, segment_ids)
+
+
+def splash_attention(q: Array, k: Array, v: Array, segment_ids: Array, *, block: int = 512,
+                     interpret: bool | None = None) -> Array:
+  """`causal_block_attention`'s result from the Pallas TPU splash-attention kernel
+  (jax.experimental.pallas.ops.tpu.splash_attention): q [B,T,Hq,Dh], k/v [B,T,Hkv,Dh], segment_ids [B,T] int
+  (0 = padding) -> [B,T,Hq,Dh].
+
+  The mask is the kernel's causal-by-index mask AND equal segment ids (packed rows; padding is segment 0, which no
+  real token shares), the same mask `attention_mask` builds for rows whose positions increase within each segment.
+  Padding queries (segment 0) see only padding and are zeroed afterwards. GQA natively: query head h reads KV head
+  h // (Hq / Hkv). T is padded up to a multiple of the kernel block (min(block, T) rounded up to 128 lanes;
+  block <= 0: one block of T).
+  Under a mesh context (`jax.set_mesh`), the kernel runs per shard under `shard_map`: batch split over the mesh's
+  ('data', 'fsdp') axes and heads over 'tensor' where they divide (a Pallas call cannot be partitioned by XLA).
+  interpret: run the kernel in Pallas interpret mode; default: unless the mesh's (or default) platform is TPU.
+  Scores are in float32 inside the kernel; q is scaled by Dh**-0.5 in its own dtype before the call.
+  """
+  b, t, hq, dh = q.shape
+  mesh = jax.sharding.get_abstract_mesh()
+  if interpret is None:
+    interpret = (jax.default_backend() if mesh.empty else mesh.platform) != 'tpu'
+  blk = _round_up(t if block <= 0 else min(block, t), 128)
+  tp = _round_up(t, blk)
+  pad = lambda x: jnp.pad(x, ((0, 0), (0, tp - t)) + ((0, 0),) * (x.ndim - 2))  # noqa: E731
+  heads_first = lambda x: pad(x).transpose(0, 2, 1, 3)  # noqa: E731  [B, T, H, Dh] -> [B, H, Tp, Dh]
+  seg = pad(segment_ids.astype(jnp.int32))
+  args = (heads_first(q * jnp.asarray(dh ** -0.5, q.dtype)), heads_first(k), heads_first(v), seg)
+  run = functools.partial(_splash_local, block=blk, interpret=interpret)
+  if not mesh.empty and mesh.size > 1:
+    from var_jax.sharding import BATCH_AXES  # pylint: disable=g-import-not-at-top
+    from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
+    batch_axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+    batch_axes = batch_axes if b % math.prod(mesh.shape[a] for a in batch_axes) == 0 else ()
+    heads = 'tensor' if 'tensor' in mesh.axis_names and k.shape[2] % mesh.shape['tensor'] == 0 else None
+    qkv_spec = P(batch_axes or None, heads, None, None)
+    run = jax.shard_map(run, mesh=mesh, in_specs=(qkv_spec, qkv_spec, qkv_spec, P(batch_axes or None, None)),
+                        out_specs=qkv_spec, check_vma=False)
+  out = run(*args).transpose(0, 2, 1, 3)[:, :t]
+  return jnp.where((segment_ids > 0)[:, :, None, None], out, jnp.zeros_like(out))
+
+
+def decoder_layer(cfg: ModelConfig, p: Mapping[str, Array], x: Array, cos: Array, sin: Array, mask: Array | None,
+                  kv: tuple[Array, Array] | None = None, index: Array | None = None,
+                  segment_ids: Array | None = None):
   """One pre-norm transformer block. p: one layer's parameters (no 'layers' axis); x [B,T,D] -> [B,T,D].
 
-  Without kv, attention is over the T input tokens (mask [B,T,T], causal by index: see `causal_block_attention`)
-  and the result is (x, None). With kv, a layer's
+  Without kv, attention is over the T input tokens (mask [B,T,T], causal by index: see `causal_block_attention`;
+  the 'splash' path reads segment_ids [B,T] instead and takes mask=None) and the result is (x, None). With kv, a layer's
   cache (k, v: [B,S,Hkv,Dh]), the new keys/values are first written at slots [index, index+T) and attention runs over
   all S slots (mask [B,T,S]); the result is (x, (k, v)) with the updated cache.
   """
@@ -319,6 +384,8 @@ def decoder_layer(cfg: ModelConfig, p: Mapping[str, Array], x: Array, cos: Array
     kv = (k, v)
   if kv is None and cfg.attention_impl == 'cudnn':
     a = cudnn_attention(q, k, v, mask)
+  elif kv is None and cfg.attention_impl == 'splash':
+    a = splash_attention(q, k, v, segment_ids, block=cfg.attention_block)
   elif kv is None:  # Self-attention over the T inputs, whose mask is causal by index: skip the upper triangle.
     a = causal_block_attention(q, k, v, mask, cfg.attention_block)
   else:  # Cache slots are not in query order: every slot is scored.
@@ -536,8 +603,8 @@ class Decoder(nnx.Module):
     cfg = self.cfg
     x = jnp.take(self.embed[...], tokens, axis=0).astype(cfg.jnp_dtype)
     cos, sin = rope_cos_sin(positions, rope_inv_freq(cfg))
-    if cache is None:
-      mask = attention_mask(positions, segment_ids, positions, segment_ids)
+    if cache is None:  # The splash kernel builds its mask from segment_ids: no [B, T, T] array.
+      mask = None if cfg.attention_impl == 'splash' else attention_mask(positions, segment_ids, positions, segment_ids)
       index = None
     else:
       index = cache.index
@@ -549,7 +616,7 @@ class Decoder(nnx.Module):
 
     def body(x, xs):
       layer_params, kv = xs
-      return decoder_layer(cfg, layer_params, x, cos, sin, mask, kv, index)
+      return decoder_layer(cfg, layer_params, x, cos, sin, mask, kv, index, segment_ids=segment_ids)
 
     if cfg.remat != 'none':
       # prevent_cse=False is safe (and faster) inside scan, which already blocks the CSE remat guards against.
