@@ -178,6 +178,15 @@ PRESETS: dict[str, ModelConfig] = {
                                 num_heads=32, num_kv_heads=8, head_dim=64, rope_theta=500000.0,
                                 rope_scaling=RopeScaling(32.0, 1.0, 4.0, 8192), rms_norm_eps=1e-5,
                                 tie_word_embeddings=True, max_position_embeddings=131072),
+    # meta-llama/Llama-3.1-8B(-Instruct) and Llama-3.1-70B(-Instruct) shapes (for `var_jax.plan`; untied heads).
+    'llama-3.1-8b': ModelConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
+                                num_heads=32, num_kv_heads=8, head_dim=128, rope_theta=500000.0,
+                                rope_scaling=RopeScaling(8.0, 1.0, 4.0, 8192), rms_norm_eps=1e-5,
+                                tie_word_embeddings=False, max_position_embeddings=131072),
+    'llama-3.1-70b': ModelConfig(vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_layers=80,
+                                 num_heads=64, num_kv_heads=8, head_dim=128, rope_theta=500000.0,
+                                 rope_scaling=RopeScaling(8.0, 1.0, 4.0, 8192), rms_norm_eps=1e-5,
+                                 tie_word_embeddings=False, max_position_embeddings=131072),
     # ~34M parameters, Llama-shaped, for CPU benchmarks (tied 32k vocabulary = 16.4M of them).
     'bench-30m': ModelConfig(vocab_size=32000, hidden_size=512, intermediate_size=1024, num_layers=8,
                              num_heads=8, num_kv_heads=2, rope_theta=10000.0, max_position_embeddings=2048),

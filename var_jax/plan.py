@@ -254,8 +254,10 @@ def abstract_model(mcfg, mesh, rules, *, reward: bool):
 
 @dataclasses.dataclass
 class Program:
-  """One program to compile: fn.lower(*args, **static) under the mesh; bytes of its parts per device; model FLOPs
-  (flops.py) and tokens of one call, and how many devices split that work (the batch shards; 1 when replicated)."""
+  """One program to compile: `lower()` gives its jax Lowered; bytes of its parts per device; model FLOPs (flops.py)
+  and tokens of one call, and how many devices split that work: all of them for a train step (batch over data x
+  fsdp, matmuls over tensor), the model-parallel fsdp x tensor for a call on replicated inputs (data replicas
+  repeat it)."""
   name: str
   lower: Callable[[], Any]
   params_bytes: int
@@ -264,6 +266,11 @@ class Program:
   model_flops: float
   tokens: int
   work_split: int
+
+
+def _model_parallel(mesh) -> int:
+  """Devices that split a call on replicated inputs: fsdp x tensor (the data replicas each repeat it)."""
+  return mesh.shape["fsdp"] * mesh.shape["tensor"]
 
 
 def _replicated_inputs(mesh, *arrays):
@@ -288,10 +295,9 @@ def train_program(stage: str, cfg, mcfg, mesh, rules) -> Program:
   jitted = jax.jit(step, out_shardings=(state_shardings, replicated), donate_argnums=(0,))
   tokens = math.prod(batch["inputs"].shape)
   t = batch["inputs"].shape[-1]
-  split = mesh.shape["data"] * mesh.shape["fsdp"]
   return Program(f"train/{stage}", lambda: jitted.lower(state, batch), bytes_per_device(state["params"]),
                  bytes_per_device(state["opt_state"]), bytes_per_device(batch),
-                 tokens * flops_lib.decoder_flops_per_token(mcfg, t), tokens, split)
+                 tokens * flops_lib.decoder_flops_per_token(mcfg, t), tokens, mesh.size)
 
 
 def _lengths(cfg) -> tuple[int, int]:
@@ -313,12 +319,12 @@ def score_ref_program(cfg, mcfg, mesh, rules) -> Program:
                               np.zeros((m, r), np.int32), np.zeros((m,), np.int32))
     return Program("score/ref", lambda: scoring._prefix_shared_scores_jit.lower(graphdef, params, *args),  # pylint: disable=protected-access
                    bytes_per_device(params), 0, bytes_per_device(args), forward(g * p + g * m * r, p + r),
-                   g * m * r, 1)
+                   g * m * r, _model_parallel(mesh))
   seqs = _chunk_rows(cfg, mesh, g * m)
   return Program("score/ref", lambda: scoring._policy_scores_jit.lower(graphdef, params, seqs),  # pylint: disable=protected-access
                  bytes_per_device(params), 0, bytes_per_device(seqs), forward(math.prod(seqs["inputs"].shape),
                                                                               seqs["inputs"].shape[1]),
-                 math.prod(seqs["inputs"].shape), 1)
+                 math.prod(seqs["inputs"].shape), _model_parallel(mesh))
 
 
 def _chunk_rows(cfg, mesh, rows: int) -> dict:
@@ -338,7 +344,8 @@ def score_reward_program(cfg, mcfg, mesh, rules) -> Program:
   tokens = math.prod(seqs["inputs"].shape)
   return Program("score/reward", lambda: scoring._reward_scores_jit.lower(graphdef, params, seqs),  # pylint: disable=protected-access
                  bytes_per_device(params), 0, bytes_per_device(seqs),
-                 tokens * flops_lib.decoder_flops_per_token(mcfg, seqs["inputs"].shape[1], training=False), tokens, 1)
+                 tokens * flops_lib.decoder_flops_per_token(mcfg, seqs["inputs"].shape[1], training=False), tokens,
+                 _model_parallel(mesh))
 
 
 def sample_program(cfg, mcfg, mesh, rules) -> Program:
@@ -354,15 +361,21 @@ def sample_program(cfg, mcfg, mesh, rules) -> Program:
   n = int(e.max_new_tokens)
   return Program("sample", lambda: sampling._generate_cached_jit.lower(graphdef, params, *args, **options),  # pylint: disable=protected-access
                  bytes_per_device(params), 0, bytes_per_device(args),
-                 b * (p + n) * flops_lib.decoder_flops_per_token(mcfg, p + n, training=False), b * n, 1)
+                 b * (p + n) * flops_lib.decoder_flops_per_token(mcfg, p + n, training=False), b * n,
+                 _model_parallel(mesh))
+
+
+# Stages whose training step is `train.make_train_step` on pipeline batches; others (online rollouts) are not planned.
+_OFFLINE_RUNNERS = ("reference", "reward", "policy", "judge")
 
 
 def programs(cfg, mcfg, mesh, rules, stages: Sequence[str]) -> list[Program]:
-  """The programs of `stages`: a train step per training stage, the score stage's passes, the eval sampler."""
+  """The programs of `stages`: a train step per offline training stage, the score stage's passes, the eval
+  sampler. Other stages (the online ones, whose step samples inside) are left out."""
   out = []
   for s in stages:
     st = stage_table.get(s)
-    if st.objective:
+    if st.objective and st.runner in _OFFLINE_RUNNERS:
       out.append(train_program(s, cfg, mcfg, mesh, rules))
     elif st.runner == "score":
       out.append(score_ref_program(cfg, mcfg, mesh, rules))
