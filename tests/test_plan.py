@@ -1,0 +1,162 @@
+"""var_jax.plan: topology names, the chip tables, byte formatting, the 'does not fit' error, the batch it compiles
+with (the data pipeline's own), a whole plan on the local CPU, and (with libtpu) a whole plan for a TPU v5e 2x2."""
+import os
+import subprocess
+import types
+
+import numpy as np
+import pytest
+
+from tests import helpers
+from var_jax import plan as plan_lib
+from var_jax import sharding as sharding_lib
+from var_jax import stages as stages_lib
+
+
+@pytest.mark.parametrize("name,chip,dims", [
+    ("v5e:4x4", "v5e", (4, 4)), ("v5e-64", "v5e", (8, 8)), ("v5e-8", "v5e", (2, 4)), ("v5litepod-16", "v5e", (4, 4)),
+    ("v6e-32", "v6e", (4, 8)), ("v5p-128", "v5p", (4, 4, 4)), ("v5p-8", "v5p", (2, 2, 1)), ("v4-32", "v4", (2, 2, 4)),
+    ("v4:2x2x2", "v4", (2, 2, 2)), ("V5P-256", "v5p", (4, 4, 8)),
+])
+def test_parse_topology(name, chip, dims):
+  target = plan_lib.parse_topology(name)
+  assert (target.chip.name, target.dims) == (chip, dims)
+  assert target.name == f"{chip}:{'x'.join(map(str, dims))}"
+
+
+@pytest.mark.parametrize("name,match", [
+    ("h100:8", "--topology=local"), ("v5e:4x4x4", "2 dimensions"), ("v7x-8", "unknown TPU generation"),
+    ("v5e-48", "powers of two"), ("v5p-7", "must be even"), ("tpu", "expected e.g."),
+])
+def test_parse_topology_errors(name, match):
+  with pytest.raises(plan_lib.PlanError, match=match):
+    plan_lib.parse_topology(name)
+
+
+def test_local_target():
+  assert plan_lib.parse_topology("local") == plan_lib.Target(None)
+
+
+def test_chip_tables():
+  gib = 1 << 30
+  assert {k: (c.hbm_bytes // gib, c.peak_flops / 1e12) for k, c in plan_lib.CHIPS.items()} == {
+      "v4": (32, 275.0), "v5e": (16, 197.0), "v5p": (95, 459.0), "v6e": (32, 918.0)}
+  # v4 compiles for one device per TensorCore: the chip's HBM and peak are shared by its two devices.
+  v4 = plan_lib.parse_topology("v4:2x2x1")
+  assert plan_lib.device_budget(v4, [None] * 8) == (16 * gib, 137.5e12)
+  v5e = plan_lib.parse_topology("v5e:2x2")
+  assert plan_lib.device_budget(v5e, [None] * 4) == (16 * gib, 197e12)
+
+
+def test_formatting():
+  assert plan_lib.fmt_bytes(512) == "512 B"
+  assert plan_lib.fmt_bytes(1536) == "1.50 KiB"
+  assert plan_lib.fmt_bytes(3 * (1 << 30)) == "3.00 GiB"
+  assert plan_lib.fmt_bytes(float("inf")) == "n/a"
+  assert plan_lib.fmt_flops(2.5e13) == "25.00 TFLOP"
+  assert plan_lib.fmt_flops(1.2e15) == "1.20 PFLOP"
+
+
+def _stats(temp, args=100, out=40, alias=30, code=10):
+  """A stand-in for `compiled.memory_analysis()`."""
+  return types.SimpleNamespace(argument_size_in_bytes=args, output_size_in_bytes=out, alias_size_in_bytes=alias,
+                               temp_size_in_bytes=temp, generated_code_size_in_bytes=code)
+
+
+def _program(name="train/sft"):
+  return plan_lib.Program(name, lower=None, params_bytes=60, opt_bytes=30, input_bytes=10, model_flops=8e12,
+                          tokens=4096, work_split=4)
+
+
+def test_make_row_and_fits():
+  row = plan_lib.make_row(_program(), _stats(temp=1000), flops=1e12, peak=1e12, mfu=0.5)
+  assert row.total == 100 + 40 - 30 + 1000 + 10
+  assert row.model_flops == 2e12  # 8e12 over the 4 devices that split it.
+  assert row.seconds == pytest.approx(4.0)  # 2e12 / (1e12 * 0.5)
+  assert row.tokens_per_s == pytest.approx(1024.0)
+  plan_lib.check_fits([row], hbm=row.total, describe_mesh="m")  # Exactly full fits.
+
+
+def test_does_not_fit_names_program_mesh_and_bytes():
+  rows = [plan_lib.make_row(_program("train/sft"), _stats(temp=1 << 30), 0.0, 1e12, 0.4),
+          plan_lib.make_row(_program("sample"), _stats(temp=10), 0.0, 1e12, 0.4)]
+  with pytest.raises(plan_lib.PlanError) as e:
+    plan_lib.check_fits(rows, hbm=1 << 20, describe_mesh="{'data': 4} on v5e:2x2")
+  msg = str(e.value)
+  assert "train/sft: 1.00 GiB per chip > 1.00 MiB HBM" in msg and "{'data': 4} on v5e:2x2" in msg
+  assert "sample" not in msg  # It fits.
+
+
+def test_no_libtpu_says_how_to_install(monkeypatch):
+  monkeypatch.setattr(sharding_lib, "_libtpu_installed", lambda: False)
+  with pytest.raises(plan_lib.PlanError, match=r'pip install "jax\[tpu\]==0.10.2"'):
+    plan_lib.target_devices(plan_lib.parse_topology("v5e:2x2"))
+
+
+@pytest.mark.parametrize("scores", [False, True])
+def test_example_batch_is_the_pipelines(scores):
+  """The plan's batch has the keys, dtypes and non-length shapes of a real training batch (length: the worst case)."""
+  cfg = helpers.tiny_config()
+  task = stages_lib.load_task(cfg)
+  pipe = stages_lib.make_pipeline(cfg, task.pref_records, task.tok, k_max=cfg.data.max_responses, train=True)
+  real = pipe.batch(0)
+  if scores:
+    nb, g, gk = len(pipe.blocks), cfg.data.block_size, cfg.data.block_size * cfg.data.max_responses
+    pipe = stages_lib.with_scores(pipe, {"ref_logp": np.zeros((nb, g, gk), np.float32),
+                                         "reward": np.zeros((nb, g, gk), np.float32),
+                                         "ref_ntok": np.zeros((nb, gk), np.float32)})
+    real = pipe.gather.map(real)
+  planned = plan_lib.example_batch(cfg, scores=scores)
+  assert sorted(planned) == sorted(real)
+  t = cfg.data.max_prompt_len + cfg.data.max_response_len
+  for k, v in real.items():
+    assert planned[k].dtype == v.dtype, k
+    want = v.shape[:2] + (t,) if v.ndim == 3 and k not in ("ref_logp", "reward_matrix") else v.shape
+    assert planned[k].shape == want, k
+
+
+def test_plan_on_local_cpu_and_impossible_config(monkeypatch):
+  """The whole plan on the attached CPU (no libtpu): every program compiles and is reported; with a tiny HBM the
+  same config stops with the program, the mesh and the bytes."""
+  cfg = helpers.tiny_config(**{"reward.source": "gold"})
+  lines = []
+  rows = plan_lib.plan(cfg, plan_lib.Target(None), stages=["sft", "score", "eval"], log=lines.append)
+  assert [r.name for r in rows] == ["train/sft", "score/ref", "sample"]  # reward.source is gold: no score/reward.
+  assert all(r.total > r.params > 0 and r.model_flops > 0 and r.seconds > 0 for r in rows)
+  assert 0 <= rows[0].opt - 2 * rows[0].params <= 64  # AdamW: two float32 moments per parameter, and step counts.
+  assert "| train/sft |" in lines[-1]
+  monkeypatch.setattr(plan_lib, "device_budget", lambda target, devices: (1 << 20, 1e12))
+  with pytest.raises(plan_lib.PlanError, match=r"(?s)does not fit on mesh \{'data': 1, 'fsdp': 1, 'tensor': 1\}.*"
+                     r"train/sft: [\d.]+ MiB per chip > 1.00 MiB HBM"):
+    plan_lib.plan(cfg, plan_lib.Target(None), stages=["sft"], log=lambda _: None)
+
+
+def _tpu_python():
+  """An interpreter with jax[tpu] (libtpu): $VAR_JAX_TPU_PYTHON or /work/tpuvenv/bin/python; None if neither has it."""
+  for python in (os.environ.get("VAR_JAX_TPU_PYTHON"), "/work/tpuvenv/bin/python"):
+    if python and os.path.exists(python):
+      ok = subprocess.run([python, "-c", "import libtpu, jax; assert jax.__version__ == '0.10.2'"],
+                          capture_output=True).returncode == 0
+      if ok:
+        return python
+  return None
+
+
+@pytest.mark.tpu_compile
+def test_plan_compiles_for_tpu_v5e_with_splash_attention():
+  """`python -m var_jax.plan` for a v5e 2x2 slice with the tiny model, the splash-attention kernel included."""
+  python = _tpu_python()
+  if python is None:
+    pytest.skip("no Python with jax[tpu]==0.10.2 (libtpu): set VAR_JAX_TPU_PYTHON or create /work/tpuvenv "
+                '(python -m venv /work/tpuvenv && /work/tpuvenv/bin/pip install "jax[tpu]==0.10.2" -r requirements.txt)')
+  args = [python, "-m", "var_jax.plan", "--config=configs/tiny.py", "--topology=v5e:2x2", "--stages=sft,score,eval",
+          "--config.model.attention_impl=splash", "--config.data.groups_per_batch=4"]
+  out = subprocess.run(args, cwd=helpers.ROOT, capture_output=True, text=True, timeout=900)
+  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+  assert "(4 x TPU v5 lite)" in out.stdout and "attention splash" in out.stdout
+  for program in ("train/sft", "score/ref", "sample"):
+    assert f"| {program} |" in out.stdout, out.stdout
+  # The same slice cannot hold groups that do not divide over its 4 chips: a clear error, exit status 1.
+  bad = subprocess.run(args[:-1] + ["--config.data.groups_per_batch=2"], cwd=helpers.ROOT, capture_output=True,
+                       text=True, timeout=900)
+  assert bad.returncode == 1 and "groups_per_batch" in bad.stderr and "v5e:2x2 (4 devices)" in bad.stderr
