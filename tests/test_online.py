@@ -307,7 +307,7 @@ def test_online_config_errors_name_the_field(field, value, message):
 
 _ONLINE = ["--config.reward.source=gold", "--config.online.prompts_per_step=8", "--config.online.group=4",
            "--config.checkpoint.async_save=False", "--config.log_every=2", "--config.eval_every=0",
-           "--config.data.num_sft=256", "--config.data.num_pairs=64", "--config.data.num_eval=32",
+           "--config.data.num_sft=256", "--config.data.num_pairs=64", "--config.data.groups_per_batch=8", "--config.data.num_eval=32",
            "--config.eval.num_prompts=8", "--config.eval.max_new_tokens=6"]
 
 
@@ -319,9 +319,13 @@ def _run(workdir, *overrides, devices=1, check=True):
 
 
 def _params(workdir, stage):
+  """A finished stage's parameters on this process's first device (they may have been saved from 8 devices)."""
   ocp = __import__("orbax.checkpoint").checkpoint
+  path = os.path.abspath(os.path.join(workdir, stage, "params"))
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   with ocp.StandardCheckpointer() as ckptr:
-    return ckptr.restore(os.path.abspath(os.path.join(workdir, stage, "params")))
+    meta = ckptr.metadata(path).item_metadata
+    return ckptr.restore(path, jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), meta))
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,247 @@
+"""The race: offline VAR, online VAR, GRPO and DPO from one reference; gold reward against time, steps and tokens.
+
+    python -m launch.race --config=configs/race.py --seeds=0,1,2 --out=race
+
+Per seed (workdir OUT/seed<s>): the config's stages run one at a time and are timed (sft, the shared reference, is
+not counted against anyone; the score stage, which offline VAR and DPO need, is); every checkpoint the racing
+stages saved (and the reference, as step 0) is evaluated on the held-out prompts: mean gold reward of
+eval.samples_per_prompt samples per prompt at temperature 1, and the sampled estimate of KL(pi || pi_ref). Then:
+
+  time       seconds of the training loop at the checkpoint (metrics' elapsed_s, compilation included), plus the
+             score stage's seconds for the methods that read its cache (offline VAR, DPO);
+  steps      optimizer steps;
+  tokens     response tokens sampled (online) or scored by the reference (offline: each training response under each
+             prompt of its scoring block, a cost paid once before step 1);
+  to reach   the first checkpoint whose gold reward (mean over seeds) reaches the reference's plus --fraction of
+             GRPO's final improvement over it; the time ratio GRPO / method is the paper's "x times faster".
+
+Writes OUT/race.json, OUT/race.md (the table) and OUT/race.png (the curves). Finished stages are not rerun.
+"""
+import json
+import os
+import time
+
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import app
+from absl import flags
+from absl import logging
+from flax import nnx
+from ml_collections import config_flags
+
+from var_jax import artifacts
+from var_jax import config as config_lib
+from var_jax import sampling
+from var_jax import scoring
+from var_jax import sharding as sharding_lib
+from var_jax import stage_table
+from var_jax import stages
+from var_jax.data import splits
+from var_jax.data import synthetic
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/race.py", "The race's config (configs/race.py).")
+_SEEDS = flags.DEFINE_string("seeds", "0,1,2", "Comma-separated seeds (config.seed of each run).")
+_OUT = flags.DEFINE_string("out", "race", "Output directory (one workdir per seed inside).")
+_FRACTION = flags.DEFINE_float("fraction", 0.9, "Target: reference + fraction x GRPO's final improvement.")
+
+RACERS = ("var", "dpo", "grpo", "online_var")
+NEEDS_SCORES = ("score",)  # The stage whose time offline racers pay before their first step.
+
+
+def timed_stages(cfg, workdir: str) -> dict:
+  """Runs the config's stages one at a time; {stage: wall seconds} (also written to workdir/race_times.json, so a
+  rerun that skips finished stages keeps their first timing)."""
+  path = os.path.join(workdir, "race_times.json")
+  times = json.load(open(path)) if os.path.exists(path) else {}
+  for stage in config_lib.stage_list(cfg):
+    one = config_lib.with_overrides(cfg, {})
+    one.stages = stage
+    start = time.perf_counter()
+    stages.run_pipeline(one, workdir)
+    times.setdefault(stage, time.perf_counter() - start)
+    os.makedirs(workdir, exist_ok=True)
+    with open(path, "w") as f:
+      json.dump(times, f)
+  return times
+
+
+def checkpoint_params(workdir: str, stage: str, step: int):
+  """The policy parameters (a pure dict) of one training checkpoint of `stage`, on the host."""
+  directory = artifacts.stage_dir(workdir, stage) / "checkpoints"
+  with ocp.CheckpointManager(os.path.abspath(directory), item_names=("state", "data")) as mngr:
+    state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+  return _pure(state["train"]["params"] if "train" in state else state["params"])
+
+
+def _pure(tree):
+  """A restored nnx.State (nested dicts whose Variables are {"value": array}) as a pure dict of arrays."""
+  if isinstance(tree, dict):
+    if set(tree) == {"value"} and not isinstance(tree["value"], dict):
+      return np.asarray(tree["value"])
+    return {k: _pure(v) for k, v in tree.items()}
+  return np.asarray(tree)
+
+
+def checkpoint_steps(workdir: str, stage: str) -> list[int]:
+  directory = os.path.join(workdir, stage, "checkpoints")
+  return sorted(int(x) for x in os.listdir(directory) if x.isdigit())
+
+
+def logged(workdir: str, stage: str) -> dict[int, dict]:
+  """The stage's metrics.jsonl lines by step (training lines only)."""
+  lines = [json.loads(x) for x in open(os.path.join(workdir, stage, "logs", "metrics.jsonl"))]
+  return {x["step"]: x for x in lines if "elapsed_s" in x}
+
+
+def scored_tokens(workdir: str) -> float:
+  """Response tokens the score stage ran through the reference for the training data: each response of a block
+  under each of the block's G prompts (ref_logp is [blocks, G, G*K])."""
+  train = artifacts.load_scores(workdir, "train")
+  return float(np.nansum(train["ref_ntok"]) * train["ref_logp"].shape[1])
+
+
+class Judge:
+  """Gold reward and KL to the reference of a policy's samples on fixed held-out prompts (same seed every time)."""
+
+  def __init__(self, ctx):
+    self.ctx, e = ctx, ctx.cfg.eval
+    records, _ = splits.distinct_prompts(ctx.task.test_records)
+    self.records = records[:e.num_prompts] * e.samples_per_prompt
+    self.prompt_ids, _ = ctx.task.tok.encode_prompts([r.prompt for r in self.records])
+    self.ref = ctx.load("sft")
+    self.model = ctx.load("sft")  # Its parameters are replaced by each checkpoint's.
+
+  def __call__(self, params=None) -> dict:
+    cfg, tok = self.ctx.cfg, self.ctx.task.tok
+    model = self.ref
+    if params is not None:
+      state = nnx.state(self.model, nnx.Param)
+      nnx.replace_by_pure_dict(state, params)
+      nnx.update(self.model, state)
+      model = self.model
+    gen = sampling.generate(model, self.prompt_ids, max_new_tokens=cfg.eval.max_new_tokens, eos_id=tok.eos_id,
+                            pad_id=tok.pad_id, temperature=1.0, seed=cfg.seed, batch_size=cfg.eval.batch_size,
+                            bucket=cfg.data.bucket)
+    gen = [g if len(g) else np.array([tok.eos_id], np.int32) for g in gen]
+    gold = [synthetic.gold_reward(r.prompt, tok.decode(g)) for r, g in zip(self.records, gen)]
+    pairs = list(zip(self.prompt_ids, gen))
+    logp = scoring.score_pairs(model, pairs, pad_id=tok.pad_id, bucket=cfg.data.bucket)
+    ref = scoring.score_pairs(self.ref, pairs, pad_id=tok.pad_id, bucket=cfg.data.bucket)
+    return {"gold": float(np.mean(gold)), "kl": float(np.mean(logp - ref))}
+
+
+def race_one_seed(cfg, workdir: str) -> dict:
+  """{stage: [{step, time, optimizer_steps, tokens, gold, kl}, ...]} of one seed, from step 0 (the reference)."""
+  times = timed_stages(cfg, workdir)
+  mesh = sharding_lib.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+  ctx = stages.Context(cfg, workdir, mesh, sharding_lib.parse_rules(cfg.mesh.rules))
+  judge = Judge(ctx)
+  start = judge()
+  scored = scored_tokens(workdir)
+  curves = {}
+  for stage in RACERS:
+    offline = any(r in NEEDS_SCORES for r in stage_table.upstream([stage]))
+    upfront = times["score"] if offline else 0.0
+    tokens0 = scored if offline else 0.0
+    logs = logged(workdir, stage)
+    points = [{"step": 0, "time": upfront, "optimizer_steps": 0, "tokens": tokens0, **start}]
+    for step in checkpoint_steps(workdir, stage):
+      line = logs[step]
+      points.append({"step": step, "time": upfront + line["elapsed_s"],
+                     "optimizer_steps": line.get("optimizer_steps", step),
+                     "tokens": line.get("sampled_tokens", tokens0), **judge(checkpoint_params(workdir, stage, step))})
+      logging.info("race %s %s step %d: %s", workdir, stage, step, points[-1])
+    curves[stage] = points
+  return {"stage_seconds": times, "curves": curves}
+
+
+def summarize(runs: list[dict], fraction: float) -> dict:
+  """Means over seeds at each checkpoint, the target, and when each racer first reaches it."""
+  summary = {"fraction": fraction, "seeds": len(runs), "methods": {}}
+  mean_curve = {}
+  for stage in RACERS:
+    per_seed = [r["curves"][stage] for r in runs]
+    n = min(len(c) for c in per_seed)
+    keys = ("time", "optimizer_steps", "tokens", "gold", "kl")
+    mean_curve[stage] = {k: np.mean([[p[k] for p in c[:n]] for c in per_seed], 0) for k in keys}
+    mean_curve[stage]["gold_std"] = np.std([[p["gold"] for p in c[:n]] for c in per_seed], 0)
+  reference = float(mean_curve["grpo"]["gold"][0])
+  grpo_final = float(mean_curve["grpo"]["gold"][-1])
+  target = reference + fraction * (grpo_final - reference)
+  summary.update(reference_gold=reference, grpo_final_gold=grpo_final, target_gold=target)
+  for stage, c in mean_curve.items():
+    hit = np.nonzero(c["gold"] >= target)[0] if grpo_final > reference else np.array([], int)
+    first = int(hit[0]) if len(hit) else None
+    finals = [r["curves"][stage][-1]["gold"] for r in runs]
+    summary["methods"][stage] = {
+        "final_gold": float(np.mean(finals)), "final_gold_std": float(np.std(finals)),
+        "final_kl": float(c["kl"][-1]), "total_time": float(c["time"][-1]),
+        "time_to_target": None if first is None else float(c["time"][first]),
+        "steps_to_target": None if first is None else float(c["optimizer_steps"][first]),
+        "tokens_to_target": None if first is None else float(c["tokens"][first]),
+        "curve": {k: v.tolist() for k, v in c.items()}}
+  grpo_time = summary["methods"]["grpo"]["time_to_target"]
+  for m in summary["methods"].values():
+    m["speedup_vs_grpo"] = (grpo_time / m["time_to_target"]) if grpo_time and m["time_to_target"] else None
+  return summary
+
+
+def markdown(summary: dict) -> str:
+  fmt = lambda x, f="{:.1f}": "not reached" if x is None else f.format(x)  # noqa: E731
+  lines = [f"Target: reference gold {summary['reference_gold']:.3f} + {summary['fraction']:g} x (GRPO's final "
+           f"{summary['grpo_final_gold']:.3f} - reference) = {summary['target_gold']:.3f}; means over "
+           f"{summary['seeds']} seeds.", "",
+           "| method | final gold (± std) | final KL | total s | s to target | steps to target | tokens to target "
+           "| speed-up vs GRPO (time) |", "|---|---|---|---|---|---|---|---|"]
+  for name, m in summary["methods"].items():
+    lines.append(f"| {name} | {m['final_gold']:.3f} ± {m['final_gold_std']:.3f} | {m['final_kl']:.3f} | "
+                 f"{m['total_time']:.1f} | {fmt(m['time_to_target'])} | {fmt(m['steps_to_target'], '{:.0f}')} | "
+                 f"{fmt(m['tokens_to_target'], '{:.3g}')} | {fmt(m['speedup_vs_grpo'], '{:.2f}x')} |")
+  return "\n".join(lines) + "\n"
+
+
+def plot(summary: dict, path: str) -> None:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+  for ax, key, label in zip(axes, ("time", "optimizer_steps", "tokens"),
+                            ("seconds (score stage included for var, dpo)", "optimizer steps",
+                             "response tokens sampled / scored")):
+    for name, m in summary["methods"].items():
+      c = m["curve"]
+      x, y, s = np.asarray(c[key]), np.asarray(c["gold"]), np.asarray(c["gold_std"])
+      ax.plot(x, y, marker="o", ms=3, label=name)
+      ax.fill_between(x, y - s, y + s, alpha=0.15)
+    ax.axhline(summary["target_gold"], color="gray", ls="--", lw=1)
+    ax.set_xlabel(label)
+    if key == "tokens":
+      ax.set_xscale("symlog", linthresh=1e3)
+  axes[0].set_ylabel("held-out gold reward (mean ± std over seeds)")
+  axes[0].legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+
+
+def main(argv):
+  del argv
+  cfg = _CONFIG.value
+  runs = []
+  for seed in [int(s) for s in _SEEDS.value.split(",")]:
+    c = config_lib.with_overrides(cfg, {})
+    c.seed = seed
+    runs.append(race_one_seed(c, os.path.join(_OUT.value, f"seed{seed}")))
+  summary = summarize(runs, _FRACTION.value)
+  summary["runs"] = runs
+  os.makedirs(_OUT.value, exist_ok=True)
+  with open(os.path.join(_OUT.value, "race.json"), "w") as f:
+    json.dump(summary, f, indent=1)
+  table = markdown(summary)
+  with open(os.path.join(_OUT.value, "race.md"), "w") as f:
+    f.write(table)
+  plot(summary, os.path.join(_OUT.value, "race.png"))
+  print(table)
+
+
+if __name__ == "__main__":
+  app.run(main)
