@@ -348,7 +348,8 @@ def splash_attention(q: Array, k: Array, v: Array, segment_ids: Array, *, block:
   b, t, hq, dh = q.shape
   mesh = jax.sharding.get_abstract_mesh()
   if interpret is None:
-    interpret = (jax.default_backend() if mesh.empty else mesh.platform) != 'tpu'
+    device = None if mesh.empty else getattr(mesh, 'abstract_device', None)
+    interpret = (jax.default_backend() if device is None else device.platform) != 'tpu'
   blk = _round_up(t if block <= 0 else min(block, t), 128)
   tp = _round_up(t, blk)
   pad = lambda x: jnp.pad(x, ((0, 0), (0, tp - t)) + ((0, 0),) * (x.ndim - 2))  # noqa: E731
