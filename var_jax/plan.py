@@ -501,7 +501,10 @@ def plan(cfg, target: Target, *, mfu: float = 0.4, stages: Sequence[str] | None 
   except ValueError as e:
     raise PlanError(f"the config does not fit {target.name} ({len(devices)} devices): {e}") from None
   m = cfg.mesh
-  mesh = sharding_lib.make_mesh(m.data, m.fsdp, m.tensor, devices=devices)
+  try:
+    mesh = sharding_lib.make_mesh(m.data, m.fsdp, m.tensor, devices=devices)
+  except (NotImplementedError, ValueError) as e:  # e.g. an axis of 8 on a 4x4x4 torus: no physical subset.
+    raise PlanError(f"mesh (data={m.data}, fsdp={m.fsdp}, tensor={m.tensor}) on {target.name}: {e}") from None
   rules = sharding_lib.parse_rules(m.rules)
   mcfg = plan_model_config(cfg)
   hbm, peak = device_budget(target, devices)
