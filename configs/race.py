@@ -4,7 +4,7 @@
 
 Every method is rewarded by the task's gold reward (offline VAR and DPO through the score stage's cached gold rewards
 of the preference pairs; GRPO and online VAR on their own samples), trains for the same number of optimizer steps at
-its own learning rate, and saves a checkpoint every `checkpoint.every` steps, which the race evaluates.
+its own learning rate (chosen on validation prompts with the same number of trials), and saves a checkpoint every `checkpoint.every` steps, which the race evaluates.
 """
 from configs import tiny
 
@@ -16,8 +16,9 @@ def get_config():
   steps = 300
   for stage in ("var", "dpo", "grpo", "online_var"):
     c[stage].steps = steps
-  c.var.lr = c.dpo.lr = 3e-4       # configs/tiny.py's rates for the offline methods.
-  c.grpo.lr = c.online_var.lr = 3e-4
+  # Learning rates: launch.race chooses each racer's on the validation prompts (--lr_grid); these are used with
+  # --lr_grid= (empty).
+  c.var.lr = c.dpo.lr = c.grpo.lr = c.online_var.lr = 3e-4
   c.online.prompts_per_step = 8    # 8 prompts x 8 samples per rollout, one update each.
   c.online.group = 8
   c.online_var.lam = 0.1           # As var.lam.
@@ -25,6 +26,8 @@ def get_config():
   c.checkpoint.keep = steps // 30 + 1
   c.log_every = 30
   c.eval_every = 0
+  c.data.num_eval = 256
+  c.data.validation_fraction = 0.5  # Half the held-out prompts choose each racer's learning rate (--lr_grid).
   c.eval.num_prompts = 128         # Held-out prompts per evaluation, 2 samples each at temperature 1.
   c.eval.samples_per_prompt = 2
   return c

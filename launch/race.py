@@ -12,13 +12,18 @@ eval.samples_per_prompt samples per prompt at temperature 1, and the sampled est
   steps      optimizer steps;
   tokens     response tokens sampled (online) or scored by the reference (offline: each training response under each
              prompt of its scoring block, a cost paid once before step 1);
-  to reach   the first checkpoint whose gold reward (mean over seeds) reaches the reference's plus --fraction of
-             GRPO's final improvement over it; the time ratio GRPO / method is the paper's "x times faster".
+  to reach   the first checkpoint whose gold reward (mean over seeds) reaches the reference's plus a fraction f
+             (--fractions) of GRPO's final improvement over it; the time ratio GRPO / method is the paper's "x
+             times faster".
+
+With --lr_grid (the default), every racer first gets the same number of learning-rate trials on the validation
+prompts (data.validation_fraction; first seed) and races at its best one on the test prompts.
 
 Writes OUT/race.json, OUT/race.md (the table) and OUT/race.png (the curves). Finished stages are not rerun.
 """
 import json
 import os
+import shutil
 import time
 
 import numpy as np
@@ -42,7 +47,9 @@ from var_jax.data import synthetic
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/race.py", "The race's config (configs/race.py).")
 _SEEDS = flags.DEFINE_string("seeds", "0,1,2", "Comma-separated seeds (config.seed of each run).")
 _OUT = flags.DEFINE_string("out", "race", "Output directory (one workdir per seed inside).")
-_FRACTION = flags.DEFINE_float("fraction", 0.9, "Target: reference + fraction x GRPO's final improvement.")
+_FRACTIONS = flags.DEFINE_string("fractions", "0.5,0.9", "Targets: reference + f x GRPO's final improvement.")
+_LR_GRID = flags.DEFINE_string("lr_grid", "1e-4,3e-4,1e-3", "Learning rates every racer tries on the validation "
+                               "prompts (first seed) before the race; its best is raced. Empty: the config's rates.")
 
 RACERS = ("var", "dpo", "grpo", "online_var")
 NEEDS_SCORES = ("score",)  # The stage whose time offline racers pay before their first step.
@@ -103,9 +110,10 @@ def scored_tokens(workdir: str) -> float:
 class Judge:
   """Gold reward and KL to the reference of a policy's samples on fixed held-out prompts (same seed every time)."""
 
-  def __init__(self, ctx):
+  def __init__(self, ctx, split: str = "test"):
     self.ctx, e = ctx, ctx.cfg.eval
-    records, _ = splits.distinct_prompts(ctx.task.test_records)
+    records, _ = splits.distinct_prompts(ctx.task.validation_records if split == "validation" else
+                                         ctx.task.test_records)
     self.records = records[:e.num_prompts] * e.samples_per_prompt
     self.prompt_ids, _ = ctx.task.tok.encode_prompts([r.prompt for r in self.records])
     self.ref = ctx.load("sft")
@@ -130,12 +138,40 @@ class Judge:
     return {"gold": float(np.mean(gold)), "kl": float(np.mean(logp - ref))}
 
 
+def _context(cfg, workdir: str):
+  mesh = sharding_lib.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+  return stages.Context(cfg, workdir, mesh, sharding_lib.parse_rules(cfg.mesh.rules))
+
+
+def tune_learning_rates(cfg, directory: str, grid, seed: int) -> dict:
+  """Every racer trains once per learning rate of `grid` (the same budget for each), from the same reference, and is
+  judged at its last checkpoint on the VALIDATION prompts; {racer: {"lr": best, "validation_gold": {lr: gold}}}.
+  One run per learning rate holds all racers; the upstream stages of the first run are copied to the others."""
+  if cfg.data.validation_fraction <= 0:
+    raise ValueError("--lr_grid needs config.data.validation_fraction > 0 (prompts to choose the rates on)")
+  cfg = config_lib.with_overrides(cfg, {})
+  cfg.seed = seed
+  first, found = None, {stage: {} for stage in RACERS}
+  for lr in grid:
+    workdir = os.path.join(directory, f"lr{lr:g}")
+    if first is not None:
+      for stage in stage_table.upstream(RACERS):
+        if not os.path.exists(os.path.join(workdir, stage)):
+          shutil.copytree(os.path.join(first, stage), os.path.join(workdir, stage))
+    run_cfg = config_lib.with_overrides(cfg, {f"{stage}.lr": lr for stage in RACERS})
+    stages.run_pipeline(run_cfg, workdir)
+    first = first or workdir
+    judge = Judge(_context(run_cfg, workdir), split="validation")
+    for stage in RACERS:
+      found[stage][f"{lr:g}"] = judge(checkpoint_params(workdir, stage, checkpoint_steps(workdir, stage)[-1]))["gold"]
+      logging.info("race tuning: %s lr %g -> validation gold %.4f", stage, lr, found[stage][f"{lr:g}"])
+  return {stage: {"lr": float(max(golds, key=golds.get)), "validation_gold": golds} for stage, golds in found.items()}
+
+
 def race_one_seed(cfg, workdir: str) -> dict:
   """{stage: [{step, time, optimizer_steps, tokens, gold, kl}, ...]} of one seed, from step 0 (the reference)."""
   times = timed_stages(cfg, workdir)
-  mesh = sharding_lib.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
-  ctx = stages.Context(cfg, workdir, mesh, sharding_lib.parse_rules(cfg.mesh.rules))
-  judge = Judge(ctx)
+  judge = Judge(_context(cfg, workdir))
   start = judge()
   scored = scored_tokens(workdir)
   curves = {}
@@ -155,9 +191,15 @@ def race_one_seed(cfg, workdir: str) -> dict:
   return {"stage_seconds": times, "curves": curves}
 
 
-def summarize(runs: list[dict], fraction: float) -> dict:
-  """Means over seeds at each checkpoint, the target, and when each racer first reaches it."""
-  summary = {"fraction": fraction, "seeds": len(runs), "methods": {}}
+def _first_reaching(curve: dict, target: float):
+  """Index of the first point of a mean curve whose gold reward reaches `target`, or None."""
+  hit = np.nonzero(np.asarray(curve["gold"]) >= target)[0]
+  return int(hit[0]) if len(hit) else None
+
+
+def summarize(runs: list[dict], fractions) -> dict:
+  """Means over seeds at each checkpoint, the targets (reference + f x GRPO's final improvement, for each f), and
+  when each racer's mean curve first reaches each of them."""
   mean_curve = {}
   for stage in RACERS:
     per_seed = [r["curves"][stage] for r in runs]
@@ -167,36 +209,40 @@ def summarize(runs: list[dict], fraction: float) -> dict:
     mean_curve[stage]["gold_std"] = np.std([[p["gold"] for p in c[:n]] for c in per_seed], 0)
   reference = float(mean_curve["grpo"]["gold"][0])
   grpo_final = float(mean_curve["grpo"]["gold"][-1])
-  target = reference + fraction * (grpo_final - reference)
-  summary.update(reference_gold=reference, grpo_final_gold=grpo_final, target_gold=target)
+  targets = {f"{f:g}": reference + f * (grpo_final - reference) for f in fractions}
+  summary = {"seeds": len(runs), "reference_gold": reference, "grpo_final_gold": grpo_final, "targets": targets,
+             "methods": {}}
   for stage, c in mean_curve.items():
-    hit = np.nonzero(c["gold"] >= target)[0] if grpo_final > reference else np.array([], int)
-    first = int(hit[0]) if len(hit) else None
     finals = [r["curves"][stage][-1]["gold"] for r in runs]
-    summary["methods"][stage] = {
-        "final_gold": float(np.mean(finals)), "final_gold_std": float(np.std(finals)),
-        "final_kl": float(c["kl"][-1]), "total_time": float(c["time"][-1]),
-        "time_to_target": None if first is None else float(c["time"][first]),
-        "steps_to_target": None if first is None else float(c["optimizer_steps"][first]),
-        "tokens_to_target": None if first is None else float(c["tokens"][first]),
-        "curve": {k: v.tolist() for k, v in c.items()}}
-  grpo_time = summary["methods"]["grpo"]["time_to_target"]
-  for m in summary["methods"].values():
-    m["speedup_vs_grpo"] = (grpo_time / m["time_to_target"]) if grpo_time and m["time_to_target"] else None
+    reach = {}
+    for f, target in targets.items():
+      i = _first_reaching(c, target) if grpo_final > reference else None
+      reach[f] = {k: None if i is None else float(c[k][i]) for k in ("time", "optimizer_steps", "tokens")}
+    summary["methods"][stage] = {"final_gold": float(np.mean(finals)), "final_gold_std": float(np.std(finals)),
+                                 "final_kl": float(c["kl"][-1]), "total_time": float(c["time"][-1]),
+                                 "reach": reach, "curve": {k: v.tolist() for k, v in c.items()}}
+  for f in targets:
+    grpo_time = summary["methods"]["grpo"]["reach"][f]["time"]
+    for m in summary["methods"].values():
+      t = m["reach"][f]["time"]
+      m["reach"][f]["speedup_vs_grpo"] = grpo_time / t if grpo_time and t else None
   return summary
 
 
 def markdown(summary: dict) -> str:
   fmt = lambda x, f="{:.1f}": "not reached" if x is None else f.format(x)  # noqa: E731
-  lines = [f"Target: reference gold {summary['reference_gold']:.3f} + {summary['fraction']:g} x (GRPO's final "
-           f"{summary['grpo_final_gold']:.3f} - reference) = {summary['target_gold']:.3f}; means over "
-           f"{summary['seeds']} seeds.", "",
-           "| method | final gold (± std) | final KL | total s | s to target | steps to target | tokens to target "
-           "| speed-up vs GRPO (time) |", "|---|---|---|---|---|---|---|---|"]
+  targets = summary["targets"]
+  head = " | ".join(f"s / steps to {f} | speed-up vs GRPO at {f}" for f in targets)
+  lines = [f"Targets: reference gold {summary['reference_gold']:.3f} + f x (GRPO's final "
+           f"{summary['grpo_final_gold']:.3f} - reference): " +
+           ", ".join(f"f = {f}: {t:.3f}" for f, t in targets.items()) + f"; means over {summary['seeds']} seeds.", "",
+           f"| method | final gold (± std over seeds) | final KL | total s | {head} |",
+           "|---|---|---|---|" + "---|---|" * len(targets)]
   for name, m in summary["methods"].items():
+    cells = " | ".join(f"{fmt(r['time'])} / {fmt(r['optimizer_steps'], '{:.0f}')} | "
+                       f"{fmt(r['speedup_vs_grpo'], '{:.2f}x')}" for r in m["reach"].values())
     lines.append(f"| {name} | {m['final_gold']:.3f} ± {m['final_gold_std']:.3f} | {m['final_kl']:.3f} | "
-                 f"{m['total_time']:.1f} | {fmt(m['time_to_target'])} | {fmt(m['steps_to_target'], '{:.0f}')} | "
-                 f"{fmt(m['tokens_to_target'], '{:.3g}')} | {fmt(m['speedup_vs_grpo'], '{:.2f}x')} |")
+                 f"{m['total_time']:.1f} | {cells} |")
   return "\n".join(lines) + "\n"
 
 
@@ -213,10 +259,9 @@ def plot(summary: dict, path: str) -> None:
       x, y, s = np.asarray(c[key]), np.asarray(c["gold"]), np.asarray(c["gold_std"])
       ax.plot(x, y, marker="o", ms=3, label=name)
       ax.fill_between(x, y - s, y + s, alpha=0.15)
-    ax.axhline(summary["target_gold"], color="gray", ls="--", lw=1)
+    for target in summary["targets"].values():
+      ax.axhline(target, color="gray", ls="--", lw=1)
     ax.set_xlabel(label)
-    if key == "tokens":
-      ax.set_xscale("symlog", linthresh=1e3)
   axes[0].set_ylabel("held-out gold reward (mean ± std over seeds)")
   axes[0].legend()
   fig.tight_layout()
@@ -226,17 +271,28 @@ def plot(summary: dict, path: str) -> None:
 def main(argv):
   del argv
   cfg = _CONFIG.value
+  seeds = [int(s) for s in _SEEDS.value.split(",")]
+  tuning = {}
+  if _LR_GRID.value:
+    tuning = tune_learning_rates(cfg, os.path.join(_OUT.value, "tune"), [float(x) for x in _LR_GRID.value.split(",")],
+                                 seeds[0])
+    cfg = config_lib.with_overrides(cfg, {f"{stage}.lr": t["lr"] for stage, t in tuning.items()})
   runs = []
-  for seed in [int(s) for s in _SEEDS.value.split(",")]:
+  for seed in seeds:
     c = config_lib.with_overrides(cfg, {})
     c.seed = seed
     runs.append(race_one_seed(c, os.path.join(_OUT.value, f"seed{seed}")))
-  summary = summarize(runs, _FRACTION.value)
+  summary = summarize(runs, [float(f) for f in _FRACTIONS.value.split(",")])
+  summary["tuning"] = tuning
   summary["runs"] = runs
   os.makedirs(_OUT.value, exist_ok=True)
   with open(os.path.join(_OUT.value, "race.json"), "w") as f:
     json.dump(summary, f, indent=1)
   table = markdown(summary)
+  if tuning:
+    table += "\nLearning rates chosen on the validation prompts (final gold per rate): " + "; ".join(
+        f"{stage} {t['lr']:g} ({', '.join(f'{k}: {v:.3f}' for k, v in t['validation_gold'].items())})"
+        for stage, t in tuning.items()) + "\n"
   with open(os.path.join(_OUT.value, "race.md"), "w") as f:
     f.write(table)
   plot(summary, os.path.join(_OUT.value, "race.png"))

@@ -10,6 +10,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The tiny config shrunk to a test's size (seconds per stage), as command-line overrides too.
 TEST_SIZE = {"data.num_sft": 256, "data.num_pairs": 128, "data.num_eval": 32, "data.groups_per_batch": 2,
              "sft.steps": 6, "reward.steps": 6, "var.steps": 6, "dpo.steps": 6, "chosen.steps": 6, "ipo.steps": 6,
+             "grpo.steps": 4, "online_var.steps": 4, "online.prompts_per_step": 4, "online.group": 4,
              "checkpoint.every": 3, "log_every": 3, "eval_every": 0, "eval_batches": 1, "eval.num_prompts": 8,
              "eval.max_new_tokens": 6, "optim.warmup_steps": 2}
 

@@ -145,7 +145,7 @@ def test_tiny_pipeline_end_to_end_and_rerun_skips(tmp_path):
   for stage in config_lib.stage_list(cfg):
     assert os.path.exists(os.path.join(workdir, stage, "DONE.json")), stage
   results = json.load(open(os.path.join(workdir, "eval", "results.json")))
-  assert set(results["policies"]) == {"sft", "var", "dpo", "chosen", "ipo"}
+  assert set(results["policies"]) == {"sft", "var", "dpo", "chosen", "ipo", "grpo", "online_var"}
   var_done = json.load(open(os.path.join(workdir, "var", "DONE.json")))["results"]  # Weights checked before training.
   assert var_done["lam"] == cfg.var.lam and "swap_sensitivity" in var_done["diagnostics"]
   for row in results["policies"].values():

@@ -83,7 +83,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.dtype = "float32"       # Compute dtype ("bfloat16" on accelerators); params stay float32 (master).
   c.model.remat = "none"          # "none" | "full" | "dots": rematerialise the scanned layer body.
   c.model.attention_block = 128   # Query-block length of causal attention (0 = one T x T block); see model.py.
-  c.model.attention_impl = "xla"  # "xla" | "cudnn" (fused flash attention: NVIDIA GPU, bfloat16).
+  c.model.attention_impl = "xla"  # "xla" | "cudnn" (fused flash attention: NVIDIA GPU, bfloat16) | "splash" (Pallas
+                                  # TPU splash attention; interpret mode elsewhere, for tests).
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1                # Data-parallel size; -1 = the devices the other axes leave.
@@ -354,7 +355,7 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
     if d.groups_per_batch % batch_shards:
       _fail("data.groups_per_batch", d.groups_per_batch,
             f"normalizer groups per batch must divide over the {batch_shards} data x fsdp shards")
-    if on.prompts_per_step % batch_shards:
+    if on.prompts_per_step % batch_shards and any(s in stages for s in ("grpo", "online_var")):
       _fail("online.prompts_per_step", on.prompts_per_step, f"must divide over the {batch_shards} data x fsdp shards")
     if d.groups_per_batch % o.grad_accum:
       _fail("optim.grad_accum", o.grad_accum, f"must divide data.groups_per_batch={d.groups_per_batch}")
