@@ -52,7 +52,7 @@ from var_jax import train as train_lib
 from var_jax.data import pipeline as data_pipeline
 
 STAGES = ("sft", "var", "dpo")
-ALL = ("train", "profile", "score", "generate", "data", "memory", "compile", "torch", "trl")
+ALL = ("train", "profile", "score", "generate", "data", "memory", "compile", "torch", "trl", "sidebyside")
 
 # ----------------------------------------------------------------------------------------------------------------
 # Environment description.
@@ -223,10 +223,8 @@ def compile_train_step(stage: str, mcfg: model_lib.ModelConfig, batch: dict, see
   return compiled, state, dev_batch, time.perf_counter() - start
 
 
-def bench_train(stage: str, mcfg: model_lib.ModelConfig, batch: dict, peak: float, warmup: int, repeats: int
-                ) -> dict:
-  """Median step time, tokens/s, MFU, compile time and memory of one objective's train step."""
-  rss0 = max_rss_bytes()
+def jax_train_call(stage: str, mcfg: model_lib.ModelConfig, batch: dict):
+  """(one(): a blocking call of the stage's compiled train step that carries its state, compiled, compile seconds)."""
   compiled, state, dev_batch, compile_s = compile_train_step(stage, mcfg, batch)
   holder = {"state": state}
 
@@ -234,6 +232,14 @@ def bench_train(stage: str, mcfg: model_lib.ModelConfig, batch: dict, peak: floa
     holder["state"], metrics = compiled(holder["state"], dev_batch)
     jax.block_until_ready((holder["state"], metrics))
 
+  return one, compiled, compile_s
+
+
+def bench_train(stage: str, mcfg: model_lib.ModelConfig, batch: dict, peak: float, warmup: int, repeats: int
+                ) -> dict:
+  """Median step time, tokens/s, MFU, compile time and memory of one objective's train step."""
+  rss0 = max_rss_bytes()
+  one, compiled, compile_s = jax_train_call(stage, mcfg, batch)
   times = time_calls(one, warmup, repeats)
   # The CPU is shared: the matmul rate is re-measured right after the steps, and MFU is also given against it.
   peak_adjacent = measure_peak(mcfg.dtype)
@@ -470,12 +476,11 @@ def hf_llama_config(mcfg: model_lib.ModelConfig):
   return LlamaConfig(**hf_io.config_to_hf(mcfg))
 
 
-def bench_torch_train(mcfg: model_lib.ModelConfig, batch: dict, peak: float, warmup: int, repeats: int) -> dict:
-  """transformers' LlamaForCausalLM train step (AdamW, clip 1.0) on the same token batch (SFT loss).
-
-  float32 on CPU; on a GPU (when JAX runs on one too) float32 parameters with bfloat16 autocast when the JAX
-  model computes in bfloat16, and PyTorch's SDPA attention: what a user of transformers would run.
-  """
+def torch_train_call(mcfg: model_lib.ModelConfig, batch: dict):
+  """(one(): a blocking transformers LlamaForCausalLM train step, AdamW, clip 1.0, on the batch's tokens (SFT loss);
+  its real token count; facts about it). float32 on CPU; on a GPU (when JAX runs on one too) float32 parameters with
+  bfloat16 autocast when the JAX model computes in bfloat16, and PyTorch's SDPA attention: what a user of
+  transformers would run."""
   import torch  # pylint: disable=g-import-not-at-top
   from transformers import LlamaForCausalLM  # pylint: disable=g-import-not-at-top
   torch.manual_seed(0)
@@ -501,19 +506,57 @@ def bench_torch_train(mcfg: model_lib.ModelConfig, batch: dict, peak: float, war
     if device == "cuda":
       torch.cuda.synchronize()
 
+  info = {"torch_threads": torch.get_num_threads(), "attn_implementation": model.config._attn_implementation,
+          "device": device, "autocast_bf16": autocast, "batch_shape": [int(ids.shape[0]), seq]}
+  return one, int(mask.sum()), info
+
+
+def bench_torch_train(mcfg: model_lib.ModelConfig, batch: dict, peak: float, warmup: int, repeats: int) -> dict:
+  """`torch_train_call`'s median step time, tokens/s and MFU."""
+  one, real_tokens, info = torch_train_call(mcfg, batch)
   times = time_calls(one, warmup, repeats)
   peak_adjacent = measure_peak(mcfg.dtype)
   med = statistics.median(times)
-  tokens = int(ids.numel())
-  step_flops = flops_lib.decoder_flops_per_token(mcfg, seq, training=True) * tokens
-  metrics = {**timing_stats(times), "tokens_per_s": int(mask.sum()) / med, "mfu_measured_peak": step_flops / med / peak,
-             "mfu_adjacent_peak": step_flops / med / peak_adjacent, "torch_threads": torch.get_num_threads(),
-             "attn_implementation": model.config._attn_implementation, "device": device, "autocast_bf16": autocast}
+  seq = batch["inputs"].shape[-1]
+  step_flops = flops_lib.decoder_flops_per_token(mcfg, seq, training=True) * int(np.prod(batch["inputs"].shape))
+  metrics = {**timing_stats(times), "tokens_per_s": real_tokens / med, "mfu_measured_peak": step_flops / med / peak,
+             "mfu_adjacent_peak": step_flops / med / peak_adjacent,
+             **{k: v for k, v in info.items() if k != "batch_shape"}}
   sheet = datasheet_peak()
   if sheet:
     metrics["mfu_datasheet_bf16"] = step_flops / med / sheet
   return _record("torch", "transformers_llama_sft", metrics,
-                 {"batch_shape": [int(ids.shape[0]), seq], "model": dataclasses.asdict(mcfg)})
+                 {"batch_shape": info["batch_shape"], "model": dataclasses.asdict(mcfg)})
+
+
+def bench_side_by_side(mcfg: model_lib.ModelConfig, batch: dict, warmup: int, rounds: int) -> dict:
+  """var_jax's var and sft steps and transformers+PyTorch's step on the same batch, INTERLEAVED: each round times one
+  call of each (in a rotating order), so a neighbour's load or a clock change hits all of them alike. Reports each
+  one's median / min / max step time and tokens/s, and the per-round ratios (var/torch tokens/s = torch time / var
+  time within a round; var/sft step time) with their median, min and max over rounds: a conclusion holds only if
+  the whole range of the ratio is on one side of the target."""
+  calls = {"var": jax_train_call("var", mcfg, batch)[0], "sft": jax_train_call("sft", mcfg, batch)[0]}
+  calls["torch"], real_tokens, info = torch_train_call(mcfg, batch)
+  for fn in calls.values():
+    for _ in range(warmup):
+      fn()
+  names = list(calls)
+  times = {n: [] for n in names}
+  for r in range(rounds):
+    for n in names[r % len(names):] + names[:r % len(names)]:
+      start = time.perf_counter()
+      calls[n]()
+      times[n].append(time.perf_counter() - start)
+  spread = lambda xs: {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}  # noqa: E731
+  metrics = {"rounds": rounds, "real_tokens_per_step": real_tokens, "torch_threads": info["torch_threads"]}
+  for n in names:
+    metrics[f"{n}_step_s"] = spread(times[n])
+    metrics[f"{n}_tokens_per_s"] = real_tokens / statistics.median(times[n])
+  metrics["ratio_var_over_torch_tokens_per_s"] = spread([t / v for v, t in zip(times["var"], times["torch"])])
+  metrics["ratio_sft_over_torch_tokens_per_s"] = spread([t / v for v, t in zip(times["sft"], times["torch"])])
+  metrics["ratio_var_over_sft_step_time"] = spread([v / f for v, f in zip(times["var"], times["sft"])])
+  return _record("sidebyside", "var_sft_torch_interleaved", metrics,
+                 {"batch_shape": list(batch["inputs"].shape), "model": dataclasses.asdict(mcfg), "warmup": warmup})
 
 
 def word_tokenizer(vocab: int):
@@ -597,7 +640,9 @@ _SHOWN = ("median_s", "min_s", "max_s", "tokens_per_s", "mfu_measured_peak", "mf
           "max_rss_delta_bytes", "device_peak_bytes", "flops_per_s", "pairs_per_s", "pair_tokens_per_s", "speedup_vs_naive",
           "max_abs_diff_vs_naive", "new_tokens_per_s", "examples_per_s", "total_s", "policy_tokens_per_s",
           "chunked_temp_frac_of_full_logits", "max_abs_diff_vs_full", "sft_compile_s", "var_compile_s",
-          "ratio_vs_torch", "ratio_vs_trl_dpo", "ratio_vs_sft", "skipped", "reason")
+          "ratio_vs_torch", "ratio_vs_trl_dpo", "ratio_vs_sft", "var_step_s", "sft_step_s", "torch_step_s",
+          "ratio_var_over_torch_tokens_per_s", "ratio_sft_over_torch_tokens_per_s", "ratio_var_over_sft_step_time",
+          "skipped", "reason")
 
 
 def table(records: Sequence[dict]) -> str:
@@ -643,6 +688,7 @@ def _define_flags() -> None:
   flags.DEFINE_string("out", "bench_results.jsonl", "JSONL file the records are appended to")
   flags.DEFINE_integer("warmup", 2, "untimed calls before timing")
   flags.DEFINE_integer("repeats", 5, "timed calls (the median is reported)")
+  flags.DEFINE_integer("rounds", 7, "rounds of the interleaved side-by-side measurement (one call of each per round)")
   flags.DEFINE_string("dtype", "float32", "compute dtype of the JAX model")
   flags.DEFINE_enum("attention_impl", "xla", list(model_lib.ATTENTION_IMPLS), "attention of the JAX model (cudnn: GPU, bfloat16)")
   flags.DEFINE_enum("remat", "none", list(model_lib.REMAT_POLICIES), "rematerialisation of the JAX model's layers")
@@ -693,6 +739,11 @@ def run(what: Sequence[str], preset: str, seq: int, pairs: int, warmup: int, rep
       done(bench_torch_train(mcfg, batch, peak, warmup, repeats))
     except ImportError as e:  # PyTorch is an optional peer.
       done(skipped("torch", "transformers_llama_sft", e))
+  if "sidebyside" in what:
+    try:
+      done(bench_side_by_side(mcfg, batch, warmup, kw.get("rounds", 7)))
+    except ImportError as e:  # PyTorch is an optional peer.
+      done(skipped("sidebyside", "var_sft_torch_interleaved", e))
   if "trl" in what:
     trl_batch = synthetic_batch(mcfg.vocab_size, kw.get("trl_seq", 256), groups=1, group_size=kw.get("trl_pairs", 8))
     r = bench_train("var", mcfg, trl_batch, peak, warmup, repeats)
@@ -733,7 +784,8 @@ def main(argv):
                 model_overrides={"attention_impl": FLAGS.attention_impl, "remat": FLAGS.remat},
                 trl_pairs=FLAGS.trl_pairs, trl_seq=FLAGS.trl_seq, score_g=FLAGS.score_g, prompt_len=FLAGS.prompt_len,
                 response_len=FLAGS.response_len, data_source=FLAGS.data_source, data_limit=FLAGS.data_limit,
-                compile_preset=FLAGS.compile_preset, gen_batch=FLAGS.gen_batch, gen_tokens=FLAGS.gen_tokens)
+                compile_preset=FLAGS.compile_preset, gen_batch=FLAGS.gen_batch, gen_tokens=FLAGS.gen_tokens,
+                rounds=FLAGS.rounds)
   print("\n== summary (medians; 2 shared CPU cores are noisy: see min/max) ==")
   print(table(records))
   # The ratios are only known at the end: one more line with all of them.

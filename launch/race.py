@@ -48,7 +48,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/race.py", "The race
 _SEEDS = flags.DEFINE_string("seeds", "0,1,2", "Comma-separated seeds (config.seed of each run).")
 _OUT = flags.DEFINE_string("out", "race", "Output directory (one workdir per seed inside).")
 _FRACTIONS = flags.DEFINE_string("fractions", "0.5,0.9", "Targets: reference + f x GRPO's final improvement.")
-_LR_GRID = flags.DEFINE_string("lr_grid", "1e-4,3e-4,1e-3", "Learning rates every racer tries on the validation "
+_LR_GRID = flags.DEFINE_string("lr_grid", "1e-4,3e-4,1e-3,3e-3", "Learning rates every racer tries on the validation "
                                "prompts (first seed) before the race; its best is raced. Empty: the config's rates.")
 
 RACERS = ("var", "dpo", "grpo", "online_var")

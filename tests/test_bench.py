@@ -59,6 +59,22 @@ def test_torch_step_record():
   assert r["what"] == "torch" and _finite_number(r["metrics"]["tokens_per_s"])
 
 
+@pytest.mark.slow
+def test_side_by_side_interleaves_rounds_and_reports_spread_ratios():
+  pytest.importorskip("torch")
+  mcfg = bench.model_lib.get_config("tiny")
+  batch = bench.synthetic_batch(mcfg.vocab_size, 16, groups=1, group_size=2)
+  m = bench.bench_side_by_side(mcfg, batch, warmup=1, rounds=3)["metrics"]
+  for name in ("var", "sft", "torch"):
+    s = m[f"{name}_step_s"]
+    assert 0 < s["min"] <= s["median"] <= s["max"] and _finite_number(m[f"{name}_tokens_per_s"])
+  r = m["ratio_var_over_torch_tokens_per_s"]
+  assert r["min"] <= r["median"] <= r["max"]
+  # Per-round ratios, not a ratio of medians: the median ratio lies within the rounds' range of both methods.
+  assert m["torch_step_s"]["min"] / m["var_step_s"]["max"] <= r["min"] + 1e-12
+  assert r["max"] <= m["torch_step_s"]["max"] / m["var_step_s"]["min"] + 1e-12
+
+
 def test_unknown_measurement_is_rejected():
   with pytest.raises(ValueError, match="unknown measurements"):
     bench.run(["nope"], "tiny", seq=8, pairs=1, warmup=0, repeats=1)

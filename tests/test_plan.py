@@ -88,7 +88,7 @@ def test_does_not_fit_names_program_mesh_and_bytes():
 
 
 def test_no_libtpu_says_how_to_install(monkeypatch):
-  monkeypatch.setattr(sharding_lib, "_libtpu_installed", lambda: False)
+  monkeypatch.setattr(sharding_lib, "libtpu_installed", lambda: False)
   with pytest.raises(plan_lib.PlanError, match=r'pip install "jax\[tpu\]==0.10.2"'):
     plan_lib.target_devices(plan_lib.parse_topology("v5e:2x2"))
 

@@ -68,6 +68,7 @@ _REMAT_POLICIES = {
 # The accepted values of ModelConfig's choice fields, defined once (config validation and the CLIs use these).
 REMAT_POLICIES = tuple(_REMAT_POLICIES)  # ModelConfig.remat
 ATTENTION_IMPLS = ('xla', 'cudnn', 'splash')  # ModelConfig.attention_impl
+BATCH_AXES = ('data', 'fsdp')  # The mesh axes a batch is split over (var_jax.sharding's 'batch' rule).
 DTYPES = ('float32', 'bfloat16')  # ModelConfig.param_dtype and ModelConfig.dtype
 
 
@@ -358,7 +359,6 @@ def splash_attention(q: Array, k: Array, v: Array, segment_ids: Array, *, block:
   args = (heads_first(q * jnp.asarray(dh ** -0.5, q.dtype)), heads_first(k), heads_first(v), seg)
   run = functools.partial(_splash_local, block=blk, interpret=interpret)
   if not mesh.empty and mesh.size > 1:
-    from var_jax.sharding import BATCH_AXES  # pylint: disable=g-import-not-at-top
     from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
     batch_axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
     batch_axes = batch_axes if b % math.prod(mesh.shape[a] for a in batch_axes) == 0 else ()

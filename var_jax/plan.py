@@ -154,7 +154,7 @@ def target_devices(target: Target) -> list:
   """The devices to compile for: the topology's compile-only TPU devices (libtpu), or the attached ones."""
   if target.chip is None:
     return jax.devices()
-  if not sharding_lib._libtpu_installed():  # pylint: disable=protected-access
+  if not sharding_lib.libtpu_installed():
     raise PlanError(_INSTALL)
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
   dims3 = tuple(target.dims) + (1,) * (3 - len(target.dims))
@@ -317,11 +317,11 @@ def score_ref_program(cfg, mcfg, mesh, rules) -> Program:
   if cfg.score.prefix_shared:
     args = _replicated_inputs(mesh, np.zeros((g, p), np.int32), np.zeros((g,), np.int32),
                               np.zeros((m, r), np.int32), np.zeros((m,), np.int32))
-    return Program("score/ref", lambda: scoring._prefix_shared_scores_jit.lower(graphdef, params, *args),  # pylint: disable=protected-access
+    return Program("score/ref", lambda: scoring.prefix_shared_scores_jit.lower(graphdef, params, *args),
                    bytes_per_device(params), 0, bytes_per_device(args), forward(g * p + g * m * r, p + r),
                    g * m * r, _model_parallel(mesh))
   seqs = _chunk_rows(cfg, mesh, g * m)
-  return Program("score/ref", lambda: scoring._policy_scores_jit.lower(graphdef, params, seqs),  # pylint: disable=protected-access
+  return Program("score/ref", lambda: scoring.policy_scores_jit.lower(graphdef, params, seqs),
                  bytes_per_device(params), 0, bytes_per_device(seqs), forward(math.prod(seqs["inputs"].shape),
                                                                               seqs["inputs"].shape[1]),
                  math.prod(seqs["inputs"].shape), _model_parallel(mesh))
@@ -342,7 +342,7 @@ def score_reward_program(cfg, mcfg, mesh, rules) -> Program:
   graphdef, params = abstract_model(mcfg, mesh, rules, reward=True)
   seqs = _chunk_rows(cfg, mesh, d.block_size * d.block_size * d.max_responses)
   tokens = math.prod(seqs["inputs"].shape)
-  return Program("score/reward", lambda: scoring._reward_scores_jit.lower(graphdef, params, seqs),  # pylint: disable=protected-access
+  return Program("score/reward", lambda: scoring.reward_scores_jit.lower(graphdef, params, seqs),
                  bytes_per_device(params), 0, bytes_per_device(seqs),
                  tokens * flops_lib.decoder_flops_per_token(mcfg, seqs["inputs"].shape[1], training=False), tokens,
                  _model_parallel(mesh))
@@ -359,7 +359,7 @@ def sample_program(cfg, mcfg, mesh, rules) -> Program:
   options = dict(mesh=mesh, max_new_tokens=int(e.max_new_tokens), temperature=float(e.temperature),
                  top_k=int(e.top_k), top_p=float(e.top_p))
   n = int(e.max_new_tokens)
-  return Program("sample", lambda: sampling._generate_cached_jit.lower(graphdef, params, *args, **options),  # pylint: disable=protected-access
+  return Program("sample", lambda: sampling.generate_cached_jit.lower(graphdef, params, *args, **options),
                  bytes_per_device(params), 0, bytes_per_device(args),
                  b * (p + n) * flops_lib.decoder_flops_per_token(mcfg, p + n, training=False), b * n,
                  _model_parallel(mesh))

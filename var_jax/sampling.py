@@ -122,7 +122,7 @@ def _generate_cached(graphdef, state, *inputs, mesh, **options):
   return out, counts
 
 
-_generate_cached_jit = jax.jit(_generate_cached, static_argnames=(
+generate_cached_jit = jax.jit(_generate_cached, static_argnames=(
     "mesh", "max_new_tokens", "temperature", "top_k", "top_p"))
 
 
@@ -178,7 +178,7 @@ def generate(model: nnx.Module, prompts: Sequence[np.ndarray], *, max_new_tokens
     width = bucket_length(max(len(p) for p in chunk), bucket, sys.maxsize)
     tokens, lengths, active = left_pad(chunk, batch, width, pad_id)
     inputs = (tokens, lengths, active, jax.random.fold_in(root, index), np.int32(eos_id), np.int32(pad_id))
-    ids, counts = _generate_cached_jit(graphdef, state, *map(put, inputs), mesh=mesh,
+    ids, counts = generate_cached_jit(graphdef, state, *map(put, inputs), mesh=mesh,
                                        max_new_tokens=int(max_new_tokens), temperature=float(temperature),
                                        top_k=int(top_k), top_p=float(top_p))
     ids, counts = np.asarray(ids), np.asarray(counts)

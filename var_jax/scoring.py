@@ -28,8 +28,8 @@ def _reward_scores(graphdef, state, batch):
   return model.score_sequences(batch["inputs"], batch["positions"], batch["segment_ids"]).astype(jnp.float32)
 
 
-_policy_scores_jit = jax.jit(_policy_scores)
-_reward_scores_jit = jax.jit(_reward_scores)
+policy_scores_jit = jax.jit(_policy_scores)
+reward_scores_jit = jax.jit(_reward_scores)
 
 
 def _in_chunks(fn, graphdef, state, seqs: dict, rows: int, chunk: int):
@@ -92,7 +92,7 @@ def score_blocks(pipe: data_pipeline.PreferencePipeline, ref_model: Optional[nnx
       out["ref_logp"][b] = np.where(present, logp, np.nan)
       ntok = seqs["loss_mask"].sum(-1)
     elif ref_split is not None:
-      logp, ntok = _in_chunks(_policy_scores_jit, *ref_split, seqs, rows, chunk)
+      logp, ntok = _in_chunks(policy_scores_jit, *ref_split, seqs, rows, chunk)
       out["ref_logp"][b] = np.where(present, logp.reshape(g, g * k), np.nan)
     else:
       out["ref_logp"][b] = np.where(present, 0.0, np.nan)
@@ -101,7 +101,7 @@ def score_blocks(pipe: data_pipeline.PreferencePipeline, ref_model: Optional[nnx
     ntok = ntok.reshape(g, g * k)
     out["ref_ntok"][b] = np.where(block["response_valid"], ntok[own, np.arange(g * k)], np.nan)
     if rm_split is not None:
-      reward = _in_chunks(_reward_scores_jit, *rm_split, seqs, rows, chunk).reshape(g, g * k)
+      reward = _in_chunks(reward_scores_jit, *rm_split, seqs, rows, chunk).reshape(g, g * k)
     else:
       reward = np.full((g, g * k), np.nan, np.float32)
       for p in range(g):
@@ -168,7 +168,7 @@ def _prefix_shared_scores(graphdef, state, prompt_ids, prompt_len, response_ids,
   return jax.lax.map(one_prompt, xs)
 
 
-_prefix_shared_scores_jit = jax.jit(_prefix_shared_scores)
+prefix_shared_scores_jit = jax.jit(_prefix_shared_scores)
 
 
 def prefix_shared_logprobs(model: nnx.Module, prompt_ids, response_ids, *, pad_id: int = 0,
@@ -185,7 +185,7 @@ def prefix_shared_logprobs(model: nnx.Module, prompt_ids, response_ids, *, pad_i
   r_ids, r_len = _pad_rows(response_ids,
                            data_pipeline.bucket_length(max(map(len, response_ids)), bucket, 1 << 30), pad_id)
   graphdef, state = nnx.split(model)
-  out = _prefix_shared_scores_jit(graphdef, state, *map(jnp.asarray, (p_ids, p_len, r_ids, r_len)))
+  out = prefix_shared_scores_jit(graphdef, state, *map(jnp.asarray, (p_ids, p_len, r_ids, r_len)))
   return np.asarray(jax.device_get(out), np.float32)
 
 
@@ -196,7 +196,7 @@ def score_pairs(model: nnx.Module, pairs, *, pad_id: int, bucket: int, reward: b
   pairs, since padding rows would be computed too)."""
   longest = max(len(p) + len(r) for p, r in pairs)
   seqs = data_pipeline.build_sequences(pairs, data_pipeline.bucket_length(longest, bucket, 1 << 30), pad_id)
-  fn = _reward_scores_jit if reward else _policy_scores_jit
+  fn = reward_scores_jit if reward else policy_scores_jit
   out = _in_chunks(fn, *nnx.split(model), seqs, len(pairs), min(chunk, len(pairs)))
   return (out if reward else out[0]).astype(np.float32)
 

@@ -32,10 +32,12 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from var_jax import model as model_lib
+
 log = logging.getLogger(__name__)
 
 MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")
+BATCH_AXES = model_lib.BATCH_AXES
 
 # (logical name, mesh axis | tuple of mesh axes | None). Order matters only for a name listed more than once:
 # the first entry whose mesh axes are free in the spec and divide the dimension wins (a fallback chain).
@@ -285,7 +287,7 @@ def abstract_sharded_params(make_model_fn: Callable[[], nnx.Module], mesh: Mesh,
     ShapeDtypeStruct(shape, dtype, sharding=...) leaves, and the NamedSharding tree of that state.
   """
   if logical_axes_fn is None:
-    from var_jax.model import logical_axes as logical_axes_fn  # Imported late: model.py imports nothing from here.
+    logical_axes_fn = model_lib.logical_axes
   abstract = nnx.eval_shape(make_model_fn)
   params = nnx.state(abstract, nnx.Param)
   shardings = param_shardings(params, logical_axes_fn(abstract), mesh, rules)
@@ -424,7 +426,7 @@ _TPU_PCI_DEVICES = frozenset({"0x0027", "0x0056", "0x005e", "0x0062", "0x0063", 
 _LIBTPU = "libtpu"  # The package jax[tpu] installs; TPU_LIBRARY_PATH names the library instead.
 
 
-def _libtpu_installed() -> bool:
+def libtpu_installed() -> bool:
   return importlib.util.find_spec(_LIBTPU) is not None or bool(os.environ.get("TPU_LIBRARY_PATH"))
 
 
@@ -432,7 +434,7 @@ def _cloud_tpu_vm() -> bool:
   """True on a Cloud TPU VM where `jax.distributed.initialize()` finds its hosts by itself: TPU chips on PCI and
   libtpu installed (what JAX checks before it asks the VM metadata server for the worker list and this worker's
   number), and TPU_SKIP_MDS_QUERY unset (JAX then skips the metadata server). Reads a few sysfs files only."""
-  if os.environ.get("TPU_SKIP_MDS_QUERY") is not None or not _libtpu_installed():
+  if os.environ.get("TPU_SKIP_MDS_QUERY") is not None or not libtpu_installed():
     return False
   for vendor_file in glob.glob(os.path.join(_PCI_DEVICES, "*", "vendor")):
     try:
