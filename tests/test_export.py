@@ -221,6 +221,6 @@ def test_refuses_a_stage_that_did_not_run_or_trains_no_model(tmp_path):
     export.export(cfg, str(tmp_path), "eval", str(tmp_path / "out"))
   with pytest.raises(ValueError, match="unknown stage 'nope'"):
     export.export(cfg, str(tmp_path), "nope", str(tmp_path / "out"))
-  assert export.exportable_stages() == ("sft", "reward", "var", "dpo", "chosen", "ipo", "judge")
+  assert export.exportable_stages() == ("sft", "reward", "var", "dpo", "chosen", "ipo", "grpo", "online_var", "judge")
   assert export.is_reward_stage("reward") and export.is_reward_stage("judge") and not export.is_reward_stage("var")
   assert os.listdir(tmp_path) == []

@@ -384,3 +384,21 @@ def test_online_resume_after_sigkill_equals_an_uninterrupted_run(reference_workd
   assert "resumed at iteration" in resumed.stderr
   for a, b in zip(jax.tree.leaves(_params(straight, "grpo")), jax.tree.leaves(_params(killed, "grpo"))):
     np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_online_stage_on_two_processes_equals_one_process(reference_workdir, tmp_path, run_jax_processes):
+  """Two real JAX processes (gloo) run the same iterations as one: every process holds the whole prompt table, the
+  rollout's rows are split over the processes' devices, and the result is the same policy."""
+  steps = ["--config.stages=sft,grpo", "--config.sft.steps=30", "--config.grpo.steps=4"]
+  one = _copy(reference_workdir, str(tmp_path / "one"))
+  two = _copy(reference_workdir, str(tmp_path / "two"))
+  _run(one, *steps)
+  run_jax_processes(lambda i, port: ["-m", "var_jax.main", "--config=configs/tiny.py", f"--workdir={two}", *_ONLINE,
+                                     *steps, f"--coordinator=127.0.0.1:{port}", "--num_processes=2",
+                                     f"--process_id={i}"])
+  logs = [[json.loads(l) for l in open(os.path.join(w, "grpo", "logs", "metrics.jsonl"))] for w in (one, two)]
+  assert [l["reward"] for l in logs[0]] == pytest.approx([l["reward"] for l in logs[1]], rel=1e-5)
+  for a, b in zip(jax.tree.leaves(_params(one, "grpo")), jax.tree.leaves(_params(two, "grpo"))):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
