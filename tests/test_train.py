@@ -101,6 +101,12 @@ def test_gradient_accumulation_is_exact(stage):
   model = (model_lib.RewardModel(model_lib.get_config("tiny", vocab_size=vocab), rngs=nnx.Rngs(0)) if reward
            else _tiny_model(vocab))
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  if objective.online:  # A rollout's fields: rewards and the sampler's and reference's per-token log-probs.
+    rng = np.random.default_rng(0)
+    mask = batch["loss_mask"].astype(np.float32)
+    batch = {**batch, "reward": rng.random(batch["valid"].shape).astype(np.float32),
+             "sample_logp": (-rng.random(mask.shape) * mask).astype(np.float32),
+             "ref_logp": (-rng.random(mask.shape) * mask).astype(np.float32)}
   jb = jax.tree.map(jnp.asarray, batch)
   one = train_lib.make_loss_and_grads(objective, graphdef, rest, cfg, 1)(params, jb)
   four = train_lib.make_loss_and_grads(objective, graphdef, rest, cfg, 4)(params, jb)
