@@ -1,7 +1,7 @@
 """Benchmark of every stage: train step (sft / var / dpo), scoring, generation, data, memory, compile time.
 
     python -m benchmarks.bench [--preset bench-30m] [--seq 512] [--pairs 2] \
-        [--what train,profile,score,generate,data,memory,compile,torch,trl] [--out bench_results.jsonl]
+        [--what train,profile,score,generate,data,memory,compile,torch,trl,sidebyside] [--out bench_results.jsonl]
 
 Every figure is measured in the run: step times are medians over `--repeats` steps after `--warmup` steps (on a
 shared CPU the spread is printed as well), MFU divides model FLOPs (`flops.decoder_flops_per_token`, attention
