@@ -565,3 +565,23 @@ def test_load_onto_8_device_mesh(hf_dirs, tmp_path):
   proc = subprocess.run([sys.executable, '-c', _SHARDED_LOAD_SCRIPT, d, str(tmp_path / 'ref.npz')],
                         capture_output=True, text=True, env=env, timeout=300)
   assert proc.returncode == 0 and 'OK' in proc.stdout, proc.stdout + proc.stderr[-3000:]
+
+
+def test_hidden_states_are_constrained_to_the_batch_sharding_only_under_a_mesh():
+  """model.batch_sharded: with a mesh in context (var_jax.main and the plan enter one) the decoder's hidden states
+  are split over the batch axes that divide the batch; without a mesh, or when they do not divide it, nothing."""
+  mesh = jax.sharding.AbstractMesh((2, 4, 1), ("data", "fsdp", "tensor"))
+  constraints = lambda x: [e.params["sharding"].spec for e in jax.make_jaxpr(M.batch_sharded)(x).eqns  # noqa: E731
+                           if e.primitive.name == "sharding_constraint"]
+  assert constraints(jnp.zeros((16, 4, 8))) == []
+  with jax.sharding.use_abstract_mesh(mesh):
+    assert constraints(jnp.zeros((16, 4, 8))) == [jax.sharding.PartitionSpec(("data", "fsdp"), None, None)]
+    assert constraints(jnp.zeros((6, 4, 8))) == []  # 6 rows do not split over 2 x 4 shards.
+  cfg = M.get_config("tiny", vocab_size=64)
+  model = M.Decoder(cfg, rngs=nnx.Rngs(0))
+  tokens = jnp.ones((8, 16), jnp.int32)
+  positions, segment_ids = M.default_inputs(tokens)
+  with jax.sharding.use_abstract_mesh(mesh):
+    jaxpr = jax.make_jaxpr(lambda t: model(t, positions, segment_ids))(tokens)
+  text = str(jaxpr)
+  assert text.count("sharding_constraint") >= 2  # After the embedding and in the scanned layer body.

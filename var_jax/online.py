@@ -202,6 +202,14 @@ def train_online(stage: str, objective: objectives.Objective, cfg, model: nnx.Mo
   reference: the frozen reference policy; reward_model: None for the gold reward (then `table` carries targets);
   workdir: the stage's directory (checkpoints/, logs/). Resumes from the newest checkpoint.
   """
+  with jax.set_mesh(mesh):  # As train.train: the model's batch-sharding constraints and splash need the mesh.
+    return _train_online(stage, objective, cfg, model, reference, reward_model, table, workdir, mesh, eos_id=eos_id,
+                         pad_id=pad_id, ignore_ids=ignore_ids)
+
+
+def _train_online(stage, objective, cfg, model, reference, reward_model, table, workdir, mesh, *, eos_id, pad_id,
+                  ignore_ids):
+  """`train_online` inside the run's mesh."""
   o, section = cfg.online, cfg[stage]
   iterations = int(section.steps)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)

@@ -5,7 +5,6 @@ A stage is complete when workdir/<stage>/DONE.json exists; it records the config
 and a rerun with different values for them stops with an error instead of silently reusing (or overwriting)
 the old artifacts.
 """
-import contextlib
 import dataclasses
 from typing import Optional
 
@@ -400,8 +399,6 @@ def run_pipeline(cfg, workdir: str) -> None:
   if not pending:
     return
   ctx = Context(cfg, workdir, mesh, rules)
-  # The splash kernel runs per shard under shard_map, which takes the mesh from the context (model.splash_attention).
-  with jax.set_mesh(mesh) if cfg.model.attention_impl == "splash" else contextlib.nullcontext():
-    for s in pending:
-      logging.info("stage %s: running", s)
-      RUNNERS[stage_table.get(s).runner](ctx, s)
+  for s in pending:
+    logging.info("stage %s: running", s)
+    RUNNERS[stage_table.get(s).runner](ctx, s)

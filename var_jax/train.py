@@ -249,6 +249,15 @@ def train(stage: str, objective: objectives.Objective, cfg, section, model: nnx.
     workdir: the stage's directory; checkpoints go to workdir/checkpoints.
     tokens_flops: training FLOPs of a batch of the given padded token count (for MFU), or None.
   """
+  # The run's mesh in context while steps are traced and run: the model constrains its hidden states to the batch
+  # sharding (model.batch_sharded) and the splash kernel runs per shard (model.splash_attention). Models are built
+  # outside it (nnx would read their logical axis names as mesh axes).
+  with jax.set_mesh(mesh):
+    return _train(stage, objective, cfg, section, model, train_iter_fn, eval_batches_fn, workdir, mesh, tokens_flops)
+
+
+def _train(stage, objective, cfg, section, model, train_iter_fn, eval_batches_fn, workdir, mesh, tokens_flops):
+  """`train` inside the run's mesh."""
   total_steps = int(section.steps)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   tx, schedule = make_optimizer(float(section.lr), total_steps, cfg.optim)
