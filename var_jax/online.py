@@ -157,23 +157,23 @@ def sample_rollout(sampler, reference, reward_model, table: dict, idx, key, cfg,
 
 
 def make_iteration(objective: objectives.Objective, cfg, stage: str, graphdef, rest, tx, schedule, mesh, *,
-                   num_prompts: int, eos_id: int, pad_id: int, ignore_ids):
+                   num_prompts: int, eos_id: int, pad_id: int, ignore_ids, rm_graphdef=None):
   """iteration(state, table, ref_params, rm_state) -> (state, metrics): one rollout and its updates, for jax.jit.
 
-  ref_params: the reference's nnx.Param state (same graphdef as the policy); rm_state: the reward model's
-  (graphdef, state) or None for the gold reward."""
+  ref_params: the reference's nnx.Param state (same graphdef as the policy); rm_state: the reward model's state
+  (its graphdef is rm_graphdef) or None for the gold reward."""
   o = cfg.online
   from_reference = stage == "online_var" and cfg.online_var.sample_from == "reference"
   train_step = train_lib.make_train_step(objective, graphdef, rest, tx, schedule, cfg)
   merge = lambda p: nnx.merge(graphdef, p, rest)  # noqa: E731
 
-  def iteration(state, table, ref_params, rm):
+  def iteration(state, table, ref_params, rm_state):
     train_state = state["train"]
     index = train_state["step"] // o.updates_per_rollout
     key, sample_key = jax.random.split(jax.random.wrap_key_data(state["rng"]))
     idx = iteration_prompts(jax.random.key(cfg.seed), index, num_prompts, o.prompts_per_step)
     sampler_params = ref_params if from_reference else state.get("sampler", train_state["params"])
-    reward_model = None if rm is None else nnx.merge(*rm)
+    reward_model = None if rm_state is None else nnx.merge(rm_graphdef, rm_state)
     batch = sample_rollout(merge(sampler_params), merge(ref_params), reward_model, table, idx, sample_key, cfg,
                            eos_id=eos_id, pad_id=pad_id, ignore_ids=ignore_ids, mesh=mesh)
     train_state, metrics = jax.lax.scan(lambda s, _: train_step(s, batch), train_state, None,
@@ -243,14 +243,11 @@ def _train_online(stage, objective, cfg, model, reference, reward_model, table, 
   device_table = {f.name: put(getattr(table, f.name)) for f in dataclasses.fields(table)
                   if getattr(table, f.name) is not None}
   ref_params = nnx.state(reference, nnx.Param)
-  rm = None if reward_model is None else nnx.split(reward_model)
+  rm_graphdef, rm_state = (None, None) if reward_model is None else nnx.split(reward_model)
   iteration = make_iteration(objective, cfg, stage, graphdef, rest, tx, schedule, mesh,
                              num_prompts=len(table.tokens), eos_id=eos_id, pad_id=pad_id,
-                             ignore_ids=put(np.asarray(ignore_ids, np.int32)))
-  rm_graphdef = None if rm is None else rm[0]
-  step_fn = jax.jit(lambda s, t, r, rs: iteration(s, t, r, None if rs is None else (rm_graphdef, rs)),
-                    out_shardings=(shardings, replicated), donate_argnums=(0,))
-  rm_state = None if rm is None else rm[1]
+                             ignore_ids=put(np.asarray(ignore_ids, np.int32)), rm_graphdef=rm_graphdef)
+  step_fn = jax.jit(iteration, out_shardings=(shardings, replicated), donate_argnums=(0,))
   writer = MetricsWriter(os.path.join(workdir, "logs"), enabled=sharding_lib.is_main_process(), wandb_cfg=cfg.wandb,
                          run_name=stage, run_config=cfg.to_dict())
 
@@ -275,14 +272,10 @@ def _train_online(stage, objective, cfg, model, reference, reward_model, table, 
       if done % cfg.checkpoint.every == 0 or done == iterations or preempted:
         save(done)
       if preempted and done < iterations:
-        mngr.wait_until_finished()
-        mngr.close()
-        writer.close()
+        train_lib.close_run(mngr, writer)
         raise train_lib.Preempted(f"[{stage}] SIGTERM: saved iteration {done} to {workdir}/checkpoints; rerun the "
                                   "same command to resume")
-  mngr.wait_until_finished()
-  mngr.close()
-  writer.close()
+  train_lib.close_run(mngr, writer)
   train_lib.check_finite(state["train"], "end of training")
   nnx.update(model, state["train"]["params"])
   return model

@@ -157,6 +157,13 @@ def checkpoint_manager(directory, cfg) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(paths.absolute(directory), options=options, item_names=("state", "data"))
 
 
+def close_run(mngr: ocp.CheckpointManager, writer: MetricsWriter) -> None:
+  """Waits for the last (async) checkpoint write, then closes the manager and the metrics writer."""
+  mngr.wait_until_finished()
+  mngr.close()
+  writer.close()
+
+
 @contextlib.contextmanager
 def sigterm_flag():
   """Yields a dict whose "set" becomes True on SIGTERM (TPU VMs are preempted with SIGTERM)."""
@@ -333,15 +340,11 @@ def _train(stage, objective, cfg, section, model, train_iter_fn, eval_batches_fn
       if step_number % cfg.checkpoint.every == 0 or step_number == total_steps or preempted:
         save(step_number)
       if preempted and step_number < total_steps:
-        mngr.wait_until_finished()
-        mngr.close()
-        writer.close()
+        close_run(mngr, writer)
         raise Preempted(f"[{stage}] SIGTERM: saved step {step_number} to {workdir}/checkpoints; rerun the same "
                         "command to resume")
   run_eval(step_number)
-  mngr.wait_until_finished()
-  mngr.close()
-  writer.close()
+  close_run(mngr, writer)
   check_finite(state, "end of training")
   nnx.update(model, state["params"])
   return model
