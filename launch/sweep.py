@@ -103,15 +103,21 @@ def run_name(point: dict) -> str:
 UPSTREAM = stage_table.upstream([s.name for s in stage_table.STAGES if s.runner in ("policy", "eval")])
 
 
+def upstream_stages(cfg) -> tuple[str, ...]:
+  """UPSTREAM, and the held-out judge when the config names its data (eval uses it when it finished), so that
+  every run of a sweep is judged by the same judge, trained once."""
+  return UPSTREAM + (("judge",) if cfg.judge.source else ())
+
+
 def upstream_key(cfg) -> str:
   """A short hash of everything the upstream stages depend on."""
-  text = json.dumps(artifacts.fingerprint(cfg, *UPSTREAM), sort_keys=True)
+  text = json.dumps(artifacts.fingerprint(cfg, *upstream_stages(cfg)), sort_keys=True)
   return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def link_upstream(run_dir: str, upstream_dir: str) -> None:
+def link_upstream(run_dir: str, upstream_dir: str, stages: tuple[str, ...] = UPSTREAM) -> None:
   os.makedirs(run_dir, exist_ok=True)
-  for stage in UPSTREAM:
+  for stage in stages:
     link = os.path.join(run_dir, stage)
     target = os.path.relpath(os.path.join(upstream_dir, stage), run_dir)
     if os.path.islink(link) and os.readlink(link) == target:
@@ -159,7 +165,7 @@ def run_all(runs, config_file: str, emit: bool) -> None:
   for name, cfg, run_dir, upstream, extra in runs:
     if upstream not in done_upstream:
       up_cfg = cfg.copy_and_resolve_references()
-      up_cfg.stages = ",".join(UPSTREAM)
+      up_cfg.stages = ",".join(upstream_stages(cfg))
       up_extra = [e for e in extra if not e.startswith("--config.stages=")] + [f"--config.stages={up_cfg.stages}"]
       if emit:
         print(shlex.join(["python", "-m", "var_jax.main", f"--config={config_file}", f"--workdir={upstream}",
@@ -168,7 +174,7 @@ def run_all(runs, config_file: str, emit: bool) -> None:
         logging.info("upstream %s", upstream)
         stages_lib.run_pipeline(up_cfg, upstream)
       done_upstream.add(upstream)
-    link_upstream(run_dir, upstream)
+    link_upstream(run_dir, upstream, upstream_stages(cfg))
     if emit:
       print(shlex.join(["python", "-m", "var_jax.main", f"--config={config_file}", f"--workdir={run_dir}", *extra]))
     else:
@@ -193,6 +199,10 @@ def _last_train_metrics(run_dir: str, stage: str) -> dict:
   return last
 
 
+# The var stage's weight diagnostics (var_jax/diagnostics.py) that a results row carries.
+WEIGHT_COLUMNS = ("max_weight", "ess_group", "chosen_share", "swap_sensitivity", "length_corr")
+
+
 def collect(runs) -> list[dict]:
   """One row per (run, policy) with the grid values, eval results and the policy stage's final train metrics."""
   rows = []
@@ -202,11 +212,16 @@ def collect(runs) -> list[dict]:
     except FileNotFoundError:
       continue
     point = dict(p.split("=", 1) for p in name.split(",")) if name != "base" else {}
+    judge = {"judge_accuracy": float(results["judge"]["heldout_accuracy"])} if "judge" in results else {}
     for policy, metrics in results["policies"].items():
-      row = {"run": name, **point, "policy": policy, **metrics}
+      row = {"run": name, **point, "policy": policy, **metrics, **judge}
       if policy != "sft":
         train = _last_train_metrics(run_dir, policy)
         row.update({f"train/{k}": v for k, v in train.items() if k in ("loss", "var/ess", "dpo/accuracy")})
+        # The weight diagnostics the var stage computed on the cached scores before training (var/DONE.json).
+        done = artifacts.done_results(run_dir, policy) if artifacts.is_complete(run_dir, policy) else {}
+        diagnostics = done.get("diagnostics", {})
+        row.update({f"weights/{k}": float(diagnostics[k]) for k in WEIGHT_COLUMNS if k in diagnostics})
       rows.append(row)
   return rows
 

@@ -10,10 +10,15 @@
    (held-out prompts split off by first user turn, data.validation_fraction). The point with the best --metric of
    that method's policy is chosen. All runs share the upstream stages (sft, reward, score) of launch.sweep.
 2. Test: every method at its chosen point, together in one run per seed (so eval compares them with each other),
-   eval.prompts = "test", aggregated over the seeds.
+   eval.prompts = "test", aggregated over the seeds. --beside=METHOD:field=value[,...] adds, per seed, a run of that
+   method at its chosen point with those fields set (e.g. `var:var.paper=True,var.lam=1.0`, the paper's weights
+   beside the tuned default), reported as METHOD[field=value,...]. Seeds run one after another, each with its
+   beside runs, so a run cut short leaves whole seeds; --collect_only rebuilds the tables from what finished.
 
-Writes DIR/tuning.md (every validation trial and the choice) and DIR/summary.md (the test table, mean ± std over
-seeds), with launch.sweep's results.csv / results.md under DIR/validation/<method> and DIR/test.
+Writes DIR/tuning.md (every validation trial and the choice; written before the test runs start) and
+DIR/summary.md (the test table, mean ± std over seeds, with the held-out judge's accuracy and the var stage's
+weight diagnostics when present), with launch.sweep's results.csv / results.md under DIR/validation/<method> and
+DIR/test.
 """
 import os
 
@@ -56,6 +61,23 @@ def choose(rows: list[dict], method: str, fields: list[str], metric: str) -> tup
   return {f: best[f] for f in fields}, trials
 
 
+def parse_beside(spec: str, cfg) -> tuple[str, dict]:
+  """"method:field=value[,field=value...]" -> (method, {field: typed value}): a setting run beside the tuned ones."""
+  method, sep, rest = spec.partition(":")
+  if not sep or method not in stage_table.COMPARED or "=" not in rest:
+    raise ValueError(f"--beside={spec!r}: expected METHOD:field=value[,field=value] with METHOD one of "
+                     f"{stage_table.COMPARED}")
+  fields = dict(kv.split("=", 1) for kv in rest.split(","))
+  return method, {f: sweep.parse_value(v, sweep.get_field(cfg, f)) for f, v in fields.items()}
+
+
+def beside_rows(rows: list[dict], method: str, fields: dict) -> list[dict]:
+  """The method's rows of a beside run, renamed "method[field=value,...]"; its reference row repeats the test run's
+  (same upstream, seed and prompts) and is left out."""
+  label = f"{method}[" + ",".join(f"{f}={v}" for f, v in fields.items()) + "]"
+  return [{**{k: v for k, v in r.items() if k not in fields}, "policy": label} for r in rows if r["policy"] == method]
+
+
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -64,42 +86,58 @@ def main(argv) -> None:
   config_file = flags.FLAGS["config"].config_filename
   seeds = [int(s) for s in _SEEDS.value]
   spaces = [parse_space(s) for s in _SPACE.value]
+  besides = [parse_beside(s, base) for s in _BESIDE.value]
   plans = plan_validation(base, spaces, _DIR.value, seeds[0], base_flags)
   lines, chosen = [f"Validation trials (seed {seeds[0]}, metric {_METRIC.value}):", ""], {}
+  run = lambda runs: None if _COLLECT.value else sweep.run_all(runs, config_file, emit=False)  # noqa: E731
   for method, grid in spaces:
-    sweep.run_all(plans[method], config_file, emit=False)
+    run(plans[method])
     fields = [f for f in sweep.grid_points(base, [grid])[0]]
     best, trials = choose(sweep.collect(plans[method]), method, fields, _METRIC.value)
     chosen.update({f: sweep.parse_value(str(v), sweep.get_field(base, f)) for f, v in best.items()})
     for r in trials:
       mark = " <- chosen" if all(r[f] == best[f] for f in fields) else ""
       lines.append(f"- {method} " + ", ".join(f"{f}={r[f]}" for f in fields) + f": {float(r[_METRIC.value]):.4f}{mark}")
-  stages = ",".join([m for m, _ in spaces] + ["eval"])
-  test_points = [{**chosen, "seed": s, "eval.prompts": "test"} for s in seeds]
-  test_runs = sweep.plan(base, test_points, os.path.join(_DIR.value, "test"), stages, base_flags,
-                         upstream_root=os.path.join(_DIR.value, "upstream"))
-  sweep.run_all(test_runs, config_file, emit=False)
-  rows = sweep.collect(test_runs)
   os.makedirs(_DIR.value, exist_ok=True)
-  with open(os.path.join(_DIR.value, "tuning.md"), "w", encoding="utf-8") as f:
+  with open(os.path.join(_DIR.value, "tuning.md"), "w", encoding="utf-8") as f:  # Before the test runs start.
     f.write("\n".join(lines) + "\n")
+  print("\n".join(lines))
+  stages = ",".join([m for m, _ in spaces] + ["eval"])
+  upstream_root = os.path.join(_DIR.value, "upstream")
+  test_runs, beside_runs = [], []
+  for seed in seeds:  # Seed by seed, each with its beside runs: a run cut short still has whole seeds.
+    point = {**chosen, "seed": seed, "eval.prompts": "test"}
+    test_runs += sweep.plan(base, [point], os.path.join(_DIR.value, "test"), stages, base_flags, upstream_root)
+    run(test_runs[-1:])
+    for i, (method, fields) in enumerate(besides):
+      runs = sweep.plan(base, [{**point, **fields}], os.path.join(_DIR.value, f"beside{i}"), f"{method},eval",
+                        base_flags, upstream_root)
+      run(runs)
+      beside_runs.append((method, fields, runs))
+  rows = sweep.collect(test_runs)
   sweep.write_table(rows, os.path.join(_DIR.value, "test"))
+  for method, fields, runs in beside_runs:
+    rows += beside_rows(sweep.collect(runs), method, fields)
   summary = sweep.markdown(sweep.aggregate(rows, "seed"))
   with open(os.path.join(_DIR.value, "summary.md"), "w", encoding="utf-8") as f:
     f.write(summary + "\n")
-  print("\n".join(lines))
   print(summary)
   logging.info("wrote %s/tuning.md and %s/summary.md", _DIR.value, _DIR.value)
 
 
 def _define_flags() -> None:
   """Defined only when run as a program, so that importing this module (tests) adds no flags."""
-  global _CONFIG, _DIR, _SPACE, _SEEDS, _METRIC
+  global _CONFIG, _DIR, _SPACE, _SEEDS, _METRIC, _BESIDE, _COLLECT
   _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Base config file.")
   _DIR = flags.DEFINE_string("dir", "workdir/tuned", "Output directory.")
   _SPACE = flags.DEFINE_multi_string("space", [], "METHOD:field=v1,v2,... (one per method, equal sizes).")
   _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds of the test runs (the first also tunes).")
   _METRIC = flags.DEFINE_string("metric", "gold_reward", "Validation metric to maximise (a column of eval).")
+  _BESIDE = flags.DEFINE_multi_string("beside", [], "METHOD:field=value[,...]: per test seed, the method also at its "
+                                      "chosen point with these fields set (e.g. var:var.paper=True, the paper's "
+                                      "weights beside the tuned default), reported as METHOD[field=value].")
+  _COLLECT = flags.DEFINE_bool("collect_only", False, "Run nothing: rebuild tuning.md and summary.md from the finished "
+                               "runs (of the same command), e.g. after a run cut short.")
 
 
 if __name__ == "__main__":

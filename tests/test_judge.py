@@ -38,3 +38,26 @@ def test_judge_stage_trains_on_unseen_pairs_and_eval_reports_it(tmp_path):
   assert results["judge"]["heldout_accuracy"] == info["heldout_accuracy"]
   assert {"judge_reward", "judge_win_vs_ref", "judge_win_vs_ref_lo"} <= set(results["policies"]["var"])
   assert os.path.isdir(os.path.join(workdir, "judge", "params"))
+
+
+SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data")
+
+
+@pytest.mark.skipif(not os.path.isdir(SHARED) and os.environ.get("CI") != "true", reason="needs ../shared/data")
+def test_the_real_data_protocol_config_splits_prompts_and_judge_data(monkeypatch):
+  """configs/smollm2_gpu.py on the shared HH file: distinct validation and test prompts, none sharing a first user
+  turn with the training prompts or each other, and a judge split that is disjoint and larger than the policies'."""
+  from configs import smollm2_gpu
+  from var_jax import config as config_lib
+  from var_jax.data import formats
+  monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  cfg = smollm2_gpu.get_config()
+  config_lib.validate(cfg)
+  task = stages.load_task(cfg)
+  turns = lambda records: set(map(splits.first_user_turn, records))  # noqa: E731
+  train, val, test = turns(task.pref_records), turns(task.validation_records), turns(task.test_records)
+  assert len(val) >= 100 and len(test) >= 100 and not (train & val or train & test or val & test)
+  assert len(splits.distinct_prompts(task.test_records)[0]) == len(task.test_records)
+  records, _ = formats.load_preferences(cfg.judge.source, cfg.data.format, skip_invalid=True)
+  judge, dropped = splits.drop_train_overlap(records, list(task.pref_records) + list(task.eval_records))
+  assert dropped > 0 and len(judge) > len(task.pref_records) and not turns(judge) & (train | val | test)

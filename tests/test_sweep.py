@@ -39,6 +39,22 @@ def test_upstream_is_derived_from_the_stage_table():
   assert sweep.UPSTREAM == ("sft", "reward", "score")
 
 
+def test_the_held_out_judge_is_shared_upstream_when_the_config_names_its_data(tmp_path):
+  cfg = tiny.get_config()
+  assert sweep.upstream_stages(cfg) == sweep.UPSTREAM
+  plain = sweep.plan(cfg, sweep.grid_points(cfg, ["var.lam=0.1,1"]), str(tmp_path), "var,eval")
+  cfg.judge.source = "judge.jsonl"
+  assert sweep.upstream_stages(cfg) == ("sft", "reward", "score", "judge")
+  judged = sweep.plan(cfg, sweep.grid_points(cfg, ["var.lam=0.1,1"]), str(tmp_path), "var,eval")
+  assert len({up for _, _, _, up, _ in judged}) == 1  # One judge for every run of the sweep ...
+  assert judged[0][3] != plain[0][3]                   # ... and its settings are part of the upstream's key.
+  other = cfg.copy_and_resolve_references()
+  other.judge.steps += 1
+  assert sweep.upstream_key(other) != sweep.upstream_key(cfg)
+  sweep.link_upstream(str(tmp_path / "run"), str(tmp_path / "up"), sweep.upstream_stages(cfg))
+  assert sorted(os.listdir(tmp_path / "run")) == ["judge", "reward", "score", "sft"]
+
+
 def test_link_upstream_refuses_to_replace_real_directories(tmp_path):
   up, run = tmp_path / "up", tmp_path / "run"
   (run / "sft").mkdir(parents=True)
@@ -93,6 +109,18 @@ def test_collect_reads_finished_runs(tmp_path):
   assert "var.lam" in table and os.path.exists(tmp_path / "results.csv")
   paths = sweep.plot(rows, runs, str(tmp_path))
   assert all(os.path.getsize(p) > 0 for p in paths)
+  assert not any(k.startswith("weights/") or k == "judge_accuracy" for r in rows for k in r)
+  # The var stage's weight diagnostics and the held-out judge's accuracy, when the run has them, join the rows.
+  with open(os.path.join(run_dir, "eval", "results.json"), "w") as f:
+    json.dump({"policies": {"sft": {"judge_reward": 0.1}, "var": {"judge_reward": 0.3}},
+               "judge": {"heldout_accuracy": 0.625}}, f)
+  os.makedirs(os.path.join(run_dir, "var"))
+  with open(os.path.join(run_dir, "var", "DONE.json"), "w") as f:
+    json.dump({"results": {"diagnostics": {"max_weight": 0.9, "swap_sensitivity": 0.4, "unlisted": 1.0}}}, f)
+  rows = sweep.collect(runs)
+  assert [r["judge_accuracy"] for r in rows] == [0.625, 0.625]
+  assert rows[1]["weights/max_weight"] == 0.9 and rows[1]["weights/swap_sensitivity"] == 0.4
+  assert "weights/unlisted" not in rows[1] and "weights/max_weight" not in rows[0]
 
 
 def test_tied_fields_and_aggregation_over_seeds():

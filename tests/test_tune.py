@@ -1,8 +1,17 @@
 """launch.tune: equal tuning budgets on the validation prompts, the choice by the method's own metric."""
+import glob
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 
 from configs import tiny
 from launch import tune
+from var_jax.data import synthetic
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_spaces_and_equal_budgets(tmp_path):
@@ -29,3 +38,50 @@ def test_choose_takes_the_best_trial_of_the_methods_own_row():
   assert best == {"var.lam": "1.0"} and len(trials) == 2
   with pytest.raises(ValueError, match="no finished validation trial"):
     tune.choose(rows, "dpo", ["dpo.beta"], "gold_reward")
+
+
+def test_beside_settings_are_typed_and_their_rows_labelled():
+  cfg = tiny.get_config()
+  method, fields = tune.parse_beside("var:var.paper=True,var.lam=1", cfg)
+  assert method == "var" and fields == {"var.paper": True, "var.lam": 1.0}
+  rows = [{"run": "r", "seed": "0", "var.paper": "True", "var.lam": "1.0", "policy": "sft", "judge_reward": 0.1},
+          {"run": "r", "seed": "0", "var.paper": "True", "var.lam": "1.0", "policy": "var", "judge_reward": 0.3}]
+  labelled = tune.beside_rows(rows, method, fields)
+  # Only the method's row: the reference row repeats the test run's; the beside fields go into the label, so the
+  # summary over seeds groups it apart from the tuned method.
+  assert labelled == [{"run": "r", "seed": "0", "policy": "var[var.paper=True,var.lam=1.0]", "judge_reward": 0.3}]
+  for bad in ("var", "sft:var.lam=1", "var:var.lam"):
+    with pytest.raises(ValueError, match="--beside"):
+      tune.parse_beside(bad, cfg)
+  with pytest.raises(ValueError, match="no field"):
+    tune.parse_beside("var:var.lamb=1", cfg)
+
+
+@pytest.mark.slow
+def test_whole_protocol_from_the_command_line(tmp_path):
+  """Tuning on validation prompts, a test seed with the paper's VAR beside it, one held-out judge for every run,
+  and --collect_only rebuilding the same tables from the finished runs."""
+  judge_file = str(tmp_path / "judge.jsonl")
+  with open(judge_file, "w", encoding="utf-8") as f:
+    for r in synthetic.preference_records(300, seed=0):  # Its first records are the policies' own: dropped.
+      f.write(json.dumps({"prompt": list(r.prompt), "chosen": r.responses[0], "rejected": r.responses[1]}) + "\n")
+  out = tmp_path / "tuned"
+  argv = [sys.executable, "-m", "launch.tune", "--config=configs/tiny_ci.py", f"--dir={out}", "--metric=judge_reward",
+          "--space=var:var.lam=0.3", "--space=chosen:chosen.lr=1e-3", "--beside=var:var.paper=True,var.lam=1.0",
+          "--seeds=0", "--config.data.validation_fraction=0.5", "--config.data.num_eval=32",
+          f"--config.judge.source={judge_file}", "--config.judge.steps=4", "--config.eval.num_prompts=8"]
+  argv += [f"--config.{s}.steps=4" for s in ("sft", "reward", "var", "chosen")]
+  subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=600, check=True)
+  tuning = (out / "tuning.md").read_text()
+  assert tuning.count("<- chosen") == 2 and "var var.lam=0.3" in tuning and "chosen chosen.lr=0.001" in tuning
+  summary = (out / "summary.md").read_text()
+  header = summary.splitlines()[0]
+  assert "judge_accuracy" in header and "weights/swap_sensitivity" in header and "judge_win_vs_ref_lo" in header
+  policies = [line.split("|")[header.split("|").index(" policy ")].strip() for line in summary.splitlines()[2:]]
+  assert policies == ["sft", "var", "chosen", "var[var.paper=True,var.lam=1.0]"]
+  upstreams = {os.path.realpath(os.path.join(d, "judge")) for d in glob.glob(str(out / "*" / "runs" / "*"))}
+  upstreams |= {os.path.realpath(os.path.join(d, "judge")) for d in glob.glob(str(out / "validation" / "*" / "runs" / "*"))}
+  assert len(upstreams) == 1 and os.path.exists(os.path.join(upstreams.pop(), "DONE.json"))  # One judge for all.
+  (out / "summary.md").unlink()
+  subprocess.run(argv + ["--collect_only"], cwd=ROOT, capture_output=True, text=True, timeout=300, check=True)
+  assert (out / "summary.md").read_text() == summary
