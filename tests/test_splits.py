@@ -1,4 +1,6 @@
 """var_jax.data.splits: held-out prompts never share a first user turn with training prompts; distinct prompts."""
+import pytest
+
 from var_jax.data import splits
 from var_jax.data.formats import PreferenceRecord
 
@@ -37,3 +39,33 @@ def test_validation_and_test_prompts_split_the_held_out_records_by_first_turn():
   turns = lambda records: set(map(splits.first_user_turn, records))
   assert not turns(task.validation_records) & turns(task.test_records)
   assert stages.load_task(tiny_config()).test_records == stages.load_task(tiny_config()).eval_records
+
+
+def test_cap_per_first_turn_keeps_the_first_records_of_each_family_grouped():
+  records = [rec("a", "x", str(i)) if i % 3 else rec("b", str(i)) for i in range(12)] + [rec("c")]
+  capped = splits.cap_per_first_turn(records, 2)
+  # Families in order of first appearance (b at 0, a at 1, c last), each its first two records in file order.
+  assert [r.prompt[-1]["content"] for r in capped] == ["0", "3", "1", "2", "c"]
+  assert splits.cap_per_first_turn(records, 0) == records
+
+
+def test_max_per_prompt_caps_before_max_records_counts(tmp_path):
+  import json  # pylint: disable=g-import-not-at-top
+  from tests.helpers import tiny_config  # pylint: disable=g-import-not-at-top
+  from var_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from var_jax import stages  # pylint: disable=g-import-not-at-top
+  path = tmp_path / "pairs.jsonl"
+  with open(path, "w", encoding="utf-8") as f:  # 10 prompts, 5 pairs each, interleaved as AlpacaEval's are.
+    for i in range(50):
+      f.write(json.dumps({"prompt": f"question {i % 10}", "chosen": f"good {i}", "rejected": f"bad {i}"}) + "\n")
+  cfg = tiny_config(**{"data.source": str(path), "data.format": "pairs", "data.max_per_prompt": 2,
+                       "data.max_records": 12})
+  records, _ = stages.read_preferences(cfg.data, str(path), "train")
+  turns = [splits.first_user_turn(r) for r in records]
+  assert len(records) == 12 and len(set(turns)) == 6 and all(turns.count(t) == 2 for t in turns)
+  assert [r.responses[0] for r in records[:4]] == ["good 0", "good 10", "good 1", "good 11"]
+  cfg.data.max_per_prompt = 0  # Without the cap: the file's first 12 records, 10 prompts.
+  assert len({splits.first_user_turn(r) for r in stages.read_preferences(cfg.data, str(path), "train")[0]}) == 10
+  for bad in ({"data.max_per_prompt": -1}, {"data.max_records": -3}):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+      config_lib.validate(tiny_config(**bad))

@@ -61,6 +61,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.validation_fraction = 0.0  # > 0: this share of the held-out prompts (whole first-user-turn families) is a
                                   # validation split for tuning (eval.prompts="validation"); results use the rest.
   c.data.max_records = 0          # Read at most this many records (0 = all); for quick runs on big files.
+  c.data.max_per_prompt = 0       # > 0: keep at most this many records per first user turn (the first in file order)
+                                  # of source and eval_source, before max_records counts them (0 = all).
   c.data.skip_invalid = False     # Skip (and count) invalid records instead of failing on the first one.
   c.data.max_prompt_len = 256     # Tokens; longer prompts keep their most recent tokens.
   c.data.max_response_len = 128   # Tokens incl. EOS; responses cut to nothing are dropped and counted.
@@ -256,6 +258,9 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
     _fail("data.block_size", d.block_size, f"must be a multiple of data.group_size={d.group_size}")
   if not 0 <= d.eval_fraction < 1:
     _fail("data.eval_fraction", d.eval_fraction, "must be in [0, 1)")
+  for field in ("max_records", "max_per_prompt"):
+    if d[field] < 0:
+      _fail(f"data.{field}", d[field], "must be >= 0 (0 = no limit)")
   for field, parse in (("columns", formats.parse_columns), ("data_files", formats.parse_data_files)):
     try:
       parse(d[field])

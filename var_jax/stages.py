@@ -68,6 +68,21 @@ def _hf_tokenizer(cfg):
   raise ValueError("config.data.tokenizer is empty and config.model.path gives no tokenizer: set one of them")
 
 
+def read_preferences(d, source: str, split: str):
+  """(records, stats) of one preference file or dataset under config.data `d`: at most data.max_per_prompt records
+  per first user turn (splits.cap_per_first_turn), then at most data.max_records of them."""
+  hub = dict(data_dir=d.data_dir or None, config_name=d.config_name or None, data_files=d.data_files or None,
+             revision=d.revision or None, columns=d.columns)
+  limit = (d.max_records or None) if not d.max_per_prompt else None
+  records, stats = formats.load_preferences(source, d.format, split=split, skip_invalid=d.skip_invalid, limit=limit,
+                                            **hub)
+  if d.max_per_prompt:
+    records = splits.cap_per_first_turn(records, d.max_per_prompt)[:d.max_records or None]
+    logging.info("%s: %d records after at most %d per first user turn and max_records=%d", source, len(records),
+                 d.max_per_prompt, d.max_records)
+  return records, stats
+
+
 def load_task(cfg) -> Task:
   """Records and tokenizer of the configured data (the embedded synthetic task or preference files)."""
   d = cfg.data
@@ -78,16 +93,11 @@ def load_task(cfg) -> Task:
     pref = synthetic.preference_records(d.num_pairs, seed=cfg.seed, k=d.max_responses)
     held_out = synthetic.preference_records(d.num_eval, seed=cfg.seed, k=d.max_responses, split="eval")
     return _with_validation(Task(tok, sft, pref, held_out, synthetic=True), d.validation_fraction)
-  limit = d.max_records or None
-  hub = dict(data_dir=d.data_dir or None, config_name=d.config_name or None, data_files=d.data_files or None,
-             revision=d.revision or None, columns=d.columns)
-  records, stats = formats.load_preferences(d.source, d.format, split=d.split, skip_invalid=d.skip_invalid,
-                                            limit=limit, **hub)
+  records, stats = read_preferences(d, d.source, d.split)
   logging.info("data %s: %s", d.source, stats)
   # No held-out prompt shares its first user turn with a training prompt (var_jax/data/splits.py).
   if d.eval_source:
-    held_out, eval_stats = formats.load_preferences(d.eval_source, d.format, split=d.eval_split,
-                                                    skip_invalid=d.skip_invalid, limit=limit, **hub)
+    held_out, eval_stats = read_preferences(d, d.eval_source, d.eval_split)
     held_out, overlap = splits.drop_train_overlap(held_out, records)
     logging.info("eval data %s: %s; %d records dropped: first user turn also in the training data", d.eval_source,
                  eval_stats, overlap)

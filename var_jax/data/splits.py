@@ -19,6 +19,22 @@ def first_user_turn(record: PreferenceRecord) -> str:
   return " ".join(text.split())
 
 
+def cap_per_first_turn(records: Sequence[PreferenceRecord], cap: int) -> list[PreferenceRecord]:
+  """At most `cap` records of each first user turn (its first ones in file order), grouped by first user turn with the
+  groups in order of first appearance; cap <= 0 returns the records as they are.
+
+  For data with many pairs per prompt (AlpacaEval: ~45 for each of 672 prompts, interleaved through the file): the
+  first N records of the result are then whole groups, N / cap prompts rather than a few prompts' many pairs."""
+  if cap <= 0:
+    return list(records)
+  groups: dict[str, list[PreferenceRecord]] = {}
+  for r in records:
+    group = groups.setdefault(first_user_turn(r), [])
+    if len(group) < cap:
+      group.append(r)
+  return [r for group in groups.values() for r in group]
+
+
 def prompt_key(record: PreferenceRecord) -> tuple:
   """The whole prompt (roles and contents): records with equal keys are the same prompt."""
   return tuple((m.get("role"), m["content"]) for m in record.prompt)
