@@ -14,9 +14,11 @@ names the missing package. On an NVIDIA GPU:
 
     python -m benchmarks.bench --preset qwen2.5-0.5b --seq 2048 --pairs 4 --dtype bfloat16 --attention_impl cudnn \
         --what train,profile,score,generate,memory
-    python -m benchmarks.bench --preset qwen2.5-0.5b --seq 2048 --pairs 4 --dtype bfloat16 --what torch
+    XLA_PYTHON_CLIENT_PREALLOCATE=false python -m benchmarks.bench --preset qwen2.5-0.5b --seq 2048 --pairs 4 \
+        --dtype bfloat16 --what torch
 
-(the PyTorch baseline in its own process: JAX keeps the GPU memory it has allocated).
+(the PyTorch baseline in its own process: JAX keeps the GPU memory it has allocated, and even the torch-only run
+initialises JAX, which preallocates 75% of the GPU unless told not to).
 
 Peak memory: where the device reports memory stats (GPU/TPU) their peak; on CPU the increase of the process's max
 RSS during the measurement (0 when it stays under an earlier peak) and, always, the compiled step's XLA buffer

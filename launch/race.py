@@ -36,8 +36,7 @@ from ml_collections import config_flags
 
 from var_jax import artifacts
 from var_jax import config as config_lib
-from var_jax import sampling
-from var_jax import scoring
+from var_jax import evaluate
 from var_jax import sharding as sharding_lib
 from var_jax import stage_table
 from var_jax import stages
@@ -127,15 +126,11 @@ class Judge:
       nnx.replace_by_pure_dict(state, params)
       nnx.update(self.model, state)
       model = self.model
-    gen = sampling.generate(model, self.prompt_ids, max_new_tokens=cfg.eval.max_new_tokens, eos_id=tok.eos_id,
-                            pad_id=tok.pad_id, temperature=1.0, seed=cfg.seed, batch_size=cfg.eval.batch_size,
-                            bucket=cfg.data.bucket)
-    gen = [g if len(g) else np.array([tok.eos_id], np.int32) for g in gen]
+    gen, logp, ref_logp = evaluate.sample_responses(
+        model, self.ref, self.prompt_ids, tok, max_new_tokens=cfg.eval.max_new_tokens, temperature=1.0,
+        seed=cfg.seed, batch_size=cfg.eval.batch_size, bucket=cfg.data.bucket)
     gold = [synthetic.gold_reward(r.prompt, tok.decode(g)) for r, g in zip(self.records, gen)]
-    pairs = list(zip(self.prompt_ids, gen))
-    logp = scoring.score_pairs(model, pairs, pad_id=tok.pad_id, bucket=cfg.data.bucket)
-    ref = scoring.score_pairs(self.ref, pairs, pad_id=tok.pad_id, bucket=cfg.data.bucket)
-    return {"gold": float(np.mean(gold)), "kl": float(np.mean(logp - ref))}
+    return {"gold": float(np.mean(gold)), "kl": float(np.mean(logp - ref_logp))}
 
 
 def _context(cfg, workdir: str):

@@ -15,6 +15,14 @@ TEST_SIZE = {"data.num_sft": 256, "data.num_pairs": 128, "data.num_eval": 32, "d
              "eval.max_new_tokens": 6, "optim.warmup_steps": 2}
 
 
+def program_env() -> dict:
+  """The environment for a var_jax program a test starts: the suite's persistent compilation cache (conftest.py), so
+  the programs its runs repeat (each stage's step, every eval) compile once across runs and tests."""
+  import jax  # pylint: disable=g-import-not-at-top
+  return {**os.environ, "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir,
+          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+
+
 def tiny_config(**overrides) -> ml_collections.ConfigDict:
   """configs/tiny.py at TEST_SIZE, then `overrides` ({"section.field": value} or {"field": value})."""
   c = tiny.get_config()

@@ -9,6 +9,7 @@ import pytest
 
 from launch import race
 from tests.helpers import ROOT
+from tests.helpers import program_env
 
 
 def _curve(times, golds, tokens=None):
@@ -45,7 +46,7 @@ def test_a_small_race_writes_its_table_plot_and_consistent_curves(tmp_path):
          "--config.data.num_eval=32", "--config.eval.num_prompts=8", "--config.eval.max_new_tokens=6",
          "--config.checkpoint.every=2", "--config.log_every=2", "--config.checkpoint.async_save=False",
          *[f"--config.{s}.steps=4" for s in race.RACERS]]
-  subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True, timeout=900)
+  subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True, timeout=900, env=program_env())
   summary = json.load(open(os.path.join(out, "race.json")))
   for stage, t in summary["tuning"].items():  # Two trials each, the best on validation raced.
     assert set(t["validation_gold"]) == {"0.0003", "0.001"} and t["validation_gold"][f"{t['lr']:g}"] == max(

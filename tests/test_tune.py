@@ -9,6 +9,7 @@ import pytest
 
 from configs import tiny
 from launch import tune
+from tests.helpers import program_env
 from var_jax.data import synthetic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -71,7 +72,8 @@ def test_whole_protocol_from_the_command_line(tmp_path):
           "--seeds=0", "--config.data.validation_fraction=0.5", "--config.data.num_eval=32",
           f"--config.judge.source={judge_file}", "--config.judge.steps=4", "--config.eval.num_prompts=8"]
   argv += [f"--config.{s}.steps=4" for s in ("sft", "reward", "var", "chosen")]
-  subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=600, check=True)
+  env = program_env()
+  subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=600, check=True, env=env)
   tuning = (out / "tuning.md").read_text()
   assert tuning.count("<- chosen") == 2 and "var var.lam=0.3" in tuning and "chosen chosen.lr=0.001" in tuning
   summary = (out / "summary.md").read_text()
@@ -83,5 +85,5 @@ def test_whole_protocol_from_the_command_line(tmp_path):
   upstreams |= {os.path.realpath(os.path.join(d, "judge")) for d in glob.glob(str(out / "validation" / "*" / "runs" / "*"))}
   assert len(upstreams) == 1 and os.path.exists(os.path.join(upstreams.pop(), "DONE.json"))  # One judge for all.
   (out / "summary.md").unlink()
-  subprocess.run(argv + ["--collect_only"], cwd=ROOT, capture_output=True, text=True, timeout=300, check=True)
+  subprocess.run(argv + ["--collect_only"], cwd=ROOT, capture_output=True, text=True, timeout=300, check=True, env=env)
   assert (out / "summary.md").read_text() == summary

@@ -65,6 +65,22 @@ def _comparison(row: dict, name: str, a, b, num_prompts: int, resamples: int, se
     row[f"{name}_lo"], row[f"{name}_hi"] = bootstrap_ci(win, resamples, seed)
 
 
+def sample_responses(model, ref, prompt_ids, tok, *, max_new_tokens: int, temperature: float, top_k: int = 0,
+                     top_p: float = 1.0, seed: int, batch_size: int, bucket: int):
+  """(responses, log pi(y|x), log pi_ref(y|x)): the model's generations for `prompt_ids` (an empty one becomes a
+  lone EOS, so every response can be scored) and their log-probs under the model and under the reference `ref`
+  (the model's own when `ref` is the model). mean(logp - ref_logp) is the KL to the reference when the responses are
+  samples (temperature 1, no top-k / top-p)."""
+  gen = sampling.generate(model, prompt_ids, max_new_tokens=max_new_tokens, eos_id=tok.eos_id, pad_id=tok.pad_id,
+                          temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, batch_size=batch_size,
+                          bucket=bucket)
+  gen = [g if len(g) else np.array([tok.eos_id], np.int32) for g in gen]
+  pairs = list(zip(prompt_ids, gen))
+  logp = scoring.score_pairs(model, pairs, pad_id=tok.pad_id, bucket=bucket)
+  ref_logp = logp if ref is model else scoring.score_pairs(ref, pairs, pad_id=tok.pad_id, bucket=bucket)
+  return gen, logp, ref_logp
+
+
 def evaluate_policies(ctx, policies) -> dict:
   """Compares the reference (sft) and `policies` (finished policy stages) on held-out prompts.
 
@@ -90,15 +106,12 @@ def evaluate_policies(ctx, policies) -> dict:
   generations, per_policy = {}, {}
   for name in policies:
     model = ref if name == "sft" else ctx.load(name)
-    gen = sampling.generate(model, prompt_ids, max_new_tokens=e.max_new_tokens, eos_id=tok.eos_id,
-                            pad_id=tok.pad_id, temperature=e.temperature, top_k=e.top_k, top_p=e.top_p,
-                            seed=cfg.seed, batch_size=e.batch_size, bucket=bucket)
-    gen = [g if len(g) else np.array([tok.eos_id], np.int32) for g in gen]
+    gen, logp, ref_logp = sample_responses(model, ref, prompt_ids, tok, max_new_tokens=e.max_new_tokens,
+                                           temperature=e.temperature, top_k=e.top_k, top_p=e.top_p, seed=cfg.seed,
+                                           batch_size=e.batch_size, bucket=bucket)
     pairs = list(zip(prompt_ids, gen))
     texts = [tok.decode(g) for g in gen]
     m = {"length": float(np.mean([len(g) for g in gen]))}
-    logp = scoring.score_pairs(model, pairs, pad_id=tok.pad_id, bucket=bucket)
-    ref_logp = logp if name == "sft" else scoring.score_pairs(ref, pairs, pad_id=tok.pad_id, bucket=bucket)
     m["kl_to_ref" if unbiased_kl else "logratio_to_ref"] = float(np.mean(logp - ref_logp))
     if task.synthetic:
       m["gold"] = [synthetic.gold_reward(r.prompt, t) for r, t in zip(records, texts)]
