@@ -76,3 +76,57 @@ def test_win_rates_pair_samples_per_prompt_and_bootstrap_interval_matches_numpy(
   means = values[rng.integers(0, 40, size=(2000, 40))].mean(-1)
   np.testing.assert_allclose([lo, hi], np.quantile(means, [0.025, 0.975]))
   assert lo < values.mean() < hi
+
+
+def _penalised_loglik(theta, phi, y, x, ridge=1e-3):
+  """Sum over comparisons (axis 0 of y, x) of the Bernoulli log-likelihood, minus the ridge."""
+  z = theta + phi * x
+  return np.sum(y * -np.logaddexp(0, -z) + (1 - y) * -np.logaddexp(0, z), axis=0) - ridge / 2 * (theta**2 + phi**2)
+
+
+def test_length_logistic_fit_is_the_penalised_maximum_likelihood():
+  """Newton's (theta, phi) against an independent float64 grid search of the same penalised log-likelihood."""
+  from var_jax import evaluate  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  x = np.tanh(rng.normal(size=200))
+  y = (rng.uniform(size=200) < 1 / (1 + np.exp(-(0.4 - 1.5 * x)))).astype(float)
+  y[:20] = 0.5  # Ties are half wins.
+  theta, phi = evaluate.fit_length_logistic(y, x)
+  grid = np.linspace(-3, 3, 601)
+  ll = _penalised_loglik(grid[:, None], grid[None, :], y[:, None, None], x[:, None, None])
+  i, j = np.unravel_index(np.argmax(ll), ll.shape)
+  np.testing.assert_allclose([theta, phi], [grid[i], grid[j]], atol=0.011)
+  assert _penalised_loglik(theta, phi, y, x) >= ll.max() - 1e-9
+  # Weighted fits, several at once, equal fits on the data with each row repeated by its weight.
+  counts = rng.integers(0, 3, size=(3, 200)).astype(float)
+  batched = evaluate.fit_length_logistic(y, x, counts)
+  for r in range(3):
+    rows = np.repeat(np.arange(200), counts[r].astype(int))
+    np.testing.assert_allclose(batched[r], evaluate.fit_length_logistic(y[rows], x[rows]), rtol=1e-9, atol=1e-12)
+  # One side winning everything stays finite (the ridge), the preference close to 1.
+  theta, _ = evaluate.fit_length_logistic(np.ones(50), np.tanh(rng.normal(size=50)))
+  assert np.isfinite(theta) and 1 / (1 + np.exp(-theta)) > 0.95
+
+
+def test_length_controlled_preference_removes_a_length_effect_and_keeps_the_rest():
+  from var_jax import evaluate  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(1)
+  prompts, samples = 200, 2
+  len_b = rng.integers(20, 60, size=samples * prompts)
+  # The policy answers shorter on 3/4 of the comparisons, and the judge prefers the shorter answer 9 times in 10:
+  # the raw preference is about 0.7, at equal length there is none (1/2).
+  len_a = len_b + np.where(rng.uniform(size=len_b.size) < 0.75, -15, 15)
+  shorter_wins = rng.uniform(size=len_b.size) < 0.9
+  a = np.where((len_a < len_b) == shorter_wins, 1.0, 0.0)
+  b = np.zeros(len_b.size) + 0.5
+  lc, raw, (lo, hi) = evaluate.length_controlled_preference(a, b, len_a, len_b, prompts, resamples=200, seed=0)
+  assert raw > 0.65 and abs(lc - 0.5) < 0.05 and lo < 0.5 < hi
+  # A judge blind to length: the controlled preference stays the raw one.
+  wins = rng.uniform(size=len_b.size) < 0.7
+  lc, raw, _ = evaluate.length_controlled_preference(wins.astype(float), np.zeros(len_b.size) + 0.5,
+                                                      rng.permutation(len_a), len_b, prompts)
+  assert abs(lc - raw) < 0.03 and abs(raw - wins.mean()) < 1e-12
+  # Equal lengths everywhere: the feature is zero and the controlled preference is the (ridge-shrunk) raw one.
+  lc, raw, _ = evaluate.length_controlled_preference(wins.astype(float), np.zeros(len_b.size) + 0.5, len_b, len_b,
+                                                      prompts)
+  np.testing.assert_allclose(lc, raw, atol=2e-3)

@@ -9,6 +9,10 @@ Per policy (the reference = sft, and var / dpo when trained):
   judge_*            the same judged by the held-out judge (stage `judge`, when it finished): a reward model trained
                      on pairs no policy and no training reward model saw; its held-out accuracy is in results.judge;
   win/tie vs chosen  against the dataset's chosen response, judged by the RM (real data);
+  *_lc_vs_ref        the preference for the policy over the reference (win = 1, tie = 1/2) at equal response length,
+                     from a logistic model of each comparison on the length difference (AlpacaEval's
+                     length-controlled win rate, `length_controlled_preference`), with its bootstrap interval: read
+                     it beside win + tie / 2, the uncontrolled preference;
   kl_to_ref          mean over prompts of sum_t [log pi(y_t) - log pi_ref(y_t)] on the policy's own samples: an
                      unbiased estimate of KL(pi || pi_ref) when sampling at temperature 1 without truncation,
                      otherwise the log-ratio on its generations (reported as such);
@@ -54,6 +58,52 @@ def bootstrap_ci(values, resamples: int, seed: int = 0, level: float = 0.95) -> 
   means = values[rng.integers(0, len(values), size=(resamples, len(values)))].mean(-1)
   lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
   return float(lo), float(hi)
+
+
+def fit_length_logistic(y, x, weights=None, ridge: float = 1e-3, iters: int = 50) -> np.ndarray:
+  """(theta, phi) maximising sum_c weights_c [y_c log s_c + (1 - y_c) log(1 - s_c)] - ridge/2 (theta^2 + phi^2),
+  s_c = sigmoid(theta + phi x_c), by Newton's method (concave; the small ridge keeps the optimum finite when one side
+  wins every comparison). y: [C] soft outcomes in [0, 1]; x: [C] features; weights: [R, C] (R fits at once, e.g.
+  bootstrap resamples as counts) or None (one fit, unit weights). Returns [R, 2], or [2] when weights is None."""
+  y, x = np.asarray(y, np.float64), np.asarray(x, np.float64)
+  single = weights is None
+  weights = np.ones((1, len(y))) if single else np.asarray(weights, np.float64)
+  design = np.stack([np.ones_like(x), x], -1)                      # [C, 2]
+  w = np.zeros((len(weights), 2))
+  for _ in range(iters):
+    s = 1 / (1 + np.exp(-(w @ design.T)))                           # [R, C]
+    grad = (weights * (y - s)) @ design - ridge * w                 # [R, 2]
+    hess = -np.einsum("rc,ci,cj->rij", weights * s * (1 - s), design, design) - ridge * np.eye(2)
+    step = np.linalg.solve(hess, grad[..., None])[..., 0]
+    w = w - step
+    if np.max(np.abs(step)) < 1e-10:
+      break
+  return w[0] if single else w
+
+
+def length_controlled_preference(a, b, len_a, len_b, num_prompts: int, resamples: int = 0, seed: int = 0):
+  """The preference for a over b (win = 1, tie = 1/2, loss = 0) at equal response length, in the manner of AlpacaEval's
+  length-controlled win rate: a logistic model P(a preferred) = sigmoid(theta + phi * tanh(d / sd(d))) of each
+  comparison, d = len_a - len_b, fitted on every sample pair; the controlled preference is sigmoid(theta), what the
+  model predicts when the two responses are equally long. a, b, len_a, len_b: [S * P] as in per_prompt_outcomes.
+  Returns (preference, the uncontrolled preference win + tie / 2, (lo, hi) percentile-bootstrap 95% interval over
+  prompts of the controlled preference, or None when resamples = 0). The bootstrap refits on prompts drawn with
+  replacement, all resamples at once (each as per-prompt counts)."""
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  y = np.where(a > b, 1.0, np.where(a == b, 0.5, 0.0))
+  d = np.asarray(len_a, np.float64) - np.asarray(len_b, np.float64)
+  x = np.tanh(d / d.std()) if d.std() > 0 else np.zeros_like(d)
+  sigmoid = lambda z: 1 / (1 + np.exp(-z))  # noqa: E731
+  preference = float(sigmoid(fit_length_logistic(y, x)[0]))
+  interval = None
+  if resamples:
+    draws = np.random.default_rng(seed).integers(0, num_prompts, size=(resamples, num_prompts))
+    counts = np.zeros((resamples, num_prompts))
+    np.add.at(counts, (np.arange(resamples)[:, None], draws), 1.0)
+    prompt_of = np.arange(len(y)) % num_prompts                     # Sample j of prompt i sits at j * P + i.
+    thetas = fit_length_logistic(y, x, counts[:, prompt_of])[:, 0]
+    interval = tuple(float(q) for q in np.quantile(sigmoid(thetas), [0.025, 0.975]))
+  return preference, float(y.mean()), interval
 
 
 def _comparison(row: dict, name: str, a, b, num_prompts: int, resamples: int, seed: int) -> None:
@@ -111,7 +161,7 @@ def evaluate_policies(ctx, policies) -> dict:
                                            batch_size=e.batch_size, bucket=bucket)
     pairs = list(zip(prompt_ids, gen))
     texts = [tok.decode(g) for g in gen]
-    m = {"length": float(np.mean([len(g) for g in gen]))}
+    m = {"length": float(np.mean([len(g) for g in gen])), "lengths": [len(g) for g in gen]}
     m["kl_to_ref" if unbiased_kl else "logratio_to_ref"] = float(np.mean(logp - ref_logp))
     if task.synthetic:
       m["gold"] = [synthetic.gold_reward(r.prompt, t) for r, t in zip(records, texts)]
@@ -142,6 +192,12 @@ def evaluate_policies(ctx, policies) -> dict:
         row[f"{judge}_reward"] = float(np.mean(m[judge]))
         if name != "sft":
           compare(row, f"{judge}_win_vs_ref", m[judge], per_policy["sft"][judge])
+          lc, _, interval = length_controlled_preference(m[judge], per_policy["sft"][judge], m["lengths"],
+                                                         per_policy["sft"]["lengths"], num_prompts, e.bootstrap,
+                                                         cfg.seed)
+          row[f"{judge}_lc_vs_ref"] = lc
+          if interval is not None:
+            row[f"{judge}_lc_vs_ref_lo"], row[f"{judge}_lc_vs_ref_hi"] = interval
         if name not in ("sft", "chosen") and "chosen" in per_policy:
           compare(row, f"{judge}_win_vs_chosen_sft", m[judge], per_policy["chosen"][judge])
     for key, chosen in chosen_scores.items():
