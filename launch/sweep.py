@@ -104,8 +104,9 @@ UPSTREAM = stage_table.upstream([s.name for s in stage_table.STAGES if s.runner 
 
 
 def upstream_stages(cfg) -> tuple[str, ...]:
-  """UPSTREAM, and the held-out judge when the config names its data (eval uses it when it finished), so that
-  every run of a sweep is judged by the same judge, trained once."""
+  """UPSTREAM, and the held-out judge when the config names its data (eval uses it when it finished): trained once
+  per upstream directory (per seed, as the judge's settings include the seed) and linked into every run that shares
+  it, so the runs compared within a seed are judged by the same judge."""
   return UPSTREAM + (("judge",) if cfg.judge.source else ())
 
 

@@ -67,8 +67,10 @@ def parse_beside(spec: str, cfg) -> tuple[str, dict]:
   if not sep or method not in stage_table.COMPARED or "=" not in rest:
     raise ValueError(f"--beside={spec!r}: expected METHOD:field=value[,field=value] with METHOD one of "
                      f"{stage_table.COMPARED}")
-  fields = dict(kv.split("=", 1) for kv in rest.split(","))
-  return method, {f: sweep.parse_value(v, sweep.get_field(cfg, f)) for f, v in fields.items()}
+  pairs = [kv.split("=", 1) for kv in rest.split(",")]
+  if any(len(kv) != 2 or not kv[0] for kv in pairs):
+    raise ValueError(f"--beside={spec!r}: expected METHOD:field=value[,field=value] (values without commas)")
+  return method, {f: sweep.parse_value(v, sweep.get_field(cfg, f)) for f, v in pairs}
 
 
 def beside_rows(rows: list[dict], method: str, fields: dict) -> list[dict]:
@@ -115,6 +117,7 @@ def main(argv) -> None:
       run(runs)
       beside_runs.append((method, fields, runs))
   rows = sweep.collect(test_runs)
+  os.makedirs(os.path.join(_DIR.value, "test"), exist_ok=True)
   sweep.write_table(rows, os.path.join(_DIR.value, "test"))
   for method, fields, runs in beside_runs:
     rows += beside_rows(sweep.collect(runs), method, fields)

@@ -70,6 +70,9 @@ def test_win_rates_pair_samples_per_prompt_and_bootstrap_interval_matches_numpy(
   win, tie = evaluate.per_prompt_outcomes(a, b, 3)
   np.testing.assert_allclose(win, [0.5, 0.5, 0.0])
   np.testing.assert_allclose(tie, [0.0, 0.5, 0.0])
+  row = {}
+  evaluate._comparison(row, "x_win_vs_ref", a, b, 3, 0, 0)  # pylint: disable=protected-access
+  assert row == pytest.approx({"x_win_vs_ref": 1 / 3, "x_tie_vs_ref": 1 / 6, "x_pref_vs_ref": (0.5 + 0.75) / 3})
   values = np.random.default_rng(3).uniform(size=40)
   lo, hi = evaluate.bootstrap_ci(values, 2000, seed=5)
   rng = np.random.default_rng(5)
@@ -121,6 +124,16 @@ def test_length_controlled_preference_removes_a_length_effect_and_keeps_the_rest
   b = np.zeros(len_b.size) + 0.5
   lc, raw, (lo, hi) = evaluate.length_controlled_preference(a, b, len_a, len_b, prompts, resamples=200, seed=0)
   assert raw > 0.65 and abs(lc - 0.5) < 0.05 and lo < 0.5 < hi
+  # The bootstrap refits on whole prompts (sample j of prompt i at j * P + i): a loop over the same draws.
+  y = np.where(a > b, 1.0, np.where(a == b, 0.5, 0.0))
+  d = (len_a - len_b).astype(float)
+  x = np.tanh(d / d.std())
+  draws = np.random.default_rng(0).integers(0, prompts, size=(200, prompts))
+  loop = []
+  for draw in draws:
+    rows = np.concatenate([draw + j * prompts for j in range(samples)])
+    loop.append(1 / (1 + np.exp(-evaluate.fit_length_logistic(y[rows], x[rows])[0])))
+  np.testing.assert_allclose([lo, hi], np.quantile(loop, [0.025, 0.975]), rtol=1e-9)
   # A judge blind to length: the controlled preference stays the raw one.
   wins = rng.uniform(size=len_b.size) < 0.7
   lc, raw, _ = evaluate.length_controlled_preference(wins.astype(float), np.zeros(len_b.size) + 0.5,

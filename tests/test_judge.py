@@ -36,9 +36,10 @@ def test_judge_stage_trains_on_unseen_pairs_and_eval_reports_it(tmp_path):
   assert not set(map(splits.first_user_turn, policy_data)) & set(map(splits.first_user_turn, kept))
   results = artifacts.read_eval_results(workdir)
   assert results["judge"]["heldout_accuracy"] == info["heldout_accuracy"]
-  assert {"judge_reward", "judge_win_vs_ref", "judge_win_vs_ref_lo", "judge_lc_vs_ref", "judge_lc_vs_ref_hi"} <= set(
-      results["policies"]["var"])
-  assert 0 <= results["policies"]["var"]["judge_lc_vs_ref"] <= 1
+  var = results["policies"]["var"]
+  assert {"judge_reward", "judge_win_vs_ref", "judge_win_vs_ref_lo", "judge_lc_vs_ref", "judge_lc_vs_ref_hi",
+          "judge_pref_vs_ref_lo"} <= set(var)
+  assert var["judge_pref_vs_ref"] == var["judge_win_vs_ref"] + var["judge_tie_vs_ref"] / 2
   assert os.path.isdir(os.path.join(workdir, "judge", "params"))
 
 

@@ -51,7 +51,7 @@ def test_beside_settings_are_typed_and_their_rows_labelled():
   # Only the method's row: the reference row repeats the test run's; the beside fields go into the label, so the
   # summary over seeds groups it apart from the tuned method.
   assert labelled == [{"run": "r", "seed": "0", "policy": "var[var.paper=True,var.lam=1.0]", "judge_reward": 0.3}]
-  for bad in ("var", "sft:var.lam=1", "var:var.lam"):
+  for bad in ("var", "sft:var.lam=1", "var:var.lam", "var:var.lam=1,foo", "var:=1"):
     with pytest.raises(ValueError, match="--beside"):
       tune.parse_beside(bad, cfg)
   with pytest.raises(ValueError, match="no field"):

@@ -4,7 +4,8 @@ Per policy (the reference = sft, and var / dpo when trained):
   gold_reward        mean gold reward of its generations (the synthetic task only: ground truth);
   rm_reward          mean reward-model score (when a reward model was trained or given);
   win/tie vs ref     per prompt, its generations against the reference policy's, judged by gold reward and by RM,
-                     with a percentile-bootstrap 95% interval over prompts (`*_lo`, `*_hi`);
+                     with a percentile-bootstrap 95% interval over prompts (`*_lo`, `*_hi`); `*_pref_*` is the
+                     preference win + tie / 2 (with its interval), whose no-difference value is 1/2 at any tie rate;
   win vs chosen_sft  the same against the SFT-on-chosen baseline (the `chosen` stage), when it was trained;
   judge_*            the same judged by the held-out judge (stage `judge`, when it finished): a reward model trained
                      on pairs no policy and no training reward model saw; its held-out accuracy is in results.judge;
@@ -12,7 +13,7 @@ Per policy (the reference = sft, and var / dpo when trained):
   *_lc_vs_ref        the preference for the policy over the reference (win = 1, tie = 1/2) at equal response length,
                      from a logistic model of each comparison on the length difference (AlpacaEval's
                      length-controlled win rate, `length_controlled_preference`), with its bootstrap interval: read
-                     it beside win + tie / 2, the uncontrolled preference;
+                     it beside `*_pref_vs_ref`, the uncontrolled preference;
   kl_to_ref          mean over prompts of sum_t [log pi(y_t) - log pi_ref(y_t)] on the policy's own samples: an
                      unbiased estimate of KL(pi || pi_ref) when sampling at temperature 1 without truncation,
                      otherwise the log-ratio on its generations (reported as such);
@@ -109,10 +110,12 @@ def length_controlled_preference(a, b, len_a, len_b, num_prompts: int, resamples
 def _comparison(row: dict, name: str, a, b, num_prompts: int, resamples: int, seed: int) -> None:
   """row[name], row[name + '_lo' / '_hi'] (bootstrap 95% interval over prompts) and the tie rate, of a vs b."""
   win, tie = per_prompt_outcomes(a, b, num_prompts)
-  row[name] = float(win.mean())
-  row[name.replace("_win_", "_tie_")] = float(tie.mean())
+  pref = name.replace("_win_", "_pref_")  # win + tie / 2: the benchmark is 1/2 whatever the tie rate.
+  row[name], row[name.replace("_win_", "_tie_")], row[pref] = float(win.mean()), float(tie.mean()), float(
+      (win + tie / 2).mean())
   if resamples:
     row[f"{name}_lo"], row[f"{name}_hi"] = bootstrap_ci(win, resamples, seed)
+    row[f"{pref}_lo"], row[f"{pref}_hi"] = bootstrap_ci(win + tie / 2, resamples, seed)
 
 
 def sample_responses(model, ref, prompt_ids, tok, *, max_new_tokens: int, temperature: float, top_k: int = 0,
