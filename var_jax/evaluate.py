@@ -111,11 +111,13 @@ def _comparison(row: dict, name: str, a, b, num_prompts: int, resamples: int, se
   """row[name], row[name + '_lo' / '_hi'] (bootstrap 95% interval over prompts) and the tie rate, of a vs b."""
   win, tie = per_prompt_outcomes(a, b, num_prompts)
   pref = name.replace("_win_", "_pref_")  # win + tie / 2: the benchmark is 1/2 whatever the tie rate.
-  row[name], row[name.replace("_win_", "_tie_")], row[pref] = float(win.mean()), float(tie.mean()), float(
-      (win + tie / 2).mean())
+  preference = win + tie / 2
+  row[name] = float(win.mean())
+  row[name.replace("_win_", "_tie_")] = float(tie.mean())
+  row[pref] = float(preference.mean())
   if resamples:
     row[f"{name}_lo"], row[f"{name}_hi"] = bootstrap_ci(win, resamples, seed)
-    row[f"{pref}_lo"], row[f"{pref}_hi"] = bootstrap_ci(win + tie / 2, resamples, seed)
+    row[f"{pref}_lo"], row[f"{pref}_hi"] = bootstrap_ci(preference, resamples, seed)
 
 
 def sample_responses(model, ref, prompt_ids, tok, *, max_new_tokens: int, temperature: float, top_k: int = 0,
@@ -164,7 +166,8 @@ def evaluate_policies(ctx, policies) -> dict:
                                            batch_size=e.batch_size, bucket=bucket)
     pairs = list(zip(prompt_ids, gen))
     texts = [tok.decode(g) for g in gen]
-    m = {"length": float(np.mean([len(g) for g in gen])), "lengths": [len(g) for g in gen]}
+    lengths = [len(g) for g in gen]
+    m = {"length": float(np.mean(lengths)), "lengths": lengths}
     m["kl_to_ref" if unbiased_kl else "logratio_to_ref"] = float(np.mean(logp - ref_logp))
     if task.synthetic:
       m["gold"] = [synthetic.gold_reward(r.prompt, t) for r, t in zip(records, texts)]
