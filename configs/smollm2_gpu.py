@@ -8,7 +8,8 @@ The file's first `data.max_records` pairs are the policies' data: a quarter of t
 families) is held out and halved into validation prompts (tuning) and test prompts (the table). The held-out judge
 is a reward model from the base model trained on the rest of the file, every pair whose first user turn the
 policies' data has dropped; its pairwise accuracy on judge pairs it never saw goes into the eval results. Every
-policy samples 2 responses per prompt at temperature 1, and win rates carry bootstrap 95% intervals over prompts.
+policy samples 2 responses per prompt at temperature 1 (and answers once greedily: the greedy_* columns), and win
+rates carry bootstrap 95% intervals over prompts.
 On 2 CPU cores use --config.model.dtype=float32 --config.model.attention_impl=xla (and expect hours).
 """
 from configs import smollm2
@@ -44,7 +45,8 @@ def get_config():
   c.eval_batches = 1
   c.eval.num_prompts = 256              # Every prompt of the split.
   c.eval.samples_per_prompt = 2
-  c.eval.temperature = 1.0              # Samples, so kl_to_ref is an unbiased KL estimate.
+  c.eval.temperature = 1.0              # Samples, so kl_to_ref is an unbiased KL estimate; ...
+  c.eval.greedy = True                  # ... and one greedy answer per prompt beside them (greedy_* columns).
   c.eval.max_new_tokens = 128
   c.eval.batch_size = 128
   return c

@@ -61,6 +61,14 @@ def choose(rows: list[dict], method: str, fields: list[str], metric: str) -> tup
   return {f: best[f] for f in fields}, trials
 
 
+def trial_line(row: dict, method: str, fields: list[str], metric: str, chosen: bool) -> str:
+  """One validation trial for tuning.md: its point and metric, with the policy's distance from the reference and
+  answer length beside it (a trial that wins by moving further or answering shorter shows it)."""
+  extra = [f"{k} {float(row[k]):.3f}" for k in ("kl_to_ref", "logratio_to_ref", "length") if k in row]
+  return (f"- {method} " + ", ".join(f"{f}={row[f]}" for f in fields) + f": {float(row[metric]):.4f}"
+          + (f" ({', '.join(extra)})" if extra else "") + (" <- chosen" if chosen else ""))
+
+
 def parse_beside(spec: str, cfg) -> tuple[str, dict]:
   """"method:field=value[,field=value...]" -> (method, {field: typed value}): a setting run beside the tuned ones."""
   method, sep, rest = spec.partition(":")
@@ -98,8 +106,7 @@ def main(argv) -> None:
     best, trials = choose(sweep.collect(plans[method]), method, fields, _METRIC.value)
     chosen.update({f: sweep.parse_value(str(v), sweep.get_field(base, f)) for f, v in best.items()})
     for r in trials:
-      mark = " <- chosen" if all(r[f] == best[f] for f in fields) else ""
-      lines.append(f"- {method} " + ", ".join(f"{f}={r[f]}" for f in fields) + f": {float(r[_METRIC.value]):.4f}{mark}")
+      lines.append(trial_line(r, method, fields, _METRIC.value, chosen=all(r[f] == best[f] for f in fields)))
   os.makedirs(_DIR.value, exist_ok=True)
   with open(os.path.join(_DIR.value, "tuning.md"), "w", encoding="utf-8") as f:  # Before the test runs start.
     f.write("\n".join(lines) + "\n")

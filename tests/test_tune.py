@@ -58,6 +58,15 @@ def test_beside_settings_are_typed_and_their_rows_labelled():
     tune.parse_beside("var:var.lamb=1", cfg)
 
 
+def test_trial_line_shows_distance_and_length_beside_the_metric():
+  row = {"var.lam": 0.5, "judge_reward": 1.85901, "kl_to_ref": 0.4812, "length": 33.04}
+  assert tune.trial_line(row, "var", ["var.lam"], "judge_reward", chosen=True) == (
+      "- var var.lam=0.5: 1.8590 (kl_to_ref 0.481, length 33.040) <- chosen")
+  greedy = {"dpo.lr": 1e-5, "judge_reward": 2.0, "logratio_to_ref": 1.5}
+  assert tune.trial_line(greedy, "dpo", ["dpo.lr"], "judge_reward", chosen=False) == (
+      "- dpo dpo.lr=1e-05: 2.0000 (logratio_to_ref 1.500)")
+
+
 @pytest.mark.slow
 def test_whole_protocol_from_the_command_line(tmp_path):
   """Tuning on validation prompts, a test seed with the paper's VAR beside it, one held-out judge for every run,
@@ -76,6 +85,7 @@ def test_whole_protocol_from_the_command_line(tmp_path):
   subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=600, check=True, env=env)
   tuning = (out / "tuning.md").read_text()
   assert tuning.count("<- chosen") == 2 and "var var.lam=0.3" in tuning and "chosen chosen.lr=0.001" in tuning
+  assert tuning.count("(kl_to_ref ") == 2 and tuning.count(", length ") == 2  # Samples at temperature 1.
   summary = (out / "summary.md").read_text()
   header = summary.splitlines()[0]
   assert "judge_accuracy" in header and "weights/swap_sensitivity" in header and "judge_win_vs_ref_lo" in header

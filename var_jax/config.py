@@ -215,6 +215,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.prompts = "test"         # "test" | "validation" (needs data.validation_fraction > 0): the held-out split
                                   # eval generates for; tune on validation, report on test (launch.tune).
   c.eval.samples_per_prompt = 1   # Generations per prompt and policy (use > 1 with temperature 1).
+  c.eval.greedy = False           # With temperature > 0: also one greedy answer per prompt and policy, compared the
+                                  # same way (the `greedy_*` columns), so sampled and greedy results sit side by side.
   c.eval.bootstrap = 1000         # Bootstrap resamples of prompts for the 95% intervals of win rates (0 = none).
   return c
 
@@ -346,6 +348,8 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
   if cfg.eval.samples_per_prompt > 1 and cfg.eval.temperature == 0:
     _fail("eval.samples_per_prompt", cfg.eval.samples_per_prompt, "several greedy samples are one sample repeated: "
           "set eval.temperature > 0")
+  if cfg.eval.greedy and cfg.eval.temperature == 0:
+    _fail("eval.greedy", cfg.eval.greedy, "eval.temperature = 0 already decodes greedily: greedy_* would repeat it")
   if cfg.eval.temperature < 0:
     _fail("eval.temperature", cfg.eval.temperature, "must be >= 0")
   if cfg.checkpoint.every < 1 or cfg.checkpoint.keep < 1:

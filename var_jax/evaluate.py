@@ -19,7 +19,8 @@ Per policy (the reference = sft, and var / dpo when trained):
                      otherwise the log-ratio on its generations (reported as such);
   length             mean generated tokens (EOS included).
 Prompts are distinct (a repeated prompt would count its win twice); eval.samples_per_prompt samples of each are
-compared sample by sample and averaged per prompt. Results go to workdir/eval/results.json and a Markdown table
+compared sample by sample and averaged per prompt. With eval.greedy (and eval.temperature > 0) every policy also
+answers each prompt once greedily, and every column above is reported for those answers too, as `greedy_<column>`. Results go to workdir/eval/results.json and a Markdown table
 (also printed).
 """
 import numpy as np
@@ -136,61 +137,31 @@ def sample_responses(model, ref, prompt_ids, tok, *, max_new_tokens: int, temper
   return gen, logp, ref_logp
 
 
-def evaluate_policies(ctx, policies) -> dict:
-  """Compares the reference (sft) and `policies` (finished policy stages) on held-out prompts.
+def _measure(model, ref, records, prompt_ids, tok, judges: dict, decoding: dict, seed: int, batch_size: int,
+             bucket: int, synthetic_task: bool) -> tuple[list, dict]:
+  """(texts, measurements) of one policy's generations for `prompt_ids` under `decoding` (max_new_tokens,
+  temperature, top_k, top_p): length(s), the KL estimate to the reference (or the log-ratio when the generations are
+  not samples), the gold reward (synthetic task) and each reward-model judge's scores (`judges` {key: model})."""
+  gen, logp, ref_logp = sample_responses(model, ref, prompt_ids, tok, seed=seed, batch_size=batch_size, bucket=bucket,
+                                         **decoding)
+  unbiased_kl = decoding["temperature"] == 1.0 and decoding["top_k"] == 0 and decoding["top_p"] >= 1.0
+  texts, lengths = [tok.decode(g) for g in gen], [len(g) for g in gen]
+  m = {"length": float(np.mean(lengths)), "lengths": lengths}
+  m["kl_to_ref" if unbiased_kl else "logratio_to_ref"] = float(np.mean(logp - ref_logp))
+  if synthetic_task:
+    m["gold"] = [synthetic.gold_reward(r.prompt, t) for r, t in zip(records, texts)]
+  pairs = list(zip(prompt_ids, gen))
+  for key, judge in judges.items():
+    m[key] = scoring.score_pairs(judge, pairs, pad_id=tok.pad_id, bucket=bucket, reward=True).tolist()
+  return texts, m
 
-  ctx: the pipeline's stages.Context (config, task, `load(stage)`, `reward_model()`).
-  """
-  cfg, task, tok = ctx.cfg, ctx.task, ctx.task.tok
-  e = cfg.eval
-  held_out = task.validation_records if e.prompts == "validation" else task.test_records
-  records, repeats = splits.distinct_prompts(held_out)
-  records = records[:e.num_prompts]
-  num_prompts, samples = len(records), e.samples_per_prompt
-  # Sample j of prompt i sits at j * P + i; the policies' j-th samples of a prompt are compared with each other.
-  records = records * samples
-  prompt_ids, _ = tok.encode_prompts([r.prompt for r in records])
-  policies = ["sft"] + list(policies)
-  rm = ctx.reward_model()
-  # The held-out judge (stage `judge`): trained on pairs no policy and no training reward model saw.
-  judge_rm = ctx.load("judge", reward=True) if artifacts.is_complete(ctx.workdir, "judge") else None
-  ref = ctx.load("sft")
-  unbiased_kl = e.temperature == 1.0 and e.top_k == 0 and e.top_p >= 1.0
-  bucket = cfg.data.bucket
 
-  generations, per_policy = {}, {}
-  for name in policies:
-    model = ref if name == "sft" else ctx.load(name)
-    gen, logp, ref_logp = sample_responses(model, ref, prompt_ids, tok, max_new_tokens=e.max_new_tokens,
-                                           temperature=e.temperature, top_k=e.top_k, top_p=e.top_p, seed=cfg.seed,
-                                           batch_size=e.batch_size, bucket=bucket)
-    pairs = list(zip(prompt_ids, gen))
-    texts = [tok.decode(g) for g in gen]
-    lengths = [len(g) for g in gen]
-    m = {"length": float(np.mean(lengths)), "lengths": lengths}
-    m["kl_to_ref" if unbiased_kl else "logratio_to_ref"] = float(np.mean(logp - ref_logp))
-    if task.synthetic:
-      m["gold"] = [synthetic.gold_reward(r.prompt, t) for r, t in zip(records, texts)]
-    for key, model_of_judge in (("rm", rm), ("judge", judge_rm)):
-      if model_of_judge is not None:
-        m[key] = scoring.score_pairs(model_of_judge, pairs, pad_id=tok.pad_id, bucket=bucket, reward=True).tolist()
-    generations[name], per_policy[name] = texts, m
-
-  # The dataset's chosen response of each prompt, scored by each reward-model judge (real data).
-  chosen_scores = {}
-  if not task.synthetic:
-    chosen_ids, _ = tok.encode_responses([r.responses[r.chosen] for r in records])
-    keep = [i for i, c in enumerate(chosen_ids) if c is not None]
-    for key, model_of_judge in (("rm", rm), ("judge", judge_rm)):
-      if model_of_judge is not None and keep:
-        chosen_scores[key] = np.full(len(records), np.nan)
-        chosen_scores[key][keep] = scoring.score_pairs(model_of_judge, [(prompt_ids[i], chosen_ids[i]) for i in keep],
-                                                       pad_id=tok.pad_id, bucket=bucket, reward=True)
-  results = {"policies": {}, "prompts": e.prompts, "num_prompts": num_prompts, "samples_per_prompt": samples,
-             "repeated_prompts_dropped": repeats, "temperature": e.temperature}
-  if judge_rm is not None:
-    results["judge"] = artifacts.done_results(ctx.workdir, "judge")
-  compare = lambda row, name, a, b, p=num_prompts: _comparison(row, name, a, b, p, e.bootstrap, cfg.seed)
+def _rows(per_policy: dict, chosen_scores: dict, num_prompts: int, samples: int, resamples: int, seed: int) -> dict:
+  """{policy: its eval row}: mean scores, and the comparisons of every judge against the reference (sft), against
+  SFT-on-chosen and against the dataset's chosen responses (`chosen_scores` {judge key: [S * P] scores}), from
+  `samples` (S) generations of each of `num_prompts` (P) prompts per policy."""
+  compare = lambda row, name, a, b, p=num_prompts: _comparison(row, name, a, b, p, resamples, seed)  # noqa: E731
+  rows = {}
   for name, m in per_policy.items():
     row = {k: v for k, v in m.items() if not isinstance(v, list)}
     for judge in ("gold", "rm", "judge"):
@@ -199,8 +170,7 @@ def evaluate_policies(ctx, policies) -> dict:
         if name != "sft":
           compare(row, f"{judge}_win_vs_ref", m[judge], per_policy["sft"][judge])
           lc, _, interval = length_controlled_preference(m[judge], per_policy["sft"][judge], m["lengths"],
-                                                         per_policy["sft"]["lengths"], num_prompts, e.bootstrap,
-                                                         cfg.seed)
+                                                         per_policy["sft"]["lengths"], num_prompts, resamples, seed)
           row[f"{judge}_lc_vs_ref"] = lc
           if interval is not None:
             row[f"{judge}_lc_vs_ref_lo"], row[f"{judge}_lc_vs_ref_hi"] = interval
@@ -209,7 +179,65 @@ def evaluate_policies(ctx, policies) -> dict:
     for key, chosen in chosen_scores.items():
       ok = ~np.isnan(chosen)
       compare(row, f"{key}_win_vs_chosen", np.asarray(m[key])[ok], chosen[ok], int(ok.sum()) // samples)
-    results["policies"][name] = row
+    rows[name] = row
+  return rows
+
+
+def evaluate_policies(ctx, policies) -> dict:
+  """Compares the reference (sft) and `policies` (finished policy stages) on held-out prompts.
+
+  ctx: the pipeline's stages.Context (config, task, `load(stage)`, `reward_model()`). With eval.greedy, every
+  policy also answers each prompt once greedily, and those comparisons are the row's `greedy_*` columns.
+  """
+  cfg, task, tok = ctx.cfg, ctx.task, ctx.task.tok
+  e = cfg.eval
+  held_out = task.validation_records if e.prompts == "validation" else task.test_records
+  records, repeats = splits.distinct_prompts(held_out)
+  records = records[:e.num_prompts]
+  num_prompts, samples = len(records), e.samples_per_prompt
+  # Sample j of prompt i sits at j * P + i; the policies' j-th samples of a prompt are compared with each other.
+  # The greedy answers are one "sample" per prompt: the first P entries.
+  records = records * samples
+  prompt_ids, _ = tok.encode_prompts([r.prompt for r in records])
+  policies = ["sft"] + list(policies)
+  judges = {"rm": ctx.reward_model(),
+            # The held-out judge (stage `judge`): trained on pairs no policy and no training reward model saw.
+            "judge": ctx.load("judge", reward=True) if artifacts.is_complete(ctx.workdir, "judge") else None}
+  judges = {k: v for k, v in judges.items() if v is not None}
+  ref = ctx.load("sft")
+  decodings = {"": (num_prompts * samples, dict(max_new_tokens=e.max_new_tokens, temperature=e.temperature,
+                                                top_k=e.top_k, top_p=e.top_p))}
+  if e.greedy:
+    decodings["greedy_"] = (num_prompts, dict(max_new_tokens=e.max_new_tokens, temperature=0.0, top_k=0, top_p=1.0))
+
+  generations, measured = {}, {tag: {} for tag in decodings}
+  for name in policies:
+    model = ref if name == "sft" else ctx.load(name)
+    for tag, (n, decoding) in decodings.items():
+      texts, measured[tag][name] = _measure(model, ref, records[:n], prompt_ids[:n], tok, judges, decoding,
+                                            cfg.seed, e.batch_size, cfg.data.bucket, task.synthetic)
+      generations.setdefault(name, texts)
+
+  # The dataset's chosen response of each prompt, scored by each reward-model judge (real data).
+  chosen_scores = {}
+  if not task.synthetic:
+    chosen_ids, _ = tok.encode_responses([r.responses[r.chosen] for r in records])
+    keep = [i for i, c in enumerate(chosen_ids) if c is not None]
+    for key, judge in judges.items():
+      if keep:
+        chosen_scores[key] = np.full(len(records), np.nan)
+        chosen_scores[key][keep] = scoring.score_pairs(judge, [(prompt_ids[i], chosen_ids[i]) for i in keep],
+                                                       pad_id=tok.pad_id, bucket=cfg.data.bucket, reward=True)
+  results = {"policies": {name: {} for name in policies}, "prompts": e.prompts, "num_prompts": num_prompts,
+             "samples_per_prompt": samples, "repeated_prompts_dropped": repeats, "temperature": e.temperature,
+             "greedy": bool(e.greedy)}
+  if "judge" in judges:
+    results["judge"] = artifacts.done_results(ctx.workdir, "judge")
+  for tag, (n, _) in decodings.items():
+    rows = _rows(measured[tag], {k: v[:n] for k, v in chosen_scores.items()}, num_prompts, n // num_prompts,
+                 e.bootstrap, cfg.seed)
+    for name, row in rows.items():
+      results["policies"][name].update({tag + k: v for k, v in row.items()})
   results["samples"] = [{"prompt": tok.render(records[i].prompt), **{n: generations[n][i] for n in policies}}
                         for i in range(min(e.show, len(records)))]
   _write(ctx.workdir, results)
