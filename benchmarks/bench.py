@@ -352,31 +352,40 @@ def synthetic_block(vocab: int, g: int, k: int, prompt_len: int, response_len: i
 
 def bench_scoring(mcfg: model_lib.ModelConfig, g: int, k: int, prompt_len: int, response_len: int, warmup: int,
                   repeats: int, chunk: int = 64) -> list[dict]:
-  """pairs/s and tokens/s of scoring one block's G x (G*K) matrix both ways, and their max difference."""
-  model = model_lib.Decoder(mcfg, rngs=nnx.Rngs(0))
+  """pairs/s and tokens/s of scoring one block's G x (G*K) matrix both ways, and their max difference: the
+  reference's log-probs ("naive", "prefix_shared") and a reward model's rewards ("*_reward"), as the score stage
+  computes them."""
   prompts, responses = synthetic_block(mcfg.vocab_size, g, k, prompt_len, response_len)
   pairs = g * g * k
   pair_tokens = sum(len(p) + len(r) for p in prompts for r in responses)
   response_tokens = g * sum(len(r) for r in responses)
-  results, out = {}, []
-  fns = {"naive": lambda: scoring.naive_logprobs(model, prompts, responses, chunk=chunk),
-         "prefix_shared": lambda: scoring.prefix_shared_logprobs(model, prompts, responses)}
-  for name, fn in fns.items():
-    start = time.perf_counter()
-    results[name] = fn()  # The first call compiles.
-    first_s = time.perf_counter() - start
-    times = time_calls(fn, max(0, warmup - 1), repeats)
-    med = statistics.median(times)
-    out.append(_record("score", name, {**timing_stats(times), "first_call_s": first_s, "pairs": pairs,
-                                       "pairs_per_s": pairs / med, "pair_tokens_per_s": pair_tokens / med,
-                                       "response_tokens_per_s": response_tokens / med},
-                       {"G": g, "K": k, "mean_prompt_len": float(np.mean([len(p) for p in prompts])),
-                        "mean_response_len": float(np.mean([len(r) for r in responses])), "naive_chunk": chunk,
-                        "model": dataclasses.asdict(mcfg)}))
-  diff = float(np.max(np.abs(results["naive"] - results["prefix_shared"])))
-  rel = diff / float(np.max(np.abs(results["naive"])))
-  speedup = out[0]["metrics"]["median_s"] / out[1]["metrics"]["median_s"]
-  out[1]["metrics"].update(speedup_vs_naive=speedup, max_abs_diff_vs_naive=diff, max_rel_diff_vs_naive=rel)
+  out = []
+  for suffix, reward in (("", False), ("_reward", True)):
+    model = (model_lib.RewardModel if reward else model_lib.Decoder)(mcfg, rngs=nnx.Rngs(0))
+    if reward:  # A nonzero head (it starts at zero), so the comparison of the two ways means something.
+      model.score[...] = jax.random.normal(jax.random.key(1), model.score[...].shape, model.score[...].dtype)
+    naive = lambda: scoring.score_pairs(model, [(p, r) for p in prompts for r in responses], pad_id=0,  # noqa: E731
+                                        bucket=32, reward=reward, chunk=chunk).reshape(g, g * k)
+    fns = {"naive": naive, "prefix_shared": lambda: scoring.prefix_shared_scores(model, prompts, responses,
+                                                                                  reward=reward)}
+    results, records = {}, []
+    for name, fn in fns.items():
+      start = time.perf_counter()
+      results[name] = fn()  # The first call compiles.
+      first_s = time.perf_counter() - start
+      times = time_calls(fn, max(0, warmup - 1), repeats)
+      med = statistics.median(times)
+      records.append(_record("score", name + suffix, {**timing_stats(times), "first_call_s": first_s, "pairs": pairs,
+                                                       "pairs_per_s": pairs / med, "pair_tokens_per_s": pair_tokens / med,
+                                                       "response_tokens_per_s": response_tokens / med},
+                             {"G": g, "K": k, "mean_prompt_len": float(np.mean([len(p) for p in prompts])),
+                              "mean_response_len": float(np.mean([len(r) for r in responses])), "naive_chunk": chunk,
+                              "model": dataclasses.asdict(mcfg)}))
+    diff = float(np.max(np.abs(results["naive"] - results["prefix_shared"])))
+    rel = diff / float(np.max(np.abs(results["naive"])))
+    speedup = records[0]["metrics"]["median_s"] / records[1]["metrics"]["median_s"]
+    records[1]["metrics"].update(speedup_vs_naive=speedup, max_abs_diff_vs_naive=diff, max_rel_diff_vs_naive=rel)
+    out += records
   return out
 
 

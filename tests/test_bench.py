@@ -24,7 +24,8 @@ def test_bench_records_are_well_formed(tmp_path):
                       response_len=6, gen_batch=2, gen_tokens=3, data_source=HH, data_limit=40)
   kinds = {(r["what"], r["name"]) for r in records}
   assert {("train", s) for s in bench.STAGES} <= kinds
-  assert {("score", "naive"), ("score", "prefix_shared"), ("generate", "kv_cache_sampler"),
+  assert {("score", "naive"), ("score", "prefix_shared"), ("score", "naive_reward"), ("score", "prefix_shared_reward"),
+          ("generate", "kv_cache_sampler"),
           ("memory", "target_logprobs"), ("peak", "matmul_float32_2048")} <= kinds
   for r in records:
     assert set(r) == {"what", "name", "metrics", "config"}
@@ -36,8 +37,9 @@ def test_bench_records_are_well_formed(tmp_path):
     assert m["tokens_per_step"] == 2 * 2 * 32 and all(_finite_number(m[k]) for k in (
         "tokens_per_s", "mfu_measured_peak", "compile_s", "flops_per_step"))
   assert _finite_number(train["var"]["ratio_vs_sft"])
-  shared = next(r for r in records if r["name"] == "prefix_shared")["metrics"]
-  assert shared["max_rel_diff_vs_naive"] < 1e-5 and shared["pairs"] == 2 * 4
+  for name in ("prefix_shared", "prefix_shared_reward"):  # The reference's log-probs and the reward model's rewards.
+    shared = next(r for r in records if r["name"] == name)["metrics"]
+    assert shared["max_rel_diff_vs_naive"] < 1e-5 and shared["pairs"] == 2 * 4 and shared["speedup_vs_naive"] > 0
   mem = next(r for r in records if r["what"] == "memory")["metrics"]
   assert mem["max_abs_diff_vs_full"] < 1e-3 and mem["full_logits_bytes"] > 0
 

@@ -19,7 +19,7 @@ def test_prefix_shared_equals_naive():
   prompts, responses = _block(np.random.default_rng(4), cfg.vocab_size, 4, 8, (1, 21), (1, 13))
   prompts[0] = prompts[0][:1]  # a one-token prompt: the first response token is predicted from it alone
   naive = scoring.naive_logprobs(model, prompts, responses, bucket=8, chunk=16)
-  shared = scoring.prefix_shared_logprobs(model, prompts, responses, bucket=8)
+  shared = scoring.prefix_shared_scores(model, prompts, responses, bucket=8)
   assert shared.shape == naive.shape == (4, 8)
   assert np.isfinite(shared).all()
   np.testing.assert_allclose(shared, naive, rtol=1e-5, atol=1e-4)
@@ -31,5 +31,20 @@ def test_prefix_shared_qwen2_bias_and_padding_id():
   model = model_lib.Decoder(cfg, rngs=nnx.Rngs(5))
   prompts, responses = _block(np.random.default_rng(6), cfg.vocab_size, 2, 4, (3, 10), (2, 7))
   naive = scoring.naive_logprobs(model, prompts, responses, pad_id=7, bucket=4)
-  shared = scoring.prefix_shared_logprobs(model, prompts, responses, pad_id=7, bucket=4)
+  shared = scoring.prefix_shared_scores(model, prompts, responses, pad_id=7, bucket=4)
+  np.testing.assert_allclose(shared, naive, rtol=1e-5, atol=1e-4)
+
+
+def test_prefix_shared_rewards_equal_the_reward_model_on_concatenated_pairs():
+  """A reward model reads its score at the response's last token: ragged prompts and responses (a one-token response
+  included), each prompt encoded once, give the rewards of the G x M concatenated pairs."""
+  cfg = model_lib.get_config("tiny")
+  rm = model_lib.RewardModel(cfg, rngs=nnx.Rngs(11))
+  rm.score[...] = np.random.default_rng(0).normal(size=rm.score[...].shape).astype(np.float32)  # Not a zero head.
+  prompts, responses = _block(np.random.default_rng(12), cfg.vocab_size, 3, 6, (1, 18), (2, 11))
+  responses[2] = responses[2][:1]
+  naive = scoring.score_pairs(rm, [(p, r) for p in prompts for r in responses], pad_id=0, bucket=8,
+                              reward=True).reshape(3, 6)
+  shared = scoring.prefix_shared_scores(rm, prompts, responses, bucket=8, reward=True)
+  assert shared.shape == (3, 6) and np.std(naive) > 1e-3  # Rewards that differ between pairs.
   np.testing.assert_allclose(shared, naive, rtol=1e-5, atol=1e-4)

@@ -356,6 +356,12 @@ def test_score_stage_prefix_shared_equals_pairwise():
     np.testing.assert_array_equal(np.isnan(shared[key]), np.isnan(pairwise[key]))
     np.testing.assert_allclose(shared[key], pairwise[key], rtol=2e-5, atol=2e-5)
   assert np.isnan(shared["ref_logp"]).any()  # The padded last block's dummy prompts stay NaN.
+  # A reward model is prefix-shared too: the same [G, G*K] rewards, the same NaN layout.
+  rm = model_lib.RewardModel(model_lib.get_config("tiny", vocab_size=len(tok.tok)), rngs=nnx.Rngs(1))
+  rm.score[...] = np.full(rm.score[...].shape, 0.1, np.float32)
+  rewards = [scoring.score_blocks(pipe, None, rm, prefix_shared=flag)["reward"] for flag in (True, False)]
+  np.testing.assert_array_equal(np.isnan(rewards[0]), np.isnan(shared["ref_logp"]))
+  np.testing.assert_allclose(rewards[0], rewards[1], rtol=2e-5, atol=2e-5)
 
 
 # ----------------------------------------------------------------------------------------------------------------

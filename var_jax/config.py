@@ -117,7 +117,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.reward.init = "sft"           # Backbone init for a trained RM: "sft" policy or "base" (random / model.path).
 
   c.score = ml_collections.ConfigDict()
-  c.score.prefix_shared = True    # Encode each prompt once (KV cache) and score all responses against it.
+  c.score.prefix_shared = True    # Encode each prompt once (KV cache) and score all responses against it (the
+                                  # reference's log-probs and the reward model's rewards).
   c.score.chunk = 256             # Sequences per forward pass of the pairwise (reward-model) scoring.
 
   c.var = ml_collections.ConfigDict()

@@ -12,7 +12,7 @@ each program is lowered and compiled by XLA for the target chips (`jax.experimen
 
     train/<stage>   the jitted train step of every training stage in config.stages (`train.make_train_step`)
     score/ref       the score stage's block: log pi_ref of G prompts x G*K responses (prefix-shared or pairs)
-    score/reward    the reward model on `score.chunk` concatenated (prompt, response) rows
+    score/reward    the reward model over the same block (prefix-shared), or on `score.chunk` concatenated rows
     sample          the eval stage's KV-cache sampler (`sampling.prefill_and_decode`), eval.batch_size prompts
 
 For each, per chip: parameter, optimizer-state, input and XLA temporary bytes and the total against the chip's HBM,
@@ -307,20 +307,28 @@ def _lengths(cfg) -> tuple[int, int]:
           data_pipeline.bucket_length(d.max_response_len, d.bucket, 1 << 30))
 
 
+def _prefix_shared_program(name: str, cfg, mcfg, mesh, rules, reward: bool) -> Program:
+  """One block of the score stage, prefix-shared: G prompts x M = G*K responses (scoring.prefix_shared_scores)."""
+  d = cfg.data
+  graphdef, params = abstract_model(mcfg, mesh, rules, reward=reward)
+  g, m = d.block_size, d.block_size * d.max_responses
+  p, r = _lengths(cfg)
+  args = _replicated_inputs(mesh, np.zeros((g, p), np.int32), np.zeros((g,), np.int32),
+                            np.zeros((m, r), np.int32), np.ones((m,), np.int32))
+  lower = lambda: scoring.prefix_shared_scores_jit.lower(graphdef, params, *args, reward=reward)  # noqa: E731
+  flops = (g * p + g * m * r) * flops_lib.decoder_flops_per_token(mcfg, p + r, training=False)
+  return Program(name, lower, bytes_per_device(params), 0, bytes_per_device(args), flops, g * m * r,
+                 _model_parallel(mesh))
+
+
 def score_ref_program(cfg, mcfg, mesh, rules) -> Program:
   """The score stage's reference pass over one block: G prompts x M = G*K responses (scoring.py)."""
   d = cfg.data
-  graphdef, params = abstract_model(mcfg, mesh, rules, reward=False)
-  g, m = d.block_size, d.block_size * d.max_responses
-  p, r = _lengths(cfg)
-  forward = lambda tokens, seq: tokens * flops_lib.decoder_flops_per_token(mcfg, seq, training=False)  # noqa: E731
   if cfg.score.prefix_shared:
-    args = _replicated_inputs(mesh, np.zeros((g, p), np.int32), np.zeros((g,), np.int32),
-                              np.zeros((m, r), np.int32), np.zeros((m,), np.int32))
-    return Program("score/ref", lambda: scoring.prefix_shared_scores_jit.lower(graphdef, params, *args),
-                   bytes_per_device(params), 0, bytes_per_device(args), forward(g * p + g * m * r, p + r),
-                   g * m * r, _model_parallel(mesh))
-  seqs = _chunk_rows(cfg, mesh, g * m)
+    return _prefix_shared_program("score/ref", cfg, mcfg, mesh, rules, reward=False)
+  graphdef, params = abstract_model(mcfg, mesh, rules, reward=False)
+  forward = lambda tokens, seq: tokens * flops_lib.decoder_flops_per_token(mcfg, seq, training=False)  # noqa: E731
+  seqs = _chunk_rows(cfg, mesh, d.block_size * d.block_size * d.max_responses)
   return Program("score/ref", lambda: scoring.policy_scores_jit.lower(graphdef, params, seqs),
                  bytes_per_device(params), 0, bytes_per_device(seqs), forward(math.prod(seqs["inputs"].shape),
                                                                               seqs["inputs"].shape[1]),
@@ -337,8 +345,11 @@ def _chunk_rows(cfg, mesh, rows: int) -> dict:
 
 
 def score_reward_program(cfg, mcfg, mesh, rules) -> Program:
-  """The reward model over `score.chunk` concatenated rows of a block (scoring._reward_scores)."""
+  """The reward model over one block: prefix-shared like the reference pass, or over `score.chunk` concatenated rows
+  of it (scoring._reward_scores)."""
   d = cfg.data
+  if cfg.score.prefix_shared:
+    return _prefix_shared_program("score/reward", cfg, mcfg, mesh, rules, reward=True)
   graphdef, params = abstract_model(mcfg, mesh, rules, reward=True)
   seqs = _chunk_rows(cfg, mesh, d.block_size * d.block_size * d.max_responses)
   tokens = math.prod(seqs["inputs"].shape)

@@ -60,8 +60,8 @@ def score_blocks(pipe: data_pipeline.PreferencePipeline, ref_model: Optional[nnx
     own_rewards_only: rewards exist only for each response under its own prompt (dataset-provided rewards):
       cross-context reward entries stay NaN, so only the "per_prompt" and "batch" normalizers can use them.
     chunk: sequences per forward pass.
-    prefix_shared: score reference log-probs by encoding each prompt once into a KV cache and every response
-      against it (`prefix_shared_logprobs`, same numbers) instead of concatenating every pair.
+    prefix_shared: score reference log-probs and rewards by encoding each prompt once into a KV cache and every
+      response against it (`prefix_shared_scores`, same numbers) instead of concatenating every pair.
   Returns:
     {"ref_logp": [num_blocks, G, G*K], "ref_ntok": [num_blocks, G*K], "reward": [num_blocks, G, G*K]} float32;
     blocks of other processes are NaN.
@@ -82,14 +82,18 @@ def score_blocks(pipe: data_pipeline.PreferencePipeline, ref_model: Optional[nnx
     seqs = data_pipeline.build_sequences(pairs, length, pipe.pad_id)
     rows = len(pairs)
     chunk = min(chunk, rows)  # Every block has G * G*K rows: one compiled shape, no padding beyond a block.
+    p_idx = [i for i, p in enumerate(block["prompt_ids"]) if p is not None]
+    r_idx = [m for m, r in enumerate(block["response_ids"]) if r is not None]
+
+    def shared(model, reward=False):  # [G, G*K] over the block's present prompts and responses, NaN elsewhere.
+      scores = np.full((g, g * k), np.nan, np.float32)
+      scores[np.ix_(p_idx, r_idx)] = prefix_shared_scores(
+          model, [block["prompt_ids"][i] for i in p_idx], [block["response_ids"][m] for m in r_idx],
+          pad_id=pipe.pad_id, bucket=pipe.config.bucket, reward=reward)
+      return scores
+
     if ref_split is not None and prefix_shared:
-      p_idx = [i for i, p in enumerate(block["prompt_ids"]) if p is not None]
-      r_idx = [m for m, r in enumerate(block["response_ids"]) if r is not None]
-      logp = np.full((g, g * k), np.nan, np.float32)
-      logp[np.ix_(p_idx, r_idx)] = prefix_shared_logprobs(
-          ref_model, [block["prompt_ids"][i] for i in p_idx], [block["response_ids"][m] for m in r_idx],
-          pad_id=pipe.pad_id, bucket=pipe.config.bucket)
-      out["ref_logp"][b] = np.where(present, logp, np.nan)
+      out["ref_logp"][b] = np.where(present, shared(ref_model), np.nan)
       ntok = seqs["loss_mask"].sum(-1)
     elif ref_split is not None:
       logp, ntok = _in_chunks(policy_scores_jit, *ref_split, seqs, rows, chunk)
@@ -100,7 +104,9 @@ def score_blocks(pipe: data_pipeline.PreferencePipeline, ref_model: Optional[nnx
     own = np.arange(g * k) // k
     ntok = ntok.reshape(g, g * k)
     out["ref_ntok"][b] = np.where(block["response_valid"], ntok[own, np.arange(g * k)], np.nan)
-    if rm_split is not None:
+    if rm_split is not None and prefix_shared:
+      reward = shared(reward_model, reward=True)
+    elif rm_split is not None:
       reward = _in_chunks(reward_scores_jit, *rm_split, seqs, rows, chunk).reshape(g, g * k)
     else:
       reward = np.full((g, g * k), np.nan, np.float32)
@@ -126,19 +132,21 @@ def _pad_rows(seqs, length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
   return ids, lens
 
 
-def _prefix_shared_scores(graphdef, state, prompt_ids, prompt_len, response_ids, response_len):
-  """Summed log p(response m | prompt p) for every pair, with each prompt encoded once.
+def _prefix_shared_scores(graphdef, state, prompt_ids, prompt_len, response_ids, response_len, reward: bool = False):
+  """Per (prompt p, response m) pair, with each prompt encoded once: the summed log p(response m | prompt p) of a
+  policy, or (reward=True, a RewardModel) the reward read at the response's last token.
 
-  prompt_ids [G, P] (right-padded), prompt_len [G], response_ids [M, R] (right-padded), response_len [M]
+  prompt_ids [G, P] (right-padded), prompt_len [G], response_ids [M, R] (right-padded), response_len [M] (>= 1)
   -> [G, M] float32.
 
   Prefill writes the G prompts into a KVCache of P + R slots (padding slots get segment 0, so they are never
   attended). Then, one prompt at a time (`lax.map`, so one prompt's cache is tiled M-fold, never G*M-fold), all M
   responses are appended at positions prompt_len[p] + j. The first response token is predicted from the prompt's
-  last hidden state, the others from the response's own hidden states, exactly the positions the concatenated
-  (naive) pair would use.
+  last hidden state, the others from the response's own hidden states, and the reward head reads the hidden state
+  of token response_len[m] - 1: exactly the positions and context the concatenated (naive) pair would use.
   """
   model = nnx.merge(graphdef, state)
+  decoder = model.backbone if reward else model
   g, p_len = prompt_ids.shape
   m, r_len = response_ids.shape
   cfg = model.cfg
@@ -146,7 +154,7 @@ def _prefix_shared_scores(graphdef, state, prompt_ids, prompt_len, response_ids,
   p_seg = (jnp.arange(p_len)[None] < prompt_len[:, None]).astype(jnp.int32)
   p_pos = jnp.broadcast_to(jnp.arange(p_len, dtype=jnp.int32), (g, p_len)) * p_seg
   cache = model_lib.KVCache.init(cfg, g, p_len + r_len)
-  p_hidden, cache = model(prompt_ids, p_pos, p_seg, cache=cache)
+  p_hidden, cache = decoder(prompt_ids, p_pos, p_seg, cache=cache)
   last = jnp.take_along_axis(p_hidden, jnp.maximum(prompt_len - 1, 0)[:, None, None], axis=1)[:, 0]  # [G, D]
   r_seg = (jnp.arange(r_len)[None] < response_len[:, None]).astype(jnp.int32)  # [M, R]
   targets = jnp.where(r_seg > 0, response_ids, -1)
@@ -158,7 +166,11 @@ def _prefix_shared_scores(graphdef, state, prompt_ids, prompt_len, response_ids,
                               positions=jnp.broadcast_to(pos, (m,) + pos.shape),
                               segment_ids=jnp.broadcast_to(seg, (m,) + seg.shape), index=cache.index)
     r_pos = (n_prompt + jnp.arange(r_len, dtype=jnp.int32))[None] * r_seg
-    hidden, _ = model(response_ids, r_pos, r_seg, cache=tiled)  # [M, R, D]
+    hidden, _ = decoder(response_ids, r_pos, r_seg, cache=tiled)  # [M, R, D]
+    if reward:
+      end = jnp.take_along_axis(hidden, jnp.maximum(response_len - 1, 0)[:, None, None], axis=1)[:, 0]  # [M, D]
+      return jnp.einsum("md,do->mo", end, model.score[...].astype(end.dtype),
+                        preferred_element_type=jnp.float32)[:, 0]
     # Row j of `inputs` predicts response token j: the prompt's last state, then response states 0..R-2.
     inputs = jnp.concatenate([jnp.broadcast_to(h_last, (m, 1, h_last.shape[-1])).astype(hidden.dtype),
                               hidden[:, :-1]], axis=1)
@@ -168,24 +180,25 @@ def _prefix_shared_scores(graphdef, state, prompt_ids, prompt_len, response_ids,
   return jax.lax.map(one_prompt, xs)
 
 
-prefix_shared_scores_jit = jax.jit(_prefix_shared_scores)
+prefix_shared_scores_jit = jax.jit(_prefix_shared_scores, static_argnames="reward")
 
 
-def prefix_shared_logprobs(model: nnx.Module, prompt_ids, response_ids, *, pad_id: int = 0,
-                           bucket: int = 32) -> np.ndarray:
-  """log pi(response m | prompt p) summed over response tokens, for all G x M pairs: [G, M] float32.
+def prefix_shared_scores(model: nnx.Module, prompt_ids, response_ids, *, pad_id: int = 0, bucket: int = 32,
+                         reward: bool = False) -> np.ndarray:
+  """For all G x M (prompt p, response m) pairs: log pi(response m | prompt p) summed over response tokens, or with
+  reward=True (`model` a RewardModel) its reward r(prompt p, response m). [G, M] float32.
 
-  prompt_ids: G 1-D int arrays; response_ids: M 1-D int arrays (each response's tokens incl. its EOS). Equals
-  the naive scores of `build_sequences([(p, r) for p in prompts for r in responses])` (as `score_blocks` computes
-  them) up to float32 rounding, at the cost of encoding G prompts + G*M responses instead of G*M pairs.
-  Prompt and response lengths are padded up to multiples of `bucket` so a few shapes compile.
+  prompt_ids: G 1-D int arrays; response_ids: M non-empty 1-D int arrays (each response's tokens incl. its EOS).
+  Equals the naive scores of `build_sequences([(p, r) for p in prompts for r in responses])` (as `score_blocks`
+  computes them without prefix sharing) up to float32 rounding, at the cost of encoding G prompts + G*M responses
+  instead of G*M pairs. Prompt and response lengths are padded up to multiples of `bucket` so a few shapes compile.
   """
   p_ids, p_len = _pad_rows(prompt_ids, data_pipeline.bucket_length(max(map(len, prompt_ids)), bucket, 1 << 30),
                            pad_id)
   r_ids, r_len = _pad_rows(response_ids,
                            data_pipeline.bucket_length(max(map(len, response_ids)), bucket, 1 << 30), pad_id)
   graphdef, state = nnx.split(model)
-  out = prefix_shared_scores_jit(graphdef, state, *map(jnp.asarray, (p_ids, p_len, r_ids, r_len)))
+  out = prefix_shared_scores_jit(graphdef, state, *map(jnp.asarray, (p_ids, p_len, r_ids, r_len)), reward=reward)
   return np.asarray(jax.device_get(out), np.float32)
 
 
