@@ -8,7 +8,8 @@
 1. Validation: for each method, one run per point of its space (the same number of trials for every method: the
    command refuses unequal spaces), seed = the first seed, `<method>,eval` stages, eval.prompts = "validation"
    (held-out prompts split off by first user turn, data.validation_fraction). The point with the best --metric of
-   that method's policy is chosen. All runs share the upstream stages (sft, reward, score) of launch.sweep.
+   that method's policy is chosen; with --max_kl, the best among the trials whose sampled KL to the reference is
+   within that budget, so the methods are compared at a matched distance from the reference. All runs share the upstream stages (sft, reward, score) of launch.sweep.
 2. Test: every method at its chosen point, together in one run per seed (so eval compares them with each other),
    eval.prompts = "test", aggregated over the seeds. --beside=METHOD:field=value[,...] adds, per seed, a run of that
    method at its chosen point with those fields set (e.g. `var:var.paper=True,var.lam=1.0`, the paper's weights
@@ -52,12 +53,24 @@ def plan_validation(base_cfg, spaces: list[tuple[str, str]], sweep_dir: str, see
   return plans
 
 
-def choose(rows: list[dict], method: str, fields: list[str], metric: str) -> tuple[dict, list[dict]]:
-  """(the best point's {field: value}, the method's trial rows), by `metric` of the method's own policy row."""
+def choose(rows: list[dict], method: str, fields: list[str], metric: str,
+           max_kl: float = 0.0) -> tuple[dict, list[dict]]:
+  """(the best point's {field: value}, the method's trial rows), by `metric` of the method's own policy row; with
+  max_kl > 0, the best among the trials whose sampled KL to the reference (kl_to_ref) is at most max_kl, so every
+  method is compared at the same distance from the reference."""
   trials = [r for r in rows if r["policy"] == method and metric in r]
   if not trials:
     raise ValueError(f"no finished validation trial of {method!r} reports {metric!r}")
-  best = max(trials, key=lambda r: float(r[metric]))
+  allowed = trials
+  if max_kl > 0:
+    if any("kl_to_ref" not in r for r in trials):
+      raise ValueError(f"--max_kl needs kl_to_ref, which eval reports only for samples (eval.temperature=1, no top-k "
+                       f"or top-p); the trials of {method!r} lack it")
+    allowed = [r for r in trials if float(r["kl_to_ref"]) <= max_kl]
+    if not allowed:
+      raise ValueError(f"no validation trial of {method!r} is within --max_kl={max_kl} (the smallest KL is "
+                       f"{min(float(r['kl_to_ref']) for r in trials):.3f}): widen its grid toward the reference")
+  best = max(allowed, key=lambda r: float(r[metric]))
   return {f: best[f] for f in fields}, trials
 
 
@@ -98,12 +111,13 @@ def main(argv) -> None:
   spaces = [parse_space(s) for s in _SPACE.value]
   besides = [parse_beside(s, base) for s in _BESIDE.value]
   plans = plan_validation(base, spaces, _DIR.value, seeds[0], base_flags)
-  lines, chosen = [f"Validation trials (seed {seeds[0]}, metric {_METRIC.value}):", ""], {}
+  budget = f", among trials with kl_to_ref <= {_MAX_KL.value}" if _MAX_KL.value > 0 else ""
+  lines, chosen = [f"Validation trials (seed {seeds[0]}, metric {_METRIC.value}{budget}):", ""], {}
   run = lambda runs: None if _COLLECT.value else sweep.run_all(runs, config_file, emit=False)  # noqa: E731
   for method, grid in spaces:
     run(plans[method])
     fields = [f for f in sweep.grid_points(base, [grid])[0]]
-    best, trials = choose(sweep.collect(plans[method]), method, fields, _METRIC.value)
+    best, trials = choose(sweep.collect(plans[method]), method, fields, _METRIC.value, _MAX_KL.value)
     chosen.update({f: sweep.parse_value(str(v), sweep.get_field(base, f)) for f, v in best.items()})
     for r in trials:
       lines.append(trial_line(r, method, fields, _METRIC.value, chosen=all(r[f] == best[f] for f in fields)))
@@ -137,12 +151,14 @@ def main(argv) -> None:
 
 def _define_flags() -> None:
   """Defined only when run as a program, so that importing this module (tests) adds no flags."""
-  global _CONFIG, _DIR, _SPACE, _SEEDS, _METRIC, _BESIDE, _COLLECT
+  global _CONFIG, _DIR, _SPACE, _SEEDS, _METRIC, _MAX_KL, _BESIDE, _COLLECT
   _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Base config file.")
   _DIR = flags.DEFINE_string("dir", "workdir/tuned", "Output directory.")
   _SPACE = flags.DEFINE_multi_string("space", [], "METHOD:field=v1,v2,... (one per method, equal sizes).")
   _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds of the test runs (the first also tunes).")
   _METRIC = flags.DEFINE_string("metric", "gold_reward", "Validation metric to maximise (a column of eval).")
+  _MAX_KL = flags.DEFINE_float("max_kl", 0.0, "> 0: each method's point is the best among its trials whose sampled "
+                               "KL to the reference is at most this (a KL-matched comparison); 0 = any KL.")
   _BESIDE = flags.DEFINE_multi_string("beside", [], "METHOD:field=value[,...]: per test seed, the method also at its "
                                       "chosen point with these fields set (e.g. var:var.paper=True, the paper's "
                                       "weights beside the tuned default), reported as METHOD[field=value].")

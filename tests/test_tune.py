@@ -41,6 +41,20 @@ def test_choose_takes_the_best_trial_of_the_methods_own_row():
     tune.choose(rows, "dpo", ["dpo.beta"], "gold_reward")
 
 
+def test_choose_within_a_kl_budget_takes_the_best_trial_that_stays_close():
+  rows = [{"policy": "dpo", "dpo.lr": "1e-05", "judge_reward": 2.4, "kl_to_ref": 1.27},
+          {"policy": "dpo", "dpo.lr": "3e-06", "judge_reward": 1.7, "kl_to_ref": 0.41},
+          {"policy": "dpo", "dpo.lr": "1e-06", "judge_reward": 1.2, "kl_to_ref": 0.05}]
+  assert tune.choose(rows, "dpo", ["dpo.lr"], "judge_reward")[0] == {"dpo.lr": "1e-05"}
+  best, trials = tune.choose(rows, "dpo", ["dpo.lr"], "judge_reward", max_kl=0.5)
+  assert best == {"dpo.lr": "3e-06"} and len(trials) == 3  # tuning.md still lists every trial.
+  with pytest.raises(ValueError, match=r"within --max_kl=0.01 \(the smallest KL is 0.050\)"):
+    tune.choose(rows, "dpo", ["dpo.lr"], "judge_reward", max_kl=0.01)
+  greedy = [{"policy": "dpo", "dpo.lr": "1e-05", "judge_reward": 2.4, "logratio_to_ref": 1.0}]
+  with pytest.raises(ValueError, match="--max_kl needs kl_to_ref"):
+    tune.choose(greedy, "dpo", ["dpo.lr"], "judge_reward", max_kl=1.0)
+
+
 def test_beside_settings_are_typed_and_their_rows_labelled():
   cfg = tiny.get_config()
   method, fields = tune.parse_beside("var:var.paper=True,var.lam=1", cfg)
@@ -78,7 +92,7 @@ def test_whole_protocol_from_the_command_line(tmp_path):
   out = tmp_path / "tuned"
   argv = [sys.executable, "-m", "launch.tune", "--config=configs/tiny_ci.py", f"--dir={out}", "--metric=judge_reward",
           "--space=var:var.lam=0.3", "--space=chosen:chosen.lr=1e-3", "--beside=var:var.paper=True,var.lam=1.0",
-          "--seeds=0", "--config.data.validation_fraction=0.5", "--config.data.num_eval=32",
+          "--seeds=0", "--max_kl=1000", "--config.data.validation_fraction=0.5", "--config.data.num_eval=32",
           f"--config.judge.source={judge_file}", "--config.judge.steps=4", "--config.eval.num_prompts=8"]
   argv += [f"--config.{s}.steps=4" for s in ("sft", "reward", "var", "chosen")]
   env = program_env()
@@ -86,6 +100,7 @@ def test_whole_protocol_from_the_command_line(tmp_path):
   tuning = (out / "tuning.md").read_text()
   assert tuning.count("<- chosen") == 2 and "var var.lam=0.3" in tuning and "chosen chosen.lr=0.001" in tuning
   assert tuning.count("(kl_to_ref ") == 2 and tuning.count(", length ") == 2  # Samples at temperature 1.
+  assert "among trials with kl_to_ref <= 1000.0" in tuning.splitlines()[0]
   summary = (out / "summary.md").read_text()
   header = summary.splitlines()[0]
   assert "judge_accuracy" in header and "weights/swap_sensitivity" in header and "judge_win_vs_ref_lo" in header
