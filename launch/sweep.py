@@ -27,6 +27,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from var_jax import artifacts
+from var_jax import config as config_lib
 from var_jax import stage_table
 from var_jax import stages as stages_lib
 
@@ -111,17 +112,34 @@ def upstream_stages(cfg) -> tuple[str, ...]:
 
 
 def upstream_key(cfg) -> str:
-  """A short hash of everything the upstream stages depend on."""
-  text = json.dumps(artifacts.fingerprint(cfg, *upstream_stages(cfg)), sort_keys=True)
-  return hashlib.sha256(text.encode()).hexdigest()[:12]
+  """A short hash of everything the upstream stages depend on: the fields of their fingerprint that differ from
+  config.base_config()'s defaults. A field added later with a default (which keeps the old behaviour) so leaves the
+  keys, and the upstream directories computed before it, as they were."""
+  stages = upstream_stages(cfg)
+  want, default = artifacts.fingerprint(cfg, *stages), artifacts.fingerprint(config_lib.base_config(), *stages)
+  differs = {}
+  for name, value in want.items():
+    base = default.get(name)
+    if isinstance(value, dict) and isinstance(base, dict):
+      value = {f: v for f, v in value.items() if f not in base or base[f] != v}
+    elif value == base:
+      continue
+    differs[name] = value
+  return hashlib.sha256(json.dumps(differs, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def link_upstream(run_dir: str, upstream_dir: str, stages: tuple[str, ...] = UPSTREAM) -> None:
+def link_upstream(run_dir: str, upstream_dir: str, stages: tuple[str, ...] = UPSTREAM, cfg=None) -> None:
+  """Links each upstream stage of run_dir to upstream_dir's. A run linked earlier to another upstream directory keeps
+  that link when (`cfg` given) its stages finished with this run's settings (e.g. under an older key); anything else
+  in the way is refused, never replaced."""
   os.makedirs(run_dir, exist_ok=True)
   for stage in stages:
     link = os.path.join(run_dir, stage)
     target = os.path.relpath(os.path.join(upstream_dir, stage), run_dir)
     if os.path.islink(link) and os.readlink(link) == target:
+      continue
+    if (cfg is not None and os.path.islink(link) and os.path.isdir(link)
+        and artifacts.is_done(cfg, os.path.dirname(os.path.realpath(link)), stage)):
       continue
     if os.path.exists(link) or os.path.islink(link):
       raise ValueError(f"{link} exists and is not a link to {target}; refusing to touch it")
@@ -175,7 +193,7 @@ def run_all(runs, config_file: str, emit: bool) -> None:
         logging.info("upstream %s", upstream)
         stages_lib.run_pipeline(up_cfg, upstream)
       done_upstream.add(upstream)
-    link_upstream(run_dir, upstream, upstream_stages(cfg))
+    link_upstream(run_dir, upstream, upstream_stages(cfg), cfg)
     if emit:
       print(shlex.join(["python", "-m", "var_jax.main", f"--config={config_file}", f"--workdir={run_dir}", *extra]))
     else:

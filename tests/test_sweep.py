@@ -9,6 +9,7 @@ import pytest
 
 from configs import tiny
 from launch import sweep
+from var_jax import artifacts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -53,6 +54,39 @@ def test_the_held_out_judge_is_shared_upstream_when_the_config_names_its_data(tm
   assert sweep.upstream_key(other) != sweep.upstream_key(cfg)
   sweep.link_upstream(str(tmp_path / "run"), str(tmp_path / "up"), sweep.upstream_stages(cfg))
   assert sorted(os.listdir(tmp_path / "run")) == ["judge", "reward", "score", "sft"]
+
+
+def test_upstream_key_ignores_fields_left_at_their_defaults():
+  """A field added to the config later, at its default, leaves every key (and the upstream computed under it) alone;
+  setting it, or any other field the upstream stages read, changes the key."""
+  cfg = tiny.get_config()
+  key = sweep.upstream_key(cfg)
+  older = cfg.copy_and_resolve_references()
+  del older.data["truncation"]        # As if the config predated data.truncation.
+  assert sweep.upstream_key(older) == key
+  for field, value in (("data.truncation", "drop"), ("sft.steps", cfg.sft.steps + 1), ("seed", cfg.seed + 1)):
+    other = cfg.copy_and_resolve_references()
+    section, _, name = field.rpartition(".")
+    (other[section] if section else other)[name] = value
+    assert sweep.upstream_key(other) != key, field
+  assert sweep.upstream_key(tiny.get_config()) == key
+
+
+def test_link_upstream_keeps_an_earlier_link_to_an_upstream_finished_with_the_same_settings(tmp_path):
+  cfg = tiny.get_config()
+  old_up, new_up, run = tmp_path / "up_old", tmp_path / "up_new", tmp_path / "run"
+  for stage in sweep.UPSTREAM:
+    (old_up / stage).mkdir(parents=True)
+    artifacts.mark_done(cfg, str(old_up), stage)
+  sweep.link_upstream(str(run), str(old_up))
+  sweep.link_upstream(str(run), str(new_up), cfg=cfg)  # Same settings: the earlier links stay.
+  assert os.readlink(run / "sft") == os.path.relpath(old_up / "sft", run)
+  changed = cfg.copy_and_resolve_references()
+  changed.sft.steps += 1
+  with pytest.raises(ValueError, match="completed with different settings"):
+    sweep.link_upstream(str(run), str(new_up), cfg=changed)
+  with pytest.raises(ValueError, match="is not a link"):
+    sweep.link_upstream(str(run), str(new_up))  # Without settings to check, nothing is assumed.
 
 
 def test_link_upstream_refuses_to_replace_real_directories(tmp_path):
