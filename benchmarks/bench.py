@@ -375,9 +375,9 @@ def bench_scoring(mcfg: model_lib.ModelConfig, g: int, k: int, prompt_len: int, 
       first_s = time.perf_counter() - start
       times = time_calls(fn, max(0, warmup - 1), repeats)
       med = statistics.median(times)
-      records.append(_record("score", name + suffix, {**timing_stats(times), "first_call_s": first_s, "pairs": pairs,
-                                                       "pairs_per_s": pairs / med, "pair_tokens_per_s": pair_tokens / med,
-                                                       "response_tokens_per_s": response_tokens / med},
+      metrics = {**timing_stats(times), "first_call_s": first_s, "pairs": pairs, "pairs_per_s": pairs / med,
+                 "pair_tokens_per_s": pair_tokens / med, "response_tokens_per_s": response_tokens / med}
+      records.append(_record("score", name + suffix, metrics,
                              {"G": g, "K": k, "mean_prompt_len": float(np.mean([len(p) for p in prompts])),
                               "mean_response_len": float(np.mean([len(r) for r in responses])), "naive_chunk": chunk,
                               "model": dataclasses.asdict(mcfg)}))

@@ -114,7 +114,8 @@ def upstream_stages(cfg) -> tuple[str, ...]:
 def upstream_key(cfg) -> str:
   """A short hash of everything the upstream stages depend on: the fields of their fingerprint that differ from
   config.base_config()'s defaults. A field added later with a default (which keeps the old behaviour) so leaves the
-  keys, and the upstream directories computed before it, as they were."""
+  keys, and the upstream directories computed before it, as they were. A changed default keeps the key too: the
+  upstream's DONE files then refuse it by name ("completed with different settings"), never reuse it silently."""
   stages = upstream_stages(cfg)
   want, default = artifacts.fingerprint(cfg, *stages), artifacts.fingerprint(config_lib.base_config(), *stages)
   differs = {}
@@ -128,6 +129,13 @@ def upstream_key(cfg) -> str:
   return hashlib.sha256(json.dumps(differs, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def _links_to_done(link: str, cfg, stage: str) -> bool:
+  """`link` is a link to an upstream stage directory that finished with cfg's settings (raises if it finished with
+  others: nothing is reused that was computed differently)."""
+  return (os.path.islink(link) and os.path.isdir(link)
+          and artifacts.is_done(cfg, os.path.dirname(os.path.realpath(link)), stage))
+
+
 def link_upstream(run_dir: str, upstream_dir: str, stages: tuple[str, ...] = UPSTREAM, cfg=None) -> None:
   """Links each upstream stage of run_dir to upstream_dir's. A run linked earlier to another upstream directory keeps
   that link when (`cfg` given) its stages finished with this run's settings (e.g. under an older key); anything else
@@ -138,8 +146,7 @@ def link_upstream(run_dir: str, upstream_dir: str, stages: tuple[str, ...] = UPS
     target = os.path.relpath(os.path.join(upstream_dir, stage), run_dir)
     if os.path.islink(link) and os.readlink(link) == target:
       continue
-    if (cfg is not None and os.path.islink(link) and os.path.isdir(link)
-        and artifacts.is_done(cfg, os.path.dirname(os.path.realpath(link)), stage)):
+    if cfg is not None and _links_to_done(link, cfg, stage):
       continue
     if os.path.exists(link) or os.path.islink(link):
       raise ValueError(f"{link} exists and is not a link to {target}; refusing to touch it")
@@ -182,7 +189,8 @@ def plan(base_cfg, points: list[dict], sweep_dir: str, stages: str, base_flags: 
 def run_all(runs, config_file: str, emit: bool) -> None:
   done_upstream = set()
   for name, cfg, run_dir, upstream, extra in runs:
-    if upstream not in done_upstream:
+    linked = all(_links_to_done(os.path.join(run_dir, s), cfg, s) for s in upstream_stages(cfg))
+    if upstream not in done_upstream and not linked:  # A run linked earlier (e.g. under an older key) keeps its own.
       up_cfg = cfg.copy_and_resolve_references()
       up_cfg.stages = ",".join(upstream_stages(cfg))
       up_extra = [e for e in extra if not e.startswith("--config.stages=")] + [f"--config.stages={up_cfg.stages}"]

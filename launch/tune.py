@@ -9,7 +9,8 @@
    command refuses unequal spaces), seed = the first seed, `<method>,eval` stages, eval.prompts = "validation"
    (held-out prompts split off by first user turn, data.validation_fraction). The point with the best --metric of
    that method's policy is chosen; with --max_kl, the best among the trials whose sampled KL to the reference is
-   within that budget, so the methods are compared at a matched distance from the reference. All runs share the upstream stages (sft, reward, score) of launch.sweep.
+   within that budget, so the methods are compared at a matched distance from the reference. All runs share the
+   upstream stages (sft, reward, score) of launch.sweep.
 2. Test: every method at its chosen point, together in one run per seed (so eval compares them with each other),
    eval.prompts = "test", aggregated over the seeds. --beside=METHOD:field=value[,...] adds, per seed, a run of that
    method at its chosen point with those fields set (e.g. `var:var.paper=True,var.lam=1.0`, the paper's weights

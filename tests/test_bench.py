@@ -39,7 +39,7 @@ def test_bench_records_are_well_formed(tmp_path):
   assert _finite_number(train["var"]["ratio_vs_sft"])
   for name in ("prefix_shared", "prefix_shared_reward"):  # The reference's log-probs and the reward model's rewards.
     shared = next(r for r in records if r["name"] == name)["metrics"]
-    assert shared["max_rel_diff_vs_naive"] < 1e-5 and shared["pairs"] == 2 * 4 and shared["speedup_vs_naive"] > 0
+    assert shared["max_rel_diff_vs_naive"] < 1e-5 and shared["pairs"] == 2 * 4
   mem = next(r for r in records if r["what"] == "memory")["metrics"]
   assert mem["max_abs_diff_vs_full"] < 1e-3 and mem["full_logits_bytes"] > 0
 

@@ -12,7 +12,7 @@ from var_jax import stages
 @pytest.mark.slow
 def test_greedy_columns_are_the_greedy_eval_beside_the_sampled_one(tmp_path):
   """Every `greedy_*` column equals the column of an eval that decodes greedily (temperature 0, one answer per
-  prompt) with the same policies, and the sampled columns are still the temperature-1 samples'."""
+  prompt) with the same policies, and every other column equals the eval without eval.greedy."""
   common = {"stages": "sft,chosen,eval", "reward.source": "gold", "eval.num_prompts": 6, "eval.bootstrap": 200}
   cfg = tiny_config(**common, **{"eval.samples_per_prompt": 2, "eval.greedy": True})
   workdir = str(tmp_path / "run")
@@ -20,13 +20,16 @@ def test_greedy_columns_are_the_greedy_eval_beside_the_sampled_one(tmp_path):
   both = artifacts.read_eval_results(workdir)
   assert both["greedy"] and both["samples_per_prompt"] == 2
 
-  greedy_cfg = tiny_config(**common, **{"eval.temperature": 0.0})
-  ctx = stages.Context(greedy_cfg, workdir, sharding_lib.make_mesh(), sharding_lib.parse_rules(greedy_cfg.mesh.rules))
-  alone = evaluate.evaluate_policies(ctx, ["chosen"])
+  def eval_with(**fields):
+    c = tiny_config(**common, **fields)
+    return evaluate.evaluate_policies(stages.Context(c, workdir, sharding_lib.make_mesh(), sharding_lib.DEFAULT_RULES),
+                                      ["chosen"])
+
+  greedy_alone, sampled_alone = eval_with(**{"eval.temperature": 0.0}), eval_with(**{"eval.samples_per_prompt": 2})
   for name in ("sft", "chosen"):
     row = both["policies"][name]
-    greedy = {k[len("greedy_"):]: v for k, v in row.items() if k.startswith("greedy_")}
-    assert greedy == alone["policies"][name]
+    assert {k[len("greedy_"):]: v for k, v in row.items() if k.startswith("greedy_")} == greedy_alone["policies"][name]
+    assert {k: v for k, v in row.items() if not k.startswith("greedy_")} == sampled_alone["policies"][name]
     assert "kl_to_ref" in row and "logratio_to_ref" not in row  # Samples: the unbiased KL estimate.
   chosen = both["policies"]["chosen"]
   assert {"gold_win_vs_ref_lo", "greedy_gold_win_vs_ref_lo", "greedy_gold_lc_vs_ref"} <= set(chosen)

@@ -62,9 +62,9 @@ def test_upstream_key_ignores_fields_left_at_their_defaults():
   cfg = tiny.get_config()
   key = sweep.upstream_key(cfg)
   older = cfg.copy_and_resolve_references()
-  del older.data["truncation"]        # As if the config predated data.truncation.
+  del older.data["max_per_prompt"]    # As if the config predated data.max_per_prompt (its default, 0, = before).
   assert sweep.upstream_key(older) == key
-  for field, value in (("data.truncation", "drop"), ("sft.steps", cfg.sft.steps + 1), ("seed", cfg.seed + 1)):
+  for field, value in (("data.max_per_prompt", 2), ("sft.steps", cfg.sft.steps + 1), ("seed", cfg.seed + 1)):
     other = cfg.copy_and_resolve_references()
     section, _, name = field.rpartition(".")
     (other[section] if section else other)[name] = value
@@ -87,6 +87,21 @@ def test_link_upstream_keeps_an_earlier_link_to_an_upstream_finished_with_the_sa
     sweep.link_upstream(str(run), str(new_up), cfg=changed)
   with pytest.raises(ValueError, match="is not a link"):
     sweep.link_upstream(str(run), str(new_up))  # Without settings to check, nothing is assumed.
+
+
+def test_a_run_linked_to_a_finished_upstream_does_not_recompute_it(tmp_path, capsys):
+  cfg = tiny.get_config()
+  runs = sweep.plan(cfg, sweep.grid_points(cfg, ["var.lam=0.1,1"]), str(tmp_path / "sweep"), "var,eval")
+  old_up = tmp_path / "old_up"
+  for stage in sweep.UPSTREAM:
+    (old_up / stage).mkdir(parents=True)
+    artifacts.mark_done(runs[0][1], str(old_up), stage)
+  sweep.link_upstream(runs[0][2], str(old_up))  # The first run, linked under an older key.
+  sweep.run_all(runs, "configs/tiny.py", emit=True)
+  lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("python -m var_jax.main")]
+  upstream = runs[0][3]
+  assert [f"--workdir={upstream}" in line for line in lines] == [False, True, False]  # Computed once, for run 2.
+  assert os.readlink(os.path.join(runs[0][2], "sft")) == os.path.relpath(old_up / "sft", runs[0][2])
 
 
 def test_link_upstream_refuses_to_replace_real_directories(tmp_path):

@@ -362,6 +362,7 @@ def test_score_stage_prefix_shared_equals_pairwise():
   rewards = [scoring.score_blocks(pipe, None, rm, prefix_shared=flag)["reward"] for flag in (True, False)]
   np.testing.assert_array_equal(np.isnan(rewards[0]), np.isnan(shared["ref_logp"]))
   np.testing.assert_allclose(rewards[0], rewards[1], rtol=2e-5, atol=2e-5)
+  assert np.nanstd(rewards[1]) > 1e-3  # Rewards that differ between pairs, so a misread position would show.
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -20,8 +20,8 @@ Per policy (the reference = sft, and var / dpo when trained):
   length             mean generated tokens (EOS included).
 Prompts are distinct (a repeated prompt would count its win twice); eval.samples_per_prompt samples of each are
 compared sample by sample and averaged per prompt. With eval.greedy (and eval.temperature > 0) every policy also
-answers each prompt once greedily, and every column above is reported for those answers too, as `greedy_<column>`. Results go to workdir/eval/results.json and a Markdown table
-(also printed).
+answers each prompt once greedily, and every column above is reported for those answers too, as `greedy_<column>`.
+Results go to workdir/eval/results.json and a Markdown table (also printed).
 """
 import numpy as np
 
