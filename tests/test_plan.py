@@ -160,3 +160,14 @@ def test_plan_compiles_for_tpu_v5e_with_splash_attention():
   bad = subprocess.run(args[:-1] + ["--config.data.groups_per_batch=2"], cwd=helpers.ROOT, capture_output=True,
                        text=True, timeout=900)
   assert bad.returncode == 1 and "groups_per_batch" in bad.stderr and "v5e:2x2 (4 devices)" in bad.stderr
+
+
+def test_a_reward_models_flops_leave_out_the_lm_head():
+  """A reward model reads a D x 1 head at one position: its per-token FLOPs are the policy's less 2 * D * vocab."""
+  from var_jax import flops as flops_lib  # pylint: disable=g-import-not-at-top
+  from var_jax import model as model_lib  # pylint: disable=g-import-not-at-top
+  cfg = model_lib.get_config("tiny")
+  for training, factor in ((False, 1), (True, 3)):
+    policy = flops_lib.decoder_flops_per_token(cfg, 64, training=training)
+    reward = flops_lib.decoder_flops_per_token(cfg, 64, training=training, lm_head=False)
+    assert policy - reward == factor * 2 * cfg.hidden_size * cfg.vocab_size and reward > 0

@@ -6,10 +6,11 @@ import jax
 import jax.numpy as jnp
 
 
-def decoder_flops_per_token(cfg, seq_len: int, training: bool = True) -> float:
+def decoder_flops_per_token(cfg, seq_len: int, training: bool = True, lm_head: bool = True) -> float:
   """Matmul FLOPs per token of a decoder forward (x3 for forward + backward when training).
 
-  Dense layers: 2 * params touched per token (QKV, output, SwiGLU MLP, LM head); attention: QK^T and AV are
+  Dense layers: 2 * params touched per token (QKV, output, SwiGLU MLP, and the LM head unless lm_head=False: a
+  reward model's scalar head reads one position per sequence and is not counted); attention: QK^T and AV are
   2 * 2 * seq_len * heads * head_dim per token per layer, halved for the causal mask (the PaLM convention counts
   the full square; we count what a causal kernel needs to do).
   """
@@ -17,8 +18,8 @@ def decoder_flops_per_token(cfg, seq_len: int, training: bool = True) -> float:
   hd = cfg.head_dim or d // h
   per_layer = 2 * d * (h * hd + 2 * kv * hd) + 2 * h * hd * d + 2 * 3 * d * cfg.intermediate_size
   attention = 2 * 2 * seq_len * h * hd / 2
-  lm_head = 2 * d * cfg.vocab_size
-  forward = cfg.num_layers * (per_layer + attention) + lm_head
+  head = 2 * d * cfg.vocab_size if lm_head else 0
+  forward = cfg.num_layers * (per_layer + attention) + head
   return 3 * forward if training else forward
 
 

@@ -297,7 +297,8 @@ def train_program(stage: str, cfg, mcfg, mesh, rules) -> Program:
   t = batch["inputs"].shape[-1]
   return Program(f"train/{stage}", lambda: jitted.lower(state, batch), bytes_per_device(state["params"]),
                  bytes_per_device(state["opt_state"]), bytes_per_device(batch),
-                 tokens * flops_lib.decoder_flops_per_token(mcfg, t), tokens, mesh.size)
+                 tokens * flops_lib.decoder_flops_per_token(mcfg, t, lm_head=not objective.reward_model), tokens,
+                 mesh.size)
 
 
 def _lengths(cfg) -> tuple[int, int]:
@@ -316,7 +317,7 @@ def _prefix_shared_program(name: str, cfg, mcfg, mesh, rules, reward: bool) -> P
   args = _replicated_inputs(mesh, np.zeros((g, p), np.int32), np.zeros((g,), np.int32),
                             np.zeros((m, r), np.int32), np.ones((m,), np.int32))
   lower = lambda: scoring.prefix_shared_scores_jit.lower(graphdef, params, *args, reward=reward)  # noqa: E731
-  flops = (g * p + g * m * r) * flops_lib.decoder_flops_per_token(mcfg, p + r, training=False)
+  flops = (g * p + g * m * r) * flops_lib.decoder_flops_per_token(mcfg, p + r, training=False, lm_head=not reward)
   return Program(name, lower, bytes_per_device(params), 0, bytes_per_device(args), flops, g * m * r,
                  _model_parallel(mesh))
 
@@ -355,7 +356,8 @@ def score_reward_program(cfg, mcfg, mesh, rules) -> Program:
   tokens = math.prod(seqs["inputs"].shape)
   return Program("score/reward", lambda: scoring.reward_scores_jit.lower(graphdef, params, seqs),
                  bytes_per_device(params), 0, bytes_per_device(seqs),
-                 tokens * flops_lib.decoder_flops_per_token(mcfg, seqs["inputs"].shape[1], training=False), tokens,
+                 tokens * flops_lib.decoder_flops_per_token(mcfg, seqs["inputs"].shape[1], training=False,
+                                                            lm_head=False), tokens,
                  _model_parallel(mesh))
 
 

@@ -223,8 +223,8 @@ class Context:
     """Trains `model` with the stage's objective (stage_table) and its config section's steps and lr; `cfg`
     replaces the run's config for this stage (an objective's calibrated settings)."""
     cfg = cfg or self.cfg
-    per_token = flops_lib.decoder_flops_per_token(self.mcfg, train_pipe.max_len)
     objective = objectives.get(stage_table.get(stage).objective)
+    per_token = flops_lib.decoder_flops_per_token(self.mcfg, train_pipe.max_len, lm_head=not objective.reward_model)
     return train_lib.train(stage, objective, cfg, cfg[stage], model, iterator_fn(train_pipe),
                            eval_batches_fn(cfg, eval_pipe), str(artifacts.stage_dir(self.workdir, stage)),
                            self.mesh, self.rules, tokens_flops=lambda n: n * per_token)
