@@ -356,6 +356,9 @@ def test_score_stage_prefix_shared_equals_pairwise():
     np.testing.assert_array_equal(np.isnan(shared[key]), np.isnan(pairwise[key]))
     np.testing.assert_allclose(shared[key], pairwise[key], rtol=2e-5, atol=2e-5)
   assert np.isnan(shared["ref_logp"]).any()  # The padded last block's dummy prompts stay NaN.
+  # ref_ntok counts the targets training sums for each response: the batch's own loss mask.
+  batch = stages.with_scores(pipe, shared).dataset()[0]
+  np.testing.assert_array_equal(batch["ref_ntok"][batch["valid"]], batch["loss_mask"].sum(-1)[batch["valid"]])
   # A reward model is prefix-shared too: the same [G, G*K] rewards, the same NaN layout.
   rm = model_lib.RewardModel(model_lib.get_config("tiny", vocab_size=len(tok.tok)), rngs=nnx.Rngs(1))
   rm.score[...] = np.full(rm.score[...].shape, 0.1, np.float32)

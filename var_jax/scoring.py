@@ -77,11 +77,15 @@ def score_blocks(pipe: data_pipeline.PreferencePipeline, ref_model: Optional[nnx
     b = block["block_index"]
     pairs = data_pipeline.cross_pairs(block)
     present = np.array([p is not None for p in pairs]).reshape(g, g * k)
-    longest = max(len(p) + len(r) for p, r in filter(None, pairs))
-    length = data_pipeline.bucket_length(longest, pipe.config.bucket, pipe.max_len)
-    seqs = data_pipeline.build_sequences(pairs, length, pipe.pad_id)
     rows = len(pairs)
     chunk = min(chunk, rows)  # Every block has G * G*K rows: one compiled shape, no padding beyond a block.
+    # Each response's log-prob sums its own tokens (EOS included): that many targets.
+    out["ref_ntok"][b] = [len(r) if r is not None else np.nan for r in block["response_ids"]]
+    seqs = None
+    if not prefix_shared and (ref_split is not None or rm_split is not None):  # Every pair concatenated.
+      longest = max(len(p) + len(r) for p, r in filter(None, pairs))
+      length = data_pipeline.bucket_length(longest, pipe.config.bucket, pipe.max_len)
+      seqs = data_pipeline.build_sequences(pairs, length, pipe.pad_id)
     p_idx = [i for i, p in enumerate(block["prompt_ids"]) if p is not None]
     r_idx = [m for m, r in enumerate(block["response_ids"]) if r is not None]
 
@@ -94,16 +98,12 @@ def score_blocks(pipe: data_pipeline.PreferencePipeline, ref_model: Optional[nnx
 
     if ref_split is not None and prefix_shared:
       out["ref_logp"][b] = np.where(present, shared(ref_model), np.nan)
-      ntok = seqs["loss_mask"].sum(-1)
     elif ref_split is not None:
-      logp, ntok = _in_chunks(policy_scores_jit, *ref_split, seqs, rows, chunk)
+      logp, _ = _in_chunks(policy_scores_jit, *ref_split, seqs, rows, chunk)
       out["ref_logp"][b] = np.where(present, logp.reshape(g, g * k), np.nan)
     else:
       out["ref_logp"][b] = np.where(present, 0.0, np.nan)
-      ntok = seqs["loss_mask"].sum(-1)
     own = np.arange(g * k) // k
-    ntok = ntok.reshape(g, g * k)
-    out["ref_ntok"][b] = np.where(block["response_valid"], ntok[own, np.arange(g * k)], np.nan)
     if rm_split is not None and prefix_shared:
       reward = shared(reward_model, reward=True)
     elif rm_split is not None:
