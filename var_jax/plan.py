@@ -308,34 +308,6 @@ def _lengths(cfg) -> tuple[int, int]:
           data_pipeline.bucket_length(d.max_response_len, d.bucket, 1 << 30))
 
 
-def _prefix_shared_program(name: str, cfg, mcfg, mesh, rules, reward: bool) -> Program:
-  """One block of the score stage, prefix-shared: G prompts x M = G*K responses (scoring.prefix_shared_scores)."""
-  d = cfg.data
-  graphdef, params = abstract_model(mcfg, mesh, rules, reward=reward)
-  g, m = d.block_size, d.block_size * d.max_responses
-  p, r = _lengths(cfg)
-  args = _replicated_inputs(mesh, np.zeros((g, p), np.int32), np.zeros((g,), np.int32),
-                            np.zeros((m, r), np.int32), np.ones((m,), np.int32))
-  lower = lambda: scoring.prefix_shared_scores_jit.lower(graphdef, params, *args, reward=reward)  # noqa: E731
-  flops = (g * p + g * m * r) * flops_lib.decoder_flops_per_token(mcfg, p + r, training=False, lm_head=not reward)
-  return Program(name, lower, bytes_per_device(params), 0, bytes_per_device(args), flops, g * m * r,
-                 _model_parallel(mesh))
-
-
-def score_ref_program(cfg, mcfg, mesh, rules) -> Program:
-  """The score stage's reference pass over one block: G prompts x M = G*K responses (scoring.py)."""
-  d = cfg.data
-  if cfg.score.prefix_shared:
-    return _prefix_shared_program("score/ref", cfg, mcfg, mesh, rules, reward=False)
-  graphdef, params = abstract_model(mcfg, mesh, rules, reward=False)
-  forward = lambda tokens, seq: tokens * flops_lib.decoder_flops_per_token(mcfg, seq, training=False)  # noqa: E731
-  seqs = _chunk_rows(cfg, mesh, d.block_size * d.block_size * d.max_responses)
-  return Program("score/ref", lambda: scoring.policy_scores_jit.lower(graphdef, params, seqs),
-                 bytes_per_device(params), 0, bytes_per_device(seqs), forward(math.prod(seqs["inputs"].shape),
-                                                                              seqs["inputs"].shape[1]),
-                 math.prod(seqs["inputs"].shape), _model_parallel(mesh))
-
-
 def _chunk_rows(cfg, mesh, rows: int) -> dict:
   """One chunk of concatenated (prompt, response) rows as the score stage feeds them (replicated structs)."""
   p, r = cfg.data.max_prompt_len, cfg.data.max_response_len
@@ -345,20 +317,27 @@ def _chunk_rows(cfg, mesh, rows: int) -> dict:
   return sharded_struct(seqs, NamedSharding(mesh, PartitionSpec()))
 
 
-def score_reward_program(cfg, mcfg, mesh, rules) -> Program:
-  """The reward model over one block: prefix-shared like the reference pass, or over `score.chunk` concatenated rows
-  of it (scoring._reward_scores)."""
+def score_program(cfg, mcfg, mesh, rules, reward: bool) -> Program:
+  """One block of the score stage (G prompts x M = G*K responses, scoring.score_blocks) through the reference
+  ("score/ref") or the reward model ("score/reward"): prefix-shared (scoring.prefix_shared_scores), or `score.chunk`
+  concatenated (prompt, response) rows of it."""
   d = cfg.data
+  name = "score/reward" if reward else "score/ref"
+  graphdef, params = abstract_model(mcfg, mesh, rules, reward=reward)
+  per_token = lambda seq: flops_lib.decoder_flops_per_token(mcfg, seq, training=False, lm_head=not reward)  # noqa: E731
   if cfg.score.prefix_shared:
-    return _prefix_shared_program("score/reward", cfg, mcfg, mesh, rules, reward=True)
-  graphdef, params = abstract_model(mcfg, mesh, rules, reward=True)
+    g, m = d.block_size, d.block_size * d.max_responses
+    p, r = _lengths(cfg)
+    args = _replicated_inputs(mesh, np.zeros((g, p), np.int32), np.zeros((g,), np.int32),
+                              np.zeros((m, r), np.int32), np.ones((m,), np.int32))
+    lower = lambda: scoring.prefix_shared_scores_jit.lower(graphdef, params, *args, reward=reward)  # noqa: E731
+    return Program(name, lower, bytes_per_device(params), 0, bytes_per_device(args),
+                   (g * p + g * m * r) * per_token(p + r), g * m * r, _model_parallel(mesh))
   seqs = _chunk_rows(cfg, mesh, d.block_size * d.block_size * d.max_responses)
-  tokens = math.prod(seqs["inputs"].shape)
-  return Program("score/reward", lambda: scoring.reward_scores_jit.lower(graphdef, params, seqs),
-                 bytes_per_device(params), 0, bytes_per_device(seqs),
-                 tokens * flops_lib.decoder_flops_per_token(mcfg, seqs["inputs"].shape[1], training=False,
-                                                            lm_head=False), tokens,
-                 _model_parallel(mesh))
+  jitted = scoring.reward_scores_jit if reward else scoring.policy_scores_jit
+  tokens, t = math.prod(seqs["inputs"].shape), seqs["inputs"].shape[1]
+  return Program(name, lambda: jitted.lower(graphdef, params, seqs), bytes_per_device(params), 0,
+                 bytes_per_device(seqs), tokens * per_token(t), tokens, _model_parallel(mesh))
 
 
 def sample_program(cfg, mcfg, mesh, rules) -> Program:
@@ -391,9 +370,9 @@ def programs(cfg, mcfg, mesh, rules, stages: Sequence[str]) -> list[Program]:
     if st.objective and st.runner in _OFFLINE_RUNNERS:
       out.append(train_program(s, cfg, mcfg, mesh, rules))
     elif st.runner == "score":
-      out.append(score_ref_program(cfg, mcfg, mesh, rules))
+      out.append(score_program(cfg, mcfg, mesh, rules, reward=False))
       if cfg.reward.source not in ("gold", "dataset"):
-        out.append(score_reward_program(cfg, mcfg, mesh, rules))
+        out.append(score_program(cfg, mcfg, mesh, rules, reward=True))
     elif st.runner == "eval":
       out.append(sample_program(cfg, mcfg, mesh, rules))
   return out
