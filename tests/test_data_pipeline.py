@@ -117,6 +117,20 @@ def test_response_truncation_modes(syn_tok, truncation):
       assert list(targets) == list(response) and (targets[-1] == tok.eos_id) == (len(response) < 4)
 
 
+def test_dropped_prompts_leave_no_holes_in_blocks(syn_tok):
+  # Half the prompts lose a response to truncation="drop": blocks are made over the kept half, so every batch is
+  # full (no dummy slots, no empty steps) and every kept prompt is in exactly one block.
+  tok = Tokenizer(syn_tok.tok, max_prompt_len=16, max_response_len=4, truncation="drop")
+  recs = [_rec(f"sort {i} 1", ["1 2", "1 2 3 4 5 6" if i % 2 else "2 1"], src=f"r{i}") for i in range(16)]
+  pipe, stats = build_pipeline(recs, tok, PipelineConfig(block_size=4, group_size=2, groups_per_batch=1, k_max=2,
+                                                         num_epochs=1), skip_invalid=True, shard_index=0,
+                               shard_count=1)
+  assert stats.prompts_dropped["too_few_responses"] == 8
+  assert sorted(pipe.blocks.ravel()) == list(range(0, 16, 2))
+  batches = list(pipe.iterator())
+  assert len(batches) == 4 and all(b["valid"].all() and b["loss_mask"].sum() > 0 for b in batches)
+
+
 def test_unknown_truncation_raises(syn_tok):
   with pytest.raises(ValueError, match="truncation='cut' is not one of"):
     Tokenizer(syn_tok.tok, truncation="cut")
@@ -307,18 +321,17 @@ def test_two_shards_cover_the_data_once():
     build_pipeline(records, _SYN, dataclasses.replace(cfg, groups_per_batch=3), shard_index=0, shard_count=2)
 
 
-def test_dropped_prompt_becomes_a_dummy():
+def test_dropped_prompt_is_left_out_of_blocks():
   records = syn.preference_records(8, seed=5)
   records[3] = _rec(records[3].prompt, [records[3].responses[0], "  "], src="bad")
-  cfg = PipelineConfig(block_size=8, group_size=8, groups_per_batch=1)
+  cfg = PipelineConfig(block_size=8, group_size=8, groups_per_batch=1, remainder="pad")
   with pytest.raises(ValueError, match="bad"):
     build_pipeline(records, _SYN, cfg, shard_index=0, shard_count=1)
   pipe, stats = build_pipeline(records, _SYN, cfg, skip_invalid=True, shard_index=0, shard_count=1)
   assert stats.prompts_dropped["too_few_responses"] == 1
+  assert 3 not in pipe.blocks and sorted(pipe.blocks[0]) == [PAD_PROMPT, 0, 1, 2, 4, 5, 6, 7]
   (batch,) = list(pipe.iterator())
-  i = list(pipe.blocks[0, batch["prompt_slot"][0]]).index(3)
-  assert batch["prompt_index"][0, i] == PAD_PROMPT and not batch["valid"][0, 2 * i:2 * i + 2].any()
-  assert batch["valid"].sum() == 14
+  assert batch["valid"].sum() == 14 and (batch["prompt_index"] == PAD_PROMPT).sum() == 1
 
 
 def test_scores_gather_and_scoring_blocks_agree():

@@ -2,7 +2,7 @@
 
 Three sizes (docs/var-math.md), kept apart:
 
-- scoring block, G prompts: `make_blocks` groups all prompts once, deterministically from the seed, for the whole
+- scoring block, G prompts: `make_blocks` groups all prompts that tokenization kept once, deterministically from the seed, for the whole
   run. The scoring stage computes each block's G x (G*K_max) cross-context matrices once (`scoring_blocks`).
   Layout inside a block: prompt slot i in [0, G), response slot m = i*K_max + k for its k-th response.
 - normalizer group, B prompts (B divides G): a sub-block of B slots of one block. Its N = B*K_max sequences are
@@ -402,22 +402,26 @@ def build_pipeline(records: Sequence[PreferenceRecord], tokenizer: Tokenizer, co
                    *, min_responses: int = 2, skip_invalid: bool = False, shard_index: int | None = None,
                    shard_count: int | None = None,
                    scores: Mapping[str, np.ndarray] | None = None) -> tuple[PreferencePipeline, TokenizeStats]:
-  """Blocks all records, tokenizes only this shard's prompts, and returns (pipeline, tokenize stats).
+  """Tokenizes all records, blocks the ones tokenization kept, and returns (pipeline, tokenize stats).
 
-  Every process parses the same records (cheap) so blocks and k_max agree everywhere; tokenization, the costly
-  part, is per shard.
+  Blocks are made over the kept records only, so prompts that tokenization drops (skip_invalid: empty responses,
+  or over-long ones under truncation="drop") leave no holes in blocks, groups and batches: with holes, a file
+  that drops half its prompts trains on half-empty batches, some steps on none at all, and VAR's normalizer groups
+  lose candidates. Every process tokenizes every record (they must agree on the blocks without talking to each
+  other); a process keeps the tokens of its own blocks only.
   """
   shard_index, shard_count = _default_shard(shard_index, shard_count)
   k_max = config.k_max or max((len(r.responses) for r in records), default=1)
   if any(len(r.responses) > k_max for r in records):
     raise ValueError(f"a record has more than k_max={k_max} responses")
-  blocks = make_blocks(len(records), config.block_size, config.seed, config.remainder)
+  toks, stats = tokenize_records(records, tokenizer, min_responses=min_responses, skip_invalid=skip_invalid)
+  kept = np.asarray([p for p, t in enumerate(toks) if t is not None], np.int32)
+  slots = make_blocks(len(kept), config.block_size, config.seed, config.remainder)
+  blocks = np.where(slots == PAD_PROMPT, PAD_PROMPT, kept[np.maximum(slots, 0)]).astype(np.int32)
   local = shard_blocks(len(blocks), shard_index, shard_count)
   wanted = sorted(int(p) for p in blocks[local].ravel() if p != PAD_PROMPT)
-  toks, stats = tokenize_records([records[p] for p in wanted], tokenizer, min_responses=min_responses,
-                                 skip_invalid=skip_invalid)
   max_len = config.max_len or tokenizer.max_prompt_len + tokenizer.max_response_len
-  pipe = PreferencePipeline(dict(zip(wanted, toks)), blocks, config, max_len=max_len, pad_id=tokenizer.pad_id,
+  pipe = PreferencePipeline({p: toks[p] for p in wanted}, blocks, config, max_len=max_len, pad_id=tokenizer.pad_id,
                             k_max=k_max, shard_index=shard_index, shard_count=shard_count, scores=scores)
   return pipe, stats
 
