@@ -41,11 +41,14 @@ def parse_space(spec: str) -> tuple[str, str]:
   return method, grid
 
 
-def plan_validation(base_cfg, spaces: list[tuple[str, str]], sweep_dir: str, seed: int, base_flags: dict):
+def plan_validation(base_cfg, spaces: list[tuple[str, str]], sweep_dir: str, seed: int, base_flags: dict,
+                    metric: str = ""):
   """{method: launch.sweep plan of its trials on the validation prompts}; refuses unequal budgets."""
   plans, sizes = {}, {}
+  # The choice reads a sampled metric: greedy answers (eval.greedy) would cost a third more generation for nothing.
+  greedy = {"eval.greedy": False} if base_cfg.eval.greedy and not metric.startswith("greedy_") else {}
   for method, grid in spaces:
-    points = [{**p, "seed": seed, "eval.prompts": "validation"} for p in sweep.grid_points(base_cfg, [grid])]
+    points = [{**p, "seed": seed, "eval.prompts": "validation", **greedy} for p in sweep.grid_points(base_cfg, [grid])]
     plans[method] = sweep.plan(base_cfg, points, os.path.join(sweep_dir, "validation", method), f"{method},eval",
                                base_flags, upstream_root=os.path.join(sweep_dir, "upstream"))
     sizes[method] = len(points)
@@ -111,7 +114,7 @@ def main(argv) -> None:
   seeds = [int(s) for s in _SEEDS.value]
   spaces = [parse_space(s) for s in _SPACE.value]
   besides = [parse_beside(s, base) for s in _BESIDE.value]
-  plans = plan_validation(base, spaces, _DIR.value, seeds[0], base_flags)
+  plans = plan_validation(base, spaces, _DIR.value, seeds[0], base_flags, _METRIC.value)
   budget = f", among trials with kl_to_ref <= {_MAX_KL.value}" if _MAX_KL.value > 0 else ""
   lines, chosen = [f"Validation trials (seed {seeds[0]}, metric {_METRIC.value}{budget}):", ""], {}
   run = lambda runs: None if _COLLECT.value else sweep.run_all(runs, config_file, emit=False)  # noqa: E731
