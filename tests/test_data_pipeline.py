@@ -321,6 +321,18 @@ def test_two_shards_cover_the_data_once():
     build_pipeline(records, _SYN, dataclasses.replace(cfg, groups_per_batch=3), shard_index=0, shard_count=2)
 
 
+def test_blocks_read_are_the_blocks_batches_draw():
+  records = syn.preference_records(64, seed=2)
+  pipe, _ = build_pipeline(records, _SYN, PipelineConfig(block_size=8, group_size=2, groups_per_batch=2, seed=1,
+                                                         num_epochs=None), shard_index=0, shard_count=1)
+  it = pipe.iterator()
+  drawn = [next(it)["block_index"] for _ in range(pipe.batches_per_epoch)]
+  for n in (1, 3, pipe.batches_per_epoch - 1):
+    np.testing.assert_array_equal(pipe.blocks_read(n), np.unique(np.concatenate(drawn[:n])))
+  assert len(pipe.blocks_read(1)) < len(pipe.blocks) and len(pipe.blocks_read(0)) == 0
+  np.testing.assert_array_equal(pipe.blocks_read(pipe.batches_per_epoch + 5), np.arange(len(pipe.blocks)))
+
+
 def test_dropped_prompt_is_left_out_of_blocks():
   records = syn.preference_records(8, seed=5)
   records[3] = _rec(records[3].prompt, [records[3].responses[0], "  "], src="bad")

@@ -257,6 +257,8 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     ("var.target_ess", 40.0, "config.var.target_ess = 40.0: must be 0 (off) or in (0, 16]"),
     ("var.ref_weight", -1.0, "config.var.ref_weight = -1.0: alpha must be"),
     ("data.truncation", "cut", "config.data.truncation = 'cut': must be one of"),
+    ("score.steps", -1, "config.score.steps = -1: must be >= 0"),
+    ("score.steps", 3, "config.score.steps = 3: var.steps=6 would read blocks"),
 ])
 def test_config_validation_names_the_field(field, value, message):
   with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -366,6 +368,28 @@ def test_score_stage_prefix_shared_equals_pairwise():
   np.testing.assert_array_equal(np.isnan(rewards[0]), np.isnan(shared["ref_logp"]))
   np.testing.assert_allclose(rewards[0], rewards[1], rtol=2e-5, atol=2e-5)
   assert np.nanstd(rewards[1]) > 1e-3  # Rewards that differ between pairs, so a misread position would show.
+
+
+def test_score_steps_scores_the_blocks_training_draws(tmp_path):
+  # 6 steps of 2 groups draw part of the 128 pairs' blocks: only those are scored, and var trains on them; a dpo run
+  # of more steps would read unscored blocks and is refused by name, before any training.
+  short = {"score.steps": 2, "var.steps": 2, "dpo.steps": 2}
+  cfg = tiny_config(stages="sft,reward,score,var", **short)
+  workdir = str(tmp_path / "run")
+  stages.run_pipeline(cfg, workdir)
+  train, held_out = artifacts.load_scores(workdir, "train"), artifacts.load_scores(workdir, "eval")
+  task = stages.load_task(cfg)
+  scored = np.flatnonzero(np.isfinite(train["ref_ntok"]).any(-1))
+  np.testing.assert_array_equal(scored, stages.make_pipeline(cfg, task.pref_records, task.tok, k_max=2,
+                                                             train=True).blocks_read(2))
+  assert 0 < len(scored) < len(train["ref_ntok"]) and np.isfinite(held_out["ref_ntok"]).any()
+  assert os.path.exists(os.path.join(workdir, "var", "DONE.json"))
+  longer = tiny_config(stages="dpo", **{**short, "dpo.steps": 40})
+  with pytest.raises(ValueError, match="score.steps.*dpo.steps=40 would read blocks"):
+    config_lib.validate(longer)
+  with pytest.raises(ValueError, match="dpo: .* train blocks its 40 batches read have no scores"):
+    mesh = sharding_lib.make_mesh(longer.mesh.data, longer.mesh.fsdp, longer.mesh.tensor)
+    stages.run_policy(stages.Context(longer, workdir, mesh, sharding_lib.parse_rules(longer.mesh.rules)), "dpo")
 
 
 # ----------------------------------------------------------------------------------------------------------------

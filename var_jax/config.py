@@ -120,6 +120,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.score.prefix_shared = True    # Encode each prompt once (KV cache) and score all responses against it (the
                                   # reference's log-probs and the reward model's rewards).
   c.score.chunk = 256             # Sequences per forward pass of the pairwise (reward-model) scoring.
+  c.score.steps = 0               # > 0: score only the blocks the first `steps` training batches draw (and the
+                                  # held-out blocks of eval_batches batches), not every block: for runs shorter than
+                                  # an epoch (CPU-sized ones). Stages reading scores (var, dpo, ipo) may train at most
+                                  # this many steps; 0 = every block.
 
   c.var = ml_collections.ConfigDict()
   c.var.steps = 300
@@ -309,6 +313,13 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
       _fail(f"{stage}.steps", section.steps, "must be >= 0")
     if section.lr <= 0:
       _fail(f"{stage}.lr", section.lr, "must be > 0")
+  if cfg.score.steps < 0:
+    _fail("score.steps", cfg.score.steps, "must be >= 0 (0 = score every block)")
+  if cfg.score.steps:
+    for stage in stages:
+      if "score" in stage_table.get(stage).reads and cfg[stage].steps > cfg.score.steps:
+        _fail("score.steps", cfg.score.steps, f"{stage}.steps={cfg[stage].steps} would read blocks the score stage "
+              "leaves unscored: raise score.steps to at least that, or 0 (every block)")
   on = cfg.online
   if min(on.prompts_per_step, on.group, on.updates_per_rollout) < 1 or on.max_new_tokens < 0:
     _fail("online", (on.prompts_per_step, on.group, on.updates_per_rollout, on.max_new_tokens),

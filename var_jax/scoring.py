@@ -7,7 +7,7 @@ For block b with prompts x_0..x_{G-1} and responses y_0..y_{G*K-1}:
 log pi_ref and r are kept apart so every lambda reuses them; a sweep over B <= G reuses them too. Entries of
 missing prompts / responses are NaN (never read: the pipeline's `valid` masks them).
 """
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -48,8 +48,9 @@ def _in_chunks(fn, graphdef, state, seqs: dict, rows: int, chunk: int):
 def score_blocks(pipe: data_pipeline.PreferencePipeline, ref_model: Optional[nnx.Module],
                  reward_model: Optional[nnx.Module] = None,
                  reward_fn: Optional[Callable[[int, int, int], float]] = None,
-                 own_rewards_only: bool = False, chunk: int = 256, prefix_shared: bool = True) -> dict:
-  """Scores every block of this process's share of `pipe` (naive: each (prompt, response) pair concatenated).
+                 own_rewards_only: bool = False, chunk: int = 256, prefix_shared: bool = True,
+                 only: Optional[Sequence[int]] = None) -> dict:
+  """Scores every block of this process's share of `pipe` (those in `only` when given).
 
   Args:
     pipe: the pipeline whose `blocks` define the scoring blocks.
@@ -62,9 +63,10 @@ def score_blocks(pipe: data_pipeline.PreferencePipeline, ref_model: Optional[nnx
     chunk: sequences per forward pass.
     prefix_shared: score reference log-probs and rewards by encoding each prompt once into a KV cache and every
       response against it (`prefix_shared_scores`, same numbers) instead of concatenating every pair.
+    only: block rows to score (`PreferencePipeline.blocks_read`); None = all.
   Returns:
     {"ref_logp": [num_blocks, G, G*K], "ref_ntok": [num_blocks, G*K], "reward": [num_blocks, G, G*K]} float32;
-    blocks of other processes are NaN.
+    blocks of other processes, and blocks left out by `only`, are NaN.
   """
   g, k = pipe.config.block_size, pipe.k_max
   num_blocks = len(pipe.blocks)
@@ -73,7 +75,7 @@ def score_blocks(pipe: data_pipeline.PreferencePipeline, ref_model: Optional[nnx
          "reward": np.full((num_blocks, g, g * k), np.nan, np.float32)}
   ref_split = nnx.split(ref_model) if ref_model is not None else None
   rm_split = nnx.split(reward_model) if reward_model is not None else None
-  for block in pipe.scoring_blocks():
+  for block in pipe.scoring_blocks(only):
     b = block["block_index"]
     pairs = data_pipeline.cross_pairs(block)
     present = np.array([p is not None for p in pairs]).reshape(g, g * k)

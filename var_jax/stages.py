@@ -293,18 +293,35 @@ def _reward_fn(ctx: Context, pipe):
   return None, False
 
 
+SCORE_READERS = tuple(s.name for s in stage_table.STAGES if "score" in s.reads)
+
+
+def blocks_read(cfg, pipe, batches: int) -> np.ndarray:
+  """The blocks of `pipe` its first `batches` batches draw, under the data's grouping and that of every stage that
+  reads scores (SCORE_READERS: a stage's own group_size regroups the blocks)."""
+  sizes = {0} | {cfg[s].get("group_size", 0) for s in SCORE_READERS}
+  return np.unique(np.concatenate([with_scores(pipe, None, b).blocks_read(batches) for b in sizes]))
+
+
 def run_score(ctx: Context, stage: str) -> None:
-  """Caches log pi_ref(y_m | x_p) and r(x_p, y_m) for every scoring block of the train and eval pairs."""
+  """Caches log pi_ref(y_m | x_p) and r(x_p, y_m) for every scoring block of the train and eval pairs (with
+  score.steps > 0, for the blocks that many training batches, and eval_batches held-out batches, draw)."""
   cfg = ctx.cfg
   ref, rm = ctx.load("sft"), ctx.reward_model()
   summary = {}
   for split, name in (("train", "pref"), ("eval", "pref_eval")):
     pipe = ctx.pipe(name)
     reward_fn, own_only = _reward_fn(ctx, pipe)
+    only = None
+    if cfg.score.steps:
+      only = blocks_read(cfg, pipe, cfg.score.steps if split == "train" else cfg.eval_batches)
+      logging.info("score %s: %d of %d blocks, those %d batches draw (score.steps=%d)", split, len(only),
+                   len(pipe.local_blocks), cfg.score.steps if split == "train" else cfg.eval_batches, cfg.score.steps)
     scores = scoring.score_blocks(pipe, ref, rm, reward_fn, own_rewards_only=own_only, chunk=cfg.score.chunk,
-                                  prefix_shared=cfg.score.prefix_shared)
+                                  prefix_shared=cfg.score.prefix_shared, only=only)
     artifacts.save_scores(ctx.workdir, split, scores)
-    summary[split] = {"blocks": int(len(pipe.blocks)), "nan_ref_logp": int(np.isnan(scores["ref_logp"]).sum())}
+    summary[split] = {"blocks": int(len(pipe.blocks)), "nan_ref_logp": int(np.isnan(scores["ref_logp"]).sum()),
+                      "scored_blocks": int(np.isfinite(scores["ref_ntok"]).any(-1).sum())}
   summary["train_reward_stats"] = artifacts.reward_stats(ctx.workdir)  # After every process wrote its scores.
   artifacts.mark_done(cfg, ctx.workdir, stage, summary)
 
@@ -324,6 +341,13 @@ def run_policy(ctx: Context, stage: str) -> None:
     group_size = cfg[stage].get("group_size", 0)
     train_pipe = with_scores(train_pipe, train, group_size)
     eval_pipe = with_scores(eval_pipe, held_out, group_size)
+    for split, pipe, scores, batches in (("train", train_pipe, train, cfg[stage].steps),
+                                         ("eval", eval_pipe, held_out, cfg.eval_batches)):
+      unscored = [int(b) for b in pipe.blocks_read(batches) if not np.isfinite(scores["ref_ntok"][b]).any()]
+      if unscored:
+        raise ValueError(f"{stage}: {len(unscored)} {split} blocks its {batches} batches read have no scores (e.g. "
+                         f"block {unscored[0]}): the score stage scored only what score.steps training batches and "
+                         f"eval_batches held-out batches draw under other settings; rerun it, or set score.steps=0")
   policy = ctx.train(stage, policy, train_pipe, eval_pipe, cfg)
   artifacts.save_model(policy, ctx.workdir, stage)
   artifacts.mark_done(ctx.cfg, ctx.workdir, stage, results)

@@ -297,6 +297,14 @@ class PreferencePipeline:
     return epoch_groups(self.local_blocks, cfg.block_size, cfg.group_size, cfg.seed, epoch, self.shard_index,
                         cfg.shuffle)
 
+  def blocks_read(self, num_batches: int) -> np.ndarray:
+    """Sorted block rows that this shard's batches 0..num_batches-1 draw from (every local block once they reach an
+    epoch): what a stage of num_batches steps needs scored."""
+    if num_batches >= self.batches_per_epoch:
+      return np.sort(self.local_blocks)
+    group_block, _ = self.groups(0)
+    return np.unique(group_block[:num_batches * self.groups_per_batch])
+
   def _record(self, prompt: int) -> TokenizedRecord | None:
     if prompt == PAD_PROMPT:
       return None
@@ -370,8 +378,8 @@ class PreferencePipeline:
       it.set_state(state)
     return it
 
-  def scoring_blocks(self) -> Iterator[dict[str, Any]]:
-    """This shard's blocks in fixed (row) order, for the scoring stage.
+  def scoring_blocks(self, only: Sequence[int] | None = None) -> Iterator[dict[str, Any]]:
+    """This shard's blocks (those in `only` when given) in fixed (row) order, for the scoring stage.
 
     Yields dicts: block_index (int), prompt_ids (G arrays or None for dummies), response_ids (G*K_max arrays
     or None for missing slots), prompt_valid [G] bool, response_valid [G*K_max] bool, owner [G*K_max] int32
@@ -379,7 +387,10 @@ class PreferencePipeline:
     `build_sequences` and fills ref_logp[b, p, m] / reward[b, p, m] / ref_ntok[b, m].
     """
     G, K = self.config.block_size, self.k_max
+    wanted = None if only is None else set(int(b) for b in only)
     for b in self.local_blocks:
+      if wanted is not None and int(b) not in wanted:
+        continue
       recs = [self._record(int(p)) for p in self.blocks[b]]
       responses = [None if r is None or k >= len(r.responses) else r.responses[k] for r in recs for k in range(K)]
       yield dict(block_index=int(b), prompt_ids=[None if r is None else r.prompt_ids for r in recs],
