@@ -45,10 +45,13 @@ def plan_validation(base_cfg, spaces: list[tuple[str, str]], sweep_dir: str, see
                     metric: str = ""):
   """{method: launch.sweep plan of its trials on the validation prompts}; refuses unequal budgets."""
   plans, sizes = {}, {}
-  # The choice reads a sampled metric: greedy answers (eval.greedy) would cost a third more generation for nothing.
-  greedy = {"eval.greedy": False} if base_cfg.eval.greedy and not metric.startswith("greedy_") else {}
+  # The choice reads one metric of the method's own row: greedy answers (eval.greedy) and the reference's samples
+  # (eval.reference) that it does not read would cost more generation than the trial's policy itself.
+  skip = {"eval.greedy": False} if base_cfg.eval.greedy and not metric.startswith("greedy_") else {}
+  if "vs_ref" not in metric:
+    skip["eval.reference"] = False
   for method, grid in spaces:
-    points = [{**p, "seed": seed, "eval.prompts": "validation", **greedy} for p in sweep.grid_points(base_cfg, [grid])]
+    points = [{**p, "seed": seed, "eval.prompts": "validation", **skip} for p in sweep.grid_points(base_cfg, [grid])]
     plans[method] = sweep.plan(base_cfg, points, os.path.join(sweep_dir, "validation", method), f"{method},eval",
                                base_flags, upstream_root=os.path.join(sweep_dir, "upstream"))
     sizes[method] = len(points)

@@ -34,6 +34,10 @@ def test_greedy_columns_are_the_greedy_eval_beside_the_sampled_one(tmp_path):
   chosen = both["policies"]["chosen"]
   assert {"gold_win_vs_ref_lo", "greedy_gold_win_vs_ref_lo", "greedy_gold_lc_vs_ref"} <= set(chosen)
   assert "greedy_logratio_to_ref" in chosen and "greedy_kl_to_ref" not in chosen  # Greedy answers are not samples.
+  # Without the reference's samples (eval.reference=False): no reference row, no *_vs_ref column, the rest the same.
+  alone = eval_with(**{"eval.samples_per_prompt": 2, "eval.reference": False})["policies"]
+  assert list(alone) == ["chosen"]
+  assert alone["chosen"] == {k: v for k, v in sampled_alone["policies"]["chosen"].items() if "vs_ref" not in k}
 
 
 def test_greedy_beside_a_greedy_eval_is_refused_naming_the_field():

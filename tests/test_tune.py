@@ -26,11 +26,12 @@ def test_spaces_and_equal_budgets(tmp_path):
       assert run_cfg.seed == 3 and run_cfg.eval.prompts == "validation" and run_cfg.stages == f"{method},eval"
       assert f"/validation/{method}/" in run_dir and "--config.eval.prompts=validation" in overrides
   assert len({up for plan in plans.values() for _, _, _, up, _ in plan}) == 1  # One shared upstream.
-  # Greedy answers are generated in validation only when the choice reads a greedy metric.
   cfg.eval.greedy, cfg.eval.temperature = True, 1.0
-  for metric, greedy in (("judge_reward", False), ("greedy_judge_reward", True)):
+  # Greedy answers and the reference's samples are generated in validation only when the metric reads them.
+  for metric, greedy, reference in (("judge_reward", False, False), ("greedy_judge_reward", True, False),
+                                    ("judge_win_vs_ref", False, True)):
     plan = tune.plan_validation(cfg, spaces, str(tmp_path), 3, {}, metric)["var"]
-    assert all(run_cfg.eval.greedy == greedy for _, run_cfg, _, _, _ in plan)
+    assert all(c.eval.greedy == greedy and c.eval.reference == reference for _, c, _, _, _ in plan)
   with pytest.raises(ValueError, match="unequal tuning budgets"):
     tune.plan_validation(cfg, spaces + [tune.parse_space("chosen:chosen.lr=1e-4,3e-4,1e-3")], str(tmp_path), 0, {})
   with pytest.raises(ValueError, match="METHOD one of"):

@@ -223,6 +223,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.greedy = False           # With temperature > 0: also one greedy answer per prompt and policy, compared the
                                   # same way (the `greedy_*` columns), so sampled and greedy results sit side by side.
   c.eval.bootstrap = 1000         # Bootstrap resamples of prompts for the 95% intervals of win rates (0 = none).
+  c.eval.reference = True         # False: the reference (sft) generates nothing, so no reference row and no
+                                  # comparison with it (launch.tune's validation trials, when the metric needs none).
   return c
 
 

@@ -167,7 +167,7 @@ def _rows(per_policy: dict, chosen_scores: dict, num_prompts: int, samples: int,
     for judge in ("gold", "rm", "judge"):
       if judge in m:
         row[f"{judge}_reward"] = float(np.mean(m[judge]))
-        if name != "sft":
+        if name != "sft" and "sft" in per_policy:
           compare(row, f"{judge}_win_vs_ref", m[judge], per_policy["sft"][judge])
           lc, _, interval = length_controlled_preference(m[judge], per_policy["sft"][judge], m["lengths"],
                                                          per_policy["sft"]["lengths"], num_prompts, resamples, seed)
@@ -187,7 +187,9 @@ def evaluate_policies(ctx, policies) -> dict:
   """Compares the reference (sft) and `policies` (finished policy stages) on held-out prompts.
 
   ctx: the pipeline's stages.Context (config, task, `load(stage)`, `reward_model()`). With eval.greedy, every
-  policy also answers each prompt once greedily, and those comparisons are the row's `greedy_*` columns.
+  policy also answers each prompt once greedily, and those comparisons are the row's `greedy_*` columns. With
+  eval.reference False the reference generates nothing: no row of its own and no *_vs_ref columns (the KL to it,
+  from its log-probs of the policies' samples, stays).
   """
   cfg, task, tok = ctx.cfg, ctx.task, ctx.task.tok
   e = cfg.eval
@@ -199,7 +201,7 @@ def evaluate_policies(ctx, policies) -> dict:
   # The greedy answers are one "sample" per prompt: the first P entries.
   records = records * samples
   prompt_ids, _ = tok.encode_prompts([r.prompt for r in records])
-  policies = ["sft"] + list(policies)
+  policies = ["sft"] * bool(e.reference) + list(policies)
   judges = {"rm": ctx.reward_model(),
             # The held-out judge (stage `judge`): trained on pairs no policy and no training reward model saw.
             "judge": ctx.load("judge", reward=True) if artifacts.is_complete(ctx.workdir, "judge") else None}
