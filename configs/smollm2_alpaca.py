@@ -1,0 +1,44 @@
+"""SmolLM2-135M-Instruct on the AlpacaEval GPT-4 preference pairs under the evaluation protocol, sized for 2 CPU cores.
+
+    python -m launch.tune --config=configs/smollm2_alpaca.py --dir=workdir/results/smollm2_alpaca_cpu \
+        --metric=judge_reward --space=var:var.lam=0.5,2 --space=dpo:dpo.lr=1e-5,3e-5 \
+        --space=chosen:chosen.lr=1e-5,3e-5 --beside=var:var.paper=True,var.lam=1.0 --seeds=0,1,2
+
+configs/smollm2_alpaca_gpu.py's protocol (held-out judge on other prompts, validation and test prompts split by
+first user turn, 2 samples and a greedy answer per prompt, 3 seeds) cut down for 2 CPU cores: a dozen steps of 4
+prompts per policy stage. AlpacaEval answers are long (128 tokens cut 43% of them), so only pairs whose two
+responses both fit in 128 tokens are kept (data.truncation = "drop": 408 training and 188 held-out pairs of the
+1,600 read; cutting them instead would leave most answers without an end). Its whole command has not been run: on
+2 CPU cores (README, "AlpacaEval under the protocol") one seed's shared stages took 11.5 minutes and one validation
+trial's eval about 6, so the 3 seeds, 6 trials and 4-policy test evals add up to hours, generation dominating.
+"""
+from configs import smollm2_alpaca_gpu
+
+
+def get_config():
+  c = smollm2_alpaca_gpu.get_config()
+  c.model.dtype = "float32"
+  c.model.attention_impl = "xla"
+  c.data.max_prompt_len = 64            # Cuts ~13% of the instructions (their first tokens).
+  c.data.max_response_len = 128
+  c.data.truncation = "drop"            # A pair with a longer response is left out (counted in the log).
+  c.data.bucket = 32
+  c.data.group_size = 2                 # B = 2 prompts (4 candidates) per VAR normalizer group: cross-context scoring
+  c.data.block_size = 2                 # costs G*G*K pairs per block, so G = 2 halves the score stage of G = 4.
+  c.data.groups_per_batch = 2           # 4 prompts, 8 sequences per step.
+  c.sft.steps = 12
+  c.sft.lr = 3e-5
+  c.reward.steps = 20
+  c.reward.lr = 1e-4
+  c.var.steps = 12
+  c.var.lr = 3e-5
+  c.dpo.steps = 12
+  c.chosen.steps = 12
+  c.judge.steps = 24
+  c.score.steps = 12                    # Score only the blocks 12 steps draw (~24 of the ~200 training blocks).
+  c.judge.lr = 1e-4
+  c.optim.warmup_steps = 2
+  c.log_every = 4
+  c.eval.max_new_tokens = 96
+  c.eval.batch_size = 64
+  return c
