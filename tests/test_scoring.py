@@ -48,3 +48,17 @@ def test_prefix_shared_rewards_equal_the_reward_model_on_concatenated_pairs():
   shared = scoring.prefix_shared_scores(rm, prompts, responses, bucket=8, reward=True)
   assert shared.shape == (3, 6) and np.std(naive) > 1e-3  # Rewards that differ between pairs.
   np.testing.assert_allclose(shared, naive, rtol=1e-5, atol=1e-4)
+
+
+def test_chunks_are_balanced_and_results_do_not_depend_on_them(monkeypatch):
+  cfg = model_lib.get_config("tiny", vocab_size=64)
+  model = model_lib.Decoder(cfg, rngs=nnx.Rngs(0))
+  rng = np.random.default_rng(3)
+  prompts, responses = _block(rng, 64, 170, 170, (2, 6), (1, 5))
+  pairs = list(zip(prompts, responses))
+  whole = scoring.score_pairs(model, pairs, pad_id=0, bucket=8, chunk=256)
+  rows, jitted = [], scoring.policy_scores_jit
+  monkeypatch.setattr(scoring, "policy_scores_jit", lambda g, s, b: rows.append(len(b["inputs"])) or jitted(g, s, b))
+  np.testing.assert_allclose(scoring.score_pairs(model, pairs, pad_id=0, bucket=8, chunk=128), whole, rtol=1e-5,
+                             atol=1e-5)
+  assert rows == [85, 85]  # Not 2 x 128 with 86 rows of padding.
