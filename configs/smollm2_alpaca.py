@@ -9,8 +9,9 @@ first user turn, 2 samples and a greedy answer per prompt, 3 seeds) cut down for
 prompts per policy stage. AlpacaEval answers are long (128 tokens cut 43% of them), so only pairs whose two
 responses both fit in 128 tokens are kept (data.truncation = "drop": 408 training and 188 held-out pairs of the
 1,600 read; cutting them instead would leave most answers without an end). Its whole command has not been run: on
-2 CPU cores (README, "AlpacaEval under the protocol") one seed's shared stages took 11.5 minutes and one validation
-trial's eval about 6, so the 3 seeds, 6 trials and 4-policy test evals add up to hours, generation dominating.
+2 CPU cores (README, "AlpacaEval under the protocol") one seed's shared stages took 11.5 minutes and a validation
+trial's eval spent about 6 on the reference alone, so the 3 seeds, 6 trials and 4-policy test evals add up to hours,
+most of it eval: generating samples and scoring them with the policy, the reference and two reward models.
 """
 from configs import smollm2_alpaca_gpu
 
@@ -34,8 +35,8 @@ def get_config():
   c.var.lr = 3e-5
   c.dpo.steps = 12
   c.chosen.steps = 12
-  c.judge.steps = 24
   c.score.steps = 12                    # Score only the blocks 12 steps draw (~24 of the ~200 training blocks).
+  c.judge.steps = 24
   c.judge.lr = 1e-4
   c.optim.warmup_steps = 2
   c.log_every = 4

@@ -201,7 +201,7 @@ def evaluate_policies(ctx, policies) -> dict:
   # The greedy answers are one "sample" per prompt: the first P entries.
   records = records * samples
   prompt_ids, _ = tok.encode_prompts([r.prompt for r in records])
-  policies = ["sft"] * bool(e.reference) + list(policies)
+  policies = (["sft"] if e.reference else []) + list(policies)
   judges = {"rm": ctx.reward_model(),
             # The held-out judge (stage `judge`): trained on pairs no policy and no training reward model saw.
             "judge": ctx.load("judge", reward=True) if artifacts.is_complete(ctx.workdir, "judge") else None}

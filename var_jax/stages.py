@@ -314,9 +314,10 @@ def run_score(ctx: Context, stage: str) -> None:
     reward_fn, own_only = _reward_fn(ctx, pipe)
     only = None
     if cfg.score.steps:
-      only = blocks_read(cfg, pipe, cfg.score.steps if split == "train" else cfg.eval_batches)
+      batches = cfg.score.steps if split == "train" else cfg.eval_batches
+      only = blocks_read(cfg, pipe, batches)
       logging.info("score %s: %d of %d blocks, those %d batches draw (score.steps=%d)", split, len(only),
-                   len(pipe.local_blocks), cfg.score.steps if split == "train" else cfg.eval_batches, cfg.score.steps)
+                   len(pipe.local_blocks), batches, cfg.score.steps)
     scores = scoring.score_blocks(pipe, ref, rm, reward_fn, own_rewards_only=own_only, chunk=cfg.score.chunk,
                                   prefix_shared=cfg.score.prefix_shared, only=only)
     artifacts.save_scores(ctx.workdir, split, scores)
@@ -343,8 +344,9 @@ def run_policy(ctx: Context, stage: str) -> None:
     eval_pipe = with_scores(eval_pipe, held_out, group_size)
     for split, pipe, scores, batches in (("train", train_pipe, train, cfg[stage].steps),
                                          ("eval", eval_pipe, held_out, cfg.eval_batches)):
-      unscored = [int(b) for b in pipe.blocks_read(batches) if not np.isfinite(scores["ref_ntok"][b]).any()]
-      if unscored:
+      read = pipe.blocks_read(batches)
+      unscored = read[~np.isfinite(scores["ref_ntok"][read]).any(-1)]
+      if len(unscored):
         raise ValueError(f"{stage}: {len(unscored)} {split} blocks its {batches} batches read have no scores (e.g. "
                          f"block {unscored[0]}): the score stage scored only what score.steps training batches and "
                          f"eval_batches held-out batches draw under other settings; rerun it, or set score.steps=0")

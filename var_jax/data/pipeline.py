@@ -2,8 +2,8 @@
 
 Three sizes (docs/var-math.md), kept apart:
 
-- scoring block, G prompts: `make_blocks` groups all prompts that tokenization kept once, deterministically from the seed, for the whole
-  run. The scoring stage computes each block's G x (G*K_max) cross-context matrices once (`scoring_blocks`).
+- scoring block, G prompts: `make_blocks` groups the prompts tokenization kept, once, deterministically from the
+  seed, for the whole run. The scoring stage computes each block's G x (G*K_max) cross-context matrices once (`scoring_blocks`).
   Layout inside a block: prompt slot i in [0, G), response slot m = i*K_max + k for its k-th response.
 - normalizer group, B prompts (B divides G): a sub-block of B slots of one block. Its N = B*K_max sequences are
   each other's candidates. A prompt's responses always stay together in one group.
