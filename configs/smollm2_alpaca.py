@@ -41,5 +41,7 @@ def get_config():
   c.optim.warmup_steps = 2
   c.log_every = 4
   c.eval.max_new_tokens = 96
+  c.eval.num_prompts = 64               # Of the 80 validation / 80 test prompts; 2 samples each, ...
+  c.eval.greedy = False                 # ... and no greedy answers: eval is most of the run's time on 2 cores.
   c.eval.batch_size = 64
   return c

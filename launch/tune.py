@@ -50,6 +50,8 @@ def plan_validation(base_cfg, spaces: list[tuple[str, str]], sweep_dir: str, see
   skip = {"eval.greedy": False} if base_cfg.eval.greedy and not metric.startswith("greedy_") else {}
   if "vs_ref" not in metric:
     skip["eval.reference"] = False
+  if not metric.replace("greedy_", "").startswith("rm_"):  # Nor the training reward model's scores.
+    skip["eval.rm"] = False
   for method, grid in spaces:
     points = [{**p, "seed": seed, "eval.prompts": "validation", **skip} for p in sweep.grid_points(base_cfg, [grid])]
     plans[method] = sweep.plan(base_cfg, points, os.path.join(sweep_dir, "validation", method), f"{method},eval",

@@ -143,6 +143,31 @@ def test_top_k_1_is_greedy(model):
     assert all(np.array_equal(x, y) for x, y in zip(greedy, top1))
 
 
+def _forward_logprobs(model, prompt, response) -> float:
+  """log pi(response | prompt) from one full forward pass over prompt + response, log-softmax in float64 NumPy."""
+  ids = np.concatenate([prompt, response])[None].astype(np.int32)
+  hidden = model(jnp.asarray(ids), jnp.arange(ids.shape[1])[None], jnp.ones_like(jnp.asarray(ids)))
+  logits = np.asarray(model.logits(hidden)[0], np.float64)[len(prompt) - 1:-1]  # Row j predicts response token j.
+  logits -= logits.max(-1, keepdims=True)
+  logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  return float(logp[np.arange(len(response)), response].sum())
+
+
+@pytest.mark.parametrize("options", [dict(temperature=0.0), dict(temperature=0.7, top_k=5, seed=3)])
+def test_generated_logprobs_are_the_models_own(model, options):
+  """The summed log-probs `generate` returns are log pi(y|x) under the unscaled model (whatever the temperature or
+  filter), equal to a full forward pass over prompt + response: for rows stopped by EOS, rows that ran to
+  max_new_tokens, and the filler rows of a short last batch (7 prompts in batches of 3)."""
+  prompts = _prompts([1, 5, 8, 3, 7, 2, 11], seed=13)
+  eos = int(sampling.generate(model, prompts, eos_id=-1, **KW, **options)[2][2])  # Row 2 stops at step 2.
+  got, logp = sampling.generate(model, prompts, eos_id=eos, with_logprobs=True, **KW, **options)
+  assert logp.shape == (7,) and logp.dtype == np.float32
+  assert any(len(g) < 8 for g in got) and any(len(g) == 8 for g in got)
+  want = [_forward_logprobs(model, p, g) for p, g in zip(prompts, got)]
+  np.testing.assert_allclose(logp, want, rtol=1e-4, atol=1e-4)
+  assert all(np.array_equal(a, b) for a, b in zip(got, sampling.generate(model, prompts, eos_id=eos, **KW, **options)))
+
+
 def test_one_trace_per_shape(model, monkeypatch):
   """Batches of one (batch, prompt bucket, max_new_tokens) shape reuse one compiled loop."""
   traces = []

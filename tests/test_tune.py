@@ -27,11 +27,13 @@ def test_spaces_and_equal_budgets(tmp_path):
       assert f"/validation/{method}/" in run_dir and "--config.eval.prompts=validation" in overrides
   assert len({up for plan in plans.values() for _, _, _, up, _ in plan}) == 1  # One shared upstream.
   cfg.eval.greedy, cfg.eval.temperature = True, 1.0
-  # Greedy answers and the reference's samples are generated in validation only when the metric reads them.
-  for metric, greedy, reference in (("judge_reward", False, False), ("greedy_judge_reward", True, False),
-                                    ("judge_win_vs_ref", False, True)):
+  # Greedy answers, the reference's samples and the training reward model's scores are computed in validation only
+  # when the metric reads them.
+  for metric, greedy, reference, rm in (("judge_reward", False, False, False), ("greedy_judge_reward", True, False, False),
+                                        ("judge_win_vs_ref", False, True, False), ("rm_reward", False, False, True),
+                                        ("greedy_rm_win_vs_ref", True, True, True)):
     plan = tune.plan_validation(cfg, spaces, str(tmp_path), 3, {}, metric)["var"]
-    assert all(c.eval.greedy == greedy and c.eval.reference == reference for _, c, _, _, _ in plan)
+    assert all((c.eval.greedy, c.eval.reference, c.eval.rm) == (greedy, reference, rm) for _, c, _, _, _ in plan)
   with pytest.raises(ValueError, match="unequal tuning budgets"):
     tune.plan_validation(cfg, spaces + [tune.parse_space("chosen:chosen.lr=1e-4,3e-4,1e-3")], str(tmp_path), 0, {})
   with pytest.raises(ValueError, match="METHOD one of"):

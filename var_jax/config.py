@@ -225,6 +225,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.bootstrap = 1000         # Bootstrap resamples of prompts for the 95% intervals of win rates (0 = none).
   c.eval.reference = True         # False: the reference (sft) generates nothing, so no reference row and no
                                   # comparison with it (launch.tune's validation trials, when the metric needs none).
+  c.eval.rm = True                # False: the training reward model does not score the generations (no rm_* columns;
+                                  # launch.tune's validation trials, when the metric reads another judge).
   return c
 
 

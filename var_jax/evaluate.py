@@ -2,7 +2,7 @@
 
 Per policy (the reference = sft, and var / dpo when trained):
   gold_reward        mean gold reward of its generations (the synthetic task only: ground truth);
-  rm_reward          mean reward-model score (when a reward model was trained or given);
+  rm_reward          mean reward-model score (when a reward model was trained or given, and eval.rm);
   win/tie vs ref     per prompt, its generations against the reference policy's, judged by gold reward and by RM,
                      with a percentile-bootstrap 95% interval over prompts (`*_lo`, `*_hi`); `*_pref_*` is the
                      preference win + tie / 2 (with its interval), whose no-difference value is 1/2 at any tie rate;
@@ -124,15 +124,18 @@ def _comparison(row: dict, name: str, a, b, num_prompts: int, resamples: int, se
 def sample_responses(model, ref, prompt_ids, tok, *, max_new_tokens: int, temperature: float, top_k: int = 0,
                      top_p: float = 1.0, seed: int, batch_size: int, bucket: int):
   """(responses, log pi(y|x), log pi_ref(y|x)): the model's generations for `prompt_ids` (an empty one becomes a
-  lone EOS, so every response can be scored) and their log-probs under the model and under the reference `ref`
-  (the model's own when `ref` is the model). mean(logp - ref_logp) is the KL to the reference when the responses are
-  samples (temperature 1, no top-k / top-p)."""
-  gen = sampling.generate(model, prompt_ids, max_new_tokens=max_new_tokens, eos_id=tok.eos_id, pad_id=tok.pad_id,
-                          temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, batch_size=batch_size,
-                          bucket=bucket)
+  lone EOS, so every response can be scored) and their log-probs under the model (from the sampler itself, which
+  computes the logits of every generated token anyway: a forward pass over the samples would repeat it) and under
+  the reference `ref` (the model's own when `ref` is the model). mean(logp - ref_logp) is the KL to the reference
+  when the responses are samples (temperature 1, no top-k / top-p)."""
+  gen, logp = sampling.generate(model, prompt_ids, max_new_tokens=max_new_tokens, eos_id=tok.eos_id,
+                                pad_id=tok.pad_id, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                                batch_size=batch_size, bucket=bucket, with_logprobs=True)
+  empty = [i for i, g in enumerate(gen) if not len(g)]
   gen = [g if len(g) else np.array([tok.eos_id], np.int32) for g in gen]
   pairs = list(zip(prompt_ids, gen))
-  logp = scoring.score_pairs(model, pairs, pad_id=tok.pad_id, bucket=bucket)
+  if empty:  # The lone EOS was not generated, so the sampler has no log-prob of it.
+    logp[empty] = scoring.score_pairs(model, [pairs[i] for i in empty], pad_id=tok.pad_id, bucket=bucket)
   ref_logp = logp if ref is model else scoring.score_pairs(ref, pairs, pad_id=tok.pad_id, bucket=bucket)
   return gen, logp, ref_logp
 
@@ -202,7 +205,7 @@ def evaluate_policies(ctx, policies) -> dict:
   records = records * samples
   prompt_ids, _ = tok.encode_prompts([r.prompt for r in records])
   policies = (["sft"] if e.reference else []) + list(policies)
-  judges = {"rm": ctx.reward_model(),
+  judges = {"rm": ctx.reward_model() if e.rm else None,
             # The held-out judge (stage `judge`): trained on pairs no policy and no training reward model saw.
             "judge": ctx.load("judge", reward=True) if artifacts.is_complete(ctx.workdir, "judge") else None}
   judges = {k: v for k, v in judges.items() if v is not None}
@@ -220,16 +223,18 @@ def evaluate_policies(ctx, policies) -> dict:
                                             cfg.seed, e.batch_size, cfg.data.bucket, task.synthetic)
       generations.setdefault(name, texts)
 
-  # The dataset's chosen response of each prompt, scored by each reward-model judge (real data).
+  # The dataset's chosen response of each prompt, scored by each reward-model judge (real data): once per prompt,
+  # then laid out like the samples (sample j of prompt i at j * P + i).
   chosen_scores = {}
   if not task.synthetic:
-    chosen_ids, _ = tok.encode_responses([r.responses[r.chosen] for r in records])
+    chosen_ids, _ = tok.encode_responses([r.responses[r.chosen] for r in records[:num_prompts]])
     keep = [i for i, c in enumerate(chosen_ids) if c is not None]
     for key, judge in judges.items():
       if keep:
-        chosen_scores[key] = np.full(len(records), np.nan)
-        chosen_scores[key][keep] = scoring.score_pairs(judge, [(prompt_ids[i], chosen_ids[i]) for i in keep],
-                                                       pad_id=tok.pad_id, bucket=cfg.data.bucket, reward=True)
+        scores = np.full(num_prompts, np.nan)
+        scores[keep] = scoring.score_pairs(judge, [(prompt_ids[i], chosen_ids[i]) for i in keep],
+                                           pad_id=tok.pad_id, bucket=cfg.data.bucket, reward=True)
+        chosen_scores[key] = np.tile(scores, samples)
   results = {"policies": {name: {} for name in policies}, "prompts": e.prompts, "num_prompts": num_prompts,
              "samples_per_prompt": samples, "repeated_prompts_dropped": repeats, "temperature": e.temperature,
              "greedy": bool(e.greedy)}

@@ -143,7 +143,7 @@ def sample_rollout(sampler, reference, reward_model, table: dict, idx, key, cfg,
   rows_of = lambda x: shard(jnp.repeat(x[idx], g, axis=0))  # Row p * G + j: sample j of prompt p.  # noqa: E731
   prompts, lengths = rows_of(table["tokens"]), rows_of(table["lengths"])
   active = jnp.ones(prompts.shape[0], bool)
-  response, counts = sampling.prefill_and_decode(
+  response, counts, _ = sampling.prefill_and_decode(
       sampler, prompts, lengths, active, key, eos_id, pad_id, max_new_tokens=o.max_new_tokens, temperature=1.0,
       top_k=0, top_p=1.0)
   rows, last_index = rollout_sequences(prompts, lengths, shard(response), shard(counts))

@@ -51,6 +51,13 @@ def filter_logits(logits, temperature: float, top_k: int, top_p: float):
   return logits
 
 
+def token_logprob(logits, tokens):
+  """log softmax(logits)[tokens]: [B] float32 from logits [B, V] and tokens [B] (the unscaled distribution's)."""
+  logits = logits.astype(jnp.float32)
+  picked = jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0]
+  return picked - jax.nn.logsumexp(logits, axis=-1)
+
+
 def choose_tokens(logits, key, temperature: float, top_k: int, top_p: float):
   """Next token [B] int32 from logits [B, V]: argmax when temperature == 0, else a sample of the filtered logits."""
   if temperature == 0.0:
@@ -75,7 +82,9 @@ def left_padded_inputs(lengths, width: int):
 
 def prefill_and_decode(model, tokens, lengths, active, key, eos_id, pad_id, *, max_new_tokens: int,
                        temperature: float, top_k: int, top_p: float):
-  """Generated ids [B, N] (pad_id after EOS and in inactive rows) and their counts [B] (EOS included).
+  """Generated ids [B, N] (pad_id after EOS and in inactive rows), their counts [B] (EOS included) and their summed
+  log-probs [B] float32 under the model's own distribution (log_softmax of the unscaled logits, whatever the
+  temperature and filters: log pi(y|x) of the generated tokens, as a forward pass over prompt + response gives it).
 
   tokens [B, P] int32: prompts right-aligned (left-padded) so every row's last prompt token is at slot P-1.
   lengths [B] int32 (>= 1): real prompt lengths. active [B] bool: False for filler rows (never generate).
@@ -90,36 +99,40 @@ def prefill_and_decode(model, tokens, lengths, active, key, eos_id, pad_id, *, m
   positions, segment_ids = left_padded_inputs(lengths, p)
   cache = model_lib.KVCache.init(model.cfg, b, p + n - 1)
   hidden, cache = model(tokens, positions, segment_ids, cache=cache)
-  first = jnp.where(active, choose(model.logits(hidden[:, -1:])[:, 0], 0), pad_id)
+  logits = model.logits(hidden[:, -1:])[:, 0]
+  first = jnp.where(active, choose(logits, 0), pad_id)
   out = jnp.full((b, n), pad_id, jnp.int32).at[:, 0].set(first)
+  logp = jnp.where(active, token_logprob(logits, first), 0.0)
   done = ~active | (first == eos_id)
   counts = active.astype(jnp.int32)
 
   def cond(carry):
-    _, _, _, done, _, t = carry
+    _, _, _, done, _, _, t = carry
     return (t < n) & ~jnp.all(done)
 
   def body(carry):
-    cache, last, out, done, counts, t = carry
+    cache, last, out, done, counts, logp, t = carry
     # Token t-1 sits at slot P + t - 1 (the cache's own index) with RoPE position length + t - 1.
     hidden, cache = model(last[:, None], (lengths + t - 1)[:, None], jnp.ones((b, 1), jnp.int32), cache=cache)
-    nxt = jnp.where(done, pad_id, choose(model.logits(hidden)[:, 0], t))
+    logits = model.logits(hidden)[:, 0]
+    nxt = jnp.where(done, pad_id, choose(logits, t))
     out = jax.lax.dynamic_update_slice_in_dim(out, nxt[:, None], t, axis=1)
     counts = counts + (~done).astype(jnp.int32)
-    return cache, nxt, out, done | (nxt == eos_id), counts, t + 1
+    logp = logp + jnp.where(done, 0.0, token_logprob(logits, nxt))
+    return cache, nxt, out, done | (nxt == eos_id), counts, logp, t + 1
 
-  carry = (cache, first, out, done, counts, jnp.int32(1))
-  _, _, out, _, counts, _ = jax.lax.while_loop(cond, body, carry)
-  return out, counts
+  carry = (cache, first, out, done, counts, logp, jnp.int32(1))
+  _, _, out, _, counts, logp, _ = jax.lax.while_loop(cond, body, carry)
+  return out, counts, logp
 
 
 def _generate_cached(graphdef, state, *inputs, mesh, **options):
   """Jitted entry: rebuilds the model from (graphdef, state) and runs `prefill_and_decode` on the inputs."""
-  out, counts = prefill_and_decode(nnx.merge(graphdef, state), *inputs, **options)
+  result = prefill_and_decode(nnx.merge(graphdef, state), *inputs, **options)
   if mesh is not None:
     # Replicated results are readable on every process, whatever layout XLA propagated from the parameters.
-    out, counts = jax.lax.with_sharding_constraint((out, counts), NamedSharding(mesh, PartitionSpec()))
-  return out, counts
+    result = jax.lax.with_sharding_constraint(result, NamedSharding(mesh, PartitionSpec()))
+  return result
 
 
 generate_cached_jit = jax.jit(_generate_cached, static_argnames=(
@@ -155,35 +168,36 @@ def _check_prompts(prompts):
 
 def generate(model: nnx.Module, prompts: Sequence[np.ndarray], *, max_new_tokens: int, eos_id: int, pad_id: int,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0, batch_size: int = 64,
-             bucket: int = 32) -> list[np.ndarray]:
-  """Samples a continuation for every prompt (sequences of token ids); returns the generated ids, EOS included.
+             bucket: int = 32, with_logprobs: bool = False):
+  """Samples a continuation for every prompt (sequences of token ids); returns the generated ids, EOS included, and
+  with `with_logprobs` also their summed log-probs [len(prompts)] float32 under the model (`prefill_and_decode`).
 
   Prompts go in batches of `batch_size` (when there is more than one batch, the last is filled with inactive rows so
   one shape compiles); each batch is left-padded to its longest prompt rounded up to a multiple of `bucket`.
   temperature 0 is greedy; otherwise sampling from `filter_logits`. Same seed -> same samples.
   """
-  if not prompts:
-    return []
+  if not prompts or max_new_tokens <= 0:
+    _check_prompts(prompts)
+    out = [np.zeros((0,), np.int32) for _ in prompts]
+    return (out, np.zeros((len(out),), np.float32)) if with_logprobs else out
   _check_prompts(prompts)
-  if max_new_tokens <= 0:
-    return [np.zeros((0,), np.int32) for _ in prompts]
   graphdef, state = nnx.split(model)
   mesh = params_mesh(state)
   put = (lambda x: x) if mesh is None else (lambda x: jax.device_put(x, NamedSharding(mesh, PartitionSpec())))
   batch = min(batch_size, len(prompts))
   root = jax.random.key(seed)
-  out = []
+  out, logps = [], []
   for index, start in enumerate(range(0, len(prompts), batch)):
     chunk = prompts[start:start + batch]
     width = bucket_length(max(len(p) for p in chunk), bucket, sys.maxsize)
     tokens, lengths, active = left_pad(chunk, batch, width, pad_id)
     inputs = (tokens, lengths, active, jax.random.fold_in(root, index), np.int32(eos_id), np.int32(pad_id))
-    ids, counts = generate_cached_jit(graphdef, state, *map(put, inputs), mesh=mesh,
-                                       max_new_tokens=int(max_new_tokens), temperature=float(temperature),
-                                       top_k=int(top_k), top_p=float(top_p))
-    ids, counts = np.asarray(ids), np.asarray(counts)
+    ids, counts, logp = jax.device_get(generate_cached_jit(
+        graphdef, state, *map(put, inputs), mesh=mesh, max_new_tokens=int(max_new_tokens),
+        temperature=float(temperature), top_k=int(top_k), top_p=float(top_p)))
     out.extend(ids[i, :counts[i]].copy() for i in range(len(chunk)))
-  return out
+    logps.append(np.asarray(logp[:len(chunk)], np.float32))
+  return (out, np.concatenate(logps)) if with_logprobs else out
 
 
 # ----------------------------------------------------------------------------------------------------------------
