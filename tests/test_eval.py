@@ -44,3 +44,28 @@ def test_greedy_beside_a_greedy_eval_is_refused_naming_the_field():
   with pytest.raises(ValueError, match="config.eval.greedy = True: eval.temperature = 0 already decodes greedily"):
     config_lib.validate(tiny_config(**{"eval.greedy": True, "eval.temperature": 0.0}), num_devices=1)
   config_lib.validate(tiny_config(**{"eval.greedy": True}), num_devices=1)  # configs/tiny.py samples at 1.
+
+
+@pytest.mark.slow
+def test_real_data_eval_without_the_training_reward_model(tmp_path, monkeypatch):
+  """On preference pairs from a file (not the embedded task): every policy is compared with the dataset's chosen
+  responses, and eval.rm=False leaves out exactly the training reward model's columns."""
+  from tests.test_judge import _write_pairs  # pylint: disable=g-import-not-at-top
+  from var_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+  pairs = str(tmp_path / "pairs.jsonl")
+  _write_pairs(pairs, synthetic.preference_records(160, seed=0))
+  monkeypatch.setattr(stages, "_hf_tokenizer", lambda cfg: synthetic.build_tokenizer())
+  common = {"stages": "sft,reward,chosen,eval", "data.source": pairs, "data.format": "pairs",
+            "data.eval_fraction": 0.3, "eval.num_prompts": 6, "eval.samples_per_prompt": 2, "eval.bootstrap": 50}
+  workdir = str(tmp_path / "run")
+  stages.run_pipeline(tiny_config(**common), workdir)
+  full = artifacts.read_eval_results(workdir)["policies"]
+  assert not stages.load_task(tiny_config(**common)).synthetic
+  for row in full.values():
+    assert 0.0 <= row["rm_win_vs_chosen"] <= 1.0 and row["rm_win_vs_chosen_lo"] <= row["rm_win_vs_chosen_hi"]
+  cfg = tiny_config(**common, **{"eval.rm": False})
+  alone = evaluate.evaluate_policies(stages.Context(cfg, workdir, sharding_lib.make_mesh(), sharding_lib.DEFAULT_RULES),
+                                     ["chosen"])["policies"]
+  assert {"rm_reward", "rm_win_vs_ref", "rm_win_vs_chosen", "rm_win_vs_chosen_lo"} <= set(full["chosen"])
+  for name in ("sft", "chosen"):
+    assert alone[name] == {k: v for k, v in full[name].items() if not k.startswith("rm_")}
