@@ -339,7 +339,9 @@ def plot(rows: list[dict], runs, sweep_dir: str) -> list[str]:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  reward_key = "gold_reward" if any("gold_reward" in r for r in rows) else "rm_reward"
+  # The gold reward (embedded task), else the held-out judge's, else the training reward model's (eval.rm).
+  reward_key = next((k for k in ("gold_reward", "judge_reward", "rm_reward") if any(k in r for r in rows)), None)
+  rows = [r for r in rows if reward_key in r]
   kl_key = "kl_to_ref" if any("kl_to_ref" in r for r in rows) else "logratio_to_ref"
   paths = []
   var_rows = [r for r in rows if r["policy"] == "var" and "var.lam" in r]
@@ -373,15 +375,16 @@ def plot(rows: list[dict], runs, sweep_dir: str) -> list[str]:
     ax.legend(fontsize=7)
     ax.set_title(f"{reward_key} vs {field}")
     paths.append(_save(fig, sweep_dir, f"reward_vs_{field.replace('+', '_')}.png"))
-  fig, ax = plt.subplots(figsize=(5, 3.5))
-  for policy in sorted({r["policy"] for r in rows}):
-    pts = [(r[kl_key], r[reward_key]) for r in rows if r["policy"] == policy and kl_key in r]
-    ax.scatter([p[0] for p in pts], [p[1] for p in pts], label=policy, s=18)
-  ax.set_xlabel(kl_key)
-  ax.set_ylabel(reward_key)
-  ax.legend(fontsize=7)
-  ax.set_title("KL-reward frontier")
-  paths.append(_save(fig, sweep_dir, "kl_reward_frontier.png"))
+  if rows:
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for policy in sorted({r["policy"] for r in rows}):
+      pts = [(r[kl_key], r[reward_key]) for r in rows if r["policy"] == policy and kl_key in r]
+      ax.scatter([p[0] for p in pts], [p[1] for p in pts], label=policy, s=18)
+    ax.set_xlabel(kl_key)
+    ax.set_ylabel(reward_key)
+    ax.legend(fontsize=7)
+    ax.set_title("KL-reward frontier")
+    paths.append(_save(fig, sweep_dir, "kl_reward_frontier.png"))
   fig, ax = plt.subplots(figsize=(6, 3.5))
   for name, _, run_dir, _, _ in runs:
     for stage in ("var", "dpo"):

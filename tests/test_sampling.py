@@ -166,6 +166,14 @@ def test_generated_logprobs_are_the_models_own(model, options):
   want = [_forward_logprobs(model, p, g) for p, g in zip(prompts, got)]
   np.testing.assert_allclose(logp, want, rtol=1e-4, atol=1e-4)
   assert all(np.array_equal(a, b) for a, b in zip(got, sampling.generate(model, prompts, eos_id=eos, **KW, **options)))
+  # A row whose first token is EOS: that token's log-prob alone. No prompts, or no new tokens: nothing, 0.
+  first = int(sampling.generate(model, prompts[:1], eos_id=-1, **KW, **options)[0][0])
+  (alone,), (logp_alone,) = sampling.generate(model, prompts[:1], eos_id=first, with_logprobs=True, **KW, **options)
+  assert alone.tolist() == [first]
+  np.testing.assert_allclose(logp_alone, _forward_logprobs(model, prompts[0], alone), rtol=1e-4, atol=1e-4)
+  assert sampling.generate(model, [], eos_id=eos, with_logprobs=True, **KW)[0] == []
+  ids, none = sampling.generate(model, prompts[:2], eos_id=eos, with_logprobs=True, **{**KW, "max_new_tokens": 0})
+  assert [len(i) for i in ids] == [0, 0] and none.tolist() == [0.0, 0.0]
 
 
 def test_one_trace_per_shape(model, monkeypatch):

@@ -170,6 +170,8 @@ def test_collect_reads_finished_runs(tmp_path):
   assert [r["judge_accuracy"] for r in rows] == [0.625, 0.625]
   assert rows[1]["weights/max_weight"] == 0.9 and rows[1]["weights/swap_sensitivity"] == 0.4
   assert "weights/unlisted" not in rows[1] and "weights/max_weight" not in rows[0]
+  # Real data scored by the held-out judge alone (eval.rm=False): the plots read the judge's reward.
+  assert "kl_reward_frontier.png" in map(os.path.basename, sweep.plot(rows, runs, str(tmp_path)))
 
 
 def test_tied_fields_and_aggregation_over_seeds():

@@ -258,6 +258,7 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     ("var.ref_weight", -1.0, "config.var.ref_weight = -1.0: alpha must be"),
     ("data.truncation", "cut", "config.data.truncation = 'cut': must be one of"),
     ("score.steps", -1, "config.score.steps = -1: must be >= 0"),
+    ("eval.max_new_tokens", 0, "config.eval.max_new_tokens = 0: must be >= 1"),
     ("score.steps", 3, "config.score.steps = 3: var.steps=6 would read blocks"),
 ])
 def test_config_validation_names_the_field(field, value, message):

@@ -368,6 +368,8 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
     _fail("eval.greedy", cfg.eval.greedy, "eval.temperature = 0 already decodes greedily: greedy_* would repeat it")
   if cfg.eval.temperature < 0:
     _fail("eval.temperature", cfg.eval.temperature, "must be >= 0")
+  if cfg.eval.max_new_tokens < 1:
+    _fail("eval.max_new_tokens", cfg.eval.max_new_tokens, "must be >= 1: every policy answers each eval prompt")
   if cfg.checkpoint.every < 1 or cfg.checkpoint.keep < 1:
     _fail("checkpoint.every", cfg.checkpoint.every, "checkpoint.every and checkpoint.keep must be >= 1")
   if num_devices is not None:

@@ -9,14 +9,17 @@ Per policy (the reference = sft, and var / dpo when trained):
   win vs chosen_sft  the same against the SFT-on-chosen baseline (the `chosen` stage), when it was trained;
   judge_*            the same judged by the held-out judge (stage `judge`, when it finished): a reward model trained
                      on pairs no policy and no training reward model saw; its held-out accuracy is in results.judge;
-  win/tie vs chosen  against the dataset's chosen response, judged by the RM (real data);
+  win/tie vs chosen  against the dataset's chosen response, judged by each reward model (real data; prompts whose
+                     chosen response the tokenizer drops, data.truncation = "drop", are left out);
   *_lc_vs_ref        the preference for the policy over the reference (win = 1, tie = 1/2) at equal response length,
                      from a logistic model of each comparison on the length difference (AlpacaEval's
                      length-controlled win rate, `length_controlled_preference`), with its bootstrap interval: read
                      it beside `*_pref_vs_ref`, the uncontrolled preference;
   kl_to_ref          mean over prompts of sum_t [log pi(y_t) - log pi_ref(y_t)] on the policy's own samples: an
                      unbiased estimate of KL(pi || pi_ref) when sampling at temperature 1 without truncation,
-                     otherwise the log-ratio on its generations (reported as such);
+                     otherwise the log-ratio on its generations (reported as such). log pi comes from the sampler
+                     (KV-cache decoding), log pi_ref from a forward pass: equal up to float rounding (float32, SmolLM2 on
+                     12 AlpacaEval prompts: the KL estimate moved by 1e-5 nats), larger in a low-precision dtype;
   length             mean generated tokens (EOS included).
 Prompts are distinct (a repeated prompt would count its win twice); eval.samples_per_prompt samples of each are
 compared sample by sample and averaged per prompt. With eval.greedy (and eval.temperature > 0) every policy also

@@ -4,6 +4,8 @@
 slot P-1; one prefill call fills a `KVCache` of P + max_new_tokens - 1 slots, then a `lax.while_loop` decodes one
 token per step (each step attends to the cache only: O(P + t) per token) and stops as soon as every row has
 emitted EOS. Prefill and loop are a single jitted call per (batch, P, max_new_tokens) shape and sampling options.
+It also sums each row's log-probs of its generated tokens under the model's unscaled distribution, from the logits it
+computes anyway (`generate(..., with_logprobs=True)`): eval's log pi(y|x) without a second forward pass.
 
 `generate_reference` is the slow, obviously-correct sampler kept for tests: every step re-runs the decoder over a
 fixed right-padded buffer (O(T^2) per token) and reads each row's logits at its own last position. The greedy
