@@ -47,7 +47,8 @@ SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
 
 
 @pytest.mark.skipif(not os.path.isdir(SHARED) and os.environ.get("CI") != "true", reason="needs ../shared/data")
-@pytest.mark.parametrize("name,prompts", [("smollm2_gpu", 100), ("smollm2_alpaca_gpu", 80)])
+@pytest.mark.parametrize("name,prompts", [("smollm2_gpu", 100), ("smollm2_alpaca_gpu", 80), ("smollm2_hh", 60),
+                                          ("smollm2_alpaca", 80)])
 def test_the_real_data_protocol_configs_split_prompts_and_judge_data(monkeypatch, name, prompts):
   """The protocol configs on the shared HH / AlpacaEval files: distinct validation and test prompts, none sharing a
   first user turn with the training prompts or each other, and a judge split that is disjoint and larger than the
