@@ -14,35 +14,13 @@ table and what it does and does not show are in the README ("AlpacaEval GPT-4 pr
 protocol, 2 CPU cores"). At 12 steps of 4 prompts the policies barely leave the reference (KL 0.1-1.5 nats), and no
 method separates from it.
 """
+from configs import cpu_protocol
 from configs import smollm2_alpaca_gpu
 
 
 def get_config():
-  c = smollm2_alpaca_gpu.get_config()
-  c.model.dtype = "float32"
-  c.model.attention_impl = "xla"
+  c = cpu_protocol.cut_down(smollm2_alpaca_gpu.get_config())
   c.data.max_prompt_len = 64            # Cuts ~13% of the instructions (their first tokens).
   c.data.max_response_len = 128
   c.data.truncation = "drop"            # A pair with a longer response is left out (counted in the log).
-  c.data.bucket = 32
-  c.data.group_size = 2                 # B = 2 prompts (4 candidates) per VAR normalizer group: cross-context scoring
-  c.data.block_size = 2                 # costs G*G*K pairs per block, so G = 2 halves the score stage of G = 4.
-  c.data.groups_per_batch = 2           # 4 prompts, 8 sequences per step.
-  c.sft.steps = 12
-  c.sft.lr = 3e-5
-  c.reward.steps = 20
-  c.reward.lr = 1e-4
-  c.var.steps = 12
-  c.var.lr = 3e-5
-  c.dpo.steps = 12
-  c.chosen.steps = 12
-  c.score.steps = 12                    # Score only the blocks 12 steps draw (~24 of the ~200 training blocks).
-  c.judge.steps = 24
-  c.judge.lr = 1e-4
-  c.optim.warmup_steps = 2
-  c.log_every = 4
-  c.eval.max_new_tokens = 96
-  c.eval.num_prompts = 64               # Of the 80 validation / 80 test prompts; 2 samples each, ...
-  c.eval.greedy = False                 # ... and no greedy answers: eval is most of the run's time on 2 cores.
-  c.eval.batch_size = 64
   return c

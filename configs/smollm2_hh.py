@@ -14,33 +14,11 @@ and 27.7 min for the test run, by these times about 3.5 hours for three seeds; a
 out accuracy of only 0.563 on 174 pairs, too weak to rank policies. So no table comes from it (README, HH section);
 the HH table is configs/smollm2_gpu.py's, on one GPU.
 """
+from configs import cpu_protocol
 from configs import smollm2_gpu
 
 
 def get_config():
-  c = smollm2_gpu.get_config()
-  c.model.dtype = "float32"
-  c.model.attention_impl = "xla"
+  c = cpu_protocol.cut_down(smollm2_gpu.get_config())
   c.data.max_records = 512              # ~380 training, ~64 validation, ~64 test prompts.
-  c.data.bucket = 32
-  c.data.group_size = 2                 # B = 2 prompts (4 candidates) per VAR normalizer group, as in
-  c.data.block_size = 2                 # configs/smollm2_alpaca.py: cross-context scoring costs G*G*K per block.
-  c.data.groups_per_batch = 2           # 4 prompts, 8 sequences per step.
-  c.sft.steps = 12
-  c.sft.lr = 3e-5
-  c.reward.steps = 20
-  c.reward.lr = 1e-4
-  c.var.steps = 12
-  c.var.lr = 3e-5
-  c.dpo.steps = 12
-  c.chosen.steps = 12
-  c.score.steps = 12                    # Score only the blocks 12 steps draw.
-  c.judge.steps = 24
-  c.judge.lr = 1e-4
-  c.optim.warmup_steps = 2
-  c.log_every = 4
-  c.eval.max_new_tokens = 96
-  c.eval.num_prompts = 64               # Of the ~64 validation / ~64 test prompts; 2 samples each, ...
-  c.eval.greedy = False                 # ... and no greedy answers: eval is most of the run's time on 2 cores.
-  c.eval.batch_size = 64
   return c
