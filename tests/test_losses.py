@@ -798,3 +798,156 @@ def test_unknown_option_raises():
     losses.var_loss(jnp.zeros(2), jnp.zeros(2), 1, reduction="sum")
   with pytest.raises(ValueError, match="needs num_tokens"):
     losses.var_loss(jnp.zeros(2), jnp.zeros(2), 1, reduction="token_mean")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Online objectives (GRPO, online VAR; docs/math.md, "Online"): float32 edges. The general agreement with NumPy
+# is tested in tests/test_online.py; these are the padding, equal-reward and large-log-prob cases.
+
+
+def np_group_advantages(r, valid, eps=1e-4):
+  """(r - mean) / (std + eps) over each group's valid rewards (std with ddof 1), in float64; 0 elsewhere."""
+  r = np.asarray(r, np.float64)
+  out = np.zeros(r.shape)
+  for i in np.ndindex(r.shape[:-1]):
+    x = r[i][valid[i]]
+    if len(x):
+      std = x.std(ddof=1) if len(x) > 1 else 0.0
+      out[i][valid[i]] = (x - x.mean()) / (std + eps)
+  return out
+
+
+def np_grpo_terms(logp, old, ref, adv, mask, clip_eps, beta, valid):
+  """Minus the per-response mean over response tokens of min(rho A, clip(rho) A) - beta k3; reads only the tokens
+  the mask marks, of valid responses, so whatever padding holds never enters."""
+  out = np.zeros(adv.shape)
+  for i in np.ndindex(adv.shape):
+    tokens = [t for t in range(logp.shape[-1]) if mask[i + (t,)]]
+    if not valid[i] or not tokens:
+      continue
+    total = 0.0
+    for t in tokens:
+      lp, o, rf = (float(x[i + (t,)]) for x in (logp, old, ref))
+      rho, d = math.exp(lp - o), rf - lp
+      total += min(rho * adv[i], min(max(rho, 1 - clip_eps), 1 + clip_eps) * adv[i]) - beta * (math.exp(d) - d - 1)
+    out[i] = -total / len(tokens)
+  return out
+
+
+@pytest.mark.parametrize("kl_coef", [0.0, 0.04, 0.5])
+@pytest.mark.parametrize("pad_logp", [-1e5, 1e4])
+def test_grpo_terms_ignore_extreme_logprobs_on_padding(kl_coef, pad_logp):
+  """Padded tokens, and every token of an invalid response, holding -1e4 (sampler, reference) and +/- large log-probs
+  (policy) give exactly the terms and gradient of the same batch with padding zeroed: finite, matching float64,
+  whatever kl_coef (inf * 0 = NaN does not care that kl_coef is 0)."""
+  rng = np.random.default_rng(29)
+  shape = (3, 4, 7)
+  old = rng.normal(-2.0, 0.5, shape)
+  logp = old + rng.normal(0.0, 0.4, shape)  # Ratios in and out of the clip range.
+  ref = old + rng.normal(0.0, 0.3, shape)
+  mask = np.arange(shape[-1]) < rng.integers(1, shape[-1] + 1, size=shape[:-1])[..., None]  # Right padding.
+  mask[0, 0] = False  # A response with no token.
+  valid = np.ones(shape[:-1], bool)
+  valid[1, 2] = False
+  mask[1, 2] = True  # An invalid response whose tokens are all marked: its garbage must not leak either.
+  adv = rng.normal(size=shape[:-1])
+  live = mask & valid[..., None]
+
+  def f32(x):
+    return jnp.asarray(x, jnp.float32)
+
+  def terms(lp, o, rf):
+    return losses.grpo_terms(lp, f32(o), f32(rf), f32(adv), jnp.asarray(mask), clip_eps=0.2, kl_coef=kl_coef,
+                             valid=jnp.asarray(valid))
+
+  def grad(lp, o, rf):
+    return np.asarray(jax.grad(lambda x: terms(x, o, rf).sum())(f32(lp)))
+
+  dirty = [np.where(live, x, pad) for x, pad in ((logp, pad_logp), (old, -1e4), (ref, -1e4))]
+  clean = [np.where(live, x, 0.0) for x in (logp, old, ref)]
+  got = np.asarray(terms(f32(dirty[0]), *dirty[1:]))
+  got_grad = grad(*dirty)
+  assert np.all(np.isfinite(got)) and np.all(np.isfinite(got_grad))
+  np.testing.assert_array_equal(got, np.asarray(terms(f32(clean[0]), *clean[1:])))
+  np.testing.assert_array_equal(got_grad, grad(*clean))
+  assert np.all(got_grad[~live] == 0) and np.all(got[~valid] == 0) and got[0, 0] == 0
+  # float32: each token's quantities are O(1) here (|log rho|, |d| below 2, |A| below 3), each formed with a few
+  # roundings, and a term is a mean over at most 7 tokens.
+  want = np_grpo_terms(*(np.asarray(f32(x), np.float64) for x in dirty), np.asarray(f32(adv), np.float64), mask, 0.2,
+                       kl_coef, valid)
+  np.testing.assert_allclose(got, want, rtol=0, atol=32 * F32_EPS * (1 + kl_coef) * max(1.0, np.abs(want).max()))
+  # k3 on its own: exactly 0, with gradient 0, where its mask is False.
+  k3 = lambda lp: losses.k3_kl(lp, f32(dirty[2]), jnp.asarray(live))  # noqa: E731
+  assert np.all(np.asarray(k3(f32(dirty[0])))[~live] == 0)
+  assert np.all(np.asarray(jax.grad(lambda lp: k3(lp).sum())(f32(dirty[0])))[~live] == 0)
+
+
+@pytest.mark.parametrize("value", [2 / 3, 0.7, 0.1, 1e3 / 3])
+def test_group_advantages_of_equal_rewards_are_exactly_zero(value):
+  """A group whose valid rewards all equal one value (not exactly representable) has no signal: A == 0 exactly, for
+  every group size, with padding holding other rewards, next to ordinary groups in the same call."""
+  rng = np.random.default_rng(int(value * 1000))
+  for g in range(2, 17):
+    rewards = np.full((4, g), value)
+    valid = np.ones((4, g), bool)
+    valid[1, rng.permutation(g)[: g // 2]] = False  # Half of the slots padded, holding other rewards.
+    rewards[1][~valid[1]] = rng.normal(0.0, 1e3, size=(~valid[1]).sum())
+    valid[2, 1:] = False  # One valid response.
+    rewards[3] = value + rng.normal(0.0, 1.0, size=g)  # An ordinary group.
+    got = np.asarray(losses.group_advantages(jnp.asarray(rewards, jnp.float32), jnp.asarray(valid)))
+    assert np.all(got[:3] == 0), (g, got[:3])
+    want = np_group_advantages(np.asarray(rewards, np.float32), valid)
+    # float32: deviations from one of the group's rewards are exact or rounded once, their mean carries g roundings,
+    # and the division by std scales all of it by |A|.
+    np.testing.assert_allclose(got[3], want[3], rtol=0, atol=8 * g * F32_EPS * max(1.0, np.abs(want[3]).max()))
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e3, -5e4])
+@pytest.mark.parametrize("spread", [1.0, 1e-2])
+def test_group_advantages_with_offset_rewards_match_numpy(offset, spread):
+  """Ordinary groups, uneven masks and groups of one, rewards far from 0 relative to their spread: the advantage
+  depends on the deviations only, in float32 to the precision of the deviations."""
+  rng = np.random.default_rng(int(abs(offset)) + int(1 / spread))
+  for g in (2, 5, 8, 16):
+    rewards = (offset + spread * rng.normal(size=(6, g))).astype(np.float32)
+    valid = rng.random((6, g)) > 0.3
+    valid[0] = True
+    valid[1] = np.arange(g) == 0
+    valid[2] = False
+    got = np.asarray(losses.group_advantages(jnp.asarray(rewards), jnp.asarray(valid)))
+    want = np_group_advantages(rewards, valid)
+    # Per group: r - c (c a reward of the group) is rounded once, relative to itself; the rest as above.
+    atol = 8 * g * F32_EPS * np.maximum(1.0, np.abs(want).max(axis=-1, keepdims=True))
+    assert np.all(np.abs(got - want) <= atol), (g, np.abs(got - want).max())
+    assert np.all(got[~valid] == 0)
+
+
+@pytest.mark.parametrize("lam", [0.1, 1.0])
+@pytest.mark.parametrize("magnitude", [1e3, 3e4, 1e5])
+def test_online_var_weights_with_large_logprobs_match_float64(lam, magnitude):
+  """Summed log-probs of magnitude up to 1e5 under pi_ref and q, differing by O(1): the weights depend on that
+  difference, and float32 must resolve it to the precision of the O(1) quantities, not of the log-probs."""
+  rng = np.random.default_rng(int(magnitude) + int(10 * lam))
+  shape = (5, 8)
+  rewards = rng.normal(0.0, 1.0, shape).astype(np.float32)
+  ref = (-magnitude * rng.uniform(0.7, 1.0, shape)).astype(np.float32)
+  sample = (ref.astype(np.float64) + rng.normal(0.0, 2.0, shape)).astype(np.float32)
+  valid = rng.random(shape) > 0.2
+  valid[0] = True
+  got = np.asarray(losses.online_var_weights(jnp.asarray(rewards), lam, jnp.asarray(valid),
+                                             ref_logp=jnp.asarray(ref), sample_logp=jnp.asarray(sample)))
+  # Reference from the math page: w = softmax over the group of r / lam + log pi_ref - log q, in float64, from the
+  # same float32 inputs.
+  s = rewards.astype(np.float64) / lam + ref.astype(np.float64) - sample.astype(np.float64)
+  want = np.zeros(shape)
+  for i in range(shape[0]):
+    x = s[i][valid[i]]
+    want[i][valid[i]] = np.exp(x - np_logsumexp(x))
+  assert np.all(np.isfinite(got)) and np.all(got[~valid] == 0)
+  # float32: log pi_ref - log q is exact (Sterbenz: the two are within a factor 2), r / lam and the sum are rounded
+  # once each, relative to the O(1) score; log w = s - logsumexp(s) adds a few roundings of that size.
+  scale = float(np.max(np.abs(rewards / lam)) + np.max(np.abs(ref.astype(np.float64) - sample)))
+  tol = 8 * F32_EPS * scale
+  big = want > 1e-30
+  np.testing.assert_allclose(np.log(got[big]), np.log(want[big]), rtol=0, atol=tol)
+  np.testing.assert_allclose(got, want, rtol=0, atol=tol * want.max() + 1e-30)

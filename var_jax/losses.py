@@ -148,7 +148,7 @@ def var_scores(ref_logps, rewards, lam, *, ref_weight: float = 1.0):
 
   lam > 0 is a scalar (may be traced). ref_weight = alpha >= 0 is a static Python number: 1 is the paper's
   formula (and computes exactly what it always did), 0 drops the reference term without reading ref_logps
-  (so NaN there is harmless), other values scale log pi_ref against the reward (see the math page, section 6).
+  (so NaN there is harmless), other values scale log pi_ref against the reward (../shared/docs/var-math.md, section 6).
   """
   _check_lam(lam)
   alpha = _check_ref_weight(ref_weight)
@@ -231,7 +231,7 @@ def var_weights(ref_logps, rewards, owner, lam, normalizer: str = "cross_context
     normalizer: "cross_context" | "per_prompt" | "batch" (static).
     valid: optional [N] bool; padded response slots get weight 0 and are never candidates.
     include_ref_logp: False when the responses were sampled from pi_ref itself (then pi_ref must not appear in s,
-      see the math page, section 3). Same as ref_weight=0.
+      ../shared/docs/var-math.md, section 3). Same as ref_weight=0.
     ref_weight: alpha in s = alpha * log pi_ref + r / lam (static Python number >= 0; 1 = the paper). alpha = 0
       never reads ref_logps.
   Returns:
@@ -267,7 +267,7 @@ def var_weights(ref_logps, rewards, owner, lam, normalizer: str = "cross_context
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Scale controls (math page, section 6): reward standardisation, many groups at once, lambda for a target ESS.
+# Scale controls (../shared/docs/var-math.md, section 6; docs/math.md): reward standardisation, many groups at once, lambda for a target ESS.
 # Host-side helpers: they run on concrete arrays, outside any training step.
 
 ESS_KINDS = ("group", "prompt")
@@ -570,19 +570,40 @@ def bradley_terry_terms(r_chosen, r_rejected, *, valid=None):
 
 def group_advantages(rewards, valid, eps: float = 1e-4):
   """GRPO's advantages [..., G]: (r - mean) / (std + eps) over each group's valid responses (DeepSeekMath, "outcome
-  supervision"). std is the sample standard deviation (ddof = 1, as TRL's GRPOTrainer); a group whose rewards are all
-  equal gets advantage 0 (no signal); invalid responses get 0."""
-  r = jnp.where(valid, rewards.astype(jnp.float32), 0.0)
+  supervision"). std is the sample standard deviation (ddof = 1, as TRL's GRPOTrainer); invalid responses get 0.
+
+  Args:
+    rewards: [..., G] one reward per response; a group is the last axis.
+    valid: [..., G] bool, False on padded response slots (their rewards are never read).
+    eps: added to std, so that |A| <= |r - mean| / eps for a group of nearly equal rewards.
+  Returns:
+    [..., G] float32. A group whose valid rewards are all equal gets exactly 0 (no signal), whatever the value.
+
+  The deviations are taken from one of the group's own rewards (its largest) before averaging: r - c is exact for
+  equal rewards and carries only the rounding of the difference itself otherwise, whereas r - mean(r) in float32
+  carries the rounding of the mean, eps32 * |r|, which the division by std + eps (~ eps when the rewards are equal)
+  turned into |A| up to 0.23 for a group of 1000/3's. The shift changes nothing exactly: (r - c) - mean(r - c) =
+  r - mean(r), and std is shift-invariant."""
+  r = rewards.astype(jnp.float32)
+  top = jnp.max(jnp.where(valid, r, -jnp.inf), axis=-1, keepdims=True)
+  d = jnp.where(valid, r - jnp.where(jnp.isfinite(top), top, 0.0), 0.0)
   n = jnp.sum(valid, axis=-1, keepdims=True).astype(jnp.float32)
-  mean = jnp.sum(r, axis=-1, keepdims=True) / jnp.maximum(n, 1.0)
-  var = jnp.sum(jnp.where(valid, jnp.square(r - mean), 0.0), axis=-1, keepdims=True) / jnp.maximum(n - 1.0, 1.0)
-  return jnp.where(valid, (r - mean) / (jnp.sqrt(var) + eps), 0.0)
+  mean = jnp.sum(d, axis=-1, keepdims=True) / jnp.maximum(n, 1.0)
+  var = jnp.sum(jnp.where(valid, jnp.square(d - mean), 0.0), axis=-1, keepdims=True) / jnp.maximum(n - 1.0, 1.0)
+  return jnp.where(valid, (d - mean) / (jnp.sqrt(var) + eps), 0.0)
 
 
-def k3_kl(logp, ref_logp):
+def k3_kl(logp, ref_logp, mask=None):
   """Per-token estimate of KL(pi_theta || pi_ref) from a sample of pi_theta: exp(d) - d - 1 with d = log pi_ref - log
-  pi_theta (Schulman's "k3": unbiased, always >= 0; the estimator of DeepSeekMath's GRPO). Any shape."""
+  pi_theta (Schulman's "k3": unbiased, always >= 0; the estimator of DeepSeekMath's GRPO). Any shape.
+
+  mask (optional, same shape): where False the estimate is exactly 0, and so is its gradient. Padding may hold any
+  log-prob; d is replaced there before the exponential, because exp(d) = inf (d > 88) times a mask of 0 is NaN, in
+  the value and in the gradient."""
   d = ref_logp.astype(jnp.float32) - logp.astype(jnp.float32)
+  if mask is not None:
+    _check_shape("mask", mask, jnp.shape(d))
+    d = jnp.where(mask, d, 0.0)
   return jnp.exp(d) - d - 1.0
 
 
@@ -593,18 +614,26 @@ def grpo_terms(logp, old_logp, ref_logp, advantages, mask, *, clip_eps: float, k
 
   logp, old_logp, ref_logp [..., G, T]: per-token log-probs of the sampled tokens under the policy being trained,
   the policy that sampled them (no gradient) and the reference; mask [..., G, T] marks response tokens;
-  advantages [..., G] (`group_advantages`). Only `logp` carries a gradient."""
+  advantages [..., G] (`group_advantages`); valid [..., G] optional, False on padded responses (term 0). Only `logp`
+  carries a gradient.
+
+  Tokens outside the mask, and every token of an invalid response, may hold any log-prob (-1e4 padding, garbage):
+  both exponentials (rho and k3's exp(d)) see 0 there instead, so neither the terms nor their gradient can pick up
+  inf * 0 = NaN, whatever kl_coef is (kl_coef = 0 times a NaN is still NaN)."""
   _check_shape("old_logp", old_logp, jnp.shape(logp))
   _check_shape("ref_logp", ref_logp, jnp.shape(logp))
   _check_shape("mask", mask, jnp.shape(logp))
+  live = mask > 0
+  if valid is not None:
+    live = live & valid.astype(bool)[..., None]
   mask = mask.astype(jnp.float32)
   logp = logp.astype(jnp.float32)
   old = jax.lax.stop_gradient(old_logp.astype(jnp.float32))
   ref = jax.lax.stop_gradient(ref_logp.astype(jnp.float32))
   adv = jax.lax.stop_gradient(advantages.astype(jnp.float32))[..., None]
-  ratio = jnp.exp(jnp.where(mask > 0, logp - old, 0.0))
+  ratio = jnp.exp(jnp.where(live, logp - old, 0.0))
   surrogate = jnp.minimum(ratio * adv, jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps) * adv)
-  per_token = (surrogate - kl_coef * k3_kl(logp, ref)) * mask
+  per_token = (surrogate - kl_coef * k3_kl(logp, ref, live)) * mask
   terms = -jnp.sum(per_token, axis=-1) / jnp.maximum(jnp.sum(mask, axis=-1), 1.0)
   return _where_valid(terms, valid)
 
@@ -616,13 +645,18 @@ def online_var_weights(rewards, lam, valid, *, ref_logp=None, sample_logp=None):
 
   the self-normalised importance weights of pi* ∝ pi_ref exp(r / lam) under the sampling policy q. With q = pi_ref
   (ref_logp and sample_logp both None) the reference cancels: w = softmax(r / lam). ref_logp, sample_logp [..., G]
-  are summed response log-probs. Invalid responses get 0; a group with none gets all zeros."""
+  are summed response log-probs. Invalid responses get 0; a group with none gets all zeros.
+
+  log pi_ref - log q is formed first: summed log-probs reach -1e4 and beyond while their difference is O(1), and
+  adding r / lam to log pi_ref first rounds the sum to the float32 spacing at |log pi_ref| (2e-3 at -3e4, an error
+  up to 1e-3 in s) before the difference cancels the magnitude. Two float32 log-probs within a factor 2 of each
+  other subtract exactly, so the only rounding left is that of O(1) quantities."""
   _check_lam(lam)
   if (ref_logp is None) != (sample_logp is None):
     raise ValueError("online_var_weights: pass both ref_logp and sample_logp (q = pi_theta) or neither (q = pi_ref)")
   s = rewards.astype(jnp.float32) / lam
   if ref_logp is not None:
-    s = s + ref_logp.astype(jnp.float32) - sample_logp.astype(jnp.float32)
+    s = s + (ref_logp.astype(jnp.float32) - sample_logp.astype(jnp.float32))
   s = jnp.where(valid, s, -jnp.inf)
   top = jnp.max(s, axis=-1, keepdims=True)
   e = jnp.where(valid, jnp.exp(s - jnp.where(jnp.isfinite(top), top, 0.0)), 0.0)
