@@ -217,7 +217,7 @@ def compile_train_step(stage: str, mcfg: model_lib.ModelConfig, batch: dict, see
   model = model_lib.Decoder(mcfg, rngs=nnx.Rngs(seed))
   tx, schedule = train_lib.make_optimizer(1e-4, 1000, cfg.optim)
   graphdef, rest, state = init_state(model, tx)
-  step = jax.jit(train_lib.make_train_step(objectives.get(stage), graphdef, rest, tx, schedule, cfg),
+  step = jax.jit(train_lib.make_train_step(objectives.build(stage, cfg), graphdef, rest, tx, schedule),
                  donate_argnums=(0,))
   dev_batch = jax.tree.map(jnp.asarray, batch)
   start = time.perf_counter()

@@ -137,7 +137,7 @@ def test_online_var_weights_match_numpy(from_policy):
 
 @pytest.mark.parametrize("sampler", ["reference", "policy"])
 def test_online_var_weights_reweight_samples_to_the_tilted_target(sampler):
-  """The derivation on the math page: self-normalised weights turn samples of q into samples of
+  """The derivation in docs/math.md (Online): self-normalised weights turn samples of q into samples of
   pi* ∝ pi_ref exp(r / lambda), for q = pi_ref (reference cancels) and for q = another policy."""
   rng = np.random.default_rng(4)
   pi_ref = np.array([0.4, 0.3, 0.2, 0.1])
@@ -219,12 +219,12 @@ def _setup(stage, **overrides):
   mcfg = model_lib.get_config("tiny", vocab_size=len(synthetic.VOCAB), dtype="float32")
   policy = model_lib.Decoder(mcfg, rngs=nnx.Rngs(0))
   graphdef, params, rest = nnx.split(policy, nnx.Param, ...)
-  objective = objectives.get(stage)
+  objective = objectives.build(stage, cfg)
   tx, schedule = train_lib.make_optimizer(cfg[stage].lr, 100, cfg.optim)
   put = lambda x: jnp.asarray(x)  # noqa: E731
   device_table = {k: put(v) for k, v in vars(table).items() if v is not None}
   ignore = jnp.asarray(tok.tok.convert_tokens_to_ids(list(synthetic.SPECIAL)))
-  iteration = online.make_iteration(objective, cfg, stage, graphdef, rest, tx, schedule, mesh,
+  iteration = online.make_iteration(objective, cfg, graphdef, rest, tx, schedule, mesh,
                                     num_prompts=len(table.tokens), eos_id=tok.eos_id, pad_id=tok.pad_id,
                                     ignore_ids=ignore)
   state = {"train": train_lib.init_train_state(params, tx), "rng": jax.random.key_data(jax.random.key(1)),
@@ -243,7 +243,7 @@ def test_one_grpo_step_raises_the_log_prob_of_the_best_sampled_response():
                                   eos_id=tok.eos_id, pad_id=tok.pad_id, ignore_ids=ignore, mesh=mesh)
     reward = np.asarray(batch["reward"][0])
     assert reward.max() > reward.min(), reward  # The group carries a signal.
-    step = train_lib.make_train_step(objective, graphdef, rest, tx, schedule, cfg)
+    step = train_lib.make_train_step(objective, graphdef, rest, tx, schedule)
     new_state, metrics = jax.jit(step)(train_lib.init_train_state(params, tx), batch)
     assert float(metrics["grpo/clip_fraction"]) == 0.0  # First update: the sampler is the policy, ratio 1.
     logp = lambda p: np.asarray(objectives.sequence_outputs(merge(p), batch)[0][0])  # noqa: E731
@@ -263,7 +263,7 @@ def test_several_updates_per_rollout_keep_the_sampling_policy_fixed():
   idx = online.iteration_prompts(jax.random.key(cfg.seed), 0, len(table["tokens"]), 2)
   batch = online.sample_rollout(merge(params), merge(params), None, table, idx, key, cfg, eos_id=tok.eos_id,
                                 pad_id=tok.pad_id, ignore_ids=ignore, mesh=mesh)
-  step = jax.jit(train_lib.make_train_step(objective, graphdef, rest, tx, schedule, cfg))
+  step = jax.jit(train_lib.make_train_step(objective, graphdef, rest, tx, schedule))
   manual = train_lib.init_train_state(params, tx)
   for _ in range(3):
     manual, last = step(manual, batch)
@@ -352,10 +352,17 @@ def test_online_stages_on_8_devices_equal_one_device_and_eval_reports_them(refer
   for stage in ("grpo", "online_var"):
     for a, b in zip(jax.tree.leaves(_params(one, stage)), jax.tree.leaves(_params(eight, stage))):
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
-    logs = [json.loads(l) for l in open(os.path.join(one, stage, "logs", "metrics.jsonl"))]
-    logs8 = [json.loads(l) for l in open(os.path.join(eight, stage, "logs", "metrics.jsonl"))]
+    lines = [json.loads(l) for l in open(os.path.join(one, stage, "logs", "metrics.jsonl"))]
+    lines8 = [json.loads(l) for l in open(os.path.join(eight, stage, "logs", "metrics.jsonl"))]
+    logs, logs8 = ([l for l in x if "reward" in l] for x in (lines, lines8))
     assert [l["reward"] for l in logs] == pytest.approx([l["reward"] for l in logs8], rel=1e-5)
     assert [l["sampled_tokens"] for l in logs] == [l["sampled_tokens"] for l in logs8]
+    # The shared loop logs throughput as for offline stages, and evaluates the policy on held-out prompts at the end.
+    assert all(l["tokens_per_s"] > 0 and l["mfu"] > 0 for l in logs)
+    held_out, held_out8 = ([l for l in x if "eval/reward" in l] for x in (lines, lines8))
+    assert [l["step"] for l in held_out] == [4]
+    assert held_out[0]["eval/reward"] == pytest.approx(held_out8[0]["eval/reward"], rel=1e-5)
+    assert held_out[0]["eval/kl_to_ref_per_token"] >= 0
   results = json.load(open(os.path.join(one, "eval", "results.json")))
   assert {"grpo", "online_var"} <= set(results["policies"])
 
@@ -381,7 +388,7 @@ def test_online_resume_after_sigkill_equals_an_uninterrupted_run(reference_workd
   assert proc.returncode == -signal.SIGKILL, err[-2000:]
   assert not os.path.exists(os.path.join(killed, "grpo", "DONE.json"))
   resumed = _run(killed, *steps)
-  assert "resumed at iteration" in resumed.stderr
+  assert "[grpo] resumed from step" in resumed.stderr
   for a, b in zip(jax.tree.leaves(_params(straight, "grpo")), jax.tree.leaves(_params(killed, "grpo"))):
     np.testing.assert_array_equal(a, b)
 
@@ -398,7 +405,8 @@ def test_online_stage_on_two_processes_equals_one_process(reference_workdir, tmp
   run_jax_processes(lambda i, port: ["-m", "var_jax.main", "--config=configs/tiny.py", f"--workdir={two}", *_ONLINE,
                                      *steps, f"--coordinator=127.0.0.1:{port}", "--num_processes=2",
                                      f"--process_id={i}"])
-  logs = [[json.loads(l) for l in open(os.path.join(w, "grpo", "logs", "metrics.jsonl"))] for w in (one, two)]
+  logs = [[l for l in map(json.loads, open(os.path.join(w, "grpo", "logs", "metrics.jsonl"))) if "reward" in l]
+          for w in (one, two)]
   assert [l["reward"] for l in logs[0]] == pytest.approx([l["reward"] for l in logs[1]], rel=1e-5)
   for a, b in zip(jax.tree.leaves(_params(one, "grpo")), jax.tree.leaves(_params(two, "grpo"))):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)

@@ -54,10 +54,11 @@ def test_var_objective_equals_per_group_losses(normalizer, reduction):
   cfg = tiny_config(**{"var.normalizer": normalizer, "var.reduction": reduction, "var.lam": 0.7})
   model = _tiny_model(vocab)
   jb = jax.tree.map(jnp.asarray, batch)
-  const = objectives.VAR.prepare(jb, cfg)
+  objective = objectives.build("var", cfg)
+  const = objective.prepare(jb)
   logp, ntok = objectives.sequence_outputs(model, jb)
-  got = objectives.numerator(objectives.VAR, logp, const, cfg) / const["denominator"]
-  # Reference: the public loss functions, group by group, then combined as the math page says.
+  got = objectives.numerator(objective, logp, const) / const["denominator"]
+  # Reference: the public loss functions, group by group, then combined as ../shared/docs/var-math.md says.
   num, den_prompts, den_tokens = 0.0, 0, 0.0
   for g in range(batch["inputs"].shape[0]):
     w = losses.var_weights(batch["ref_logp"][g], batch["reward_matrix"][g], batch["owner"][g], 0.7, normalizer,
@@ -92,14 +93,14 @@ def test_pair_slots_are_best_and_worst_valid_response(k):
   assert not pair_valid[0, 0]
 
 
-@pytest.mark.parametrize("stage", sorted(objectives.OBJECTIVES))
-def test_gradient_accumulation_is_exact(stage):
-  batch, vocab = _var_batch(groups=4)
+def _objective_setup(stage, groups=4):
+  """(objective, graphdef, params, rest, device batch) of `stage` on a batch of `groups` groups (a rollout's fields
+  added for the online objectives)."""
+  batch, vocab = _var_batch(groups=groups)
   cfg = tiny_config()
-  objective = objectives.get(stage)
-  reward = objective.reward_model
-  model = (model_lib.RewardModel(model_lib.get_config("tiny", vocab_size=vocab), rngs=nnx.Rngs(0)) if reward
-           else _tiny_model(vocab))
+  objective = objectives.build(stage, cfg)
+  mcfg = model_lib.get_config("tiny", vocab_size=vocab)
+  model = (model_lib.RewardModel(mcfg, rngs=nnx.Rngs(0)) if objective.reward_model else _tiny_model(vocab))
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   if objective.online:  # A rollout's fields: rewards and the sampler's and reference's per-token log-probs.
     rng = np.random.default_rng(0)
@@ -107,14 +108,44 @@ def test_gradient_accumulation_is_exact(stage):
     batch = {**batch, "reward": rng.random(batch["valid"].shape).astype(np.float32),
              "sample_logp": (-rng.random(mask.shape) * mask).astype(np.float32),
              "ref_logp": (-rng.random(mask.shape) * mask).astype(np.float32)}
-  jb = jax.tree.map(jnp.asarray, batch)
-  one = train_lib.make_loss_and_grads(objective, graphdef, rest, cfg, 1)(params, jb)
-  four = train_lib.make_loss_and_grads(objective, graphdef, rest, cfg, 4)(params, jb)
+  return objective, graphdef, params, rest, jax.tree.map(jnp.asarray, batch)
+
+
+@pytest.mark.parametrize("stage", sorted(objectives.OBJECTIVES))
+def test_gradient_accumulation_is_exact(stage):
+  objective, graphdef, params, rest, jb = _objective_setup(stage)
+  one = train_lib.make_loss_and_grads(objective, graphdef, rest, 1)(params, jb)
+  four = train_lib.make_loss_and_grads(objective, graphdef, rest, 4)(params, jb)
   np.testing.assert_allclose(one[0], four[0], rtol=1e-5)
   for a, b in zip(jax.tree.leaves(one[1]), jax.tree.leaves(four[1])):
     np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6)
   # Per-sequence outputs come back in batch order (atol: float32 sums of another batch shape round differently).
   np.testing.assert_allclose(one[2], four[2], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("stage", sorted(objectives.OBJECTIVES))
+def test_fused_training_path_equals_the_eval_path(stage):
+  """Training differentiates `forward_numerator` (for fused-head objectives, the head's gradient computed in the
+  forward pass); eval computes `numerator` of `outputs_of`. Same loss, outputs and gradients, per objective."""
+  objective, graphdef, params, rest, jb = _objective_setup(stage, groups=2)
+  const = objective.prepare(jb)
+
+  def fused(p):
+    num, outputs, _ = objectives.forward_numerator(objective, nnx.merge(graphdef, p, rest), jb, const)
+    return num, outputs
+
+  def unfused(p):
+    outputs, _ = objectives.outputs_of(objective, nnx.merge(graphdef, p, rest), jb)
+    return objectives.numerator(objective, outputs, const), outputs
+
+  (num_f, out_f), grads_f = jax.value_and_grad(fused, has_aux=True)(params)
+  (num_u, out_u), grads_u = jax.value_and_grad(unfused, has_aux=True)(params)
+  assert np.isfinite(float(num_f)) and float(num_f) != 0.0
+  np.testing.assert_allclose(num_f, num_u, rtol=1e-5)
+  np.testing.assert_allclose(out_f, out_u, rtol=1e-5, atol=1e-6)
+  scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(grads_u))
+  for a, b in zip(jax.tree.leaves(grads_f), jax.tree.leaves(grads_u)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * scale)
 
 
 def test_train_step_compiles_once_per_shape_bucket():
@@ -128,7 +159,7 @@ def test_train_step_compiles_once_per_shape_bucket():
 
   def step(state, batch):
     traces.append(batch["inputs"].shape)
-    return train_lib.make_train_step(objectives.SFT, graphdef, rest, tx, schedule, cfg)(state, batch)
+    return train_lib.make_train_step(objectives.build("sft", cfg), graphdef, rest, tx, schedule)(state, batch)
 
   step = jax.jit(step)
   state = train_lib.init_train_state(params, tx)
@@ -324,8 +355,8 @@ def test_two_process_var_stage_matches_one_process(tmp_path, run_jax_processes):
       return {"shards": [it.get_state() for it in self.its]}
 
   policy = ctx.load("sft")
-  train_lib.train("var", objectives.VAR, cfg, cfg.var, policy, lambda state: Concatenated(), None,
-                  os.path.join(one, "var"), mesh, sharding_lib.DEFAULT_RULES)
+  train_lib.train("var", objectives.build("var", cfg), cfg, cfg.var, policy, lambda state: Concatenated(), None,
+                  os.path.join(one, "var"), mesh)
   artifacts.save_model(policy, one, "var")
   flags = [f"--config.{k}={v}" for k, v in TEST_SIZE.items()] + ["--config.stages=var"]
   run_jax_processes(lambda i, port: ["-m", "var_jax.main", "--config=configs/tiny.py", f"--workdir={two}", *flags,

@@ -19,7 +19,7 @@ def _scores():
 
 def _calibrated(cfg, scores):
   """What the var stage computes before training, for cfg's settings (objectives.VAR.calibrate)."""
-  _, _, overrides, report = objectives.VAR.calibrate(cfg, scores, scores)
+  _, _, overrides, report = objectives.build("var", cfg).calibrate(scores, scores)
   return overrides["var.lam"], report
 
 

@@ -108,7 +108,6 @@ def base_config() -> ml_collections.ConfigDict:
   c.sft.steps = 600
   c.sft.lr = 3e-3
   c.sft.on = "all"                # "all" responses (SFT data) or "chosen" only (preference data).
-  c.sft.init = ""                 # "" -> model.path or random init.
 
   c.reward = ml_collections.ConfigDict()
   c.reward.source = "train"       # "train" (Bradley-Terry on the pairs) | "gold" (synthetic) | HF path/id of a RM.
@@ -132,7 +131,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.var.normalizer = "cross_context"   # "cross_context" | "per_prompt" | "batch".
   c.var.reduction = "prompt_mean"      # "prompt_mean" | "token_mean".
   c.var.length_normalize = False  # Per-token mean ref log-prob inside s instead of the sum.
-  c.var.include_ref_logp = True   # False for responses sampled from pi_ref itself (see the math page).
+  c.var.include_ref_logp = True   # False for responses sampled from pi_ref itself (../shared/docs/var-math.md,
+                                  # section 3).
   c.var.ref_weight = 1.0          # alpha in s = alpha * log pi_ref + r / lambda: 1 = the paper, 0 = no reference term.
   c.var.standardize_rewards = False  # r -> (r - mean) / std with the own-context TRAIN reward statistics of the
                                   # score stage: lambda is then in units of the reward's standard deviation.
@@ -288,7 +288,7 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
     _fail("var.lam", cfg.var.lam, "lambda must be > 0")
   if cfg.var.normalizer == "per_prompt" and d.max_responses < 2 and "var" in stages:
     _fail("data.max_responses", d.max_responses, "normalizer 'per_prompt' needs >= 2 responses per prompt")
-  for s in ("dpo", "ipo", "reward"):
+  for s in stage_table.PAIRS:
     if s in stages and d.max_responses < 2 and not (s == "reward" and cfg.reward.source != "train"):
       _fail("data.max_responses", d.max_responses, f"the {s} stage needs >= 2 responses per prompt (it trains "
             "on the best vs the worst)")
@@ -336,7 +336,7 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
     _fail("online_var.lam", cfg.online_var.lam, "lambda must be > 0")
   if cfg.online_var.refresh_every < 1:
     _fail("online_var.refresh_every", cfg.online_var.refresh_every, "must be >= 1")
-  if any(s in stages for s in ("grpo", "online_var")) and cfg.reward.source == "dataset":
+  if any(s in stages for s in stage_table.ONLINE) and cfg.reward.source == "dataset":
     _fail("reward.source", cfg.reward.source, "the online stages reward new samples: use 'gold' (synthetic data), "
           "'train' or a reward-model checkpoint")
   o = cfg.optim
@@ -382,7 +382,7 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
     if d.groups_per_batch % batch_shards:
       _fail("data.groups_per_batch", d.groups_per_batch,
             f"normalizer groups per batch must divide over the {batch_shards} data x fsdp shards")
-    if on.prompts_per_step % batch_shards and any(s in stages for s in ("grpo", "online_var")):
+    if on.prompts_per_step % batch_shards and any(s in stages for s in stage_table.ONLINE):
       _fail("online.prompts_per_step", on.prompts_per_step, f"must divide over the {batch_shards} data x fsdp shards")
     if d.groups_per_batch % o.grad_accum:
       _fail("optim.grad_accum", o.grad_accum, f"must divide data.groups_per_batch={d.groups_per_batch}")

@@ -1,4 +1,5 @@
-"""Diagnostics of VAR weights on the cached scores, before training on them (issue 14; math page, section 6).
+"""Diagnostics of VAR weights on the cached scores, before training on them (../shared/docs/var-math.md,
+section 6; docs/math.md).
 
     python -m var_jax.diagnostics --workdir=DIR [--config=configs/x.py] [--lams=0.01,0.1,1,10]
         [--normalizers=cross_context,per_prompt] [--group_sizes=2,8] [--ref_weights=1,0.1,0]

@@ -31,6 +31,7 @@ import numpy as np
 from var_jax import artifacts
 from var_jax import sampling
 from var_jax import scoring
+from var_jax import stage_table
 from var_jax.data import splits
 from var_jax.data import synthetic
 
@@ -180,8 +181,9 @@ def _rows(per_policy: dict, chosen_scores: dict, num_prompts: int, samples: int,
           row[f"{judge}_lc_vs_ref"] = lc
           if interval is not None:
             row[f"{judge}_lc_vs_ref_lo"], row[f"{judge}_lc_vs_ref_hi"] = interval
-        if name not in ("sft", "chosen") and "chosen" in per_policy:
-          compare(row, f"{judge}_win_vs_chosen_sft", m[judge], per_policy["chosen"][judge])
+        baseline = stage_table.CHOSEN_BASELINE
+        if name not in (stage_table.REFERENCE, baseline) and baseline in per_policy:
+          compare(row, f"{judge}_win_vs_chosen_sft", m[judge], per_policy[baseline][judge])
     for key, chosen in chosen_scores.items():
       ok = ~np.isnan(chosen)
       compare(row, f"{key}_win_vs_chosen", np.asarray(m[key])[ok], chosen[ok], int(ok.sum()) // samples)

@@ -267,7 +267,8 @@ def var_weights(ref_logps, rewards, owner, lam, normalizer: str = "cross_context
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Scale controls (../shared/docs/var-math.md, section 6; docs/math.md): reward standardisation, many groups at once, lambda for a target ESS.
+# Scale controls (../shared/docs/var-math.md, section 6; docs/math.md): reward standardisation, many groups at once,
+# lambda for a target ESS.
 # Host-side helpers: they run on concrete arrays, outside any training step.
 
 ESS_KINDS = ("group", "prompt")

@@ -21,25 +21,20 @@ N > 1 iterations)}. All of it goes into the orbax
 checkpoint, so a resumed run equals an uninterrupted one. Shapes never change between iterations: one compile.
 """
 import dataclasses
-import os
-import time
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
-from absl import logging
 from flax import nnx
 
-from var_jax import checkpoints
+from var_jax import flops as flops_lib
 from var_jax import objectives
 from var_jax import sampling
 from var_jax import sharding as sharding_lib
 from var_jax import train as train_lib
 from var_jax.data import synthetic
 from var_jax.data.pipeline import bucket_length
-from var_jax.metrics_writer import MetricsWriter
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -156,15 +151,16 @@ def sample_rollout(sampler, reference, reward_model, table: dict, idx, key, cfg,
   return {k: shard(v.reshape((-1, g) + v.shape[1:])) for k, v in rows.items()}
 
 
-def make_iteration(objective: objectives.Objective, cfg, stage: str, graphdef, rest, tx, schedule, mesh, *,
-                   num_prompts: int, eos_id: int, pad_id: int, ignore_ids, rm_graphdef=None):
+def make_iteration(objective: objectives.Objective, cfg, graphdef, rest, tx, schedule, mesh, *, num_prompts: int,
+                   eos_id: int, pad_id: int, ignore_ids, rm_graphdef=None):
   """iteration(state, table, ref_params, rm_state) -> (state, metrics): one rollout and its updates, for jax.jit.
 
-  ref_params: the reference's nnx.Param state (same graphdef as the policy); rm_state: the reward model's state
-  (its graphdef is rm_graphdef) or None for the gold reward."""
+  objective: the stage's, with its settings (it says whose samples it trains on: `samples_reference`, and whether
+  the state keeps a sampling copy of the parameters: `keeps_sampler_copy`); ref_params: the reference's nnx.Param
+  state (same graphdef as the policy); rm_state: the reward model's state (its graphdef is rm_graphdef) or None for
+  the gold reward."""
   o = cfg.online
-  from_reference = stage == "online_var" and cfg.online_var.sample_from == "reference"
-  train_step = train_lib.make_train_step(objective, graphdef, rest, tx, schedule, cfg)
+  train_step = train_lib.make_train_step(objective, graphdef, rest, tx, schedule)
   merge = lambda p: nnx.merge(graphdef, p, rest)  # noqa: E731
 
   def iteration(state, table, ref_params, rm_state):
@@ -172,7 +168,7 @@ def make_iteration(objective: objectives.Objective, cfg, stage: str, graphdef, r
     index = train_state["step"] // o.updates_per_rollout
     key, sample_key = jax.random.split(jax.random.wrap_key_data(state["rng"]))
     idx = iteration_prompts(jax.random.key(cfg.seed), index, num_prompts, o.prompts_per_step)
-    sampler_params = ref_params if from_reference else state.get("sampler", train_state["params"])
+    sampler_params = ref_params if objective.samples_reference else state.get("sampler", train_state["params"])
     reward_model = None if rm_state is None else nnx.merge(rm_graphdef, rm_state)
     batch = sample_rollout(merge(sampler_params), merge(ref_params), reward_model, table, idx, sample_key, cfg,
                            eos_id=eos_id, pad_id=pad_id, ignore_ids=ignore_ids, mesh=mesh)
@@ -181,101 +177,129 @@ def make_iteration(objective: objectives.Objective, cfg, stage: str, graphdef, r
     metrics = jax.tree.map(lambda m: m[-1], metrics)  # The last update's (the rollout's metrics are the same in all).
     new = {"train": train_state, "rng": jax.random.key_data(key),
            "sampled_tokens": state["sampled_tokens"] + metrics["num_tokens"]}
-    metrics["sampled_tokens"] = new["sampled_tokens"]
+    metrics.update(sampled_tokens=new["sampled_tokens"], optimizer_steps=train_state["step"].astype(jnp.float32))
     if "sampler" in state:
-      refresh = (index + 1) % cfg.online_var.refresh_every == 0
+      refresh = (index + 1) % objective.sampler_refresh_every == 0
       new["sampler"] = jax.tree.map(lambda p, s: jnp.where(refresh, p, s), train_state["params"], state["sampler"])
     return new, metrics
 
   return iteration
 
 
+def make_heldout_eval(cfg, graphdef, rest, mesh, *, num_prompts: int, batches: int, eos_id: int, pad_id: int,
+                      ignore_ids, rm_graphdef=None):
+  """evaluate(params, table, ref_params, rm_state) -> held-out metrics of the policy `params`, for jax.jit.
+
+  Samples online.group responses for each of `batches` x online.prompts_per_step held-out prompts (the first ones
+  of `table`, cycled when there are fewer) from the policy, with a fixed key so every evaluation sees the same
+  draws, and reports their mean reward, length and the policy's per-token KL to the reference (k3)."""
+  o = cfg.online
+  merge = lambda p: nnx.merge(graphdef, p, rest)  # noqa: E731
+
+  def evaluate(params, table, ref_params, rm_state):
+    reward_model = None if rm_state is None else nnx.merge(rm_graphdef, rm_state)
+
+    def one(b):
+      idx = (jnp.arange(o.prompts_per_step) + b * o.prompts_per_step) % num_prompts
+      batch = sample_rollout(merge(params), merge(ref_params), reward_model, table, idx,
+                             jax.random.fold_in(jax.random.key(cfg.seed + 11), b), cfg, eos_id=eos_id,
+                             pad_id=pad_id, ignore_ids=ignore_ids, mesh=mesh)
+      metrics = objectives.rollout_metrics(batch, batch["loss_mask"].sum(-1).astype(jnp.float32))
+      metrics["kl_to_ref_per_token"] = metrics.pop("sampler_kl_to_ref_per_token")
+      return metrics
+
+    per_batch = jax.lax.map(one, jnp.arange(batches))
+    return jax.tree.map(jnp.mean, per_batch)
+
+  return evaluate
+
+
 # ----------------------------------------------------------------------------------------------------------------
-# The loop.
+# The loop (train.run_loop, as every training stage).
 
 
-def train_online(stage: str, objective: objectives.Objective, cfg, model: nnx.Module, reference: nnx.Module,
+def rollout_flops(mcfg, table: PromptTable, cfg, *, reward_model: bool) -> float:
+  """Model FLOPs of one iteration: P x G rows of W + N padded tokens, generated (about one forward per token),
+  scored by the sampler and the reference (two forwards), trained on updates_per_rollout times (forward + backward),
+  and, with a reward model, one more forward without the LM head."""
+  o = cfg.online
+  width = table.tokens.shape[1] + o.max_new_tokens
+  tokens = o.prompts_per_step * o.group * width
+  forward = flops_lib.decoder_flops_per_token(mcfg, width, training=False)
+  train = flops_lib.decoder_flops_per_token(mcfg, width, training=True)
+  rm = flops_lib.decoder_flops_per_token(mcfg, width, training=False, lm_head=False) if reward_model else 0.0
+  return tokens * (3 * forward + o.updates_per_rollout * train + rm)
+
+
+class RolloutFeed:
+  """A Feed of an online stage: every iteration takes the same device inputs (the prompt table, the reference, the
+  reward model); what changes lives in the state. Its checkpointed state is the iteration count."""
+
+  def __init__(self, inputs: tuple, flops: float, iteration: int):
+    self.inputs, self.flops, self.iteration = inputs, flops, iteration
+
+  def __next__(self):
+    self.iteration += 1
+    return self.inputs, self.flops
+
+  def get_state(self) -> dict:
+    return {"iteration": self.iteration}
+
+
+def train_online(objective: objectives.Objective, cfg, model: nnx.Module, reference: nnx.Module,
                  reward_model: Optional[nnx.Module], table: PromptTable, workdir: str, mesh, *, eos_id: int,
-                 pad_id: int, ignore_ids) -> nnx.Module:
-  """Trains `model` (a policy, sharded on `mesh`) for cfg[stage].steps iterations and returns it.
+                 pad_id: int, ignore_ids, eval_table: Optional[PromptTable] = None,
+                 iteration_flops: float = 0.0) -> nnx.Module:
+  """Trains `model` (a policy, sharded on `mesh`) for cfg[objective.name].steps iterations and returns it.
 
-  reference: the frozen reference policy; reward_model: None for the gold reward (then `table` carries targets);
-  workdir: the stage's directory (checkpoints/, logs/). Resumes from the newest checkpoint.
+  objective: the stage's (GRPO, online VAR), with its settings; reference: the frozen reference policy;
+  reward_model: None for the gold reward (then the tables carry targets); workdir: the stage's directory
+  (checkpoints/, logs/); eval_table: held-out prompts, evaluated (`make_heldout_eval`, eval_batches batches) at
+  eval_every and at the end, or None; iteration_flops: model FLOPs of one iteration (`rollout_flops`), for MFU.
+  Resumes from the newest checkpoint.
   """
-  with jax.set_mesh(mesh):  # As train.train: the model's batch-sharding constraints and splash need the mesh.
-    return _train_online(stage, objective, cfg, model, reference, reward_model, table, workdir, mesh, eos_id=eos_id,
-                         pad_id=pad_id, ignore_ids=ignore_ids)
-
-
-def _train_online(stage, objective, cfg, model, reference, reward_model, table, workdir, mesh, *, eos_id, pad_id,
-                  ignore_ids):
-  """`train_online` inside the run's mesh."""
-  o, section = cfg.online, cfg[stage]
+  stage, o = objective.name, cfg.online
+  section = cfg[stage]
   iterations = int(section.steps)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   tx, schedule = train_lib.make_optimizer(float(section.lr), iterations * o.updates_per_rollout, cfg.optim)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  param_shardings = jax.tree.map(lambda x: x.sharding, params)
-  train_shardings = {"step": replicated, "params": param_shardings, "first_bad_step": replicated,
-                     "opt_state": sharding_lib.opt_state_shardings(tx, params, param_shardings, mesh)}
+  train_shardings = train_lib.train_state_shardings(tx, params, mesh)
   shardings = {"train": train_shardings, "rng": replicated, "sampled_tokens": replicated}
-  keeps_sampler = stage == "online_var" and cfg.online_var.sample_from == "policy" and cfg.online_var.refresh_every > 1
-  if keeps_sampler:
-    shardings["sampler"] = param_shardings
+  if objective.keeps_sampler_copy:
+    shardings["sampler"] = train_shardings["params"]
 
   def init(p):
     state = {"train": train_lib.init_train_state(p, tx), "rng": jax.random.key_data(jax.random.key(cfg.seed + 7)),
              "sampled_tokens": jnp.zeros((), jnp.float32)}
-    if keeps_sampler:
+    if objective.keeps_sampler_copy:
       state["sampler"] = jax.tree.map(jnp.copy, p)
     return state
 
-  state = jax.jit(init, out_shardings=shardings)(params)
-  mngr = train_lib.checkpoint_manager(os.path.join(workdir, "checkpoints"), cfg)
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-  restored = checkpoints.restore_newest(mngr, abstract, stage)
-  if restored is not None:
-    state = restored["state"]
-    logging.info("[%s] resumed at iteration %d", stage, int(jax.device_get(state["train"]["step"])) //
-                 o.updates_per_rollout)
-
   put = lambda x: jax.device_put(np.asarray(x), replicated)  # noqa: E731
-  device_table = {f.name: put(getattr(table, f.name)) for f in dataclasses.fields(table)
-                  if getattr(table, f.name) is not None}
+  on_device = lambda t: {f.name: put(getattr(t, f.name)) for f in dataclasses.fields(t)  # noqa: E731
+                         if getattr(t, f.name) is not None}
   ref_params = nnx.state(reference, nnx.Param)
   rm_graphdef, rm_state = (None, None) if reward_model is None else nnx.split(reward_model)
-  iteration = make_iteration(objective, cfg, stage, graphdef, rest, tx, schedule, mesh,
-                             num_prompts=len(table.tokens), eos_id=eos_id, pad_id=pad_id,
-                             ignore_ids=put(np.asarray(ignore_ids, np.int32)), rm_graphdef=rm_graphdef)
-  step_fn = jax.jit(iteration, out_shardings=(shardings, replicated), donate_argnums=(0,))
-  writer = MetricsWriter(os.path.join(workdir, "logs"), enabled=sharding_lib.is_main_process(), wandb_cfg=cfg.wandb,
-                         run_name=stage, run_config=cfg.to_dict())
+  ignore = put(np.asarray(ignore_ids, np.int32))
+  iteration = make_iteration(objective, cfg, graphdef, rest, tx, schedule, mesh, num_prompts=len(table.tokens),
+                             eos_id=eos_id, pad_id=pad_id, ignore_ids=ignore, rm_graphdef=rm_graphdef)
+  inputs = (on_device(table), ref_params, rm_state)
 
-  def save(i: int) -> None:
-    train_lib.check_finite(state["train"], f"before saving iteration {i}")
-    mngr.save(i, args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave({"iteration": i})))
+  evaluate = None
+  if eval_table is not None and cfg.eval_batches > 0:
+    heldout = jax.jit(make_heldout_eval(cfg, graphdef, rest, mesh, num_prompts=len(eval_table.tokens),
+                                        batches=cfg.eval_batches, eos_id=eos_id, pad_id=pad_id, ignore_ids=ignore,
+                                        rm_graphdef=rm_graphdef), out_shardings=replicated)
+    device_eval_table = on_device(eval_table)
+    evaluate = lambda state: train_lib.host_scalars(  # noqa: E731
+        heldout(state["train"]["params"], device_eval_table, ref_params, rm_state))
 
-  done = int(jax.device_get(state["train"]["step"])) // o.updates_per_rollout
-  start = time.perf_counter()
-  with train_lib.PreemptionCheck(cfg.log_every) as preemption, writer.progress(iterations, done, stage) as progress:
-    while done < iterations:
-      state, metrics = step_fn(state, device_table, ref_params, rm_state)
-      done += 1
-      progress.update(1)
-      if done % cfg.log_every == 0 or done == iterations:
-        host = {k: float(v) for k, v in jax.device_get(metrics).items()}  # The only host sync, once per log interval.
-        train_lib.check_finite(state["train"], f"iteration {done}")
-        host.update(elapsed_s=time.perf_counter() - start, optimizer_steps=done * o.updates_per_rollout)
-        writer.write(done, host)
-        progress.set_postfix(reward=f"{host['reward']:.3f}")
-      preempted = preemption.stop(done)
-      if done % cfg.checkpoint.every == 0 or done == iterations or preempted:
-        save(done)
-      if preempted and done < iterations:
-        train_lib.close_run(mngr, writer)
-        raise train_lib.Preempted(f"[{stage}] SIGTERM: saved iteration {done} to {workdir}/checkpoints; rerun the "
-                                  "same command to resume")
-  train_lib.close_run(mngr, writer)
-  train_lib.check_finite(state["train"], "end of training")
+  state = train_lib.run_loop(
+      stage, cfg, workdir, mesh, total_steps=iterations, init=init, params=params, shardings=shardings,
+      step=iteration, feed_fn=lambda s: RolloutFeed(inputs, iteration_flops, (s or {}).get("iteration", 0)),
+      train_of=lambda s: s["train"],
+      steps_done=lambda s: int(jax.device_get(s["train"]["step"])) // o.updates_per_rollout,
+      evaluate=evaluate, postfix="reward")
   nnx.update(model, state["train"]["params"])
   return model

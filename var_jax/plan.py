@@ -3,7 +3,7 @@
     # once: a venv with libtpu (it compiles for TPU on any machine; no TPU needed)
     python -m venv /work/tpuvenv && /work/tpuvenv/bin/pip install "jax[tpu]==0.10.2" -r requirements.txt
     /work/tpuvenv/bin/python -m var_jax.plan --config=configs/hha.py --topology=v5e-64 [--mfu=0.4]
-    /work/tpuvenv/bin/python -m var_jax.plan --config=configs/plan_llama_8b.py --topology=v5p:4x4x4 \\
+    /work/tpuvenv/bin/python -m var_jax.plan --config=configs/plan_llama.py:8b --topology=v5p:4x4x4 \\
         --config.model.attention_impl=splash
 
 Nothing is allocated: the model, optimizer state and batches are `jax.ShapeDtypeStruct`s carrying the
@@ -279,19 +279,16 @@ def _replicated_inputs(mesh, *arrays):
 
 def train_program(stage: str, cfg, mcfg, mesh, rules) -> Program:
   """The jitted train step of a training stage, as train.train builds it (state donated, shardings explicit)."""
-  objective = objectives.get(stage_table.get(stage).objective)
+  objective = objectives.build(stage_table.get(stage).objective, cfg)
   graphdef, params = abstract_model(mcfg, mesh, rules, reward=objective.reward_model)
-  shardings = jax.tree.map(lambda x: x.sharding, params)
   section = cfg[stage]
   tx, schedule = train_lib.make_optimizer(float(section.lr), max(int(section.steps), 1), cfg.optim)
   replicated = sharding_lib.replicated(mesh)
-  state_shardings = {"step": replicated, "params": shardings,
-                     "opt_state": sharding_lib.opt_state_shardings(tx, params, shardings, mesh),
-                     "first_bad_step": replicated}
+  state_shardings = train_lib.train_state_shardings(tx, params, mesh)
   state = sharded_struct(jax.eval_shape(lambda p: train_lib.init_train_state(p, tx), params), state_shardings)
   batch = example_batch(cfg, scores=objective.needs_scores)
   batch = {k: sharded_struct(v, sharding_lib.batch_sharding(mesh, v.ndim)) for k, v in batch.items()}
-  step = train_lib.make_train_step(objective, graphdef, nnx.State({}), tx, schedule, cfg, cfg.optim.grad_accum)
+  step = train_lib.make_train_step(objective, graphdef, nnx.State({}), tx, schedule, cfg.optim.grad_accum)
   jitted = jax.jit(step, out_shardings=(state_shardings, replicated), donate_argnums=(0,))
   tokens = math.prod(batch["inputs"].shape)
   t = batch["inputs"].shape[-1]

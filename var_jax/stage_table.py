@@ -25,6 +25,7 @@ class Stage:
   objective: the training objective (var_jax/objectives.OBJECTIVES key) of a training stage.
   compared: a policy the eval stage compares with the reference.
   default: part of the default pipeline (config.stages of base_config()).
+  pairs: trains on each prompt's best vs worst response (needs >= 2 responses per prompt).
   """
   name: str
   runner: str
@@ -34,17 +35,19 @@ class Stage:
   objective: str = ""
   compared: bool = False
   default: bool = True
+  pairs: bool = False
 
 
 STAGES = (
     Stage("sft", "reference", ("seed", "data", "model", "sft", "optim"), writes=("params",), objective="sft"),
-    Stage("reward", "reward", ("reward",), reads=("sft",), writes=("params",), objective="reward"),
+    Stage("reward", "reward", ("reward",), reads=("sft",), writes=("params",), objective="reward", pairs=True),
     Stage("score", "score", ("score",), reads=("sft", "reward"), writes=("scores",)),
     Stage("var", "policy", ("var",), reads=("score",), writes=("params",), objective="var", compared=True),
-    Stage("dpo", "policy", ("dpo",), reads=("score",), writes=("params",), objective="dpo", compared=True),
+    Stage("dpo", "policy", ("dpo",), reads=("score",), writes=("params",), objective="dpo", compared=True,
+          pairs=True),
     Stage("chosen", "policy", ("chosen",), reads=("sft",), writes=("params",), objective="chosen", compared=True),
     Stage("ipo", "policy", ("ipo",), reads=("score",), writes=("params",), objective="ipo", compared=True,
-          default=False),
+          default=False, pairs=True),
     # Online: sample from the policy during training (var_jax/online.py); rewards from the reward stage's model or
     # the gold reward.
     Stage("grpo", "online", ("online", "grpo"), reads=("sft", "reward"), writes=("params",), objective="grpo",
@@ -62,6 +65,10 @@ NAMES = tuple(BY_NAME)
 DEFAULT_PIPELINE = tuple(s.name for s in STAGES if s.default)
 # The policies eval compares with the reference (sft), in table order.
 COMPARED = tuple(s.name for s in STAGES if s.compared)
+REFERENCE = next(s.name for s in STAGES if s.runner == "reference")  # The stage that trains pi_ref.
+CHOSEN_BASELINE = "chosen"  # SFT on the chosen responses: the baseline that needs no reward model.
+ONLINE = tuple(s.name for s in STAGES if s.runner == "online")  # Stages that train on their own samples.
+PAIRS = tuple(s.name for s in STAGES if s.pairs)  # Stages that train on best vs worst responses.
 
 
 def get(name: str) -> Stage:

@@ -220,14 +220,14 @@ class Context:
     return self._pipes[name]
 
   def train(self, stage: str, model, train_pipe, eval_pipe, cfg=None):
-    """Trains `model` with the stage's objective (stage_table) and its config section's steps and lr; `cfg`
-    replaces the run's config for this stage (an objective's calibrated settings)."""
+    """Trains `model` with the stage's objective (stage_table), built with the settings of `cfg` (the run's config
+    by default, or one with an objective's calibrated settings), for its config section's steps at its lr."""
     cfg = cfg or self.cfg
-    objective = objectives.get(stage_table.get(stage).objective)
+    objective = objectives.build(stage_table.get(stage).objective, cfg)
     per_token = flops_lib.decoder_flops_per_token(self.mcfg, train_pipe.max_len, lm_head=not objective.reward_model)
     return train_lib.train(stage, objective, cfg, cfg[stage], model, iterator_fn(train_pipe),
                            eval_batches_fn(cfg, eval_pipe), str(artifacts.stage_dir(self.workdir, stage)),
-                           self.mesh, self.rules, tokens_flops=lambda n: n * per_token)
+                           self.mesh, tokens_flops=lambda n: n * per_token)
 
   def load(self, stage: str, *, reward: bool = False) -> nnx.Module:
     """The model a finished stage saved, on this run's mesh."""
@@ -331,14 +331,13 @@ def run_policy(ctx: Context, stage: str) -> None:
   """A policy from the reference (sft) trained with the stage's objective on the preference data. Objectives that
   need scores read the cached ones, so the reference model is never in memory next to the policy."""
   cfg, results = ctx.cfg, {}
-  objective = objectives.get(stage_table.get(stage).objective)
+  objective = objectives.build(stage_table.get(stage).objective, cfg)
   policy = ctx.load("sft")
   train_pipe, eval_pipe = ctx.pipe("pref"), ctx.pipe("pref_eval")
   if objective.needs_scores:
     train, held_out = artifacts.load_scores(ctx.workdir, "train"), artifacts.load_scores(ctx.workdir, "eval")
-    if objective.calibrate is not None:
-      train, held_out, overrides, results = objective.calibrate(cfg, train, held_out)
-      cfg = config_lib.with_overrides(cfg, overrides)
+    train, held_out, overrides, results = objective.calibrate(train, held_out)
+    cfg = config_lib.with_overrides(cfg, overrides)
     group_size = cfg[stage].get("group_size", 0)
     train_pipe = with_scores(train_pipe, train, group_size)
     eval_pipe = with_scores(eval_pipe, held_out, group_size)
@@ -366,11 +365,14 @@ def run_online(ctx: Context, stage: str) -> None:
   if len(table.tokens) < cfg.online.prompts_per_step:
     raise ValueError(f"config.online.prompts_per_step={cfg.online.prompts_per_step} exceeds the "
                      f"{len(table.tokens)} distinct training prompts")
+  eval_table = online.prompt_table(ctx.task.eval_records, tok, gold=gold, bucket=cfg.data.bucket)
   ignore = tok.tok.convert_tokens_to_ids(list(synthetic.SPECIAL)) if gold else []
+  reward_model = None if gold else ctx.reward_model()
   policy = online.train_online(
-      stage, objectives.get(stage_table.get(stage).objective), cfg, ctx.load("sft"), ctx.load("sft"),
-      None if gold else ctx.reward_model(), table, str(artifacts.stage_dir(ctx.workdir, stage)), ctx.mesh,
-      eos_id=tok.eos_id, pad_id=tok.pad_id, ignore_ids=ignore)
+      objectives.build(stage_table.get(stage).objective, cfg), cfg, ctx.load("sft"), ctx.load("sft"), reward_model,
+      table, str(artifacts.stage_dir(ctx.workdir, stage)), ctx.mesh, eos_id=tok.eos_id, pad_id=tok.pad_id,
+      ignore_ids=ignore, eval_table=eval_table,
+      iteration_flops=online.rollout_flops(ctx.mcfg, table, cfg, reward_model=reward_model is not None))
   artifacts.save_model(policy, ctx.workdir, stage)
   artifacts.mark_done(ctx.cfg, ctx.workdir, stage, {"prompts": len(table.tokens)})
 

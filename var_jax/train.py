@@ -1,17 +1,20 @@
-"""The training loop shared by every stage (sft, reward, var, dpo): read it top to bottom.
+"""The training step and the one loop every training stage runs (sft, reward, var, dpo, ipo, chosen, judge here;
+grpo and online_var through var_jax/online.py): read it top to bottom.
 
 One jitted step with explicit shardings: prepare the whole batch's constants (VAR weights etc., see
 objectives.py), run `grad_accum` micro-batches of whole groups under `lax.scan`, clip, AdamW, and keep the old
 parameters if the loss or gradient is not finite (the host finds out at the next log or save and stops with a
-message; the last good checkpoint is never overwritten). The loop saves policy parameters, optimizer state, step
-and the data-iterator state in one orbax CheckpointManager, resumes from the latest one, and saves on SIGTERM (on
-several processes at a step they agree on, see `PreemptionCheck`).
+message; the last good checkpoint is never overwritten). The loop (`run_loop`) pulls each step's inputs from a
+`Feed` (offline: the preference batches; online: the prompt table, as the rollout happens inside the step), logs
+tokens/s and MFU, evaluates on held-out data, saves the state and the feed's position in one orbax
+CheckpointManager, resumes from the latest one, and saves on SIGTERM (on several processes at a step they agree
+on, see `PreemptionCheck`).
 """
 import contextlib
 import os
 import signal
 import time
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -73,18 +76,18 @@ def _merge_micro(x):
   return x.swapaxes(0, 1).reshape((-1,) + x.shape[2:])
 
 
-def make_loss_and_grads(objective: objectives.Objective, graphdef, rest, cfg, accum: int):
+def make_loss_and_grads(objective: objectives.Objective, graphdef, rest, accum: int):
   """(params, batch) -> (loss, grads, outputs [g, N], num_tokens [g, N], const). Exact under accumulation."""
 
   def micro_loss(params, micro_batch, micro_const, denominator):
     model = nnx.merge(graphdef, params, rest)
-    num, outputs, num_tokens = objectives.forward_numerator(objective, model, micro_batch, micro_const, cfg)
+    num, outputs, num_tokens = objectives.forward_numerator(objective, model, micro_batch, micro_const)
     return num / denominator, (outputs, num_tokens)
 
   grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
   def loss_and_grads(params, batch):
-    const = objective.prepare(batch, cfg)
+    const = objective.prepare(batch)
     denominator = const.pop("denominator")
     if accum == 1:
       (loss, (outputs, num_tokens)), grads = grad_fn(params, batch, const, denominator)
@@ -109,9 +112,9 @@ def init_train_state(params, tx: optax.GradientTransformation) -> dict:
           "first_bad_step": jnp.full((), -1, jnp.int32)}
 
 
-def make_train_step(objective: objectives.Objective, graphdef, rest, tx, schedule, cfg, accum: int = 1):
+def make_train_step(objective: objectives.Objective, graphdef, rest, tx, schedule, accum: int = 1):
   """Returns step(state, batch) -> (state, metrics); state = {step, params, opt_state, first_bad_step}."""
-  loss_and_grads = make_loss_and_grads(objective, graphdef, rest, cfg, accum)
+  loss_and_grads = make_loss_and_grads(objective, graphdef, rest, accum)
 
   def step(state, batch):
     params = state["params"]
@@ -124,23 +127,24 @@ def make_train_step(objective: objectives.Objective, graphdef, rest, tx, schedul
     first_bad = jnp.where((state["first_bad_step"] < 0) & ~finite, state["step"], state["first_bad_step"])
     new_state = {"step": state["step"] + 1, "params": keep_if_bad(new_params, params),
                  "opt_state": keep_if_bad(opt_state, state["opt_state"]), "first_bad_step": first_bad}
-    metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state["step"])}
-    metrics.update(objectives.batch_metrics(objective, outputs, num_tokens, const, batch, cfg))
+    metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state["step"]),
+               "tokens": jnp.sum(batch["segment_ids"] > 0).astype(jnp.float32)}  # Real tokens, for tokens/s.
+    metrics.update(objectives.batch_metrics(objective, outputs, num_tokens, const, batch))
     return new_state, metrics
 
   return step
 
 
-def make_eval_step(objective: objectives.Objective, graphdef, rest, cfg):
+def make_eval_step(objective: objectives.Objective, graphdef, rest):
   """eval(params, batch) -> metrics of the objective on a held-out batch (no gradient)."""
 
   def evaluate(params, batch):
     model = nnx.merge(graphdef, params, rest)
-    const = objective.prepare(batch, cfg)
+    const = objective.prepare(batch)
     denominator = const.pop("denominator")
     outputs, num_tokens = objectives.outputs_of(objective, model, batch)
-    metrics = {"loss": objectives.numerator(objective, outputs, const, cfg) / denominator}
-    metrics.update(objectives.batch_metrics(objective, outputs, num_tokens, const, batch, cfg))
+    metrics = {"loss": objectives.numerator(objective, outputs, const) / denominator}
+    metrics.update(objectives.batch_metrics(objective, outputs, num_tokens, const, batch))
     return metrics
 
   return evaluate
@@ -226,10 +230,29 @@ class PreemptionCheck:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The loop.
+# The loop, shared by every training stage (offline here, online in var_jax/online.py).
 
 
-def _host(metrics) -> dict[str, float]:
+class Feed(Protocol):
+  """What the loop pulls a step's inputs from: a checkpointable source of (step inputs, model FLOPs of the step)."""
+
+  def __next__(self) -> tuple[tuple, float]:
+    ...
+
+  def get_state(self) -> dict:
+    ...
+
+
+def train_state_shardings(tx, params, mesh) -> dict:
+  """The shardings of `init_train_state(params, tx)`: parameters as they are, optimizer moments alike."""
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  param_shardings = jax.tree.map(lambda x: x.sharding, params)
+  return {"step": replicated, "params": param_shardings, "first_bad_step": replicated,
+          "opt_state": sharding_lib.opt_state_shardings(tx, params, param_shardings, mesh)}
+
+
+def host_scalars(metrics) -> dict[str, float]:
+  """{name: device scalar} -> {name: float} (a host sync)."""
   return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
 
@@ -241,14 +264,115 @@ def check_finite(state, where: str) -> None:
         f"checkpoint after step {bad} was written. Check the data (rewards / scores), the learning rate, and dtype.")
 
 
+def run_loop(stage: str, cfg, workdir: str, mesh, *, total_steps: int, init: Callable, params, shardings,
+             step: Callable, feed_fn: Callable[[Optional[dict]], Feed], train_of: Callable = lambda s: s,
+             steps_done: Callable = None, evaluate: Optional[Callable] = None, postfix: str = "loss"):
+  """Runs `step` until `total_steps` loop steps are done and returns the final state: restore, step, log (with
+  tokens/s and MFU), held-out eval, save (periodically, at the end and on preemption), close.
+
+  Args:
+    stage: the stage's name (logs, messages); cfg: the run's config (log_every, eval_every, checkpoint, wandb);
+      workdir: the stage's directory (checkpoints/, logs/); mesh: the run's mesh, in context while steps are traced
+      and run (the model constrains its hidden states to the batch sharding and the splash kernel runs per shard).
+    init: params -> the state at step 0 (jitted here onto `shardings`); replaced by the newest checkpoint if any.
+    step: (state, *inputs) -> (state, metrics), jitted here with the state donated; metrics are scalars and include
+      "tokens", the real (non-padding) tokens the step trained on.
+    feed_fn: the feed's checkpointed state (None = from the start) -> a Feed of step inputs.
+    train_of: state -> its train part {step, params, opt_state, first_bad_step}.
+    steps_done: host step count of a state (default: train_of(state)["step"]).
+    evaluate: state -> held-out metrics {name: float} (logged as eval/<name>), or None.
+    postfix: the metric shown beside the progress bar.
+  """
+  steps_done = steps_done or (lambda s: int(jax.device_get(train_of(s)["step"])))
+  with jax.set_mesh(mesh):
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    state = jax.jit(init, out_shardings=shardings)(params)
+    mngr = checkpoint_manager(os.path.join(workdir, "checkpoints"), cfg)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    restored = checkpoints.restore_newest(mngr, abstract, stage)
+    feed_state = None
+    if restored is not None:
+      state, feed_state = restored["state"], restored["data"]
+      logging.info("[%s] resumed from step %d", stage, steps_done(state))
+    feed = feed_fn(feed_state)
+    step = jax.jit(step, out_shardings=(shardings, replicated), donate_argnums=(0,))
+    peak = flops_lib.peak_flops_per_second()
+    writer = MetricsWriter(os.path.join(workdir, "logs"), enabled=sharding_lib.is_main_process(),
+                           wandb_cfg=cfg.wandb, run_name=stage, run_config=cfg.to_dict())
+
+    def save(step_number: int) -> None:
+      check_finite(train_of(state), f"before saving step {step_number}")
+      mngr.save(step_number, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                     data=ocp.args.JsonSave(feed.get_state())))
+
+    def run_eval(step_number: int) -> None:
+      metrics = evaluate(state) if evaluate is not None else {}
+      if metrics:
+        writer.write(step_number, {f"eval/{k}": v for k, v in metrics.items()})
+
+    step_number = steps_done(state)
+    # Tokens are summed on device (an asynchronous add per step) and read at log time: no host sync in a step.
+    window_tokens, window_flops, window_start = 0.0, 0.0, time.perf_counter()
+    loop_start = window_start
+    with PreemptionCheck(cfg.log_every) as preemption, writer.progress(total_steps, step_number, stage) as progress:
+      while step_number < total_steps:
+        inputs, step_flops = next(feed)
+        state, metrics = step(state, *inputs)
+        step_number += 1
+        window_tokens = window_tokens + metrics["tokens"]
+        window_flops += step_flops
+        progress.update(1)
+        if step_number % cfg.log_every == 0 or step_number == total_steps:
+          host = host_scalars(metrics)  # The only host sync of a step, once per log interval.
+          check_finite(train_of(state), f"step {step_number}")
+          elapsed = time.perf_counter() - window_start
+          host.pop("tokens")
+          host["tokens_per_s"] = float(window_tokens) / elapsed
+          host["elapsed_s"] = time.perf_counter() - loop_start  # This run's training seconds (the race reads them).
+          if window_flops:
+            host["mfu"] = window_flops / elapsed / peak
+          writer.write(step_number, host)
+          progress.set_postfix(**{postfix: f"{host[postfix]:.4f}"})
+          window_tokens, window_flops, window_start = 0.0, 0.0, time.perf_counter()
+        if cfg.eval_every and step_number % cfg.eval_every == 0 and step_number < total_steps:
+          run_eval(step_number)
+        preempted = preemption.stop(step_number)
+        if step_number % cfg.checkpoint.every == 0 or step_number == total_steps or preempted:
+          save(step_number)
+        if preempted and step_number < total_steps:
+          close_run(mngr, writer)
+          raise Preempted(f"[{stage}] SIGTERM: saved step {step_number} to {workdir}/checkpoints; rerun the same "
+                          "command to resume")
+    run_eval(step_number)
+    close_run(mngr, writer)
+    check_finite(train_of(state), "end of training")
+  return state
+
+
+class BatchFeed:
+  """A Feed of an offline stage: global batches from a checkpointable iterator of local numpy batches."""
+
+  def __init__(self, it, mesh, tokens_flops: Optional[Callable[[int], float]]):
+    self.it, self.mesh, self.tokens_flops = it, mesh, tokens_flops
+
+  def __next__(self):
+    local = next(self.it)
+    padded_tokens = int(np.prod(local["inputs"].shape)) * jax.process_count()
+    flops = self.tokens_flops(padded_tokens) if self.tokens_flops else 0.0
+    return (sharding_lib.global_batch(local, self.mesh),), flops
+
+  def get_state(self) -> dict:
+    return self.it.get_state()
+
+
 def train(stage: str, objective: objectives.Objective, cfg, section, model: nnx.Module,
           train_iter_fn: Callable[[Optional[dict]], Any], eval_batches_fn: Optional[Callable[[], Iterable[dict]]],
-          workdir: str, mesh, rules, *, tokens_flops: Optional[Callable[[int], float]] = None) -> nnx.Module:
-  """Trains `model` in place for section.steps steps and returns it.
+          workdir: str, mesh, *, tokens_flops: Optional[Callable[[int], float]] = None) -> nnx.Module:
+  """Trains `model` in place for section.steps steps of `objective` on the preference data and returns it.
 
   Args:
     stage: the stage's name (for logs and messages).
-    objective: what it minimises (var_jax/objectives.py).
+    objective: what it minimises, with its settings (var_jax/objectives.py).
     cfg: the full config; section: cfg[stage] (steps, lr).
     model: the initial model (a policy, or a reward model for objective.reward_model), sharded onto `mesh`.
     train_iter_fn: state -> a checkpointable iterator of local numpy batches (state None = from the start).
@@ -256,95 +380,24 @@ def train(stage: str, objective: objectives.Objective, cfg, section, model: nnx.
     workdir: the stage's directory; checkpoints go to workdir/checkpoints.
     tokens_flops: training FLOPs of a batch of the given padded token count (for MFU), or None.
   """
-  # The run's mesh in context while steps are traced and run: the model constrains its hidden states to the batch
-  # sharding (model.batch_sharded) and the splash kernel runs per shard (model.splash_attention). Models are built
-  # outside it (nnx would read their logical axis names as mesh axes).
-  with jax.set_mesh(mesh):
-    return _train(stage, objective, cfg, section, model, train_iter_fn, eval_batches_fn, workdir, mesh, tokens_flops)
-
-
-def _train(stage, objective, cfg, section, model, train_iter_fn, eval_batches_fn, workdir, mesh, tokens_flops):
-  """`train` inside the run's mesh."""
   total_steps = int(section.steps)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   tx, schedule = make_optimizer(float(section.lr), total_steps, cfg.optim)
-  param_shardings = jax.tree.map(lambda x: x.sharding, params)
-  opt_shardings = sharding_lib.opt_state_shardings(tx, params, param_shardings, mesh)
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  state_shardings = {"step": replicated, "params": param_shardings, "opt_state": opt_shardings,
-                     "first_bad_step": replicated}
-  init_state = jax.jit(lambda p: init_train_state(p, tx), out_shardings=state_shardings)
-  state = init_state(params)
+  train_step = make_train_step(objective, graphdef, rest, tx, schedule, cfg.optim.grad_accum)
+  eval_step = jax.jit(make_eval_step(objective, graphdef, rest))
 
-  mngr = checkpoint_manager(os.path.join(workdir, "checkpoints"), cfg)
-  data_state = None
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-  restored = checkpoints.restore_newest(mngr, abstract, stage)
-  if restored is not None:
-    state, data_state = restored["state"], restored["data"]
-    logging.info("[%s] resumed from step %d", stage, int(jax.device_get(state["step"])))
-  it = train_iter_fn(data_state)
-
-  train_step = make_train_step(objective, graphdef, rest, tx, schedule, cfg, cfg.optim.grad_accum)
-  eval_step = make_eval_step(objective, graphdef, rest, cfg)
-  train_step = jax.jit(train_step, out_shardings=(state_shardings, replicated), donate_argnums=(0,))
-  eval_step = jax.jit(eval_step, out_shardings=replicated)
-  peak = flops_lib.peak_flops_per_second()
-  writer = MetricsWriter(os.path.join(workdir, "logs"), enabled=sharding_lib.is_main_process(), wandb_cfg=cfg.wandb,
-                         run_name=stage, run_config=cfg.to_dict())
-
-  def save(step_number: int) -> None:
-    check_finite(state, f"before saving step {step_number}")
-    mngr.save(step_number, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                   data=ocp.args.JsonSave(it.get_state())))
-
-  def run_eval(step_number: int) -> None:
-    if eval_batches_fn is None:
-      return
+  def evaluate(state) -> dict[str, float]:
     totals, count = {}, 0
     for local in eval_batches_fn():
-      m = _host(eval_step(state["params"], sharding_lib.global_batch(local, mesh)))
+      m = host_scalars(eval_step(state["params"], sharding_lib.global_batch(local, mesh)))
       for k, v in m.items():
         totals[k] = totals.get(k, 0.0) + v
       count += 1
-    if count:
-      writer.write(step_number, {f"eval/{k}": v / count for k, v in totals.items()})
+    return {k: v / count for k, v in totals.items()}  # Empty when there are no held-out batches.
 
-  step_number = int(jax.device_get(state["step"]))
-  window_tokens, window_flops, window_start = 0.0, 0.0, time.perf_counter()
-  loop_start = window_start
-  with PreemptionCheck(cfg.log_every) as preemption, writer.progress(total_steps, step_number, stage) as progress:
-    while step_number < total_steps:
-      local = next(it)
-      batch = sharding_lib.global_batch(local, mesh)
-      state, metrics = train_step(state, batch)
-      step_number += 1
-      padded_tokens = int(np.prod(local["inputs"].shape)) * jax.process_count()
-      window_tokens += float((local["segment_ids"] > 0).sum()) * jax.process_count()
-      window_flops += tokens_flops(padded_tokens) if tokens_flops else 0.0
-      progress.update(1)
-      if step_number % cfg.log_every == 0 or step_number == total_steps:
-        host = _host(metrics)  # The only host sync of a step, once per log interval.
-        check_finite(state, f"step {step_number}")
-        elapsed = time.perf_counter() - window_start
-        host["tokens_per_s"] = window_tokens / elapsed
-        host["elapsed_s"] = time.perf_counter() - loop_start  # This run's training seconds (the race reads them).
-        if window_flops:
-          host["mfu"] = window_flops / elapsed / peak
-        writer.write(step_number, host)
-        progress.set_postfix(loss=f"{host['loss']:.4f}")
-        window_tokens, window_flops, window_start = 0.0, 0.0, time.perf_counter()
-      if cfg.eval_every and step_number % cfg.eval_every == 0 and step_number < total_steps:
-        run_eval(step_number)
-      preempted = preemption.stop(step_number)
-      if step_number % cfg.checkpoint.every == 0 or step_number == total_steps or preempted:
-        save(step_number)
-      if preempted and step_number < total_steps:
-        close_run(mngr, writer)
-        raise Preempted(f"[{stage}] SIGTERM: saved step {step_number} to {workdir}/checkpoints; rerun the same "
-                        "command to resume")
-  run_eval(step_number)
-  close_run(mngr, writer)
-  check_finite(state, "end of training")
+  state = run_loop(stage, cfg, workdir, mesh, total_steps=total_steps, init=lambda p: init_train_state(p, tx),
+                   params=params, shardings=train_state_shardings(tx, params, mesh), step=train_step,
+                   feed_fn=lambda s: BatchFeed(train_iter_fn(s), mesh, tokens_flops),
+                   evaluate=evaluate if eval_batches_fn is not None else None)
   nnx.update(model, state["params"])
   return model

@@ -1,6 +1,6 @@
 """Prompt-grouped, fixed-shape batches for VAR, on grain.
 
-Three sizes (docs/var-math.md), kept apart:
+Three sizes (../shared/docs/var-math.md, section 2), kept apart:
 
 - scoring block, G prompts: `make_blocks` groups the prompts tokenization kept, once, deterministically from the
   seed, for the whole run. The scoring stage computes each block's G x (G*K_max) cross-context matrices once (`scoring_blocks`).
