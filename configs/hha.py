@@ -24,7 +24,8 @@ def get_config():
   c.data.max_response_len = 128
   c.data.max_responses = 2
   c.data.group_size = 8                 # B: the paper's best in-batch size.
-  c.data.block_size = 64                # G: one scoring pass serves every B <= 64.
+  c.data.block_size = 0                 # G = B: the score stage computes only the groups training reads; a sweep
+                                        # over B <= 64 sets --config.data.block_size=64 (8x the scoring of B = 8).
   c.data.groups_per_batch = 16          # 128 prompts / 256 sequences per step (divide over data x fsdp).
   c.data.bucket = 128
   c.model.path = "Qwen/Qwen2.5-0.5B-Instruct"   # Any Llama/Qwen2-family HF id or local directory.

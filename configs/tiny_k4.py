@@ -13,6 +13,5 @@ def get_config():
   c = tiny.get_config()
   c.data.max_responses = 4
   c.data.group_size = 4             # 4 prompts x 4 responses = 16 candidates per normalizer group,
-  c.data.block_size = 8
   c.data.groups_per_batch = 8       # and the same 32 prompts per step as the pairs config.
   return c

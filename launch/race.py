@@ -100,10 +100,10 @@ def logged(workdir: str, stage: str) -> dict[int, dict]:
 
 
 def scored_tokens(workdir: str) -> float:
-  """Response tokens the score stage ran through the reference for the training data: each response of a block
-  under each of the block's G prompts (ref_logp is [blocks, G, G*K])."""
+  """Response tokens the score stage ran through the reference for the training data: each response under each
+  prompt it was scored with (the finite entries of ref_logp [blocks, G, G*K])."""
   train = artifacts.load_scores(workdir, "train")
-  return float(np.nansum(train["ref_ntok"]) * train["ref_logp"].shape[1])
+  return float(np.nansum(np.where(np.isfinite(train["ref_logp"]), train["ref_ntok"][:, None, :], 0.0)))
 
 
 class Judge:

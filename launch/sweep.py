@@ -1,12 +1,12 @@
 """A grid over config fields that shares the upstream stages, then one table and plots of every run.
 
-    python -m launch.sweep --config=configs/tiny.py --dir=workdir/sweep_lam_b \
+    python -m launch.sweep --config=configs/tiny.py --config.data.block_size=16 --dir=workdir/sweep_lam_b \
         --grid=var.lam=0.03,0.1,0.3,1 --grid=var.group_size=2,4,8,16 --stages=var,eval
 
 Every grid point is a run directory DIR/runs/<field=value,...>. Runs whose upstream settings (everything the
 sft, reward and score stages depend on) agree share ONE upstream directory DIR/upstream/<hash>: it is computed
-once and linked into each run, so a sweep over lambda, the normalizer or var.group_size (B <= the block size G)
-costs one SFT, one reward model and one scoring pass. Re-running skips finished runs (each stage's DONE.json).
+once and linked into each run, so a sweep over lambda, the normalizer or var.group_size (B dividing the block size
+G: set data.block_size, which defaults to one group) costs one SFT, one reward model and one scoring pass. Re-running skips finished runs (each stage's DONE.json).
 
 --emit_commands prints one `python -m var_jax.main` command per run (upstream first) for a cluster scheduler
 instead of running them here. --collect_only rebuilds the table and plots from finished runs.

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from tests import helpers
+from var_jax import config as config_lib
 from var_jax import plan as plan_lib
 from var_jax import sharding as sharding_lib
 from var_jax import stages as stages_lib
@@ -101,7 +102,8 @@ def test_example_batch_is_the_pipelines(scores):
   pipe = stages_lib.make_pipeline(cfg, task.pref_records, task.tok, k_max=cfg.data.max_responses, train=True)
   real = pipe.batch(0)
   if scores:
-    nb, g, gk = len(pipe.blocks), cfg.data.block_size, cfg.data.block_size * cfg.data.max_responses
+    g = config_lib.block_size(cfg)
+    nb, gk = len(pipe.blocks), g * cfg.data.max_responses
     pipe = stages_lib.with_scores(pipe, {"ref_logp": np.zeros((nb, g, gk), np.float32),
                                          "reward": np.zeros((nb, g, gk), np.float32),
                                          "ref_ntok": np.zeros((nb, gk), np.float32)})

@@ -191,9 +191,22 @@ def test_tiny_pipeline_end_to_end_and_rerun_skips(tmp_path):
   train_lines = [l for l in lines if "loss" in l]
   assert train_lines[-1]["step"] == 6 and np.isfinite(train_lines[-1]["loss"]) and "var/ess" in train_lines[-1]
   assert any("eval/loss" in l for l in lines)  # The held-out evaluation at the end of the stage.
+  # The cost record: every stage (and the setup) with its wall time, compile time, tokens and FLOPs.
+  spent = artifacts.load_cost(workdir)
+  assert set(spent["stages"]) == {"setup", *config_lib.stage_list(cfg)}
+  for stage, c in spent["stages"].items():
+    assert 0 <= c["compile_s"] <= c["wall_s"], stage
+    assert (c["tokens"] > 0 and c["model_flops"] > 0) == (stage != "setup"), stage
+  total = spent["total"]
+  assert total["wall_s"] == pytest.approx(sum(c["wall_s"] for c in spent["stages"].values()))
+  assert sum(c["share"] for c in spent["stages"].values()) == pytest.approx(1.0)
+  task = stages.load_task(cfg)  # var's tokens: the real tokens of the 6 batches it trained on.
+  it = stages.make_pipeline(cfg, task.pref_records, task.tok, k_max=2, train=True).iterator()
+  assert spent["stages"]["var"]["tokens"] == sum(int((next(it)["segment_ids"] > 0).sum()) for _ in range(6))
   before = os.path.getmtime(os.path.join(workdir, "var", "DONE.json"))
   stages.run_pipeline(cfg, workdir)  # Everything complete: nothing reruns.
   assert os.path.getmtime(os.path.join(workdir, "var", "DONE.json")) == before
+  assert artifacts.load_cost(workdir) == spent  # Nothing ran, so nothing was re-measured.
   # Settings of how, not what (attention blocking, remat) leave finished stages valid.
   stages.run_pipeline(tiny_config(**{"model.attention_block": 0, "model.remat": "full"}), workdir)
   assert os.path.getmtime(os.path.join(workdir, "var", "DONE.json")) == before
@@ -402,6 +415,58 @@ def test_score_stage_prefix_shared_equals_pairwise():
   assert np.nanstd(rewards[1]) > 1e-3  # Rewards that differ between pairs, so a misread position would show.
 
 
+def _present_pairs(cfg, split_records):
+  """[num_blocks, G, G*K] bool: the (prompt, response) pairs of every scoring block that exist."""
+  task = stages.load_task(cfg)
+  pipe = stages.make_pipeline(cfg, split_records(task), task.tok, k_max=cfg.data.max_responses, train=True)
+  g, k = config_lib.block_size(cfg), cfg.data.max_responses
+  present = np.zeros((len(pipe.blocks), g, g * k), bool)
+  for block in pipe.scoring_blocks():
+    prompts = np.array([p is not None for p in block["prompt_ids"]])
+    present[block["block_index"]] = prompts[:, None] & block["response_valid"][None, :]
+  return present
+
+
+@pytest.mark.slow
+def test_score_stage_computes_exactly_the_pairs_the_run_reads(tmp_path):
+  """Blocks default to the normalizer group (G = B = 8), so the cross_context VAR run's score stage computes each
+  group's B x B*K matrix, every entry of which training reads; a run of dpo alone gets its pairs' own-context
+  reference log-probs (B*K per group, 1/B of that) and no reward; a later var in that workdir is refused by name; a
+  sweep's larger block (score.pairs=block, data.block_size=16) scores every pair of its blocks, twice a run's."""
+  upstream = str(tmp_path / "upstream")
+  stages.run_pipeline(tiny_config(stages="sft,reward"), upstream)
+  runs = {"var": {"stages": "sft,reward,score,var"}, "dpo": {"stages": "sft,reward,score,dpo"},
+          "sweep": {"stages": "sft,reward,score", "score.pairs": "block", "data.block_size": 16}}
+  scored, read = {}, {}
+  for name, overrides in runs.items():
+    workdir = str(tmp_path / name)
+    subprocess.run(["cp", "-r", upstream, workdir], check=True)
+    cfg = tiny_config(**overrides)
+    if name == "sweep":  # Another block size changes the upstream's data settings: this one runs its own.
+      subprocess.run(["rm", "-r", workdir], check=True)
+    stages.run_pipeline(cfg, workdir)
+    scores = artifacts.load_scores(workdir, "train")
+    scored[name] = (np.isfinite(scores["ref_logp"]), np.isfinite(scores["reward"]))
+    present = _present_pairs(cfg, lambda t: t.pref_records)
+    own = np.arange(present.shape[2])[None, None, :] // cfg.data.max_responses == np.arange(present.shape[1])[:, None]
+    read[name] = present if name != "dpo" else present & own
+    np.testing.assert_array_equal(scored[name][0], read[name])  # Exactly the pairs read, each once.
+    np.testing.assert_array_equal(scored[name][1], read[name] if name != "dpo" else np.zeros_like(present))
+  g, k = 8, 2
+  blocks = len(scored["var"][0])
+  assert scored["var"][0].sum() == blocks * g * g * k  # Full blocks: B x B*K per group.
+  assert scored["dpo"][0].sum() * g == scored["var"][0].sum()
+  assert scored["sweep"][0].sum() == 2 * scored["var"][0].sum()  # 16 x 32 per block of 16: twice B = 8's.
+  assert artifacts.done_results(str(tmp_path / "dpo"), "score")["coverage"] == {"cross_context": False,
+                                                                                  "rewards": False}
+  late = tiny_config(stages="var")
+  mesh = sharding_lib.make_mesh(late.mesh.data, late.mesh.fsdp, late.mesh.tensor)
+  with pytest.raises(ValueError, match="var .* reads responses scored under the other prompts .* and rewards"):
+    stages.run_policy(stages.Context(late, str(tmp_path / "dpo"), mesh, sharding_lib.parse_rules(late.mesh.rules)),
+                      "var")
+
+
+@pytest.mark.slow
 def test_score_steps_scores_the_blocks_training_draws(tmp_path):
   # 6 steps of 2 groups draw part of the 128 pairs' blocks: only those are scored, and var trains on them; a dpo run
   # of more steps would read unscored blocks and is refused by name, before any training.

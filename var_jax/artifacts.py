@@ -7,6 +7,7 @@
   <stage>/logs/                metrics.jsonl and TensorBoard events
   score/{train,eval}_p<i>.npz  the score stage's matrices, one file per scoring process
   eval/results.{json,md}       the eval stage's comparison
+  cost.json                    what each stage cost when it ran (var_jax/cost.py)
 
 Paths go through `etils.epath`, so a workdir may be a local directory or a cloud URL (gs://...); orbax handles
 the checkpoints. Stages, evaluate and the sweep use this module instead of spelling paths or file formats.
@@ -237,3 +238,23 @@ def read_eval_results(workdir) -> dict:
   if not path.exists():
     raise FileNotFoundError(f"no eval results at {path}; run the eval stage")
   return json.loads(path.read_text())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The run's cost record.
+
+
+def cost_path(workdir) -> epath.Path:
+  return epath.Path(workdir) / "cost.json"
+
+
+def load_cost(workdir) -> dict:
+  """The cost record of workdir (var_jax/cost.py: {"stages": {...}, "total": {...}}), or {} when none exists."""
+  path = cost_path(workdir)
+  return json.loads(path.read_text()) if path.exists() else {}
+
+
+def save_cost(workdir, record: dict) -> None:
+  """Writes the cost record (main process only)."""
+  if sharding_lib.is_main_process():
+    _write_text(cost_path(workdir), json.dumps(record, indent=1))

@@ -35,8 +35,14 @@ CHOICES = {
     "var.ess_kind": losses.ESS_KINDS,
     "online_var.sample_from": ("reference", "policy"),  # Whose samples online VAR weighs (see docs/math.md, Online).
     "eval.prompts": ("test", "validation"),
+    "score.pairs": ("read", "block"),
     "wandb.mode": metrics_writer.WANDB_MODES,
 }
+
+
+def block_size(cfg) -> int:
+  """G, the prompts per scoring block: config.data.block_size, or data.group_size when that is 0."""
+  return int(cfg.data.block_size or cfg.data.group_size)
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -70,7 +76,10 @@ def base_config() -> ml_collections.ConfigDict:
                                   # or "eos" (cut + EOS: the old behaviour, teaches stopping mid-sentence).
   c.data.max_responses = 2        # K: response slots per prompt (2 for preference pairs).
   c.data.group_size = 8           # B: prompts per VAR normalizer group (the paper's "batch size").
-  c.data.block_size = 16          # G: prompts per scoring block (a multiple of group_size).
+  c.data.block_size = 0           # G: prompts per scoring block, a multiple of group_size; 0 = group_size, so the
+                                  # score stage computes exactly the normalizer groups training reads. A larger G
+                                  # (e.g. 64) serves a sweep over every var.group_size dividing it, at G/B times the
+                                  # cross-context scoring (groups are re-drawn within blocks every epoch).
   c.data.groups_per_batch = 1     # Normalizer groups per training step (global, over all processes).
   c.data.bucket = 32              # Sequence lengths are padded to a multiple of this (compile per bucket).
   c.data.tokenizer = ""           # Tokenizer path/id; "" -> the model's (or the synthetic task's).
@@ -119,6 +128,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.score.prefix_shared = True    # Encode each prompt once (KV cache) and score all responses against it (the
                                   # reference's log-probs and the reward model's rewards).
   c.score.chunk = 256             # Sequences per forward pass of the pairwise (reward-model) scoring.
+  c.score.pairs = "read"          # "read": the (prompt, response) pairs the configured stages read: a group's
+                                  # cross-context matrix for VAR's cross_context normalizer, else each response
+                                  # under its own prompt; rewards only when var runs (a run of dpo / ipo alone gets
+                                  # its pairs' reference log-probs and no reward-model pass). "block": every pair of
+                                  # every block and its reward, whatever reads them (also what "read" does when no
+                                  # stage of config.stages reads scores, e.g. a sweep's shared upstream).
   c.score.steps = 0               # > 0: score only the blocks the first `steps` training batches draw (and the
                                   # held-out blocks of eval_batches batches), not every block: for runs shorter than
                                   # an epoch (CPU-sized ones). Stages reading scores (var, dpo, ipo) may train at most
@@ -142,9 +157,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.var.ess_kind = "group"        # "group": (sum w)^2 / sum w^2 over a group's N = B*K responses; "prompt": per prompt.
   c.var.paper = False             # True: the paper's weights exactly (alpha = 1, summed log-probs, raw rewards,
                                   # lambda = var.lam), whatever the four fields above say.
-  c.var.group_size = 0            # B for this stage (0 = data.group_size); any divisor of data.block_size, so a
-                                  # sweep over B reuses one scoring pass. Prompts per step stay
-                                  # data.group_size * data.groups_per_batch.
+  c.var.group_size = 0            # B for this stage (0 = data.group_size); any divisor of the scoring block
+                                  # (data.block_size), so a sweep over B reuses one scoring pass. Prompts per step
+                                  # stay data.group_size * data.groups_per_batch.
 
   c.dpo = ml_collections.ConfigDict()
   c.dpo.steps = 300
@@ -261,12 +276,11 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
   d = cfg.data
   if d.source != "synthetic" and not d.source:
     _fail("data.source", d.source, "set a data file or hub id (or 'synthetic')")
-  for field in ("max_prompt_len", "max_response_len", "max_responses", "group_size", "block_size",
-                "groups_per_batch", "bucket"):
+  for field in ("max_prompt_len", "max_response_len", "max_responses", "group_size", "groups_per_batch", "bucket"):
     if getattr(d, field) < 1:
       _fail(f"data.{field}", getattr(d, field), "must be >= 1")
-  if d.block_size % d.group_size:
-    _fail("data.block_size", d.block_size, f"must be a multiple of data.group_size={d.group_size}")
+  if d.block_size < 0 or d.block_size % d.group_size:
+    _fail("data.block_size", d.block_size, f"must be a multiple of data.group_size={d.group_size} (0 = equal to it)")
   if not 0 <= d.eval_fraction < 1:
     _fail("data.eval_fraction", d.eval_fraction, "must be in [0, 1)")
   for field in ("max_records", "max_per_prompt"):
@@ -307,10 +321,13 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
     _fail("ipo.tau", cfg.ipo.tau, "must be > 0")
   if cfg.reward.source == "gold" and d.source != "synthetic":
     _fail("reward.source", cfg.reward.source, "a gold reward exists only for data.source='synthetic'")
-  if cfg.var.group_size < 0 or (cfg.var.group_size and (d.block_size % cfg.var.group_size or
+  block = block_size(cfg)
+  if cfg.var.group_size < 0 or (cfg.var.group_size and (block % cfg.var.group_size or
                                                          (d.group_size * d.groups_per_batch) % cfg.var.group_size)):
     _fail("var.group_size", cfg.var.group_size,
-          f"must divide data.block_size={d.block_size} and the {d.group_size * d.groups_per_batch} prompts per step")
+          f"must divide the scoring block of {block} prompts (data.block_size, 0 = data.group_size) and the "
+          f"{d.group_size * d.groups_per_batch} prompts per step; a sweep over B sets data.block_size to a multiple "
+          "of every B")
   for stage in (st.name for st in stage_table.STAGES if st.objective):
     section = cfg[stage]
     if section.steps < 0:

@@ -66,6 +66,12 @@ class Objective:
     """Scalars on the whole batch (`batch_metrics` adds the count of real response tokens)."""
     raise NotImplementedError
 
+  @property
+  def score_needs(self) -> dict[str, bool]:
+    """What it reads of the score stage's matrices: {"cross_context": responses under other prompts of their group
+    (else only each response under its own prompt), "rewards": the reward matrix}. Nothing unless needs_scores."""
+    return {"cross_context": False, "rewards": False}
+
   def calibrate(self, train: dict, held_out: dict):
     """A host-side step before training, on the cached scores: -> (train scores, held-out scores, config overrides
     {field: value}, report dict). By default nothing changes."""
@@ -230,6 +236,12 @@ class VAR(_WeightedNLL):
                   "target_ess": float(v.target_ess)}
     return cls(lam=float(v.lam), normalizer=v.normalizer, reduction=v.reduction,
                group_size=int(v.group_size or cfg.data.group_size), ess_kind=v.ess_kind, **settings)
+
+  @property
+  def score_needs(self):
+    """Rewards always; other prompts' scores only for the cross_context normalizer (per_prompt and batch read each
+    response under its own prompt)."""
+    return {"cross_context": self.normalizer == "cross_context", "rewards": True}
 
   def prepare(self, batch):
     valid, ref = batch["valid"], batch["ref_logp"]

@@ -17,7 +17,9 @@ each program is lowered and compiled by XLA for the target chips (`jax.experimen
 
 For each, per chip: parameter, optimizer-state, input and XLA temporary bytes and the total against the chip's HBM,
 FLOPs per call from XLA's cost analysis and from var_jax/flops.py, and the time per call and tokens/s that
-flops.py's count implies at `--mfu` of the chip's datasheet peak. A program that does not fit stops the command
+flops.py's count implies at `--mfu` of the chip's datasheet peak. Then the whole pipeline at that MFU, per stage
+and in total, in hours and chip-hours (`pipeline_cost`: steps x step time, blocks x block time, eval's sampler
+calls), given the data's size (`--train_prompts`, `--eval_prompts`; the synthetic task's come from the config). A program that does not fit stops the command
 with the program, the mesh and the bytes. `--topology=local` plans for the attached devices instead (a GPU host,
 or CPU devices), with their memory limit and the measured matmul peak.
 
@@ -201,21 +203,21 @@ def example_batch(cfg, *, scores: bool) -> dict:
   T = max_prompt_len + max_response_len), per-sequence [g, N], per-prompt [g, B], and with `scores` the score stage's
   ref_logp / reward_matrix [g, B, N] and ref_ntok [g, N].
   """
-  d = cfg.data
-  k, g_blocks = d.max_responses, d.block_size // d.group_size
+  d, block = cfg.data, config_lib.block_size(cfg)
+  k, g_blocks = d.max_responses, block // d.group_size
   num_blocks = -(-d.groups_per_batch // g_blocks)
   record = tokenize.TokenizedRecord(prompt_ids=np.ones(d.max_prompt_len, np.int32),
                                     responses=tuple(np.ones(d.max_response_len, np.int32) for _ in range(k)),
                                     rewards=None, chosen=0, ranking=tuple(range(k)), source="plan")
-  pcfg = data_pipeline.PipelineConfig(block_size=d.block_size, group_size=d.group_size,
+  pcfg = data_pipeline.PipelineConfig(block_size=block, group_size=d.group_size,
                                       groups_per_batch=d.groups_per_batch, k_max=k, shuffle=False, bucket=d.bucket,
                                       fixed_len=True)
-  gk = d.block_size * k
-  matrices = {"ref_logp": np.zeros((num_blocks, d.block_size, gk), np.float32),
-              "reward": np.zeros((num_blocks, d.block_size, gk), np.float32),
+  gk = block * k
+  matrices = {"ref_logp": np.zeros((num_blocks, block, gk), np.float32),
+              "reward": np.zeros((num_blocks, block, gk), np.float32),
               "ref_ntok": np.zeros((num_blocks, gk), np.float32)} if scores else None
-  pipe = data_pipeline.PreferencePipeline([record] * (num_blocks * d.block_size),
-                                          np.arange(num_blocks * d.block_size).reshape(num_blocks, d.block_size),
+  pipe = data_pipeline.PreferencePipeline([record] * (num_blocks * block),
+                                          np.arange(num_blocks * block).reshape(num_blocks, block),
                                           pcfg, max_len=d.max_prompt_len + d.max_response_len, pad_id=0,
                                           shard_index=0, shard_count=1, scores=matrices)
   batch = pipe.batch(0)
@@ -322,15 +324,16 @@ def score_program(cfg, mcfg, mesh, rules, reward: bool) -> Program:
   name = "score/reward" if reward else "score/ref"
   graphdef, params = abstract_model(mcfg, mesh, rules, reward=reward)
   per_token = lambda seq: flops_lib.decoder_flops_per_token(mcfg, seq, training=False, lm_head=not reward)  # noqa: E731
+  g = config_lib.block_size(cfg)
   if cfg.score.prefix_shared:
-    g, m = d.block_size, d.block_size * d.max_responses
+    m = g * d.max_responses
     p, r = _lengths(cfg)
     args = _replicated_inputs(mesh, np.zeros((g, p), np.int32), np.zeros((g,), np.int32),
                               np.zeros((m, r), np.int32), np.ones((m,), np.int32))
     lower = lambda: scoring.prefix_shared_scores_jit.lower(graphdef, params, *args, reward=reward)  # noqa: E731
     return Program(name, lower, bytes_per_device(params), 0, bytes_per_device(args),
                    (g * p + g * m * r) * per_token(p + r), g * m * r, _model_parallel(mesh))
-  seqs = _chunk_rows(cfg, mesh, d.block_size * d.block_size * d.max_responses)
+  seqs = _chunk_rows(cfg, mesh, g * g * d.max_responses)
   jitted = scoring.reward_scores_jit if reward else scoring.policy_scores_jit
   tokens, t = math.prod(seqs["inputs"].shape), seqs["inputs"].shape[1]
   return Program(name, lambda: jitted.lower(graphdef, params, seqs), bytes_per_device(params), 0,
@@ -479,8 +482,55 @@ def format_table(rows: Sequence[Row], hbm: float, mfu: float) -> str:
   return "\n".join(lines)
 
 
+def pipeline_cost(cfg, rows: Sequence[Row], stages: Sequence[str], mesh, *, train_prompts: int,
+                  eval_prompts: int = 0) -> list[tuple[str, str, float]]:
+  """[(stage, what it runs, seconds)] of the whole pipeline at the rows' MFU, and a "total" row.
+
+  Training stages: steps x the step's time. Score: its blocks (G prompts each: every block of `train_prompts` and
+  `eval_prompts`, or with score.steps > 0 those that many batches draw) x the block's reference and reward-model
+  passes, the data replicas scoring different blocks. Eval: per policy it compares (and the reference), its
+  sampler calls (eval.num_prompts x samples, plus greedy answers) x the sampler's time; the passes that score the
+  samples are not counted. Online stages and the judge's data are not planned."""
+  by_name, d = {r.name: r for r in rows}, cfg.data
+  g = config_lib.block_size(cfg)
+  replicas = max(mesh.size // _model_parallel(mesh), 1)
+  out = []
+  for s in stages:
+    st = stage_table.get(s)
+    row = by_name.get(f"train/{s}")
+    if row is not None:
+      steps = int(cfg[s].steps)
+      out.append((s, f"{steps} steps x {row.seconds:.3g} s", steps * row.seconds))
+    elif st.runner == "score":
+      if cfg.score.steps:
+        blocks = -(-cfg.score.steps * d.groups_per_batch * d.group_size // g) + -(-cfg.eval_batches * d.groups_per_batch
+                                                                                   * d.group_size // g)
+      else:
+        blocks = -(-train_prompts // g) + -(-eval_prompts // g)
+      per_block = sum(by_name[n].seconds for n in ("score/ref", "score/reward") if n in by_name)
+      out.append((s, f"{blocks} blocks of {g} x {per_block:.3g} s / {replicas} replicas",
+                  blocks * per_block / replicas))
+    elif st.runner == "eval" and "sample" in by_name:
+      e = cfg.eval
+      policies = 1 + sum(1 for p in stages if stage_table.get(p).compared)
+      calls = -(-e.num_prompts * e.samples_per_prompt // e.batch_size) + (-(-e.num_prompts // e.batch_size)
+                                                                           if e.greedy else 0)
+      seconds = policies * calls * by_name["sample"].seconds
+      out.append((s, f"{policies} policies x {calls} sampler calls x {by_name['sample'].seconds:.3g} s", seconds))
+  out.append(("total", f"{mesh.size} chips", sum(x[2] for x in out)))
+  return out
+
+
+def format_pipeline(cost: Sequence[tuple[str, str, float]], num_chips: int, mfu: float) -> str:
+  """The pipeline's cost as a markdown table: seconds and chip-hours per stage at `mfu`."""
+  lines = [f"| stage | what | hours @ {mfu:.0%} MFU | chip-hours |", "|---|---|---|---|"]
+  for stage, what, seconds in cost:
+    lines.append(f"| {stage} | {what} | {seconds / 3600:.3g} | {seconds * num_chips / 3600:.3g} |")
+  return "\n".join(lines)
+
+
 def plan(cfg, target: Target, *, mfu: float = 0.4, stages: Sequence[str] | None = None,
-         log: Callable[[str], None] = print) -> list[Row]:
+         log: Callable[[str], None] = print, train_prompts: int = 0, eval_prompts: int = 0) -> list[Row]:
   """Compiles the config's programs for `target` and returns their rows; raises PlanError when one does not fit."""
   if not 0 < mfu <= 1:
     raise PlanError(f"--mfu={mfu} must be in (0, 1]")
@@ -509,6 +559,13 @@ def plan(cfg, target: Target, *, mfu: float = 0.4, stages: Sequence[str] | None 
     rows.append(make_row(program, stats, flops, peak, mfu))
   log(format_table(rows, hbm, mfu))
   check_fits(rows, hbm, describe)
+  if cfg.data.source == "synthetic":
+    train_prompts, eval_prompts = train_prompts or cfg.data.num_pairs, eval_prompts or cfg.data.num_eval
+  if train_prompts or cfg.score.steps:
+    log(format_pipeline(pipeline_cost(cfg, rows, stages, mesh, train_prompts=train_prompts,
+                                      eval_prompts=eval_prompts), len(devices), mfu))
+  else:
+    log("plan: pass --train_prompts (and --eval_prompts) for the whole pipeline's time and chip-hours")
   return rows
 
 
@@ -521,7 +578,8 @@ def main(argv) -> None:
     cfg.model.path, cfg.model.preset = "", _PRESET.value
   try:
     target = parse_topology(_TOPOLOGY.value)
-    plan(cfg, target, mfu=_MFU.value, stages=[s for s in _STAGES.value.split(",") if s] or None)
+    plan(cfg, target, mfu=_MFU.value, stages=[s for s in _STAGES.value.split(",") if s] or None,
+         train_prompts=_TRAIN_PROMPTS.value, eval_prompts=_EVAL_PROMPTS.value)
   except PlanError as e:
     print(f"plan: {flags.FLAGS['config'].config_filename} on {_TOPOLOGY.value}: {e}", file=sys.stderr)
     sys.exit(1)
@@ -535,6 +593,9 @@ if __name__ == "__main__":
   _TOPOLOGY = flags.DEFINE_string("topology", "v5e:2x2", "v5e:4x4, v5e-64, v5p-128, v6e-16, v4-32, or local.")
   _MFU = flags.DEFINE_float("mfu", 0.4, "Model FLOPs utilisation at which to state step times and tokens/s.")
   _STAGES = flags.DEFINE_string("stages", "", "Comma-separated stages to plan (default: config.stages).")
+  _TRAIN_PROMPTS = flags.DEFINE_integer("train_prompts", 0, "Training prompts of the data, for the whole pipeline's "
+                                        "cost (the synthetic task's come from the config).")
+  _EVAL_PROMPTS = flags.DEFINE_integer("eval_prompts", 0, "Held-out prompts the score stage scores too.")
   _PRESET = flags.DEFINE_string("model_preset", "", "Plan with this var_jax.model.PRESETS shape instead of "
                                 "model.path (e.g. when the checkpoint's config is not at hand).")
   app.run(main)

@@ -24,6 +24,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from var_jax import cost
+from var_jax import flops as flops_lib
 from var_jax import model as model_lib
 from var_jax.data.pipeline import bucket_length
 
@@ -199,6 +201,11 @@ def generate(model: nnx.Module, prompts: Sequence[np.ndarray], *, max_new_tokens
         temperature=float(temperature), top_k=int(top_k), top_p=float(top_p)))
     out.extend(ids[i, :counts[i]].copy() for i in range(len(chunk)))
     logps.append(np.asarray(logp[:len(chunk)], np.float32))
+    # Prefill of the padded prompts, then one decode position per row and new token (an upper bound: decoding stops
+    # once every row has ended).
+    seq = width + int(max_new_tokens)
+    cost.count(tokens=int(lengths[:len(chunk)].sum() + counts[:len(chunk)].sum()),
+               flops=batch * seq * flops_lib.decoder_flops_per_token(model.cfg, seq, training=False))
   return (out, np.concatenate(logps)) if with_logprobs else out
 
 

@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from var_jax import cost
+from var_jax import flops as flops_lib
 from var_jax.data import pipeline as data_pipeline
 
 
@@ -32,10 +34,18 @@ policy_scores_jit = jax.jit(_policy_scores)
 reward_scores_jit = jax.jit(_reward_scores)
 
 
+def _count_rows(model_cfg, seqs: dict, rows: int, padded_rows: int, *, lm_head: bool) -> None:
+  """Reports a forward pass over `padded_rows` rows of seqs (the first `rows` real) to var_jax/cost.py."""
+  t = seqs["inputs"].shape[1]
+  cost.count(tokens=int((np.asarray(seqs["segment_ids"][:rows]) > 0).sum()),
+             flops=padded_rows * t * flops_lib.decoder_flops_per_token(model_cfg, t, training=False, lm_head=lm_head))
+
+
 def _in_chunks(fn, graphdef, state, seqs: dict, rows: int, chunk: int):
   """Applies fn to at most `chunk` rows at a time, in equal chunks (the last padded so one shape compiles); numpy
   results. The chunks are balanced: 170 rows at chunk 128 run as 2 x 85, not 2 x 128 with 86 padding rows."""
   chunk = -(-rows // -(-rows // chunk))
+  _count_rows(nnx.merge(graphdef, state).cfg, seqs, rows, -(-rows // chunk) * chunk, lm_head=fn is policy_scores_jit)
   outs = []
   for start in range(0, rows, chunk):
     part = {k: v[start:start + chunk] for k, v in seqs.items()}
@@ -51,7 +61,7 @@ def score_blocks(pipe: data_pipeline.PreferencePipeline, ref_model: Optional[nnx
                  reward_model: Optional[nnx.Module] = None,
                  reward_fn: Optional[Callable[[int, int, int], float]] = None,
                  own_rewards_only: bool = False, chunk: int = 256, prefix_shared: bool = True,
-                 only: Optional[Sequence[int]] = None) -> dict:
+                 only: Optional[Sequence[int]] = None, own_only: bool = False, rewards: bool = True) -> dict:
   """Scores every block of this process's share of `pipe` (those in `only` when given).
 
   Args:
@@ -66,6 +76,9 @@ def score_blocks(pipe: data_pipeline.PreferencePipeline, ref_model: Optional[nnx
     prefix_shared: score reference log-probs and rewards by encoding each prompt once into a KV cache and every
       response against it (`prefix_shared_scores`, same numbers) instead of concatenating every pair.
     only: block rows to score (`PreferencePipeline.blocks_read`); None = all.
+    own_only: score each response under its own prompt only (all that the per_prompt and batch normalizers, DPO
+      and IPO read): G*K concatenated pairs per block instead of G*G*K; the cross-context entries stay NaN.
+    rewards: False leaves the reward matrix NaN and runs no reward model (DPO and IPO read no rewards).
   Returns:
     {"ref_logp": [num_blocks, G, G*K], "ref_ntok": [num_blocks, G*K], "reward": [num_blocks, G, G*K]} float32;
     blocks of other processes, and blocks left out by `only`, are NaN.
@@ -76,7 +89,9 @@ def score_blocks(pipe: data_pipeline.PreferencePipeline, ref_model: Optional[nnx
          "ref_ntok": np.full((num_blocks, g * k), np.nan, np.float32),
          "reward": np.full((num_blocks, g, g * k), np.nan, np.float32)}
   ref_split = nnx.split(ref_model) if ref_model is not None else None
-  rm_split = nnx.split(reward_model) if reward_model is not None else None
+  rm_split = nnx.split(reward_model) if reward_model is not None and rewards else None
+  if own_only:
+    return _score_own(pipe, out, ref_split, rm_split, reward_fn if rewards else None, chunk, only)
   for block in pipe.scoring_blocks(only):
     b = block["block_index"]
     pairs = data_pipeline.cross_pairs(block)
@@ -116,9 +131,42 @@ def score_blocks(pipe: data_pipeline.PreferencePipeline, ref_model: Optional[nnx
       reward = np.full((g, g * k), np.nan, np.float32)
       for p in range(g):
         for m in range(g * k):
-          if present[p, m] and (not own_rewards_only or own[m] == p):
+          if present[p, m] and (not own_rewards_only or own[m] == p) and reward_fn is not None and rewards:
             reward[p, m] = reward_fn(b, p, m)
     out["reward"][b] = np.where(present, reward, np.nan)
+  return out
+
+
+def _score_own(pipe, out: dict, ref_split, rm_split, reward_fn, chunk: int, only) -> dict:
+  """`score_blocks` with own_only: each block's G*K (own prompt, response) pairs, concatenated, as one fixed number
+  of rows (missing pairs repeat a present one and are masked), so one shape per length bucket compiles."""
+  g, k = pipe.config.block_size, pipe.k_max
+  own = np.arange(g * k) // k
+  for block in pipe.scoring_blocks(only):
+    b = block["block_index"]
+    present = np.array([block["prompt_ids"][own[m]] is not None and r is not None
+                        for m, r in enumerate(block["response_ids"])])
+    out["ref_ntok"][b] = [len(r) if r is not None else np.nan for r in block["response_ids"]]
+    if not present.any():
+      continue
+    first = int(np.argmax(present))
+    pairs = [(block["prompt_ids"][own[m]], block["response_ids"][m]) for m in
+             (m if present[m] else first for m in range(g * k))]
+    seqs = None
+    if ref_split is not None or rm_split is not None:
+      longest = max(len(p) + len(r) for p, r in pairs)
+      seqs = data_pipeline.build_sequences(pairs, data_pipeline.bucket_length(longest, pipe.config.bucket,
+                                                                              pipe.max_len), pipe.pad_id)
+    rows = np.arange(g * k)
+    ref = (_in_chunks(policy_scores_jit, *ref_split, seqs, g * k, min(chunk, g * k))[0] if ref_split is not None
+           else np.zeros(g * k, np.float32))
+    out["ref_logp"][b, own[present], rows[present]] = ref[present]
+    if rm_split is not None:
+      reward = _in_chunks(reward_scores_jit, *rm_split, seqs, g * k, min(chunk, g * k))
+      out["reward"][b, own[present], rows[present]] = reward[present]
+    elif reward_fn is not None:
+      for m in rows[present]:
+        out["reward"][b, own[m], m] = reward_fn(b, own[m], m)
   return out
 
 
@@ -203,6 +251,10 @@ def prefix_shared_scores(model: nnx.Module, prompt_ids, response_ids, *, pad_id:
                            data_pipeline.bucket_length(max(map(len, response_ids)), bucket, 1 << 30), pad_id)
   graphdef, state = nnx.split(model)
   out = prefix_shared_scores_jit(graphdef, state, *map(jnp.asarray, (p_ids, p_len, r_ids, r_len)), reward=reward)
+  # Every prompt once, every response once per prompt (their padded shapes for the FLOPs).
+  (g, p), (m, r) = p_ids.shape, r_ids.shape
+  cost.count(tokens=int(p_len.sum() + g * r_len.sum()), flops=(g * p + g * m * r) * flops_lib.decoder_flops_per_token(
+      model.cfg, p + r, training=False, lm_head=not reward))
   return np.asarray(jax.device_get(out), np.float32)
 
 

@@ -15,6 +15,7 @@ from flax import nnx
 
 from var_jax import artifacts
 from var_jax import config as config_lib
+from var_jax import cost as cost_lib
 from var_jax import evaluate
 from var_jax import flops as flops_lib
 from var_jax import metrics_writer
@@ -117,10 +118,11 @@ def make_pipeline(cfg, records, tok, *, k_max: int, train: bool, min_responses: 
   d = cfg.data
   groups_per_batch = d.groups_per_batch
   if not train:  # A small held-out set still makes one (smaller) batch.
-    available = -(-len(records) // d.block_size) * (d.block_size // d.group_size)
+    block = config_lib.block_size(cfg)
+    available = -(-len(records) // block) * (block // d.group_size)
     groups_per_batch = min(groups_per_batch, available)
   pcfg = data_pipeline.PipelineConfig(
-      block_size=d.block_size, group_size=d.group_size, groups_per_batch=groups_per_batch, k_max=k_max,
+      block_size=config_lib.block_size(cfg), group_size=d.group_size, groups_per_batch=groups_per_batch, k_max=k_max,
       seed=cfg.seed, remainder="drop" if train else "pad", shuffle=train, num_epochs=None if train else 1,
       bucket=d.bucket, max_len=d.max_prompt_len + d.max_response_len)
   pipe, stats = data_pipeline.build_pipeline(records, tok, pcfg, min_responses=min_responses,
@@ -303,12 +305,38 @@ def blocks_read(cfg, pipe, batches: int) -> np.ndarray:
   return np.unique(np.concatenate([with_scores(pipe, None, b).blocks_read(batches) for b in sizes]))
 
 
+def score_coverage(cfg) -> dict[str, bool]:
+  """What the score stage computes ({"cross_context": bool, "rewards": bool}, see Objective.score_needs): under
+  score.pairs = "read" the union of what the score readers among config.stages read, everything when none is
+  there (a sweep's shared upstream serves whatever its runs read) or under "block"."""
+  readers = [s for s in config_lib.stage_list(cfg) if s in SCORE_READERS]
+  if cfg.score.pairs == "block" or not readers:
+    return {"cross_context": True, "rewards": True}
+  needs = [objectives.build(stage_table.get(s).objective, cfg).score_needs for s in readers]
+  return {k: any(n[k] for n in needs) for k in ("cross_context", "rewards")}
+
+
+def check_coverage(cfg, workdir: str, stage: str, needs: dict) -> None:
+  """Raises, naming what is missing, when the finished score stage in workdir did not compute what `stage` reads."""
+  scored = artifacts.done_results(workdir, "score").get("coverage", {"cross_context": True, "rewards": True})
+  missing = [k for k, need in needs.items() if need and not scored.get(k, True)]
+  if missing:
+    what = {"cross_context": "responses scored under the other prompts of their group", "rewards": "rewards"}
+    raise ValueError(
+        f"{stage} (normalizer {cfg.var.normalizer!r}) reads {' and '.join(what[k] for k in missing)}, which the score "
+        f"stage in {workdir} did not compute (it scored what its own config.stages read: {scored}); rerun the "
+        f"score stage in a new --workdir with {stage} among config.stages, or with score.pairs=block")
+
+
 def run_score(ctx: Context, stage: str) -> None:
-  """Caches log pi_ref(y_m | x_p) and r(x_p, y_m) for every scoring block of the train and eval pairs (with
-  score.steps > 0, for the blocks that many training batches, and eval_batches held-out batches, draw)."""
+  """Caches log pi_ref(y_m | x_p) and r(x_p, y_m) for the scoring blocks of the train and eval pairs: the pairs the
+  configured stages read (`score_coverage`), of every block or, with score.steps > 0, of the blocks that many
+  training batches, and eval_batches held-out batches, draw."""
   cfg = ctx.cfg
-  ref, rm = ctx.load("sft"), ctx.reward_model()
-  summary = {}
+  coverage = score_coverage(cfg)
+  ref, rm = ctx.load("sft"), ctx.reward_model() if coverage["rewards"] else None
+  summary = {"coverage": coverage}
+  logging.info("score: %s (score.pairs=%s, stages %s)", coverage, cfg.score.pairs, cfg.stages)
   for split, name in (("train", "pref"), ("eval", "pref_eval")):
     pipe = ctx.pipe(name)
     reward_fn, own_only = _reward_fn(ctx, pipe)
@@ -319,10 +347,13 @@ def run_score(ctx: Context, stage: str) -> None:
       logging.info("score %s: %d of %d blocks, those %d batches draw (score.steps=%d)", split, len(only),
                    len(pipe.local_blocks), batches, cfg.score.steps)
     scores = scoring.score_blocks(pipe, ref, rm, reward_fn, own_rewards_only=own_only, chunk=cfg.score.chunk,
-                                  prefix_shared=cfg.score.prefix_shared, only=only)
+                                  prefix_shared=cfg.score.prefix_shared, only=only,
+                                  own_only=not coverage["cross_context"], rewards=coverage["rewards"])
     artifacts.save_scores(ctx.workdir, split, scores)
     summary[split] = {"blocks": int(len(pipe.blocks)), "nan_ref_logp": int(np.isnan(scores["ref_logp"]).sum()),
-                      "scored_blocks": int(np.isfinite(scores["ref_ntok"]).any(-1).sum())}
+                      "scored_blocks": int(np.isfinite(scores["ref_ntok"]).any(-1).sum()),
+                      "scored_ref_pairs": int(np.isfinite(scores["ref_logp"]).sum()),
+                      "scored_reward_pairs": int(np.isfinite(scores["reward"]).sum())}
   summary["train_reward_stats"] = artifacts.reward_stats(ctx.workdir)  # After every process wrote its scores.
   artifacts.mark_done(cfg, ctx.workdir, stage, summary)
 
@@ -335,6 +366,7 @@ def run_policy(ctx: Context, stage: str) -> None:
   policy = ctx.load("sft")
   train_pipe, eval_pipe = ctx.pipe("pref"), ctx.pipe("pref_eval")
   if objective.needs_scores:
+    check_coverage(cfg, ctx.workdir, stage, objective.score_needs)
     train, held_out = artifacts.load_scores(ctx.workdir, "train"), artifacts.load_scores(ctx.workdir, "eval")
     train, held_out, overrides, results = objective.calibrate(train, held_out)
     cfg = config_lib.with_overrides(cfg, overrides)
@@ -436,7 +468,16 @@ def run_pipeline(cfg, workdir: str) -> None:
       logging.info("stage %s: complete, skipped", s)
   if not pending:
     return
-  ctx = Context(cfg, workdir, mesh, rules)
+  peak = flops_lib.peak_flops_per_second() * jax.device_count()
+  with cost_lib.measure() as spent:  # Reading and tokenizing the data, opening the model source: fixed costs.
+    ctx = Context(cfg, workdir, mesh, rules)
+  record = cost_lib.merged(artifacts.load_cost(workdir), "setup", spent, peak_flops=peak)
   for s in pending:
     logging.info("stage %s: running", s)
-    RUNNERS[stage_table.get(s).runner](ctx, s)
+    with cost_lib.measure() as spent:
+      RUNNERS[stage_table.get(s).runner](ctx, s)
+    record = cost_lib.merged(record, s, spent, peak_flops=peak)
+    artifacts.save_cost(workdir, record)
+  if sharding_lib.is_main_process():
+    print(f"\ncost of {workdir} (stages run now and earlier; {artifacts.cost_path(workdir)}):\n"
+          f"{cost_lib.table(record)}")

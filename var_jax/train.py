@@ -26,6 +26,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from var_jax import checkpoints
+from var_jax import cost
 from var_jax import flops as flops_lib
 from var_jax import objectives
 from var_jax import paths
@@ -327,6 +328,7 @@ def run_loop(stage: str, cfg, workdir: str, mesh, *, total_steps: int, init: Cal
           check_finite(train_of(state), f"step {step_number}")
           elapsed = time.perf_counter() - window_start
           host.pop("tokens")
+          cost.count(tokens=float(window_tokens), flops=window_flops)
           host["tokens_per_s"] = float(window_tokens) / elapsed
           host["elapsed_s"] = time.perf_counter() - loop_start  # This run's training seconds (the race reads them).
           if window_flops:
