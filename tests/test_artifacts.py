@@ -87,6 +87,7 @@ def _penalised_loglik(theta, phi, y, x, ridge=1e-3):
   return np.sum(y * -np.logaddexp(0, -z) + (1 - y) * -np.logaddexp(0, z), axis=0) - ridge / 2 * (theta**2 + phi**2)
 
 
+@pytest.mark.slow
 def test_length_logistic_fit_is_the_penalised_maximum_likelihood():
   """Newton's (theta, phi) against an independent float64 grid search of the same penalised log-likelihood."""
   from var_jax import evaluate  # pylint: disable=g-import-not-at-top

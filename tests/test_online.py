@@ -232,6 +232,7 @@ def _setup(stage, **overrides):
   return cfg, tok, device_table, ignore, mesh, graphdef, rest, params, iteration, state, objective, tx, schedule
 
 
+@pytest.mark.slow
 def test_one_grpo_step_raises_the_log_prob_of_the_best_sampled_response():
   cfg, tok, table, ignore, mesh, graphdef, rest, params, _, _, objective, tx, schedule = _setup(
       "grpo", **{"grpo.lr": 3e-3, "online.prompts_per_step": 1, "online.group": 16})

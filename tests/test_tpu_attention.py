@@ -79,6 +79,7 @@ def test_gqa_grouping_is_the_models():
   np.testing.assert_array_equal(changed, [False, False, True, True])
 
 
+@pytest.mark.slow
 def test_decoder_with_splash_matches_xla():
   """The whole decoder (GQA, RoPE, scanned layers, remat) with attention_impl='splash' equals 'xla' on packed rows,
   hidden states and parameter gradients of a log-prob loss."""
