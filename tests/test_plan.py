@@ -126,7 +126,17 @@ def test_plan_on_local_cpu_and_impossible_config(monkeypatch):
   assert [r.name for r in rows] == ["train/sft", "score/ref", "sample"]  # reward.source is gold: no score/reward.
   assert all(r.total > r.params > 0 and r.model_flops > 0 and r.seconds > 0 for r in rows)
   assert 0 <= rows[0].opt - 2 * rows[0].params <= 64  # AdamW: two float32 moments per parameter, and step counts.
-  assert "| train/sft |" in lines[-1]
+  assert "| train/sft |" in lines[-2]
+  # The whole pipeline at that MFU: sft's steps x its step time, the score blocks x the block's time (one replica),
+  # eval's sampler calls for the reference; the total is their sum, in chip-hours on one chip.
+  assert lines[-1].startswith("| stage | what | hours @ 40% MFU | chip-hours |")
+  mesh = sharding_lib.make_mesh(1, 1, 1)
+  cost = plan_lib.pipeline_cost(cfg, rows, ["sft", "score", "eval"], mesh, train_prompts=100, eval_prompts=20)
+  by_stage = {stage: seconds for stage, _, seconds in cost}
+  assert by_stage["sft"] == pytest.approx(cfg.sft.steps * rows[0].seconds)
+  assert by_stage["score"] == pytest.approx((13 + 3) * rows[1].seconds)  # ceil(100 / 8) + ceil(20 / 8) blocks.
+  assert by_stage["eval"] == pytest.approx(rows[2].seconds)  # 8 prompts, one sample, one call, the reference only.
+  assert by_stage["total"] == pytest.approx(by_stage["sft"] + by_stage["score"] + by_stage["eval"])
   monkeypatch.setattr(plan_lib, "device_budget", lambda target, devices: (1 << 20, 1e12))
   with pytest.raises(plan_lib.PlanError, match=r"(?s)does not fit on mesh \{'data': 1, 'fsdp': 1, 'tensor': 1\}.*"
                      r"train/sft: [\d.]+ MiB per chip > 1.00 MiB HBM"):

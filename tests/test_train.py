@@ -394,7 +394,7 @@ def test_two_process_var_stage_matches_one_process(tmp_path, run_jax_processes):
 def test_score_stage_prefix_shared_equals_pairwise():
   cfg = tiny_config()
   tok = tokenize.Tokenizer(synthetic.build_tokenizer(), max_prompt_len=16, max_response_len=12)
-  pipe = stages.make_pipeline(cfg, synthetic.preference_records(40), tok, k_max=2, train=False)
+  pipe = stages.make_pipeline(cfg, synthetic.preference_records(36), tok, k_max=2, train=False)  # 4.5 blocks of 8.
   model = _tiny_model(len(tok.tok))
   gold = lambda b, p, m: float(b + p + m)  # noqa: E731  (any reward function: only the layout matters here)
   shared = scoring.score_blocks(pipe, model, reward_fn=gold, prefix_shared=True)
