@@ -52,6 +52,8 @@ def plan_validation(base_cfg, spaces: list[tuple[str, str]], sweep_dir: str, see
     skip["eval.reference"] = False
   if not metric.replace("greedy_", "").startswith("rm_"):  # Nor the training reward model's scores.
     skip["eval.rm"] = False
+  # Fields shared by two methods' spaces are refused here, before any trial runs (see merge_choices).
+  merge_choices({method: sweep.grid_points(base_cfg, [grid])[0] for method, grid in spaces})
   for method, grid in spaces:
     points = [{**p, "seed": seed, "eval.prompts": "validation", **skip} for p in sweep.grid_points(base_cfg, [grid])]
     plans[method] = sweep.plan(base_cfg, points, os.path.join(sweep_dir, "validation", method), f"{method},eval",
@@ -81,6 +83,36 @@ def choose(rows: list[dict], method: str, fields: list[str], metric: str,
                        f"{min(float(r['kl_to_ref']) for r in trials):.3f}): widen its grid toward the reference")
   best = max(allowed, key=lambda r: float(r[metric]))
   return {f: best[f] for f in fields}, trials
+
+
+def grid_edges(trials: list[dict], fields: list[str], best: dict) -> list[str]:
+  """The chosen values that sit on an edge of their numeric grid, as "field=value (lowest|highest of v1..vN)": the
+  optimum may lie beyond, so the method is not tuned to the end until its grid is extended that way."""
+  edges = []
+  for f in fields:
+    try:
+      values = sorted({float(r[f]) for r in trials})
+      chosen = float(best[f])
+    except (TypeError, ValueError):  # A non-numeric field (e.g. a normalizer) has no edges.
+      continue
+    if len(values) >= 2 and chosen in (values[0], values[-1]):
+      side = "lowest" if chosen == values[0] else "highest"
+      edges.append(f"{f}={best[f]} ({side} of {', '.join(f'{v:g}' for v in values)})")
+  return edges
+
+
+def merge_choices(choices: dict[str, dict]) -> dict:
+  """{method: its chosen {field: value}} -> one dict of overrides for the test run, which trains every method
+  together. A field in the spaces of two methods is refused: one run can set it to only one of their choices, and
+  merging the dicts silently gave every method the last method's value."""
+  merged, owner = {}, {}
+  for method, fields in choices.items():
+    for f, v in fields.items():
+      if f in owner:
+        raise ValueError(f"--space field {f!r} is tuned for both {owner[f]!r} and {method!r}, but their test run is "
+                         f"one run: tune a field of each method's own section (e.g. {owner[f]}.lr and {method}.lr)")
+      merged[f], owner[f] = v, method
+  return merged
 
 
 def trial_line(row: dict, method: str, fields: list[str], metric: str, chosen: bool) -> str:
@@ -121,15 +153,20 @@ def main(argv) -> None:
   besides = [parse_beside(s, base) for s in _BESIDE.value]
   plans = plan_validation(base, spaces, _DIR.value, seeds[0], base_flags, _METRIC.value)
   budget = f", among trials with kl_to_ref <= {_MAX_KL.value}" if _MAX_KL.value > 0 else ""
-  lines, chosen = [f"Validation trials (seed {seeds[0]}, metric {_METRIC.value}{budget}):", ""], {}
+  lines, choices = [f"Validation trials (seed {seeds[0]}, metric {_METRIC.value}{budget}):", ""], {}
   run = lambda runs: None if _COLLECT.value else sweep.run_all(runs, config_file, emit=False)  # noqa: E731
   for method, grid in spaces:
     run(plans[method])
     fields = [f for f in sweep.grid_points(base, [grid])[0]]
     best, trials = choose(sweep.collect(plans[method]), method, fields, _METRIC.value, _MAX_KL.value)
-    chosen.update({f: sweep.parse_value(str(v), sweep.get_field(base, f)) for f, v in best.items()})
+    choices[method] = {f: sweep.parse_value(str(v), sweep.get_field(base, f)) for f, v in best.items()}
     for r in trials:
       lines.append(trial_line(r, method, fields, _METRIC.value, chosen=all(r[f] == best[f] for f in fields)))
+    for edge in grid_edges(trials, fields, best):
+      lines.append(f"- **{method} is not tuned to the end: its choice {edge} is on the edge of its grid; extend the "
+                   "grid that way**")
+      logging.warning("%s: chosen %s is on the edge of its grid", method, edge)
+  chosen = merge_choices(choices)
   os.makedirs(_DIR.value, exist_ok=True)
   with open(os.path.join(_DIR.value, "tuning.md"), "w", encoding="utf-8") as f:  # Before the test runs start.
     f.write("\n".join(lines) + "\n")

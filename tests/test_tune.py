@@ -40,6 +40,31 @@ def test_spaces_and_equal_budgets(tmp_path):
     tune.parse_space("sft:sft.lr=1,2")
 
 
+def test_a_field_in_two_spaces_is_refused_before_any_trial(tmp_path):
+  """The test run trains every method together, so a field tuned for two methods could hold only one choice; the old
+  merge (one dict updated method by method) silently gave both the last method's value."""
+  cfg = tiny.get_config()
+  cfg.data.validation_fraction = 0.5
+  shared = [tune.parse_space("var:optim.clip_norm=0.5,1"), tune.parse_space("dpo:optim.clip_norm=0.5,1")]
+  with pytest.raises(ValueError, match="'optim.clip_norm' is tuned for both 'var' and 'dpo'"):
+    tune.plan_validation(cfg, shared, str(tmp_path), seed=0, base_flags={})
+  assert tune.merge_choices({"var": {"var.lam": 0.3, "var.lr": 1e-4}, "dpo": {"dpo.beta": 0.1, "dpo.lr": 3e-4}}) == {
+      "var.lam": 0.3, "var.lr": 1e-4, "dpo.beta": 0.1, "dpo.lr": 3e-4}
+  with pytest.raises(ValueError, match="tuned for both"):
+    tune.merge_choices({"var": {"optim.clip_norm": 0.5}, "dpo": {"optim.clip_norm": 1.0}})
+
+
+def test_a_choice_on_the_edge_of_its_grid_is_flagged():
+  trials = [{"var.lam": "0.1", "var.lr": "1e-05", "var.normalizer": "per_prompt"},
+            {"var.lam": "0.3", "var.lr": "3e-05", "var.normalizer": "cross_context"},
+            {"var.lam": "1.0", "var.lr": "0.0001", "var.normalizer": "batch"}]
+  fields = ["var.lam", "var.lr", "var.normalizer"]
+  inside = {"var.lam": "0.3", "var.lr": "3e-05", "var.normalizer": "batch"}
+  assert tune.grid_edges(trials, fields, inside) == []  # A normalizer has no edges; 0.3 and 3e-5 are inside.
+  edges = tune.grid_edges(trials, fields, {**inside, "var.lam": "1.0", "var.lr": "1e-05"})
+  assert edges == ["var.lam=1.0 (highest of 0.1, 0.3, 1)", "var.lr=1e-05 (lowest of 1e-05, 3e-05, 0.0001)"]
+
+
 def test_choose_takes_the_best_trial_of_the_methods_own_row():
   rows = [{"policy": "var", "var.lam": "0.1", "gold_reward": 0.5}, {"policy": "sft", "var.lam": "0.1", "gold_reward": 0.9},
           {"policy": "var", "var.lam": "1.0", "gold_reward": 0.6}, {"policy": "var", "var.lam": "3.0"}]
