@@ -291,9 +291,12 @@ def run_loop(stage: str, cfg, workdir: str, mesh, *, total_steps: int, init: Cal
     mngr = checkpoint_manager(os.path.join(workdir, "checkpoints"), cfg)
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
     restored = checkpoints.restore_newest(mngr, abstract, stage)
-    feed_state = None
+    # The checkpoint's "data" item: the feed's position and the training seconds before this run (so elapsed_s, which
+    # the race reads, counts the whole stage across resumes).
+    feed_state, elapsed_before = None, 0.0
     if restored is not None:
-      state, feed_state = restored["state"], restored["data"]
+      state, data = restored["state"], restored["data"]
+      feed_state, elapsed_before = data["feed"], float(data["elapsed_s"])
       logging.info("[%s] resumed from step %d", stage, steps_done(state))
     feed = feed_fn(feed_state)
     step = jax.jit(step, out_shardings=(shardings, replicated), donate_argnums=(0,))
@@ -304,7 +307,10 @@ def run_loop(stage: str, cfg, workdir: str, mesh, *, total_steps: int, init: Cal
     def save(step_number: int) -> None:
       check_finite(train_of(state), f"before saving step {step_number}")
       mngr.save(step_number, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                     data=ocp.args.JsonSave(feed.get_state())))
+                                                     data=ocp.args.JsonSave({
+                                                         "feed": feed.get_state(),
+                                                         "elapsed_s": elapsed_before + time.perf_counter() - loop_start,
+                                                     })))
 
     def run_eval(step_number: int) -> None:
       metrics = evaluate(state) if evaluate is not None else {}
@@ -330,7 +336,7 @@ def run_loop(stage: str, cfg, workdir: str, mesh, *, total_steps: int, init: Cal
           host.pop("tokens")
           cost.count(tokens=float(window_tokens), flops=window_flops)
           host["tokens_per_s"] = float(window_tokens) / elapsed
-          host["elapsed_s"] = time.perf_counter() - loop_start  # This run's training seconds (the race reads them).
+          host["elapsed_s"] = elapsed_before + time.perf_counter() - loop_start  # Training seconds, resumes included.
           if window_flops:
             host["mfu"] = window_flops / elapsed / peak
           writer.write(step_number, host)
