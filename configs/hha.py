@@ -6,7 +6,9 @@
 
 Pipeline: sft on chosen responses -> Bradley-Terry reward model from the SFT backbone -> cross-context scoring
 -> VAR (and the DPO baseline) -> eval (greedy, 128 new tokens, as A-LoL/the paper's HHA evaluation).
-Sizes are for a TPU pod slice or a multi-GPU host (see launch/README.md); sweep lambda and group_size.
+Sizes are for a TPU pod slice or a multi-GPU host (see launch/README.md); sweep lambda and group_size (a sweep over
+group_size scores blocks of --config.data.block_size=64 once for every B dividing it; a single run scores its own
+groups of 8, 1/8 of that).
 """
 from var_jax import config as config_lib
 
