@@ -1,4 +1,5 @@
-"""var_jax.losses against an independent NumPy float64 reference written here, from the math page alone."""
+"""var_jax.losses against an independent NumPy float64 reference written here, from ../shared/docs/var-math.md
+and docs/math.md alone."""
 import math
 import zlib
 
@@ -46,7 +47,7 @@ def np_candidates(owner, num_prompts, normalizer, valid):
 
 
 def np_var_weights(ref, rew, owner, lam, normalizer, valid=None, alpha=1.0):
-  """alpha weights the reference term: s = alpha * log pi_ref + r / lam (math page, section 6)."""
+  """alpha weights the reference term: s = alpha * log pi_ref + r / lam (../shared/docs/var-math.md, section 6)."""
   ref, rew = np.asarray(ref, np.float64), np.asarray(rew, np.float64)
   num_prompts, n = ref.shape
   valid = np.ones(n, bool) if valid is None else np.asarray(valid)
@@ -936,7 +937,7 @@ def test_online_var_weights_with_large_logprobs_match_float64(lam, magnitude):
   valid[0] = True
   got = np.asarray(losses.online_var_weights(jnp.asarray(rewards), lam, jnp.asarray(valid),
                                              ref_logp=jnp.asarray(ref), sample_logp=jnp.asarray(sample)))
-  # Reference from the math page: w = softmax over the group of r / lam + log pi_ref - log q, in float64, from the
+  # Reference from docs/math.md (Online): w = softmax over the group of r / lam + log pi_ref - log q, in float64, from the
   # same float32 inputs.
   s = rewards.astype(np.float64) / lam + ref.astype(np.float64) - sample.astype(np.float64)
   want = np.zeros(shape)
