@@ -42,6 +42,16 @@ def test_done_files_older_than_a_field_read_as_its_old_behaviour(tmp_path):
     artifacts.is_done(cfg, tmp_path, "eval")
 
 
+def test_done_files_with_a_removed_field_stay_valid(tmp_path):
+  """sft.init was never read and is gone: a stage recorded with it is the same stage."""
+  cfg = tiny.get_config()
+  old = artifacts.fingerprint(cfg, "sft")
+  old["sft"]["init"] = ""
+  (tmp_path / "sft").mkdir()
+  (tmp_path / "sft" / "DONE.json").write_text(json.dumps({"config": old}))
+  assert artifacts.is_done(cfg, tmp_path, "sft")
+
+
 def test_scores_round_trip_and_merge_over_processes(tmp_path, monkeypatch):
   a = {"ref_logp": np.array([[1.0, np.nan]], np.float32), "reward": np.array([[np.nan, 2.0]], np.float32)}
   b = {"ref_logp": np.array([[np.nan, 3.0]], np.float32), "reward": np.array([[4.0, np.nan]], np.float32)}

@@ -218,6 +218,7 @@ def test_run_writes_table_plot_and_json(tmp_path, capsys):
   assert row["B"] in (2, 4) and all(math.isclose(row[k], v, rel_tol=1e-6, abs_tol=1e-9) for k, v in want.items())
 
 
+@pytest.mark.slow
 def test_command_line(tmp_path):
   _write_scores(str(tmp_path), fake_scores(np.random.default_rng(5), ref_scale=3.0))
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

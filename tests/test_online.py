@@ -185,6 +185,7 @@ def test_gold_rewards_on_device_equal_the_python_gold_reward():
   assert len(set(np.round(want, 3))) > 5
 
 
+@pytest.mark.slow
 def test_rollout_rows_score_responses_as_the_unpadded_sequence():
   cfg = model_lib.get_config("tiny", vocab_size=len(synthetic.VOCAB), dtype="float32")
   model = model_lib.Decoder(cfg, rngs=nnx.Rngs(0))

@@ -153,6 +153,7 @@ def _forward_logprobs(model, prompt, response) -> float:
   return float(logp[np.arange(len(response)), response].sum())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("options", [dict(temperature=0.0), dict(temperature=0.7, top_k=5, seed=3)])
 def test_generated_logprobs_are_the_models_own(model, options):
   """The summed log-probs `generate` returns are log pi(y|x) under the unscaled model (whatever the temperature or

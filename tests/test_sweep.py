@@ -111,6 +111,7 @@ def test_link_upstream_refuses_to_replace_real_directories(tmp_path):
     sweep.link_upstream(str(run), str(up))
 
 
+@pytest.mark.slow
 def test_emit_commands_prints_upstream_once_then_each_run(tmp_path):
   proc = subprocess.run([sys.executable, "-m", "launch.sweep", "--config=configs/tiny.py", f"--dir={tmp_path}",
                          "--grid=var.lam=0.1,1", "--emit_commands"], cwd=ROOT, capture_output=True, text=True,

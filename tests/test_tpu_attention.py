@@ -50,6 +50,7 @@ def _splash(q, k, v, pos, seg):
   return model_lib.splash_attention(q, k, v, seg, block=128, interpret=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["causal", "padded", "packed"])
 def test_forward_and_gradients_match_xla_attention(kind):
   pos, seg = _rows(kind)

@@ -99,6 +99,16 @@ def _differences(want: dict, have: dict) -> list[str]:
   return out
 
 
+# Fields a later version removed because they had no effect (sft.init was never read): a stage recorded with them
+# is still the same stage.
+_REMOVED = {"sft": ("init",)}
+
+
+def _without_removed(recorded: dict) -> dict:
+  return {k: ({f: v for f, v in section.items() if f not in _REMOVED.get(k, ())} if isinstance(section, dict)
+              else section) for k, section in recorded.items()}
+
+
 def is_done(cfg, workdir, stage: str) -> bool:
   """True when the stage completed with the same settings; raises if it completed with different ones."""
   path = _done_path(workdir, stage)
@@ -106,7 +116,7 @@ def is_done(cfg, workdir, stage: str) -> bool:
     return False
   done = json.loads(path.read_text())
   want = json.loads(json.dumps(fingerprint(cfg, stage)))
-  recorded = _without_how(done.get("config", {}))
+  recorded = _without_removed(_without_how(done.get("config", {})))
   have = {k: v for k, v in _with_added_later(recorded).items() if k in want or k in recorded}
   if have != want:
     raise ValueError(f"{path}: stage {stage!r} was completed with different settings "

@@ -69,8 +69,9 @@ class Objective:
   @property
   def score_needs(self) -> dict[str, bool]:
     """What it reads of the score stage's matrices: {"cross_context": responses under other prompts of their group
-    (else only each response under its own prompt), "rewards": the reward matrix}. Nothing unless needs_scores."""
-    return {"cross_context": False, "rewards": False}
+    (else only each response under its own prompt), "rewards": the reward matrix}. Nothing unless needs_scores;
+    everything by default when it does (an objective that reads less says so)."""
+    return {"cross_context": self.needs_scores, "rewards": self.needs_scores}
 
   def calibrate(self, train: dict, held_out: dict):
     """A host-side step before training, on the cached scores: -> (train scores, held-out scores, config overrides
@@ -223,7 +224,7 @@ class VAR(_WeightedNLL):
   standardize: bool = False
   target_ess: float = 0.0
   group_size: int = 0
-  ess_kind: str = "mean"
+  ess_kind: str = "group"
 
   @classmethod
   def from_config(cls, cfg):
@@ -331,6 +332,11 @@ class _RefPairs(Objective):
   @property
   def metrics_coefficient(self) -> float:
     return self.coefficient
+
+  @property
+  def score_needs(self):
+    """Each pair's own-context reference log-probs only."""
+    return {"cross_context": False, "rewards": False}
 
   def prepare(self, batch):
     """`_pairs_prepare` plus the cached reference log-probs of each pair under its own prompt."""

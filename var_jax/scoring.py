@@ -5,7 +5,9 @@ For block b with prompts x_0..x_{G-1} and responses y_0..y_{G*K-1}:
   ref_ntok[b, m]    = |y_m|
   reward[b, p, m]   = r(x_p, y_m)
 log pi_ref and r are kept apart so every lambda reuses them; a sweep over B <= G reuses them too. Entries of
-missing prompts / responses are NaN (never read: the pipeline's `valid` masks them).
+missing prompts / responses are NaN (never read: the pipeline's `valid` masks them), and so are the entries no
+configured stage reads (own_only: only each response under its own prompt; rewards=False: no reward), which the
+reading stages check against the score stage's recorded coverage before they train.
 """
 from typing import Callable, Optional, Sequence
 

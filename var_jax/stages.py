@@ -397,7 +397,8 @@ def run_online(ctx: Context, stage: str) -> None:
   if len(table.tokens) < cfg.online.prompts_per_step:
     raise ValueError(f"config.online.prompts_per_step={cfg.online.prompts_per_step} exceeds the "
                      f"{len(table.tokens)} distinct training prompts")
-  eval_table = online.prompt_table(ctx.task.eval_records, tok, gold=gold, bucket=cfg.data.bucket)
+  eval_table = (online.prompt_table(ctx.task.eval_records, tok, gold=gold, bucket=cfg.data.bucket)
+                if ctx.task.eval_records and cfg.eval_batches > 0 else None)
   ignore = tok.tok.convert_tokens_to_ids(list(synthetic.SPECIAL)) if gold else []
   reward_model = None if gold else ctx.reward_model()
   policy = online.train_online(

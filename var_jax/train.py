@@ -296,11 +296,14 @@ def run_loop(stage: str, cfg, workdir: str, mesh, *, total_steps: int, init: Cal
     feed_state, elapsed_before = None, 0.0
     if restored is not None:
       state, data = restored["state"], restored["data"]
-      feed_state, elapsed_before = data["feed"], float(data["elapsed_s"])
+      if "feed" in data:
+        feed_state, elapsed_before = data["feed"], float(data["elapsed_s"])
+      else:  # A checkpoint written before the data item held the seconds too: the feed's state alone.
+        feed_state = data
       logging.info("[%s] resumed from step %d", stage, steps_done(state))
     feed = feed_fn(feed_state)
     step = jax.jit(step, out_shardings=(shardings, replicated), donate_argnums=(0,))
-    peak = flops_lib.peak_flops_per_second()
+    peak = flops_lib.peak_flops_per_second() * jax.device_count()  # The step's FLOPs are the global batch's.
     writer = MetricsWriter(os.path.join(workdir, "logs"), enabled=sharding_lib.is_main_process(),
                            wandb_cfg=cfg.wandb, run_name=stage, run_config=cfg.to_dict())
 

@@ -3,7 +3,8 @@
 Three sizes (../shared/docs/var-math.md, section 2), kept apart:
 
 - scoring block, G prompts: `make_blocks` groups the prompts tokenization kept, once, deterministically from the
-  seed, for the whole run. The scoring stage computes each block's G x (G*K_max) cross-context matrices once (`scoring_blocks`).
+  seed, for the whole run. The scoring stage computes each block's G x (G*K_max) cross-context matrices once
+  (`scoring_blocks`), where the configured stages read them (var_jax/stages.score_coverage). By default G = B.
   Layout inside a block: prompt slot i in [0, G), response slot m = i*K_max + k for its k-th response.
 - normalizer group, B prompts (B divides G): a sub-block of B slots of one block. Its N = B*K_max sequences are
   each other's candidates. A prompt's responses always stay together in one group.
@@ -11,7 +12,8 @@ Three sizes (../shared/docs/var-math.md, section 2), kept apart:
   groups_per_batch / shard_count of them).
 
 Each epoch reshuffles the block order and the slot order inside every block, reproducibly from (seed, epoch,
-shard), then cuts the blocks into groups; groups never straddle blocks. Batch k of the run is a pure function of
+shard), then cuts the blocks into groups; groups never straddle blocks. With G = B (the default) a group keeps its
+prompts in every epoch (only the order changes); with G > B its B prompts are re-drawn from the block each epoch. Batch k of the run is a pure function of
 (k, seed, data), so the grain iterator state ({"next_index": k}) is all a checkpoint needs to resume exactly.
 
 Batch contract (numpy; leading axis g = local groups per batch; N = B*K_max; T = bucketed length):
