@@ -77,7 +77,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.max_responses = 2        # K: response slots per prompt (2 for preference pairs).
   c.data.group_size = 8           # B: prompts per VAR normalizer group (the paper's "batch size").
   c.data.block_size = 0           # G: prompts per scoring block, a multiple of group_size; 0 = group_size, so the
-                                  # score stage computes exactly the normalizer groups training reads. A larger G
+                                  # score stage computes exactly the groups training reads (a smaller
+                                  # var.group_size reads G/B of them; groups keep their prompts). A larger G
                                   # (e.g. 64) serves a sweep over every var.group_size dividing it, at G/B times the
                                   # cross-context scoring (groups are re-drawn within blocks every epoch).
   c.data.groups_per_batch = 1     # Normalizer groups per training step (global, over all processes).
