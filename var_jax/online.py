@@ -263,7 +263,7 @@ def train_online(objective: objectives.Objective, cfg, model: nnx.Module, refere
   iterations = int(section.steps)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   tx, schedule = train_lib.make_optimizer(float(section.lr), iterations * o.updates_per_rollout, cfg.optim)
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  replicated = sharding_lib.replicated(mesh)
   train_shardings = train_lib.train_state_shardings(tx, params, mesh)
   shardings = {"train": train_shardings, "rng": replicated, "sampled_tokens": replicated}
   if objective.keeps_sampler_copy:

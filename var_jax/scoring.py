@@ -90,10 +90,12 @@ def score_blocks(pipe: data_pipeline.PreferencePipeline, ref_model: Optional[nnx
   out = {"ref_logp": np.full((num_blocks, g, g * k), np.nan, np.float32),
          "ref_ntok": np.full((num_blocks, g * k), np.nan, np.float32),
          "reward": np.full((num_blocks, g, g * k), np.nan, np.float32)}
+  if not rewards:  # Neither the reward model nor the reward function runs; the reward matrix stays NaN.
+    reward_model = reward_fn = None
   ref_split = nnx.split(ref_model) if ref_model is not None else None
-  rm_split = nnx.split(reward_model) if reward_model is not None and rewards else None
+  rm_split = nnx.split(reward_model) if reward_model is not None else None
   if own_only:
-    return _score_own(pipe, out, ref_split, rm_split, reward_fn if rewards else None, chunk, only)
+    return _score_own(pipe, out, ref_split, rm_split, reward_fn, chunk, only)
   for block in pipe.scoring_blocks(only):
     b = block["block_index"]
     pairs = data_pipeline.cross_pairs(block)
@@ -133,7 +135,7 @@ def score_blocks(pipe: data_pipeline.PreferencePipeline, ref_model: Optional[nnx
       reward = np.full((g, g * k), np.nan, np.float32)
       for p in range(g):
         for m in range(g * k):
-          if present[p, m] and (not own_rewards_only or own[m] == p) and reward_fn is not None and rewards:
+          if present[p, m] and (not own_rewards_only or own[m] == p) and reward_fn is not None:
             reward[p, m] = reward_fn(b, p, m)
     out["reward"][b] = np.where(present, reward, np.nan)
   return out

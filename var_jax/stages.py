@@ -115,14 +115,13 @@ def load_task(cfg) -> Task:
 def make_pipeline(cfg, records, tok, *, k_max: int, train: bool, min_responses: int = 2,
                   shard_index: Optional[int] = None, shard_count: Optional[int] = None):
   """The data pipeline of one role; shard_index/shard_count default to this process of all processes."""
-  d = cfg.data
+  d, block = cfg.data, config_lib.block_size(cfg)
   groups_per_batch = d.groups_per_batch
   if not train:  # A small held-out set still makes one (smaller) batch.
-    block = config_lib.block_size(cfg)
     available = -(-len(records) // block) * (block // d.group_size)
     groups_per_batch = min(groups_per_batch, available)
   pcfg = data_pipeline.PipelineConfig(
-      block_size=config_lib.block_size(cfg), group_size=d.group_size, groups_per_batch=groups_per_batch, k_max=k_max,
+      block_size=block, group_size=d.group_size, groups_per_batch=groups_per_batch, k_max=k_max,
       seed=cfg.seed, remainder="drop" if train else "pad", shuffle=train, num_epochs=None if train else 1,
       bucket=d.bucket, max_len=d.max_prompt_len + d.max_response_len)
   pipe, stats = data_pipeline.build_pipeline(records, tok, pcfg, min_responses=min_responses,

@@ -246,7 +246,7 @@ class Feed(Protocol):
 
 def train_state_shardings(tx, params, mesh) -> dict:
   """The shardings of `init_train_state(params, tx)`: parameters as they are, optimizer moments alike."""
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  replicated = sharding_lib.replicated(mesh)
   param_shardings = jax.tree.map(lambda x: x.sharding, params)
   return {"step": replicated, "params": param_shardings, "first_bad_step": replicated,
           "opt_state": sharding_lib.opt_state_shardings(tx, params, param_shardings, mesh)}
@@ -286,7 +286,7 @@ def run_loop(stage: str, cfg, workdir: str, mesh, *, total_steps: int, init: Cal
   """
   steps_done = steps_done or (lambda s: int(jax.device_get(train_of(s)["step"])))
   with jax.set_mesh(mesh):
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    replicated = sharding_lib.replicated(mesh)
     state = jax.jit(init, out_shardings=shardings)(params)
     mngr = checkpoint_manager(os.path.join(workdir, "checkpoints"), cfg)
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
@@ -337,8 +337,9 @@ def run_loop(stage: str, cfg, workdir: str, mesh, *, total_steps: int, init: Cal
           check_finite(train_of(state), f"step {step_number}")
           elapsed = time.perf_counter() - window_start
           host.pop("tokens")
-          cost.count(tokens=float(window_tokens), flops=window_flops)
-          host["tokens_per_s"] = float(window_tokens) / elapsed
+          tokens = float(window_tokens)  # The window's device sum, read once.
+          cost.count(tokens=tokens, flops=window_flops)
+          host["tokens_per_s"] = tokens / elapsed
           host["elapsed_s"] = elapsed_before + time.perf_counter() - loop_start  # Training seconds, resumes included.
           if window_flops:
             host["mfu"] = window_flops / elapsed / peak
