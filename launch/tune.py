@@ -33,15 +33,17 @@ from launch import sweep
 from var_jax import stage_table
 
 
-def parse_space(spec: str) -> tuple[str, str]:
-  """"method:field=v1,v2[,...]" (fields may be tied with '+', as in launch.sweep) -> (method, grid spec)."""
+def parse_space(spec: str) -> tuple[str, list[str]]:
+  """"method:field=v1,v2[,...][;field=v1,...]" -> (method, [grid spec per axis]): fields may be tied with '+' (as in
+  launch.sweep) and ';' separates axes whose product is the space (e.g. a learning rate x a strength knob:
+  "var:var.lr=1e-3,3e-3;var.lam=0.1,0.3")."""
   method, sep, grid = spec.partition(":")
-  if not sep or method not in stage_table.COMPARED:
+  if not sep or method not in stage_table.COMPARED or not grid:
     raise ValueError(f"--space={spec!r}: expected METHOD:field=v1,v2,... with METHOD one of {stage_table.COMPARED}")
-  return method, grid
+  return method, grid.split(";")
 
 
-def plan_validation(base_cfg, spaces: list[tuple[str, str]], sweep_dir: str, seed: int, base_flags: dict,
+def plan_validation(base_cfg, spaces: list[tuple[str, list[str]]], sweep_dir: str, seed: int, base_flags: dict,
                     metric: str = ""):
   """{method: launch.sweep plan of its trials on the validation prompts}; refuses unequal budgets."""
   plans, sizes = {}, {}
@@ -53,9 +55,9 @@ def plan_validation(base_cfg, spaces: list[tuple[str, str]], sweep_dir: str, see
   if not metric.replace("greedy_", "").startswith("rm_"):  # Nor the training reward model's scores.
     skip["eval.rm"] = False
   # Fields shared by two methods' spaces are refused here, before any trial runs (see merge_choices).
-  merge_choices({method: sweep.grid_points(base_cfg, [grid])[0] for method, grid in spaces})
+  merge_choices({method: sweep.grid_points(base_cfg, grid)[0] for method, grid in spaces})
   for method, grid in spaces:
-    points = [{**p, "seed": seed, "eval.prompts": "validation", **skip} for p in sweep.grid_points(base_cfg, [grid])]
+    points = [{**p, "seed": seed, "eval.prompts": "validation", **skip} for p in sweep.grid_points(base_cfg, grid)]
     plans[method] = sweep.plan(base_cfg, points, os.path.join(sweep_dir, "validation", method), f"{method},eval",
                                base_flags, upstream_root=os.path.join(sweep_dir, "upstream"))
     sizes[method] = len(points)
@@ -157,7 +159,7 @@ def main(argv) -> None:
   run = lambda runs: None if _COLLECT.value else sweep.run_all(runs, config_file, emit=False)  # noqa: E731
   for method, grid in spaces:
     run(plans[method])
-    fields = [f for f in sweep.grid_points(base, [grid])[0]]
+    fields = list(sweep.grid_points(base, grid)[0])
     best, trials = choose(sweep.collect(plans[method]), method, fields, _METRIC.value, _MAX_KL.value)
     choices[method] = {f: sweep.parse_value(str(v), sweep.get_field(base, f)) for f, v in best.items()}
     for r in trials:
@@ -200,7 +202,8 @@ def _define_flags() -> None:
   global _CONFIG, _DIR, _SPACE, _SEEDS, _METRIC, _MAX_KL, _BESIDE, _COLLECT
   _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Base config file.")
   _DIR = flags.DEFINE_string("dir", "workdir/tuned", "Output directory.")
-  _SPACE = flags.DEFINE_multi_string("space", [], "METHOD:field=v1,v2,... (one per method, equal sizes).")
+  _SPACE = flags.DEFINE_multi_string("space", [], "METHOD:field=v1,v2,...[;field=v1,...] (one per method, equal "
+                                     "sizes; ';' separates axes whose product is the space).")
   _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds of the test runs (the first also tunes).")
   _METRIC = flags.DEFINE_string("metric", "gold_reward", "Validation metric to maximise (a column of eval).")
   _MAX_KL = flags.DEFINE_float("max_kl", 0.0, "> 0: each method's point is the best among its trials whose sampled "

@@ -40,6 +40,19 @@ def test_spaces_and_equal_budgets(tmp_path):
     tune.parse_space("sft:sft.lr=1,2")
 
 
+def test_a_space_is_the_product_of_its_axes(tmp_path):
+  """A learning rate x a strength knob: "var:var.lr=a,b;var.lam=x,y,z" is 6 trials, every pair once."""
+  cfg = tiny.get_config()
+  cfg.data.validation_fraction = 0.5
+  spaces = [tune.parse_space("var:var.lr=1e-3,3e-3;var.lam=0.1,0.3,1"),
+            tune.parse_space("chosen:chosen.lr=1e-3,3e-3;chosen.steps=100,200,400")]
+  plans = tune.plan_validation(cfg, spaces, str(tmp_path), seed=0, base_flags={})
+  assert sorted((c.var.lr, c.var.lam) for _, c, _, _, _ in plans["var"]) == sorted(
+      (lr, lam) for lr in (1e-3, 3e-3) for lam in (0.1, 0.3, 1.0))
+  assert sorted((c.chosen.lr, c.chosen.steps) for _, c, _, _, _ in plans["chosen"]) == sorted(
+      (lr, s) for lr in (1e-3, 3e-3) for s in (100, 200, 400))
+
+
 def test_a_field_in_two_spaces_is_refused_before_any_trial(tmp_path):
   """The test run trains every method together, so a field tuned for two methods could hold only one choice; the old
   merge (one dict updated method by method) silently gave both the last method's value."""
