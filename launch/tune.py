@@ -17,11 +17,13 @@
    beside the tuned default), reported as METHOD[field=value,...]. Seeds run one after another, each with its
    beside runs, so a run cut short leaves whole seeds; --collect_only rebuilds the tables from what finished.
 
-Writes DIR/tuning.md (every validation trial and the choice; written before the test runs start) and
+Writes DIR/tuning.md (every validation trial and the choice; written before the test runs start, with the choices as
+DIR/choices.json, {method: {field: value}}, which launch.frontier --tuned reads) and
 DIR/summary.md (the test table, mean ± std over seeds, with the held-out judge's accuracy and the var stage's
 weight diagnostics when present), with launch.sweep's results.csv / results.md under DIR/validation/<method> and
 DIR/test.
 """
+import json
 import os
 
 from absl import app
@@ -172,6 +174,8 @@ def main(argv) -> None:
   os.makedirs(_DIR.value, exist_ok=True)
   with open(os.path.join(_DIR.value, "tuning.md"), "w", encoding="utf-8") as f:  # Before the test runs start.
     f.write("\n".join(lines) + "\n")
+  with open(os.path.join(_DIR.value, "choices.json"), "w", encoding="utf-8") as f:  # What launch.frontier --tuned reads.
+    json.dump(choices, f, indent=1)
   print("\n".join(lines))
   stages = ",".join([m for m, _ in spaces] + ["eval"])
   upstream_root = os.path.join(_DIR.value, "upstream")

@@ -1,4 +1,5 @@
 """The eval stage's decodings: with eval.greedy, the sampled comparisons and the greedy ones side by side."""
+import numpy as np
 import pytest
 
 from tests.helpers import tiny_config
@@ -31,6 +32,16 @@ def test_greedy_columns_are_the_greedy_eval_beside_the_sampled_one(tmp_path):
     assert {k[len("greedy_"):]: v for k, v in row.items() if k.startswith("greedy_")} == greedy_alone["policies"][name]
     assert {k: v for k, v in row.items() if not k.startswith("greedy_")} == sampled_alone["policies"][name]
     assert "kl_to_ref" in row and "logratio_to_ref" not in row  # Samples: the unbiased KL estimate.
+  # Every sampled generation's scores, length and log-ratio are kept (launch.frontier pairs them across runs): their
+  # means are the row's columns.
+  per = both["per_sample"]
+  assert len(per["prompt_keys"]) == len(set(per["prompt_keys"])) == both["num_prompts"]
+  for name in ("sft", "chosen"):
+    kept, row = per["policies"][name], both["policies"][name]
+    assert all(len(kept[k]) == 2 * both["num_prompts"] for k in ("gold", "lengths", "logratios"))
+    assert np.mean(kept["gold"]) == pytest.approx(row["gold_reward"])
+    assert np.mean(kept["lengths"]) == pytest.approx(row["length"])
+    assert np.mean(kept["logratios"]) == pytest.approx(row["kl_to_ref"], rel=1e-5)  # The row averages in float32.
   chosen = both["policies"]["chosen"]
   assert {"gold_win_vs_ref_lo", "greedy_gold_win_vs_ref_lo", "greedy_gold_lc_vs_ref"} <= set(chosen)
   assert "greedy_logratio_to_ref" in chosen and "greedy_kl_to_ref" not in chosen  # Greedy answers are not samples.

@@ -147,6 +147,7 @@ def test_whole_protocol_from_the_command_line(tmp_path):
   assert tuning.count("<- chosen") == 2 and "var var.lam=0.3" in tuning and "chosen chosen.lr=0.001" in tuning
   assert tuning.count("(kl_to_ref ") == 2 and tuning.count(", length ") == 2  # Samples at temperature 1.
   assert "among trials with kl_to_ref <= 1000.0" in tuning.splitlines()[0]
+  assert json.loads((out / "choices.json").read_text()) == {"var": {"var.lam": 0.3}, "chosen": {"chosen.lr": 1e-3}}
   summary = (out / "summary.md").read_text()
   header = summary.splitlines()[0]
   assert "judge_accuracy" in header and "weights/swap_sensitivity" in header and "judge_win_vs_ref_lo" in header

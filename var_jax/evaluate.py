@@ -26,6 +26,8 @@ compared sample by sample and averaged per prompt. With eval.greedy (and eval.te
 answers each prompt once greedily, and every column above is reported for those answers too, as `greedy_<column>`.
 Results go to workdir/eval/results.json and a Markdown table (also printed).
 """
+import hashlib
+
 import numpy as np
 
 from var_jax import artifacts
@@ -153,7 +155,7 @@ def _measure(model, ref, records, prompt_ids, tok, judges: dict, decoding: dict,
                                          **decoding)
   unbiased_kl = decoding["temperature"] == 1.0 and decoding["top_k"] == 0 and decoding["top_p"] >= 1.0
   texts, lengths = [tok.decode(g) for g in gen], [len(g) for g in gen]
-  m = {"length": float(np.mean(lengths)), "lengths": lengths}
+  m = {"length": float(np.mean(lengths)), "lengths": lengths, "logratios": (logp - ref_logp).tolist()}
   m["kl_to_ref" if unbiased_kl else "logratio_to_ref"] = float(np.mean(logp - ref_logp))
   if synthetic_task:
     m["gold"] = [synthetic.gold_reward(r.prompt, t) for r, t in zip(records, texts)]
@@ -250,6 +252,12 @@ def evaluate_policies(ctx, policies) -> dict:
                  e.bootstrap, cfg.seed)
     for name, row in rows.items():
       results["policies"][name].update({tag + k: v for k, v in row.items()})
+  # Every sampled generation's judge scores, length and log pi/pi_ref (sample j of prompt i at j * P + i), with a key
+  # per prompt: what launch.frontier pairs across runs and seeds (a bootstrap over seeds and prompts together).
+  results["per_sample"] = {"prompt_keys": [hashlib.sha1(tok.render(r.prompt).encode()).hexdigest()[:12]
+                                           for r in records[:num_prompts]],
+                           "policies": {name: {k: v for k, v in m.items() if isinstance(v, list)}
+                                        for name, m in measured[""].items()}}
   results["samples"] = [{"prompt": tok.render(records[i].prompt), **{n: generations[n][i] for n in policies}}
                         for i in range(min(e.show, len(records)))]
   _write(ctx.workdir, results)

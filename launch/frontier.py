@@ -1,0 +1,381 @@
+"""Reward against KL: each method's strength knob swept at its tuned settings, over seeds, on the test prompts.
+
+    python -m launch.frontier --config=configs/tiny_k4.py --dir=workdir/results/frontier_k4 \
+        --tuned=workdir/results/tuned_k4 --seeds=0,1,2,3,4 \
+        --knob=var:var.lam=0.1,0.3,1,3 --knob=dpo:dpo.beta=0.03,0.1,0.3,1 \
+        --knob=chosen:chosen.steps=50,100,200,400 --knob=ipo:ipo.tau=0.03,0.1,0.3,1
+
+The standard figure of Gao et al. (2023) and of the DPO paper: per method, the judge's reward of its samples and its
+preference over the reference (win + tie / 2, the headline: every policy samples with the run's seed, so a policy
+near the reference ties it more often and raw win rates would favour the far one) against the sampled KL to the
+reference. Then, at common KL budgets, every method's reward and preference read off its frontier (linear
+interpolation between its trials ordered by KL; a budget outside a method's trials is "not reached"), and VAR
+against each other method at the same budget.
+
+Runs: trial i trains every method at the i-th value of its knob (the same number of values for each), together in
+one run per seed (stages "<methods>,eval", eval.prompts = "test"), with the other settings of --tuned DIR's
+choices.json (launch.tune: e.g. each method's tuned learning rate; its knob field, if tuned, is replaced by the
+sweep) and any --config overrides. Upstream stages (sft, reward, score) are shared, as in launch.sweep.
+
+Statistics: eval keeps every sample's judge score, length and log pi/pi_ref (results.json "per_sample"); a cell is
+one (seed, prompt), the mean over its samples. Every interval is a percentile bootstrap that resamples seeds and
+prompts together (the same prompts under every seed, so the design is crossed: seeds and prompts are drawn
+independently, with replacement, and a statistic is the mean over the drawn seed x prompt cells). The same draws serve
+every method, trial and budget, so a difference between two methods at a budget (reward, preference) is paired: one
+interval for the multi-seed result, on the same prompts and seeds.
+
+Writes DIR/frontier.md (the trial table with the var stage's weight diagnostics, the budget table and one sentence
+per budget and comparison), DIR/frontier.json and DIR/frontier.png.
+"""
+import json
+import os
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+import numpy as np
+
+from launch import sweep
+from var_jax import artifacts
+from var_jax import evaluate
+from var_jax import stage_table
+
+METRICS = ("reward", "pref_vs_ref", "kl", "length")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Statistics (pure NumPy).
+
+
+def cell_means(samples: dict, reference: dict, judge: str, num_prompts: int) -> dict:
+  """{metric: [P]} per prompt of one policy's per-sample lists (sample j of prompt i at j * P + i; eval's layout):
+  the judge's reward, the preference over the reference's sample of the same prompt and index (win 1, tie 1/2), the
+  log-ratio log pi - log pi_ref (whose mean is the KL estimate) and the length, each averaged over the samples."""
+  per_prompt = lambda v: np.asarray(v, np.float64).reshape(-1, num_prompts).mean(axis=0)  # noqa: E731
+  score, ref = np.asarray(samples[judge], np.float64), np.asarray(reference[judge], np.float64)
+  return {"reward": per_prompt(score), "pref_vs_ref": per_prompt((score > ref) + 0.5 * (score == ref)),
+          "kl": per_prompt(samples["logratios"]), "length": per_prompt(samples["lengths"])}
+
+
+def crossed_draws(num_seeds: int, num_prompts: int, resamples: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """(seed counts [R, S], prompt counts [R, P]): R bootstrap draws of S seeds and P prompts with replacement, as how
+  often each was drawn; the draws of a crossed seed x prompt design."""
+  rng = np.random.default_rng(seed)
+  seeds = np.stack([np.bincount(rng.integers(0, num_seeds, num_seeds), minlength=num_seeds) for _ in range(resamples)])
+  prompts = np.stack([np.bincount(rng.integers(0, num_prompts, num_prompts), minlength=num_prompts)
+                      for _ in range(resamples)])
+  return seeds.astype(np.float64), prompts.astype(np.float64)
+
+
+def resampled_means(cells: np.ndarray, seed_counts: np.ndarray, prompt_counts: np.ndarray) -> np.ndarray:
+  """[R] means of `cells` [S, P] over each draw's seed x prompt cells (a cell drawn twice counts twice)."""
+  total = seed_counts.sum(axis=1) * prompt_counts.sum(axis=1)
+  return np.einsum("rs,sp,rp->r", seed_counts, cells, prompt_counts) / total
+
+
+def interpolate(kl: np.ndarray, values: np.ndarray, budget: float) -> np.ndarray:
+  """A method's value at KL = budget, linear between its trials ordered by KL; NaN where the budget lies outside the
+  trials' KL range (not reached: no extrapolation). kl, values: [..., N] (N trials); returns [...]."""
+  kl, values = np.atleast_2d(kl), np.atleast_2d(values)
+  out = np.full(kl.shape[0], np.nan)
+  for r in range(kl.shape[0]):
+    order = np.argsort(kl[r], kind="stable")
+    x, y = kl[r][order], values[r][order]
+    if x[0] <= budget <= x[-1]:
+      out[r] = np.interp(budget, x, y)
+  return out
+
+
+def interval(draws: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+  """Percentile interval of the bootstrap draws that exist (a draw whose budget lies outside a method's KL range has
+  none); NaN when fewer than half the draws do."""
+  ok = draws[np.isfinite(draws)]
+  if ok.size < max(1, draws.size // 2):
+    return float("nan"), float("nan")
+  return float(np.quantile(ok, (1 - level) / 2)), float(np.quantile(ok, (1 + level) / 2))
+
+
+def default_budgets(kl_by_method: dict[str, np.ndarray], count: int = 3) -> list[float]:
+  """`count` KL budgets spread over the range every method reaches (at 1/4, 1/2, 3/4 of it for 3); [] when the
+  methods' KL ranges do not overlap."""
+  low = max(float(np.min(k)) for k in kl_by_method.values())
+  high = min(float(np.max(k)) for k in kl_by_method.values())
+  if high <= low:
+    return []
+  return [float(low + (high - low) * (i + 1) / (count + 1)) for i in range(count)]
+
+
+def verdict(lo: float, hi: float) -> str:
+  """A paired difference's reading: "wins" / "loses" when its interval excludes 0, "ties" when it holds 0."""
+  if not (np.isfinite(lo) and np.isfinite(hi)):
+    return "cannot be compared (a budget outside a frontier)"
+  return "wins" if lo > 0 else "loses" if hi < 0 else "ties (the interval holds 0)"
+
+
+def frontier_stats(cells: dict, budgets: list[float], pairs: list[tuple[str, str]], resamples: int,
+                   seed: int = 0) -> dict:
+  """Every statistic of the report from `cells` {method: [trial {metric: [S, P]}]}.
+
+  Returns {"trials": {method: [{metric: value, metric_lo, metric_hi}]}, "budgets": [{"kl": b, "methods": {method:
+  {metric: value, _lo, _hi}}, "pairs": {"a-b": {metric: diff, _lo, _hi}}}]}: point values from all cells, intervals
+  from the crossed bootstrap (one set of draws for everything, so differences are paired)."""
+  any_cells = next(iter(cells.values()))[0]["reward"]
+  seed_counts, prompt_counts = crossed_draws(*any_cells.shape, resamples, seed)
+  point, draws = {}, {}
+  out = {"trials": {}, "budgets": []}
+  for method, trials in cells.items():
+    point[method] = {m: np.array([t[m].mean() for t in trials]) for m in METRICS}
+    draws[method] = {m: np.stack([resampled_means(t[m], seed_counts, prompt_counts) for t in trials], axis=1)
+                     for m in METRICS}  # [R, N]
+    out["trials"][method] = [
+        {**{m: float(point[method][m][i]) for m in METRICS},
+         **{f"{m}_{side}": v for m in METRICS for side, v in zip(("lo", "hi"), interval(draws[method][m][:, i]))}}
+        for i in range(len(trials))]
+  for b in budgets:
+    at = {method: {m: (float(interpolate(point[method]["kl"], point[method][m], b)[0]),
+                       interpolate(draws[method]["kl"], draws[method][m], b)) for m in ("reward", "pref_vs_ref")}
+          for method in cells}
+    entry = {"kl": b, "methods": {}, "pairs": {}}
+    for method, values in at.items():
+      entry["methods"][method] = {k: v for m, (p, d) in values.items()
+                                  for k, v in ((m, p), *zip((f"{m}_lo", f"{m}_hi"), interval(d)))}
+    for a, c in pairs:
+      entry["pairs"][f"{a}-{c}"] = {k: v for m in ("reward", "pref_vs_ref")
+                                    for k, v in ((m, at[a][m][0] - at[c][m][0]),
+                                                 *zip((f"{m}_lo", f"{m}_hi"), interval(at[a][m][1] - at[c][m][1])))}
+    out["budgets"].append(entry)
+  return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Runs.
+
+
+def parse_knob(spec: str, cfg) -> tuple[str, str, list]:
+  """"method:field=v1,v2,..." -> (method, field, typed values)."""
+  method, sep, rest = spec.partition(":")
+  field, sep2, values = rest.partition("=")
+  if not sep or not sep2 or method not in stage_table.COMPARED or not values:
+    raise ValueError(f"--knob={spec!r}: expected METHOD:field=v1,v2,... with METHOD one of {stage_table.COMPARED}")
+  current = sweep.get_field(cfg, field)
+  return method, field, [sweep.parse_value(v, current) for v in values.split(",")]
+
+
+def read_tuned(tuned_dir: str, knobs: list[tuple[str, str, list]]) -> dict:
+  """The tuned choices of the knobs' methods (launch.tune's choices.json), less the knob fields the sweep sets."""
+  path = os.path.join(tuned_dir, "choices.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"--tuned={tuned_dir}: no choices.json there (launch.tune writes it after validation)")
+  with open(path, encoding="utf-8") as f:
+    choices = json.load(f)
+  knob_fields = {field for _, field, _ in knobs}
+  missing = [m for m, _, _ in knobs if m not in choices]
+  if missing:
+    raise ValueError(f"{path} has no choice for {missing}: tune every method of the frontier")
+  return {f: v for m, _, _ in knobs for f, v in choices[m].items() if f not in knob_fields}
+
+
+def plan_runs(base_cfg, knobs: list[tuple[str, str, list]], fixed: dict, seeds: list[int], sweep_dir: str,
+              base_flags: dict):
+  """[(trial index, seed, launch.sweep run)]: trial i of every method together, one run per seed."""
+  sizes = {m: len(v) for m, _, v in knobs}
+  if len(set(sizes.values())) != 1:
+    raise ValueError(f"unequal knob grids {sizes}: give every method the same number of values")
+  if len(set(sizes)) != len(knobs):
+    raise ValueError(f"one --knob per method: {[m for m, _, _ in knobs]}")
+  stages = ",".join([m for m, _, _ in knobs] + ["eval"])
+  out = []
+  for i in range(len(knobs[0][2])):
+    for seed in seeds:
+      point = {**fixed, **{field: values[i] for _, field, values in knobs}, "seed": seed, "eval.prompts": "test"}
+      run, = sweep.plan(base_cfg, [point], sweep_dir, stages, base_flags)
+      out.append((i, seed, run))
+  return out
+
+
+def judge_of(per_sample: dict) -> str:
+  """The judge the report reads: the gold reward (synthetic task), else the held-out judge, else the reward model."""
+  kept = next(iter(per_sample["policies"].values()))
+  for judge in ("gold", "judge", "rm"):
+    if judge in kept:
+      return judge
+  raise ValueError("eval kept no judge scores (gold, judge or rm)")
+
+
+def pooled_length_controlled(parts: list[tuple]) -> float:
+  """The length-controlled preference over the reference (evaluate.length_controlled_preference) of one trial, its
+  seeds pooled: `parts` [(scores, reference scores, lengths, reference lengths)] per seed, each [S * P]."""
+  num_prompts = sum(len(p[0]) for p in parts)
+  a, b, la, lb = (np.concatenate([np.asarray(p[k], np.float64) for p in parts]) for k in range(4))
+  return evaluate.length_controlled_preference(a, b, la, lb, num_prompts)[0]
+
+
+def load_cells(runs, methods: list[str], seeds: list[int]) -> tuple[dict, str, dict]:
+  """({method: [trial {metric: [S, P]}]}, the judge read, {method: [trial {diagnostic: mean over seeds, and
+  lc_pref_vs_ref}]}) from the finished runs; every run must have evaluated the same prompts (refused otherwise,
+  naming the runs)."""
+  num_trials = 1 + max(i for i, _, _ in runs)
+  cells = {m: [{k: [None] * len(seeds) for k in METRICS} for _ in range(num_trials)] for m in methods}
+  diagnostics = {m: [{} for _ in range(num_trials)] for m in methods}
+  length_parts = {m: [[] for _ in range(num_trials)] for m in methods}
+  keys, judge = None, None
+  for i, seed, (name, _, run_dir, _, _) in runs:
+    try:
+      results = artifacts.read_eval_results(run_dir)
+    except FileNotFoundError as e:
+      raise FileNotFoundError(f"trial {i}, seed {seed} has not finished ({run_dir}): run the command again") from e
+    if "per_sample" not in results:
+      raise ValueError(f"{run_dir}/eval/results.json keeps no per-sample scores (an eval from before they were kept): "
+                       "delete its eval directory and run again")
+    per = results["per_sample"]
+    if keys is None:
+      keys, first, judge = per["prompt_keys"], run_dir, judge_of(per)
+    elif per["prompt_keys"] != keys:
+      raise ValueError(f"{run_dir} evaluated other prompts than {first}: a frontier compares runs on the same test "
+                       "prompts (same data and split settings)")
+    num_prompts = len(keys)
+    reference = per["policies"][stage_table.REFERENCE]
+    for m in methods:
+      c = cell_means(per["policies"][m], reference, judge, num_prompts)
+      length_parts[m][i].append((per["policies"][m][judge], reference[judge], per["policies"][m]["lengths"],
+                                 reference["lengths"]))
+      for k in METRICS:
+        cells[m][i][k][seeds.index(seed)] = c[k]
+      done = artifacts.done_results(run_dir, m) if artifacts.is_complete(run_dir, m) else {}
+      for k, v in done.get("diagnostics", {}).items():
+        if k in sweep.WEIGHT_COLUMNS:
+          diagnostics[m][i].setdefault(k, []).append(float(v))
+  cells = {m: [{k: np.stack(t[k]) for k in METRICS} for t in trials] for m, trials in cells.items()}
+  diagnostics = {m: [{"lc_pref_vs_ref": pooled_length_controlled(length_parts[m][i]),
+                      **{k: float(np.mean(v)) for k, v in d.items()}} for i, d in enumerate(trials)]
+                 for m, trials in diagnostics.items()}
+  return cells, judge, diagnostics
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Report.
+
+
+def _ci(row: dict, m: str, digits: int = 3) -> str:
+  v, lo, hi = row.get(m, np.nan), row.get(f"{m}_lo", np.nan), row.get(f"{m}_hi", np.nan)
+  if not np.isfinite(v):
+    return "not reached"
+  return f"{v:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+
+
+def markdown(stats: dict, knobs: list[tuple[str, str, list]], diagnostics: dict, judge: str, num_seeds: int,
+             num_prompts: int) -> str:
+  """The trial table, the budget table and the sentences."""
+  lines = [f"Judge: {judge}; {num_seeds} seeds x {num_prompts} test prompts; 95% intervals from a bootstrap over seeds "
+           "and prompts together. `pref_vs_ref` = win + tie / 2 against the reference's sample; `lc_pref_vs_ref` the "
+           "same at equal length (eval's length-controlled preference, seeds pooled, no interval).", "",
+           "| method | knob | kl_to_ref | reward | pref_vs_ref | length | lc_pref_vs_ref, weight diagnostics |",
+           "|---|---|---|---|---|---|---|"]
+  for method, field, values in knobs:
+    for i, row in enumerate(stats["trials"][method]):
+      diag = ", ".join(f"{k} {v:.3f}" for k, v in diagnostics[method][i].items())
+      lines.append(f"| {method} | {field}={values[i]} | {_ci(row, 'kl')} | {_ci(row, 'reward')} | "
+                   f"{_ci(row, 'pref_vs_ref')} | {row['length']:.2f} | {diag} |")
+  if not stats["budgets"]:
+    lines += ["", "**The methods' KL ranges do not overlap: no common budget. Extend the grids.**"]
+    return "\n".join(lines) + "\n"
+  methods = [m for m, _, _ in knobs]
+  lines += ["", "At matched KL (each method's frontier read at the budget):", "",
+            "| kl budget | " + " | ".join(f"{m} reward | {m} pref_vs_ref" for m in methods) + " |",
+            "|---" * (1 + 2 * len(methods)) + "|"]
+  for entry in stats["budgets"]:
+    cells = [f"{_ci(entry['methods'][m], 'reward')} | {_ci(entry['methods'][m], 'pref_vs_ref')}" for m in methods]
+    lines.append(f"| {entry['kl']:.3f} | " + " | ".join(cells) + " |")
+  pairs = list(stats["budgets"][0]["pairs"])
+  if pairs:
+    lines += ["", "Paired differences at the same budget (first minus second):", "",
+              "| kl budget | " + " | ".join(f"{p} reward | {p} pref_vs_ref" for p in pairs) + " |",
+              "|---" * (1 + 2 * len(pairs)) + "|"]
+    for entry in stats["budgets"]:
+      cells = [f"{_ci(entry['pairs'][p], 'reward', 4)} | {_ci(entry['pairs'][p], 'pref_vs_ref', 4)}" for p in pairs]
+      lines.append(f"| {entry['kl']:.3f} | " + " | ".join(cells) + " |")
+    lines.append("")
+    for entry in stats["budgets"]:
+      for p in pairs:
+        a, b = p.split("-")
+        d = entry["pairs"][p]
+        lines.append(f"- At KL {entry['kl']:.2f}, {a} {verdict(d['reward_lo'], d['reward_hi'])} against {b} on "
+                     f"{judge} reward ({_ci(d, 'reward', 4)}) and {verdict(d['pref_vs_ref_lo'], d['pref_vs_ref_hi'])} "
+                     f"on preference over the reference ({_ci(d, 'pref_vs_ref', 4)}).")
+  return "\n".join(lines) + "\n"
+
+
+def plot(stats: dict, knobs, judge: str, path: str) -> None:
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+  for ax, metric, label in ((axes[0], "reward", f"{judge} reward"), (axes[1], "pref_vs_ref", "preference over ref")):
+    for method, _, _ in knobs:
+      rows = sorted(stats["trials"][method], key=lambda r: r["kl"])
+      x, y = np.array([r["kl"] for r in rows]), np.array([r[metric] for r in rows])
+      xerr = np.abs(np.array([[r["kl_lo"] for r in rows], [r["kl_hi"] for r in rows]]) - x)
+      yerr = np.abs(np.array([[r[f"{metric}_lo"] for r in rows], [r[f"{metric}_hi"] for r in rows]]) - y)
+      ax.errorbar(x, y, xerr=xerr, yerr=yerr, marker="o", capsize=2, label=method)
+    for entry in stats["budgets"]:
+      ax.axvline(entry["kl"], color="grey", linestyle=":", linewidth=1)
+    ax.set_xlabel("KL to the reference (nats, sampled)")
+    ax.set_ylabel(label)
+    ax.legend()
+  axes[1].axhline(0.5, color="grey", linewidth=0.8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def main(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  base = _CONFIG.value
+  knobs = [parse_knob(s, base) for s in _KNOB.value]
+  if not knobs:
+    raise app.UsageError("give at least one --knob=METHOD:field=v1,v2,...")
+  fixed = read_tuned(_TUNED.value, knobs) if _TUNED.value else {}
+  seeds = [int(s) for s in _SEEDS.value]
+  runs = plan_runs(base, knobs, fixed, seeds, _DIR.value, sweep.command_line_overrides(flags.FLAGS["config"]))
+  if not _COLLECT.value:
+    for _, _, run in runs:  # Trial by trial, every seed: a command cut short leaves whole trials to resume from.
+      sweep.run_all([run], flags.FLAGS["config"].config_filename, emit=False)
+  methods = [m for m, _, _ in knobs]
+  cells, judge, diagnostics = load_cells(runs, methods, seeds)
+  budgets = [float(b) for b in _BUDGETS.value] or default_budgets(
+      {m: np.array([t["kl"].mean() for t in cells[m]]) for m in methods})
+  pairs = [("var", m) for m in methods if m != "var"] if "var" in methods else []
+  stats = frontier_stats(cells, budgets, pairs, _RESAMPLES.value)
+  num_prompts = cells[methods[0]][0]["reward"].shape[1]
+  report = markdown(stats, knobs, diagnostics, judge, len(seeds), num_prompts)
+  if fixed:
+    report = "Settings from --tuned: " + ", ".join(f"{k}={v}" for k, v in fixed.items()) + "\n\n" + report
+  os.makedirs(_DIR.value, exist_ok=True)
+  with open(os.path.join(_DIR.value, "frontier.md"), "w", encoding="utf-8") as f:
+    f.write(report)
+  with open(os.path.join(_DIR.value, "frontier.json"), "w", encoding="utf-8") as f:
+    json.dump({"judge": judge, "seeds": seeds, "fixed": fixed, "diagnostics": diagnostics, **stats}, f, indent=1)
+  plot(stats, knobs, judge, os.path.join(_DIR.value, "frontier.png"))
+  print(report)
+  logging.info("wrote %s/frontier.{md,json,png}", _DIR.value)
+
+
+def _define_flags() -> None:
+  """Defined only when run as a program, so that importing this module (tests) adds no flags."""
+  global _CONFIG, _DIR, _KNOB, _TUNED, _SEEDS, _BUDGETS, _RESAMPLES, _COLLECT
+  _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Base config file.")
+  _DIR = flags.DEFINE_string("dir", "workdir/frontier", "Output directory.")
+  _KNOB = flags.DEFINE_multi_string("knob", [], "METHOD:field=v1,v2,... (one per method, the same number of values).")
+  _TUNED = flags.DEFINE_string("tuned", "", "A launch.tune directory: its choices.json sets every method's other "
+                               "tuned fields (e.g. the learning rate).")
+  _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2", "3", "4"], "Seeds of the runs.")
+  _BUDGETS = flags.DEFINE_list("budgets", [], "KL budgets (nats); default: 3 spread over the range all methods reach.")
+  _RESAMPLES = flags.DEFINE_integer("resamples", 2000, "Bootstrap draws (seeds and prompts together).")
+  _COLLECT = flags.DEFINE_bool("collect_only", False, "Run nothing: rebuild the report from the finished runs.")
+
+
+if __name__ == "__main__":
+  _define_flags()
+  app.run(main)
