@@ -227,7 +227,8 @@ def _last_train_metrics(run_dir: str, stage: str) -> dict:
 
 
 # The var stage's weight diagnostics (var_jax/diagnostics.py) that a results row carries.
-WEIGHT_COLUMNS = ("max_weight", "ess_group", "chosen_share", "swap_sensitivity", "length_corr")
+WEIGHT_COLUMNS = ("max_weight", "ess_group", "ess_prompt", "chosen_share", "swap_sensitivity", "length_corr",
+                  "reward_std")
 
 
 def collect(runs) -> list[dict]:

@@ -88,7 +88,8 @@ def np_diagnostics(scores, lam, normalizer, group_size, alpha, length_normalize,
   ws, lens = np.array(ws), np.array(lens)
   corr = ((ws - ws.mean()) * (lens - lens.mean())).mean() / (ws.std() * lens.std())
   c0, c1 = chosen_share(scores["reward"]), chosen_share(np_swap(scores["reward"], present, k))
-  return {"max_weight": np.mean(maxw), "max_weight_share": np.mean(share), "own_mass": np.mean(own),
+  own_rewards = [scores["reward"][b, m // k, m] for b in range(nb) for m in range(gk) if present[b, m]]
+  return {"reward_std": np.std(np.array(own_rewards, np.float64)),"max_weight": np.mean(maxw), "max_weight_share": np.mean(share), "own_mass": np.mean(own),
           "ess_group": np.mean(ess_g), "ess_prompt": np.mean(ess_p), "chosen_share": c0, "chosen_share_swapped": c1,
           "swap_sensitivity": c0 - c1, "length_corr": corr, "num_groups": len(maxw), "responses": len(ws)}
 

@@ -169,6 +169,8 @@ def weight_diagnostics(scores: dict, *, lam: float, normalizer: str = "cross_con
     length_corr:       Pearson correlation of weight with response length ref_ntok over all valid responses of all
                        groups (NaN when either is constant).
     num_groups, responses: how many groups and valid responses the statistics cover.
+    reward_std:        the std of the own-context rewards of `scores` as given (before any standardisation; NaN when
+                       constant): lambda / reward_std is lambda in units of the reward's spread.
   """
   _, g, _ = _layout(scores)
   b = group_size or g
@@ -202,7 +204,15 @@ def weight_diagnostics(scores: dict, *, lam: float, normalizer: str = "cross_con
       "length_corr": length_corr,
       "num_groups": float(len(valid)),
       "responses": float(valid.sum()),
+      "reward_std": _reward_std(scores["reward"]),
   }
+
+
+def _reward_std(reward) -> float:
+  try:
+    return losses.own_reward_stats(reward)[1]
+  except ValueError:  # Constant rewards: no spread.
+    return float("nan")
 
 
 def collapse_warnings(diag: dict) -> list[str]:
@@ -328,7 +338,8 @@ def run(workdir: str, *, split: str, lams, normalizers, group_sizes, ref_weights
   nb, g, k = _layout(scores)
   group_sizes = [b or g for b in group_sizes]
   stats = losses.own_reward_stats(artifacts.load_scores(workdir, "train")["reward"]) if standardize else None
-  print(f"{workdir} [{split}]: {nb} blocks, G={g}, K={k}, {int(np.isfinite(scores['ref_ntok']).sum())} responses"
+  print(f"{workdir} [{split}]: {nb} blocks, G={g}, K={k}, {int(np.isfinite(scores['ref_ntok']).sum())} responses, "
+        f"own-context reward std {_reward_std(scores['reward']):.4g}"
         + (f"; rewards standardised with train mean {stats[0]:.4g}, std {stats[1]:.4g}" if stats else ""))
   rows = sweep(scores, lams=lams, normalizers=normalizers, group_sizes=group_sizes, ref_weights=ref_weights,
                length_normalize=length_normalize, reward_stats=stats)
