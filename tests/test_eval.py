@@ -1,4 +1,7 @@
 """The eval stage's decodings: with eval.greedy, the sampled comparisons and the greedy ones side by side."""
+import json
+import os
+
 import numpy as np
 import pytest
 
@@ -11,7 +14,7 @@ from var_jax import stages
 
 
 @pytest.mark.slow
-def test_greedy_columns_are_the_greedy_eval_beside_the_sampled_one(tmp_path):
+def test_greedy_columns_are_the_greedy_eval_beside_the_sampled_one(tmp_path, capsys):
   """Every `greedy_*` column equals the column of an eval that decodes greedily (temperature 0, one answer per
   prompt) with the same policies, and every other column equals the eval without eval.greedy."""
   common = {"stages": "sft,chosen,eval", "reward.source": "gold", "eval.num_prompts": 6, "eval.bootstrap": 200}
@@ -20,6 +23,13 @@ def test_greedy_columns_are_the_greedy_eval_beside_the_sampled_one(tmp_path):
   stages.run_pipeline(cfg, workdir)
   both = artifacts.read_eval_results(workdir)
   assert both["greedy"] and both["samples_per_prompt"] == 2
+  # The run's last screen: the headline table, in 100 columns; every column also went to eval/logs (TensorBoard).
+  last = capsys.readouterr().out.rstrip().split("result (")[-1].splitlines()
+  assert last[1].split() == ["policy", "gold", "reward", "pref.", "over", "ref", "[95%]", "kl_to_ref", "length"]
+  assert [line.split()[0] for line in last[2:]] == ["sft", "chosen"] and max(map(len, last)) <= 100
+  assert last[3].split()[1] == f"{both['policies']['chosen']['gold_reward']:.4f}"
+  logged = json.loads(open(os.path.join(workdir, "eval", "logs", "metrics.jsonl")).readline())
+  assert logged["chosen/gold_reward"] == both["policies"]["chosen"]["gold_reward"] and logged["step"] == 0
 
   def eval_with(**fields):
     c = tiny_config(**common, **fields)
@@ -80,3 +90,14 @@ def test_real_data_eval_without_the_training_reward_model(tmp_path, monkeypatch)
   assert {"rm_reward", "rm_win_vs_ref", "rm_win_vs_chosen", "rm_win_vs_chosen_lo"} <= set(full["chosen"])
   for name in ("sft", "chosen"):
     assert alone[name] == {k: v for k, v in full[name].items() if not k.startswith("rm_")}
+
+
+def test_headline_table_reads_the_first_judge_and_fits_100_columns():
+  row = {"judge_reward": 0.25, "rm_reward": 9.0, "judge_pref_vs_ref": 0.61, "judge_pref_vs_ref_lo": 0.55,
+         "judge_pref_vs_ref_hi": 0.67, "kl_to_ref": 1.5, "length": 31.0}
+  results = {"policies": {"sft": {"judge_reward": 0.1, "rm_reward": 8.0, "kl_to_ref": 0.0, "length": 30.0},
+                          "a_policy_with_a_very_long_label[var.paper=True,var.lam=1.0]": row}}
+  lines = evaluate.headline_table(results).splitlines()
+  assert lines[0].split()[:3] == ["policy", "judge", "reward"] and max(map(len, lines)) <= 100
+  assert lines[1].split() == ["sft", "0.1000", "-", "0.000", "30.0"]
+  assert lines[2].split()[1:] == ["0.2500", "0.610", "[0.550,", "0.670]", "1.500", "31.0"]

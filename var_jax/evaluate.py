@@ -128,7 +128,7 @@ def _comparison(row: dict, name: str, a, b, num_prompts: int, resamples: int, se
 
 
 def sample_responses(model, ref, prompt_ids, tok, *, max_new_tokens: int, temperature: float, top_k: int = 0,
-                     top_p: float = 1.0, seed: int, batch_size: int, bucket: int):
+                     top_p: float = 1.0, seed: int, batch_size: int, bucket: int, progress: str = ""):
   """(responses, log pi(y|x), log pi_ref(y|x)): the model's generations for `prompt_ids` (an empty one becomes a
   lone EOS, so every response can be scored) and their log-probs under the model (from the sampler itself, which
   computes the logits of every generated token anyway: a forward pass over the samples would repeat it) and under
@@ -136,7 +136,7 @@ def sample_responses(model, ref, prompt_ids, tok, *, max_new_tokens: int, temper
   when the responses are samples (temperature 1, no top-k / top-p)."""
   gen, logp = sampling.generate(model, prompt_ids, max_new_tokens=max_new_tokens, eos_id=tok.eos_id,
                                 pad_id=tok.pad_id, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                                batch_size=batch_size, bucket=bucket, with_logprobs=True)
+                                batch_size=batch_size, bucket=bucket, with_logprobs=True, progress=progress)
   empty = [i for i, g in enumerate(gen) if not len(g)]
   gen = [g if len(g) else np.array([tok.eos_id], np.int32) for g in gen]
   pairs = list(zip(prompt_ids, gen))
@@ -147,12 +147,12 @@ def sample_responses(model, ref, prompt_ids, tok, *, max_new_tokens: int, temper
 
 
 def _measure(model, ref, records, prompt_ids, tok, judges: dict, decoding: dict, seed: int, batch_size: int,
-             bucket: int, synthetic_task: bool) -> tuple[list, dict]:
+             bucket: int, synthetic_task: bool, progress: str = "") -> tuple[list, dict]:
   """(texts, measurements) of one policy's generations for `prompt_ids` under `decoding` (max_new_tokens,
   temperature, top_k, top_p): length(s), the KL estimate to the reference (or the log-ratio when the generations are
   not samples), the gold reward (synthetic task) and each reward-model judge's scores (`judges` {key: model})."""
   gen, logp, ref_logp = sample_responses(model, ref, prompt_ids, tok, seed=seed, batch_size=batch_size, bucket=bucket,
-                                         **decoding)
+                                         progress=progress, **decoding)
   unbiased_kl = decoding["temperature"] == 1.0 and decoding["top_k"] == 0 and decoding["top_p"] >= 1.0
   texts, lengths = [tok.decode(g) for g in gen], [len(g) for g in gen]
   m = {"length": float(np.mean(lengths)), "lengths": lengths, "logratios": (logp - ref_logp).tolist()}
@@ -227,7 +227,8 @@ def evaluate_policies(ctx, policies) -> dict:
     model = ref if name == "sft" else ctx.load(name)
     for tag, (n, decoding) in decodings.items():
       texts, measured[tag][name] = _measure(model, ref, records[:n], prompt_ids[:n], tok, judges, decoding,
-                                            cfg.seed, e.batch_size, cfg.data.bucket, task.synthetic)
+                                            cfg.seed, e.batch_size, cfg.data.bucket, task.synthetic,
+                                            progress=f"eval {name}" + (" greedy" if tag else ""))
       generations.setdefault(name, texts)
 
   # The dataset's chosen response of each prompt, scored by each reward-model judge (real data): once per prompt,
@@ -273,9 +274,35 @@ def markdown_table(results: dict) -> str:
   return "\n".join(lines)
 
 
+def headline_judge(results: dict) -> str:
+  """The judge a reader should look at first: the gold reward (synthetic task: ground truth), else the held-out
+  judge, else the training reward model; "" when the results hold none."""
+  row = next(iter(results["policies"].values()), {})
+  return next((j for j in ("gold", "judge", "rm") if f"{j}_reward" in row), "")
+
+
+def headline_table(results: dict) -> str:
+  """The columns a reader looks for first, in lines of at most 100 characters: per policy the judge's mean reward,
+  its preference over the reference (win + tie / 2, 1/2 = no difference) with the 95% interval, the KL to the
+  reference (or the log-ratio, for greedy or truncated decoding) and the mean length."""
+  judge = headline_judge(results)
+  kl = "kl_to_ref" if any("kl_to_ref" in r for r in results["policies"].values()) else "logratio_to_ref"
+  head = ["policy", f"{judge} reward" if judge else "reward", "pref. over ref [95%]", kl, "length"]
+  rows = []
+  for name, r in results["policies"].items():
+    pref = f"{judge}_pref_vs_ref"
+    rows.append([name[:24], f"{r[f'{judge}_reward']:.4f}" if judge else "",
+                 f"{r[pref]:.3f} [{r[pref + '_lo']:.3f}, {r[pref + '_hi']:.3f}]" if pref + "_lo" in r
+                 else f"{r[pref]:.3f}" if pref in r else "-",
+                 f"{r[kl]:.3f}" if kl in r else "-", f"{r['length']:.1f}" if "length" in r else "-"])
+  widths = [max(len(x) for x in col) for col in zip(head, *rows)]
+  line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+  return "\n".join([line(head)] + [line(r) for r in rows])
+
+
 def _write(workdir, results: dict) -> None:
   table = markdown_table(results)
   samples = "\n\n".join("\n".join(f"- **{k}**: {v!r}" for k, v in s.items()) for s in results["samples"])
   artifacts.write_eval_results(workdir, results, table + "\n\n" + samples + "\n")
-  print(table)
-  print(samples)
+  # The console gets the headline; every column and the sample generations are in eval/results.md.
+  print(f"{headline_table(results)}\n(every column and sample generations: {workdir}/eval/results.md)")

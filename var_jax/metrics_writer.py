@@ -36,6 +36,16 @@ def import_wandb(mode: str):
   return wandb
 
 
+def progress_bar(iterable, total: int, desc: str):
+  """`iterable` with a tqdm progress bar (rate and ETA) on process 0, for the long loops that are not training steps
+  (scoring blocks, generation batches); the plain iterable on other processes and when `desc` is empty."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if not desc or jax.process_index() != 0:
+    return iterable
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  return tqdm(iterable, total=total, desc=desc, dynamic_ncols=True, mininterval=2.0, leave=False)
+
+
 class MetricsWriter:
   """write(step, {name: float}) appends one JSON line, one TensorBoard scalar per name, one console line, and, when
   `wandb_cfg.mode` is "online" or "offline", one W&B history row.

@@ -26,6 +26,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from var_jax import cost
 from var_jax import flops as flops_lib
+from var_jax import metrics_writer
 from var_jax import model as model_lib
 from var_jax.data.pipeline import bucket_length
 
@@ -172,13 +173,14 @@ def _check_prompts(prompts):
 
 def generate(model: nnx.Module, prompts: Sequence[np.ndarray], *, max_new_tokens: int, eos_id: int, pad_id: int,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0, batch_size: int = 64,
-             bucket: int = 32, with_logprobs: bool = False):
+             bucket: int = 32, with_logprobs: bool = False, progress: str = ""):
   """Samples a continuation for every prompt (sequences of token ids); returns the generated ids, EOS included, and
   with `with_logprobs` also their summed log-probs [len(prompts)] float32 under the model (`prefill_and_decode`).
 
   Prompts go in batches of `batch_size` (when there is more than one batch, the last is filled with inactive rows so
   one shape compiles); each batch is left-padded to its longest prompt rounded up to a multiple of `bucket`.
-  temperature 0 is greedy; otherwise sampling from `filter_logits`. Same seed -> same samples.
+  temperature 0 is greedy; otherwise sampling from `filter_logits`. Same seed -> same samples. A non-empty `progress`
+  shows a progress bar (with ETA) over the batches, labelled with it.
   """
   if not prompts or max_new_tokens <= 0:
     _check_prompts(prompts)
@@ -191,7 +193,8 @@ def generate(model: nnx.Module, prompts: Sequence[np.ndarray], *, max_new_tokens
   batch = min(batch_size, len(prompts))
   root = jax.random.key(seed)
   out, logps = [], []
-  for index, start in enumerate(range(0, len(prompts), batch)):
+  starts = range(0, len(prompts), batch)
+  for index, start in enumerate(metrics_writer.progress_bar(starts, len(starts), progress)):
     chunk = prompts[start:start + batch]
     width = bucket_length(max(len(p) for p in chunk), bucket, sys.maxsize)
     tokens, lengths, active = left_pad(chunk, batch, width, pad_id)

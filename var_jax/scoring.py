@@ -18,6 +18,7 @@ from flax import nnx
 
 from var_jax import cost
 from var_jax import flops as flops_lib
+from var_jax import metrics_writer
 from var_jax.data import pipeline as data_pipeline
 
 
@@ -59,6 +60,13 @@ def _in_chunks(fn, graphdef, state, seqs: dict, rows: int, chunk: int):
   return jax.tree.map(lambda *xs: np.concatenate(xs), *outs)
 
 
+def _blocks_with_progress(pipe: data_pipeline.PreferencePipeline, only: Optional[Sequence[int]]):
+  """pipe.scoring_blocks(only) with a progress bar and ETA: on real models scoring is one of the long stages."""
+  wanted = None if only is None else {int(b) for b in only}
+  total = sum(1 for b in pipe.local_blocks if wanted is None or int(b) in wanted)
+  return metrics_writer.progress_bar(pipe.scoring_blocks(only), total, f"score ({total} blocks)")
+
+
 def score_blocks(pipe: data_pipeline.PreferencePipeline, ref_model: Optional[nnx.Module],
                  reward_model: Optional[nnx.Module] = None,
                  reward_fn: Optional[Callable[[int, int, int], float]] = None,
@@ -96,7 +104,7 @@ def score_blocks(pipe: data_pipeline.PreferencePipeline, ref_model: Optional[nnx
   rm_split = nnx.split(reward_model) if reward_model is not None else None
   if own_only:
     return _score_own(pipe, out, ref_split, rm_split, reward_fn, chunk, only)
-  for block in pipe.scoring_blocks(only):
+  for block in _blocks_with_progress(pipe, only):
     b = block["block_index"]
     pairs = data_pipeline.cross_pairs(block)
     present = np.array([p is not None for p in pairs]).reshape(g, g * k)
@@ -146,7 +154,7 @@ def _score_own(pipe, out: dict, ref_split, rm_split, reward_fn, chunk: int, only
   of rows (missing pairs repeat a present one and are masked), so one shape per length bucket compiles."""
   g, k = pipe.config.block_size, pipe.k_max
   own = np.arange(g * k) // k
-  for block in pipe.scoring_blocks(only):
+  for block in _blocks_with_progress(pipe, only):
     b = block["block_index"]
     present = np.array([block["prompt_ids"][own[m]] is not None and r is not None
                         for m, r in enumerate(block["response_ids"])])

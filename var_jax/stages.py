@@ -444,6 +444,14 @@ def run_eval(ctx: Context, stage: str) -> dict:
   """Generations of the reference and every finished compared policy on held-out prompts (var_jax/evaluate.py)."""
   policies = [s for s in stage_table.COMPARED if artifacts.is_complete(ctx.workdir, s)]
   results = evaluate.evaluate_policies(ctx, policies)
+  # Every numeric column, as "<policy>/<column>" at step 0, to eval/logs: TensorBoard (and W&B when configured)
+  # show the eval beside the training curves.
+  writer = metrics_writer.MetricsWriter(f"{artifacts.stage_dir(ctx.workdir, stage)}/logs",
+                                        enabled=sharding_lib.is_main_process(), wandb_cfg=ctx.cfg.wandb,
+                                        run_name=stage, run_config=ctx.cfg.to_dict())
+  writer.write(0, {f"{name}/{k}": v for name, row in results["policies"].items() for k, v in row.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool)})
+  writer.close()
   artifacts.mark_done(ctx.cfg, ctx.workdir, stage, {"policies": sorted(results["policies"])})
   return results
 
@@ -481,3 +489,6 @@ def run_pipeline(cfg, workdir: str) -> None:
   if sharding_lib.is_main_process():
     print(f"\ncost of {workdir} (stages run now and earlier; {artifacts.cost_path(workdir)}):\n"
           f"{cost_lib.table(record)}")
+    if artifacts.is_complete(workdir, "eval"):  # The last screen of a run: its result, then where the rest is.
+      print(f"\nresult ({workdir}/eval/results.md has every column):\n"
+            f"{evaluate.headline_table(artifacts.read_eval_results(workdir))}")
