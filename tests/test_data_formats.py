@@ -218,8 +218,22 @@ def test_implicit_chat_bad_records(tmp_path, chosen, rejected, reason, message):
   path = _write_jsonl(tmp_path / "t.jsonl", [{"chosen": chosen, "rejected": rejected}])
   with pytest.raises(ValueError, match=message):
     load_preferences(path, fmt="implicit_chat")
-  recs, stats = load_preferences(path, fmt="implicit_chat", skip_invalid=True)
-  assert not recs and dict(stats.skipped) == {reason: 1}
+  # Nothing survives: the error names the file and the counts (not "0 blocks cannot feed 1 shards" later on).
+  with pytest.raises(ValueError, match=rf"no usable records in .*t.jsonl: read 1, kept 0, skipped 1 \({reason}=1\)"):
+    load_preferences(path, fmt="implicit_chat", skip_invalid=True)
+
+
+def test_data_paths_resolve_against_the_repository_and_a_missing_one_names_the_field(tmp_path, monkeypatch):
+  from var_jax import paths  # pylint: disable=g-import-not-at-top
+  monkeypatch.chdir(tmp_path)  # Not the repository.
+  assert paths.data_file("Anthropic/hh-rlhf", "data.source") == "Anthropic/hh-rlhf"  # A hub id is left alone,
+  assert paths.data_file("gs://bucket/x.jsonl", "data.source") == "gs://bucket/x.jsonl"  # and so is a URL.
+  (tmp_path / "local.jsonl").write_text("{}\n")
+  assert paths.data_file("./local.jsonl", "data.source") == "./local.jsonl"  # The working directory first,
+  assert paths.data_file("./tests/helpers.py", "data.source") == os.path.join(paths.REPO, "./tests/helpers.py")  # then
+  with pytest.raises(FileNotFoundError, match=r"config.data.eval_source='../nowhere/x.jsonl.gz': no such file .*"
+                     r"set --config.data.eval_source"):  # the repository, else the field to set.
+    paths.data_file("../nowhere/x.jsonl.gz", "data.eval_source")
 
 
 # ----------------------------------------------------------------------------------------------------------------

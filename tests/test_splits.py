@@ -60,12 +60,12 @@ def test_max_per_prompt_caps_before_max_records_counts(tmp_path):
       f.write(json.dumps({"prompt": f"question {i % 10}", "chosen": f"good {i}", "rejected": f"bad {i}"}) + "\n")
   cfg = tiny_config(**{"data.source": str(path), "data.format": "pairs", "data.max_per_prompt": 2,
                        "data.max_records": 12})
-  records, _ = stages.read_preferences(cfg.data, str(path), "train")
+  records, _ = stages.read_preferences(cfg.data, "source", "train")
   turns = [splits.first_user_turn(r) for r in records]
   assert len(records) == 12 and len(set(turns)) == 6 and all(turns.count(t) == 2 for t in turns)
   assert [r.responses[0] for r in records[:4]] == ["good 0", "good 10", "good 1", "good 11"]
   cfg.data.max_per_prompt = 0  # Without the cap: the file's first 12 records, 10 prompts.
-  assert len({splits.first_user_turn(r) for r in stages.read_preferences(cfg.data, str(path), "train")[0]}) == 10
+  assert len({splits.first_user_turn(r) for r in stages.read_preferences(cfg.data, "source", "train")[0]}) == 10
   for bad in ({"data.max_per_prompt": -1}, {"data.max_records": -3}):
     with pytest.raises(ValueError, match=next(iter(bad))):
       config_lib.validate(tiny_config(**bad))

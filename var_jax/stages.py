@@ -23,6 +23,7 @@ from var_jax import model as model_lib
 from var_jax import model_source
 from var_jax import objectives
 from var_jax import online
+from var_jax import paths
 from var_jax import scoring
 from var_jax import sharding as sharding_lib
 from var_jax import stage_table
@@ -69,9 +70,10 @@ def _hf_tokenizer(cfg):
   raise ValueError("config.data.tokenizer is empty and config.model.path gives no tokenizer: set one of them")
 
 
-def read_preferences(d, source: str, split: str):
-  """(records, stats) of one preference file or dataset under config.data `d`: at most data.max_per_prompt records
-  per first user turn (splits.cap_per_first_turn), then at most data.max_records of them."""
+def read_preferences(d, field: str, split: str):
+  """(records, stats) of one preference file or dataset, config.data `d`'s `field` (source or eval_source): at most
+  data.max_per_prompt records per first user turn (splits.cap_per_first_turn), then at most data.max_records."""
+  source = paths.data_file(d[field], f"data.{field}")
   hub = dict(data_dir=d.data_dir or None, config_name=d.config_name or None, data_files=d.data_files or None,
              revision=d.revision or None, columns=d.columns)
   limit = (d.max_records or None) if not d.max_per_prompt else None
@@ -94,11 +96,11 @@ def load_task(cfg) -> Task:
     pref = synthetic.preference_records(d.num_pairs, seed=cfg.seed, k=d.max_responses)
     held_out = synthetic.preference_records(d.num_eval, seed=cfg.seed, k=d.max_responses, split="eval")
     return _with_validation(Task(tok, sft, pref, held_out, synthetic=True), d.validation_fraction)
-  records, stats = read_preferences(d, d.source, d.split)
+  records, stats = read_preferences(d, "source", d.split)
   logging.info("data %s: %s", d.source, stats)
   # No held-out prompt shares its first user turn with a training prompt (var_jax/data/splits.py).
   if d.eval_source:
-    held_out, eval_stats = read_preferences(d, d.eval_source, d.eval_split)
+    held_out, eval_stats = read_preferences(d, "eval_source", d.eval_split)
     held_out, overlap = splits.drop_train_overlap(held_out, records)
     logging.info("eval data %s: %s; %d records dropped: first user turn also in the training data", d.eval_source,
                  eval_stats, overlap)
@@ -413,7 +415,7 @@ def _judge_records(ctx: Context):
   """(train, held-out, info): judge.source without the records whose first user turn the policies' training or eval
   data has, split by first user turn so the judge's accuracy is measured on conversations it never saw."""
   cfg, j = ctx.cfg, ctx.cfg.judge
-  records, stats = formats.load_preferences(j.source, cfg.data.format, split=j.split,
+  records, stats = formats.load_preferences(paths.data_file(j.source, "judge.source"), cfg.data.format, split=j.split,
                                             skip_invalid=cfg.data.skip_invalid, limit=j.max_records or None)
   records, overlap = splits.drop_train_overlap(records, list(ctx.task.pref_records) + list(ctx.task.eval_records))
   train, held_out = splits.split_by_first_turn(records, j.heldout_fraction)

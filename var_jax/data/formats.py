@@ -594,5 +594,9 @@ def load_preferences(source: str, fmt: str = "auto", *, split: str = "train", da
                         revision=revision, **hf_kwargs)
   if limit is not None:
     rows = itertools.islice(rows, limit)
-  return parse_rows(rows, fmt, min_responses=min_responses, skip_invalid=skip_invalid,
-                    reward_keys=reward_keys, columns=columns, stats=stats)
+  records, stats = parse_rows(rows, fmt, min_responses=min_responses, skip_invalid=skip_invalid,
+                              reward_keys=reward_keys, columns=columns, stats=stats)
+  if not records:  # Say so here, not later as "0 blocks cannot feed 1 shards".
+    raise ValueError(f"no usable records in {source}: {stats}" + (
+        "; see the format description in var_jax/data/formats.py" if stats.skipped else ""))
+  return records, stats
