@@ -282,6 +282,16 @@ def test_sigterm_saves_and_exits_then_resumes(tmp_path):
 
 
 @pytest.mark.slow
+def test_sighup_saves_and_exits_like_sigterm(tmp_path):
+  """A dropped SSH session sends SIGHUP: the run saves the step it reached and exits, as on a preemption."""
+  workdir = str(tmp_path / "run")
+  code, err = _run_until_checkpoint(_main_cmd(workdir, "--config.sft.steps=400", "--config.checkpoint.every=10"),
+                                    workdir, 10, signal.SIGHUP)
+  assert code == 143, err[-2000:]
+  assert "SIGTERM: saved step" in err and not os.path.exists(os.path.join(workdir, "sft", "DONE.json"))
+
+
+@pytest.mark.slow
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   workdir = str(tmp_path / "run")
   cmd = _main_cmd(workdir, "--config.sft.steps=30", "--config.checkpoint.every=1", "--config.sft.lr=1e30",

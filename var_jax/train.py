@@ -185,6 +185,18 @@ def sigterm_flag():
     signal.signal(signal.SIGTERM, previous)
 
 
+@contextlib.contextmanager
+def _sighup_as_sigterm():
+  """SIGHUP (the shell that started the run went away: a dropped SSH session) becomes a SIGTERM to this process, so
+  whichever SIGTERM handling is active (the Python flag, or JAX's preemption notifier on a pod) saves and stops."""
+  previous = signal.getsignal(signal.SIGHUP)
+  signal.signal(signal.SIGHUP, lambda signum, frame: os.kill(os.getpid(), signal.SIGTERM))
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGHUP, previous)
+
+
 class PreemptionCheck:
   """stop(step) -> True when training should save this step and stop, with the same answer on every process.
 
@@ -200,6 +212,7 @@ class PreemptionCheck:
     Python handler sets a local flag, and every `every` steps the processes allgather their flags and stop when
     any is set.
   - "local" (one process): a Python handler, checked at every step, as `sigterm_flag`.
+  In every mode SIGHUP is turned into SIGTERM (`_sighup_as_sigterm`): a run whose SSH session drops saves and stops.
   """
 
   def __init__(self, every: int):
@@ -215,6 +228,7 @@ class PreemptionCheck:
   def __enter__(self) -> "PreemptionCheck":
     if self.mode != "sync point":
       self._flag = self._stack.enter_context(sigterm_flag())
+    self._stack.enter_context(_sighup_as_sigterm())
     return self
 
   def __exit__(self, *exc) -> None:
