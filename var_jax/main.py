@@ -12,6 +12,10 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+import jax
+
+from var_jax import config as config_lib
+from var_jax import dry_run
 from var_jax import metrics_writer
 from var_jax import sharding as sharding_lib
 from var_jax import stages as stages_lib
@@ -23,6 +27,9 @@ _COORDINATOR = flags.DEFINE_string("coordinator", None, "host:port of process 0,
                                    "cluster JAX does not detect by itself (TPU pods, SLURM, Open MPI need nothing).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes of a multi-process run (with --coordinator).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator).")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the resolved config (differences from the defaults first), "
+                             "the mesh, the data after tokenizing and each stage's steps, tokens and FLOPs; train, "
+                             "compile and write nothing.")
 
 
 def main(argv) -> None:
@@ -34,6 +41,10 @@ def main(argv) -> None:
   workdir = _WORKDIR.value or os.path.join("workdir", os.path.splitext(os.path.basename(config_file))[0])
   if _COORDINATOR.value is not None:
     sharding_lib.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  if _DRY_RUN.value:
+    config_lib.validate(cfg, jax.device_count())
+    print(dry_run.report(cfg, workdir, sharding_lib.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)))
+    return
   try:
     stages_lib.run_pipeline(cfg, workdir)
   except train_lib.Preempted as e:

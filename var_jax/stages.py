@@ -115,8 +115,9 @@ def load_task(cfg) -> Task:
 
 
 def make_pipeline(cfg, records, tok, *, k_max: int, train: bool, min_responses: int = 2,
-                  shard_index: Optional[int] = None, shard_count: Optional[int] = None):
-  """The data pipeline of one role; shard_index/shard_count default to this process of all processes."""
+                  shard_index: Optional[int] = None, shard_count: Optional[int] = None, with_stats: bool = False):
+  """The data pipeline of one role (with `with_stats`, (pipeline, its tokenization stats: kept, skipped,
+  truncated)); shard_index/shard_count default to this process of all processes."""
   d, block = cfg.data, config_lib.block_size(cfg)
   groups_per_batch = d.groups_per_batch
   if not train:  # A small held-out set still makes one (smaller) batch.
@@ -130,7 +131,7 @@ def make_pipeline(cfg, records, tok, *, k_max: int, train: bool, min_responses: 
                                              skip_invalid=d.skip_invalid, shard_index=shard_index,
                                              shard_count=shard_count)
   logging.info("pipeline (%d records, K=%d): %s", len(records), k_max, stats)
-  return pipe
+  return (pipe, stats) if with_stats else pipe
 
 
 def with_scores(pipe, scores, group_size: int = 0):
@@ -206,20 +207,23 @@ class Context:
     self.task = load_task(cfg)
     self.mcfg = model_config(cfg, self.task.tok)
     self._pipes = {}
+    self.pipe_stats = {}  # Tokenization stats (kept, skipped, truncated) of each pipeline built so far.
 
   def pipe(self, name: str):
     if name not in self._pipes:
       t, k = self.task, self.cfg.data.max_responses
       if name == "sft" and not t.synthetic:  # SFT on the preference data itself: one tokenization serves both.
-        self._pipes[name] = self.pipe("pref")
-      elif name == "sft":
-        self._pipes[name] = make_pipeline(self.cfg, t.sft_records, t.tok, k_max=1, train=True, min_responses=1)
+        self._pipes[name], self.pipe_stats[name] = self.pipe("pref"), self.pipe_stats.get("pref")
+        return self._pipes[name]
+      if name == "sft":
+        built = make_pipeline(self.cfg, t.sft_records, t.tok, k_max=1, train=True, min_responses=1, with_stats=True)
       elif name == "pref":
-        self._pipes[name] = make_pipeline(self.cfg, t.pref_records, t.tok, k_max=k, train=True)
+        built = make_pipeline(self.cfg, t.pref_records, t.tok, k_max=k, train=True, with_stats=True)
       elif name == "pref_eval":
-        self._pipes[name] = make_pipeline(self.cfg, t.eval_records, t.tok, k_max=k, train=False)
+        built = make_pipeline(self.cfg, t.eval_records, t.tok, k_max=k, train=False, with_stats=True)
       else:
         raise KeyError(name)
+      self._pipes[name], self.pipe_stats[name] = built
     return self._pipes[name]
 
   def train(self, stage: str, model, train_pipe, eval_pipe, cfg=None):
