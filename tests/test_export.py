@@ -14,6 +14,7 @@ import pytest
 from flax import nnx
 
 from tests.helpers import ROOT, TEST_SIZE, tiny_config
+from var_jax import artifacts
 from var_jax import export
 from var_jax import hf_io
 from var_jax import sampling
@@ -224,3 +225,22 @@ def test_refuses_a_stage_that_did_not_run_or_trains_no_model(tmp_path):
   assert export.exportable_stages() == ("sft", "reward", "var", "dpo", "chosen", "ipo", "grpo", "online_var", "judge")
   assert export.is_reward_stage("reward") and export.is_reward_stage("judge") and not export.is_reward_stage("var")
   assert os.listdir(tmp_path) == []
+
+
+def test_model_card_names_the_method_settings_diagnostics_and_eval(tmp_path):
+  cfg = tiny_config(**{"var.lam": 0.3})
+  workdir = tmp_path / "run"
+  for stage, results in (("var", {"diagnostics": {"ess_group": 4.5, "swap_sensitivity": 0.61}}),
+                         ("eval", {"policies": ["sft", "var"]})):
+    (workdir / stage).mkdir(parents=True)
+    (workdir / stage / "DONE.json").write_text(json.dumps({"stage": stage, "results": results}))
+  row = {"gold_reward": 0.5, "gold_pref_vs_ref": 0.6, "gold_pref_vs_ref_lo": 0.5, "gold_pref_vs_ref_hi": 0.7,
+         "kl_to_ref": 1.25, "length": 6.0}
+  artifacts.write_eval_results(str(workdir), {"policies": {"sft": {"gold_reward": 0.4, "length": 6.0}, "var": row},
+                                              "num_prompts": 32, "prompts": "test"}, "| table |\n")
+  card = export.model_card(cfg, str(workdir), "var")
+  assert card.startswith("---\nlibrary_name: transformers\n") and "tags: [var_jax, alignment, var]" in card
+  assert "VAR (Variational Alignment with Re-weighting" in card and "lam=0.3" in card
+  assert "ess_group 4.5, swap_sensitivity 0.61" in card and "32 held-out test prompts" in card
+  assert [line.split() for line in card.splitlines() if line.startswith("var ")] == [
+      ["var", "0.5000", "0.600", "[0.500,", "0.700]", "1.250", "6.0"]]

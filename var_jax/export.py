@@ -11,6 +11,7 @@ ipo, ...) loads with transformers' AutoModelForCausalLM; the reward stage with A
 --config (with the same overrides as the run) must be the run's: the model config and tokenizer come from it, and
 a stage finished with other settings is refused. The stage must be finished, and OUT must not exist or be empty.
 """
+import os
 from typing import Optional
 
 from absl import app
@@ -19,6 +20,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from var_jax import artifacts
+from var_jax import evaluate
 from var_jax import hf_io
 from var_jax import metrics_writer
 from var_jax import objectives
@@ -91,8 +93,50 @@ def export(cfg, workdir: str, stage: str, out: str, *, dtype: Optional[str] = No
     logging.warning("the tokenizer pads with its EOS (id %d): transformers' sequence classifier scores a response "
                     "ending in EOS at the token before it, var_jax at the EOS itself, so their rewards differ",
                     tok.eos_id)
-  return hf_io.save_pretrained(model, out, tokenizer=tok.tok, dtype=dtype, max_shard_size=max_shard_size,
+  path = hf_io.save_pretrained(model, out, tokenizer=tok.tok, dtype=dtype, max_shard_size=max_shard_size,
                                extra_config={k: int(v) for k, v in ids.items() if v is not None})
+  with open(os.path.join(path, "README.md"), "w", encoding="utf-8") as f:
+    f.write(model_card(cfg, workdir, stage))
+  return path
+
+
+# What each exportable stage trained, for the model card.
+_TRAINED_BY = {"sft": "supervised fine-tuning (the reference policy of the run)",
+               "reward": "a Bradley-Terry reward model (one scalar per sequence)",
+               "var": "VAR (Variational Alignment with Re-weighting, arXiv 2502.11026): SFT on in-batch candidates "
+                      "weighted by exp(log pi_ref + r / lambda), normalised per group",
+               "dpo": "DPO (Rafailov et al. 2023) on preference pairs", "ipo": "IPO (Azar et al. 2023) on preference pairs",
+               "chosen": "SFT on the chosen (best) response of each prompt, from the reference",
+               "grpo": "GRPO (Shao et al. 2024) on its own samples, scored by the reward",
+               "online_var": "online VAR on samples of the reference or of the refreshed policy"}
+
+
+def model_card(cfg, workdir: str, stage: str) -> str:
+  """The export's README.md: base model, what the stage trained, its settings, the data, the stage's recorded
+  results (VAR's weight diagnostics) and, when the run's eval finished, its headline table."""
+  base = cfg.model.path or f"trained from scratch ({cfg.model.preset} preset)"
+  section = {k: v for k, v in cfg[stage].to_dict().items()} if stage in cfg else {}
+  lines = ["---", "library_name: transformers", "tags: [var_jax, " + ("reward-model" if is_reward_stage(stage)
+                                                                     else "alignment") + f", {stage}]"]
+  if cfg.model.path and not os.path.exists(cfg.model.path) and "/" in cfg.model.path:
+    lines.append(f"base_model: {cfg.model.path}")  # A hub id (a local path means nothing to the hub).
+  lines += ["---", "", f"# {stage} model exported from var_jax", "",
+            f"- **Trained by**: {_TRAINED_BY.get(stage, stage)}.",
+            f"- **Base model**: {base}.",
+            f"- **Data**: `{cfg.data.source}`" + (f" (held out: `{cfg.data.eval_source}`)" if cfg.data.eval_source
+                                                  else "") + f", seed {cfg.seed}.",
+            f"- **Settings** (`config.{stage}`): " + ", ".join(f"{k}={v}" for k, v in sorted(section.items())) + ".",
+            f"- **Workdir**: `{workdir}` (its `config.json` holds every setting)."]
+  done = artifacts.done_results(workdir, stage)
+  diagnostics = done.get("diagnostics", {}) if isinstance(done, dict) else {}
+  if diagnostics:
+    lines.append("- **VAR weight diagnostics** (before training): " + ", ".join(
+        f"{k} {v:.3g}" for k, v in diagnostics.items() if isinstance(v, (int, float))) + ".")
+  if artifacts.is_complete(workdir, "eval"):
+    results = artifacts.read_eval_results(workdir)
+    lines += ["", f"## Evaluation ({results.get('num_prompts', '?')} held-out {results.get('prompts', '')} prompts)",
+              "", "```", evaluate.headline_table(results), "```"]
+  return "\n".join(lines) + "\n"
 
 
 def main(argv) -> None:
