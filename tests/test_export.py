@@ -95,8 +95,8 @@ def _logit_error(ctx, out):
 @pytest.mark.slow
 def test_float32_export_has_var_jax_logits(run, var_f32):
   _, _, ctx, _ = run
-  assert sorted(os.listdir(var_f32)) == ["chat_template.jinja", "config.json", "model.safetensors", "tokenizer.json",
-                                         "tokenizer_config.json"]
+  assert sorted(os.listdir(var_f32)) == ["README.md", "chat_template.jinja", "config.json", "model.safetensors",
+                                         "tokenizer.json", "tokenizer_config.json"]
   config = json.load(open(os.path.join(var_f32, "config.json")))
   tok = ctx.task.tok
   assert config["architectures"] == ["LlamaForCausalLM"] and config["dtype"] == "float32"
