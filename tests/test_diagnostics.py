@@ -255,3 +255,22 @@ def test_calibrate_standardizes_both_splits_with_train_stats_and_solves_lambda()
   with pytest.raises(ValueError, match="standardize_rewards needs"):
     diagnostics.calibrate(train, held_out, lam=0.1, normalizer="batch", group_size=4, ref_weight=1.0,
                           length_normalize=False, standardize=True, reward_stats=None, target_ess=0.0)
+
+
+def test_a_score_file_swept_over_lambda_in_units_of_the_reward_spread(tmp_path, capsys):
+  """--scores reads a score file (the HH fixture) and --lams_std multiplies by the own-context reward std: each row is
+  weight_diagnostics at c x std, in the paper's setting (alpha = 1, summed log-probs, raw rewards)."""
+  fixture = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "smollm2_hh_scores.npz")
+  scores = diagnostics.load_scores_file(fixture)
+  spread = losses.own_reward_stats(scores["reward"])[1]
+  rows = diagnostics.run("", split="train", lams=[0.1, 1.0], normalizers=["cross_context"], group_sizes=[0],
+                         ref_weights=[1.0], length_normalize=False, standardize=False, scores_file=fixture,
+                         lams_in_std=True, out=str(tmp_path / "w.png"))
+  assert [r["lam"] for r in rows] == pytest.approx([0.1 * spread, spread])
+  for r in rows:
+    want = diagnostics.weight_diagnostics(scores, lam=r["lam"])
+    assert {k: r[k] for k in want} == pytest.approx(want, nan_ok=True)
+  assert f"c = 0.1 -> {0.1 * spread:.4g}" in capsys.readouterr().out
+  np.savez(tmp_path / "bad.npz", reward=scores["reward"])
+  with pytest.raises(ValueError, match=r"bad.npz: no \['ref_logp', 'ref_ntok'\]"):
+    diagnostics.load_scores_file(str(tmp_path / "bad.npz"))

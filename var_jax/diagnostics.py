@@ -330,14 +330,36 @@ def _floats(text: str) -> list[float]:
   return [float(x) for x in text.split(",") if x.strip()]
 
 
+def load_scores_file(path: str) -> dict:
+  """A score matrix file (.npz with ref_logp, reward [blocks, G, G*K] and ref_ntok [blocks, G*K], as
+  tests/fixtures/smollm2_hh_scores.npz) as the score stage's dict."""
+  with np.load(path) as f:
+    missing = [k for k in ("ref_logp", "reward", "ref_ntok") if k not in f]
+    if missing:
+      raise ValueError(f"{path}: no {missing} (a score file holds ref_logp, reward and ref_ntok)")
+    return {k: np.asarray(f[k]) for k in ("ref_logp", "reward", "ref_ntok")}
+
+
 def run(workdir: str, *, split: str, lams, normalizers, group_sizes, ref_weights, length_normalize: bool,
-        standardize: bool, target_ess: float = 0.0, ess_kind: str = "group", out: str = "") -> list[dict]:
-  """What the command line does; returns the rows. Prints the table, warnings and lambda solutions."""
-  from var_jax import artifacts  # pylint: disable=g-import-not-at-top  (orbax etc.: only the CLI needs it)
-  scores = artifacts.load_scores(workdir, split)
+        standardize: bool, target_ess: float = 0.0, ess_kind: str = "group", out: str = "", scores_file: str = "",
+        lams_in_std: bool = False) -> list[dict]:
+  """What the command line does; returns the rows. Prints the table, warnings and lambda solutions. scores_file
+  reads a score matrix file instead of the workdir's score stage; lams_in_std takes `lams` as multiples of the train
+  scores' own-context reward std (the reward's spread)."""
+  if scores_file:
+    scores = train_scores = load_scores_file(scores_file)
+    workdir = workdir or os.path.dirname(os.path.abspath(scores_file))
+  else:
+    from var_jax import artifacts  # pylint: disable=g-import-not-at-top  (orbax etc.: only the CLI needs it)
+    scores, train_scores = artifacts.load_scores(workdir, split), artifacts.load_scores(workdir, "train")
   nb, g, k = _layout(scores)
   group_sizes = [b or g for b in group_sizes]
-  stats = losses.own_reward_stats(artifacts.load_scores(workdir, "train")["reward"]) if standardize else None
+  stats = losses.own_reward_stats(train_scores["reward"]) if standardize else None
+  if lams_in_std:
+    spread = _reward_std(train_scores["reward"])
+    print(f"lambda = c x {spread:.4g} (the train rewards' own-context std): " +
+          ", ".join(f"c = {c:g} -> {c * spread:.4g}" for c in lams))
+    lams = [c * spread for c in lams]
   print(f"{workdir} [{split}]: {nb} blocks, G={g}, K={k}, {int(np.isfinite(scores['ref_ntok']).sum())} responses, "
         f"own-context reward std {_reward_std(scores['reward']):.4g}"
         + (f"; rewards standardised with train mean {stats[0]:.4g}, std {stats[1]:.4g}" if stats else ""))
@@ -359,7 +381,7 @@ def run(workdir: str, *, split: str, lams, normalizers, group_sizes, ref_weights
             print(f"target {ess_kind} ESS {target_ess} [{normalizer} B={b} alpha={alpha:g}]: lambda = {lam:.4g}")
           except ValueError as e:
             print(f"target {ess_kind} ESS {target_ess} [{normalizer} B={b} alpha={alpha:g}]: {e}")
-  out = out or os.path.join(workdir, "diagnostics", f"weights_{split}.png")
+  out = out or os.path.join(workdir, "diagnostics", f"weights_{split}.png")  # Beside a scores file: its folder.
   plot(rows, out, title=f"{workdir} [{split}] length_normalize={length_normalize} standardize={standardize}")
   with open(os.path.splitext(out)[0] + ".json", "w", encoding="utf-8") as f:
     json.dump(rows, f, indent=1)
@@ -375,10 +397,13 @@ def main(argv) -> None:
   f = flags.FLAGS
   cfg = f["config"].value
   v = cfg.var if cfg is not None else None
-  if not f.workdir:
-    raise app.UsageError("--workdir is required (a workdir with a finished score stage)")
-  run(f.workdir, split=f.split,
-      lams=_floats(f.lams) if f.lams else ([v.lam] if v else [0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0]),
+  if not f.workdir and not f.scores:
+    raise app.UsageError("--workdir (a workdir with a finished score stage) or --scores (a score file) is required")
+  if f.lams and f.lams_std:
+    raise app.UsageError("give --lams or --lams_std, not both")
+  run(f.workdir, split=f.split, scores_file=f.scores, lams_in_std=bool(f.lams_std),
+      lams=_floats(f.lams_std or f.lams) if (f.lams_std or f.lams) else
+      ([v.lam] if v else [0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0]),
       normalizers=f.normalizers.split(",") if f.normalizers else [v.normalizer if v else "cross_context"],
       group_sizes=[int(x) for x in f.group_sizes.split(",")] if f.group_sizes else
       [(v.group_size or cfg.data.group_size) if v else 0],
@@ -395,6 +420,10 @@ def _define_flags() -> None:
   flags.DEFINE_string("workdir", "", "Workdir with a finished score stage.")
   flags.DEFINE_string("split", "train", "Scores to analyse: train | eval.")
   flags.DEFINE_string("lams", "", "Comma-separated lambdas (default: config var.lam, or 0.01..100).")
+  flags.DEFINE_string("lams_std", "", "Comma-separated lambdas in units of the train rewards' own-context std (the "
+                      "paper's lambda over the reward's spread), instead of --lams.")
+  flags.DEFINE_string("scores", "", "A score file (.npz: ref_logp, reward, ref_ntok) instead of --workdir's scores, "
+                      "e.g. tests/fixtures/smollm2_hh_scores.npz.")
   flags.DEFINE_string("normalizers", "", "Comma-separated normalizers (default: config var.normalizer).")
   flags.DEFINE_string("group_sizes", "", "Comma-separated group sizes B dividing G; 0 = G (default: config).")
   flags.DEFINE_string("ref_weights", "", "Comma-separated alphas on log pi_ref (default 1).")
