@@ -33,9 +33,13 @@ def get_config():
   c.model.path = "Qwen/Qwen2.5-0.5B-Instruct"   # Any Llama/Qwen2-family HF id or local directory.
   c.model.dtype = "bfloat16"
   c.model.remat = "full"
+  # The mesh fits itself (config.resolve_mesh): data takes as many devices as split the 16 groups evenly, tensor
+  # the rest. 1, 2, 4, 8, 16 devices: all data-parallel (6 GPUs: data 2 x tensor 3); v5e-64 and v5p-128 (64 chips,
+  # 16 hosts): data 16 x tensor 4. v5e-256 (64 hosts of 4 chips) is refused: a tensor group must stay within a
+  # host, so it needs groups_per_batch a multiple of 64.
   c.mesh.data = -1
   c.mesh.fsdp = 1                       # Raise (e.g. to the chips per host) for models that need FSDP.
-  c.mesh.tensor = 1
+  c.mesh.tensor = -1
   c.sft.on = "chosen"
   c.sft.steps = 2000
   c.sft.lr = 1e-5

@@ -134,7 +134,7 @@ class Judge:
 
 
 def _context(cfg, workdir: str):
-  mesh = sharding_lib.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+  mesh = stages.build_mesh(cfg)
   return stages.Context(cfg, workdir, mesh, sharding_lib.parse_rules(cfg.mesh.rules))
 
 

@@ -174,6 +174,34 @@ def test_plan_compiles_for_tpu_v5e_with_splash_attention():
   assert bad.returncode == 1 and "groups_per_batch" in bad.stderr and "v5e:2x2 (4 devices)" in bad.stderr
 
 
+# What the device layout on a v5e-64 (8x8 chips, 16 hosts of 2x2) looks like: jax.make_mesh alone lays hha's
+# tensor groups of 4 as rows of the torus, each over two hosts; sharding.make_mesh keeps each within one host.
+_LAYOUT = """
+import jax, numpy as np
+from jax.experimental import topologies
+from var_jax import sharding
+devices = topologies.get_topology_desc(platform="tpu", topology_name="v5e:8x8", chip_config_name="default",
+                                       chips_per_host_bounds=(2, 2, 1), num_slices=1).devices
+auto = (jax.sharding.AxisType.Auto,) * 3
+raw = jax.make_mesh((16, 1, 4), sharding.MESH_AXES, axis_types=auto, devices=devices)
+mesh = sharding.make_mesh(16, 1, 4, devices=devices)
+hosts = np.vectorize(lambda d: d.process_index)(mesh.devices)
+print("hosts", len({d.process_index for d in devices}), "raw spans", sharding.tensor_groups_span_processes(raw.devices),
+      "spans", sharding.tensor_groups_span_processes(mesh.devices), "data hosts", hosts[:, 0, 0].tolist())
+"""
+
+
+@pytest.mark.tpu_compile
+def test_a_multi_host_mesh_keeps_each_tensor_group_within_a_host():
+  """No compile: the topology's devices only (seconds)."""
+  python = _tpu_python()
+  if python is None:
+    pytest.skip("no Python with jax[tpu]==0.10.2 (libtpu): set VAR_JAX_TPU_PYTHON or create /work/tpuvenv")
+  out = subprocess.run([python, "-c", _LAYOUT], cwd=helpers.ROOT, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert out.stdout.splitlines()[-1] == f"hosts 16 raw spans True spans False data hosts {list(range(16))}"
+
+
 def test_a_reward_models_flops_leave_out_the_lm_head():
   """A reward model reads a D x 1 head at one position: its per-token FLOPs are the policy's less 2 * D * vocab."""
   from var_jax import flops as flops_lib  # pylint: disable=g-import-not-at-top

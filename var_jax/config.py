@@ -5,6 +5,7 @@ overrides any field (`--config.var.lam=0.5`). `validate(cfg)` runs before any da
 compiled and raises a ValueError naming the field.
 """
 import importlib.util
+import math
 import os
 
 import ml_collections
@@ -13,6 +14,7 @@ from var_jax import losses
 from var_jax import metrics_writer
 from var_jax import model as model_lib
 from var_jax import schedules
+from var_jax import sharding as sharding_lib
 from var_jax import stage_table
 from var_jax.data import formats
 from var_jax.data import tokenize
@@ -98,10 +100,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.attention_impl = "xla"  # "xla" | "cudnn" (fused flash attention: NVIDIA GPU, bfloat16) | "splash" (Pallas
                                   # TPU splash attention; interpret mode elsewhere, for tests).
 
-  c.mesh = ml_collections.ConfigDict()
-  c.mesh.data = -1                # Data-parallel size; -1 = the devices the other axes leave.
-  c.mesh.fsdp = 1                 # FSDP size: parameters and optimizer state sharded over it.
-  c.mesh.tensor = 1               # Tensor-parallel size.
+  c.mesh = ml_collections.ConfigDict()   # data x fsdp x tensor = all devices of all processes; -1 = automatic
+                                         # (resolve_mesh): the batch splits over data x fsdp in whole groups.
+  c.mesh.data = -1                # Data-parallel size; -1 = as many of the devices as split the batch evenly (the
+                                  # devices the other axes leave when neither fsdp nor tensor is -1).
+  c.mesh.fsdp = 1                 # FSDP size: parameters and optimizer state sharded over it (the batch too);
+                                  # -1 = as many as still split the batch after data (with tensor fixed: the rest).
+  c.mesh.tensor = 1               # Tensor-parallel size; -1 = the devices the batch cannot split over (heads, MLP
+                                  # width and vocabulary split over them; keep it within one host).
   c.mesh.rules = ""               # Extra logical->mesh rules "name=axis,name=axis2+axis3,name=" ("" = defaults).
 
   c.optim = ml_collections.ConfigDict()
@@ -264,8 +270,12 @@ def _fail(field: str, value, why: str):
   raise ValueError(f"config.{field} = {value!r}: {why}")
 
 
-def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
-  """Raises ValueError naming the first invalid field. Cheap: runs before any data or compilation."""
+def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None, num_processes: int = 1) -> None:
+  """Raises ValueError naming the first invalid field. Cheap: runs before any data or compilation.
+
+  With `num_devices` (all devices of all `num_processes` processes) the mesh is resolved on them too
+  (`resolve_mesh`), so a mesh or batch that cannot split over the devices fails here.
+  """
   for field, choices in CHOICES.items():
     section, name = field.split(".")
     if cfg[section][name] not in choices:
@@ -390,17 +400,100 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
     _fail("eval.max_new_tokens", cfg.eval.max_new_tokens, "must be >= 1: every policy answers each eval prompt")
   if cfg.checkpoint.every < 1 or cfg.checkpoint.keep < 1:
     _fail("checkpoint.every", cfg.checkpoint.every, "checkpoint.every and checkpoint.keep must be >= 1")
+  mesh_sizes(cfg)
   if num_devices is not None:
-    m = cfg.mesh
-    fixed = max(m.fsdp, 1) * max(m.tensor, 1)
-    data = m.data if m.data > 0 else num_devices // fixed
-    if data < 1 or data * fixed != num_devices:
-      _fail("mesh", (m.data, m.fsdp, m.tensor), f"data x fsdp x tensor must equal the {num_devices} devices")
-    batch_shards = data * max(m.fsdp, 1)
-    if d.groups_per_batch % batch_shards:
-      _fail("data.groups_per_batch", d.groups_per_batch,
-            f"normalizer groups per batch must divide over the {batch_shards} data x fsdp shards")
-    if on.prompts_per_step % batch_shards and any(s in stages for s in stage_table.ONLINE):
-      _fail("online.prompts_per_step", on.prompts_per_step, f"must divide over the {batch_shards} data x fsdp shards")
+    resolve_mesh(cfg, num_devices, num_processes)
     if d.groups_per_batch % o.grad_accum:
       _fail("optim.grad_accum", o.grad_accum, f"must divide data.groups_per_batch={d.groups_per_batch}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The mesh.
+
+
+def mesh_sizes(cfg) -> dict[str, int]:
+  """config.mesh's sizes {'data': D, 'fsdp': F, 'tensor': T} as written (-1 = automatic); raises ValueError naming
+  a size that is neither a positive int nor -1."""
+  sizes = {axis: cfg.mesh[axis] for axis in sharding_lib.MESH_AXES}
+  for axis, size in sizes.items():
+    if isinstance(size, bool) or not isinstance(size, int) or (size < 1 and size != -1):
+      _fail(f"mesh.{axis}", size, "must be a positive int or -1 (automatic)")
+  return sizes
+
+
+def batch_units(cfg) -> dict[str, int]:
+  """{config field: count} of what a batch's data x fsdp shards must split evenly, each shard holding whole ones:
+  the normalizer groups of a training step (a VAR normalizer reads its whole group), and, when an online stage
+  runs, the prompts of a rollout."""
+  units = {"data.groups_per_batch": cfg.data.groups_per_batch}
+  if any(s in stage_list(cfg) for s in stage_table.ONLINE):
+    units["online.prompts_per_step"] = cfg.online.prompts_per_step
+  return units
+
+
+def resolve_mesh(cfg, num_devices: int, num_processes: int = 1) -> dict[str, int]:
+  """config.mesh on `num_devices` devices (of `num_processes` processes, equally many each), -1 sizes filled in.
+
+  The batch is split over data x fsdp in whole units (`batch_units`: U = the gcd of their counts, e.g. hha's 16
+  normalizer groups), so D x F must divide U; tensor is the only axis that can take devices the batch cannot use.
+  Sizes set in the config are kept. The automatic (-1) axes are filled in the order data, fsdp, tensor: each
+  takes the largest part of the devices left that still splits the units left evenly, except the last one, which
+  takes every device left (tensor when it is -1; otherwise the last automatic batch axis, as `data = -1` always
+  did). So with data = tensor = -1 and F fixed: D = gcd(U / F, devices / F), T = the rest; hha's 16 groups on 64
+  devices give 16 x 1 x 4.
+
+  Args:
+    cfg: the config; reads mesh.{data,fsdp,tensor}, the fields of `batch_units` and config.stages.
+    num_devices: all devices of all processes (jax.device_count()).
+    num_processes: processes feeding them (jax.process_count()); each feeds batch rows of its own, so a tensor
+      group must not span two of them.
+  Returns:
+    {'data': D, 'fsdp': F, 'tensor': T}, positive, with D x F x T = num_devices.
+  Raises:
+    ValueError naming the field (`_fail`): a size neither positive nor -1; fixed sizes whose product does not
+    divide the devices (or, with no -1, does not equal them); units that do not divide over D x F; a tensor group
+    spanning processes.
+  """
+  sizes = mesh_sizes(cfg)
+  written = tuple(sizes.values())
+  auto = [a for a in sharding_lib.MESH_AXES if sizes[a] == -1]
+  fixed = math.prod(s for s in written if s != -1)
+  if num_devices % fixed or (not auto and fixed != num_devices):
+    _fail("mesh", written, f"data x fsdp x tensor must equal the {num_devices} devices (-1 = automatic)")
+  units = batch_units(cfg)
+  unit = math.gcd(*units.values())
+  fixed_batch = math.prod(sizes[a] for a in model_lib.BATCH_AXES if sizes[a] != -1)
+  room, free = unit // math.gcd(unit, fixed_batch), num_devices // fixed  # Units per fixed shard; devices left.
+  for axis in auto:
+    # Only data and fsdp can come before the last automatic axis (tensor is last in MESH_AXES), so only batch
+    # axes take a gcd; gcd(room, free) is the largest size dividing both.
+    size = free if axis == auto[-1] else math.gcd(room, free)
+    sizes[axis], free, room = size, free // size, room // math.gcd(room, size)
+  shards = sizes["data"] * sizes["fsdp"]
+  where = f"mesh data {sizes['data']} x fsdp {sizes['fsdp']} x tensor {sizes['tensor']} on {num_devices} devices"
+  for field, count in units.items():
+    if count % shards:
+      what = "normalizer groups per batch" if field == "data.groups_per_batch" else "prompts per rollout"
+      fix = ("lower the fixed mesh.data / mesh.fsdp" if "tensor" in auto else
+             "set mesh.tensor=-1 with mesh.data=-1: tensor parallelism then takes the devices the batch cannot use")
+      _fail(field, count, f"{what} must divide over the {shards} data x fsdp shards ({where}); make it a multiple "
+            f"of {shards}, or {fix}")
+  per_process = num_devices // num_processes
+  if per_process % sizes["tensor"]:
+    # The pipeline gives every process rows of its own (`sharding.global_batch`), so a tensor group, which holds
+    # one batch shard, must not span processes.
+    fix = (f"make {' and '.join(units)} a multiple of the {num_processes} processes" if "tensor" in auto else
+           f"set it to a divisor of {per_process}")
+    _fail("mesh.tensor", cfg.mesh.tensor, f"tensor {sizes['tensor']} ({where}) spans processes: each of the "
+          f"{num_processes} processes feeds batch rows of its own to its {per_process} devices, so a tensor group "
+          f"must stay within one; {fix}")
+  return sizes
+
+
+def describe_mesh(cfg, sizes: dict[str, int], num_devices: int) -> str:
+  """One line for the log: the resolved mesh, the config's sizes it came from, and what the batch splits into."""
+  written = ", ".join(f"{a}={cfg.mesh[a]}" for a in sharding_lib.MESH_AXES)
+  units = ", ".join(f"{field}={count}" for field, count in batch_units(cfg).items())
+  return (f"mesh data {sizes['data']} x fsdp {sizes['fsdp']} x tensor {sizes['tensor']} on {num_devices} devices "
+          f"(config.mesh {written}; -1 = automatic); the batch splits over {sizes['data'] * sizes['fsdp']} data x "
+          f"fsdp shards ({units})")

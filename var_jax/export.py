@@ -81,7 +81,7 @@ def export(cfg, workdir: str, stage: str, out: str, *, dtype: Optional[str] = No
     raise FileExistsError(f"cannot export stage {stage!r}: {out} exists and is not empty; choose a new --out "
                           "(an export never overwrites)") from None
   hf_io.size_in_bytes(max_shard_size)  # A bad size fails here, not after loading the model.
-  mesh = sharding_lib.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+  mesh = stages_lib.build_mesh(cfg)
   ctx = stages_lib.Context(cfg, workdir, mesh, sharding_lib.parse_rules(cfg.mesh.rules))
   reward = is_reward_stage(stage)
   model = ctx.load(stage, reward=reward)

@@ -42,8 +42,8 @@ def main(argv) -> None:
   if _COORDINATOR.value is not None:
     sharding_lib.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   if _DRY_RUN.value:
-    config_lib.validate(cfg, jax.device_count())
-    print(dry_run.report(cfg, workdir, sharding_lib.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)))
+    config_lib.validate(cfg, jax.device_count(), jax.process_count())
+    print(dry_run.report(cfg, workdir, stages_lib.build_mesh(cfg)))
     return
   try:
     stages_lib.run_pipeline(cfg, workdir)

@@ -535,22 +535,29 @@ def plan(cfg, target: Target, *, mfu: float = 0.4, stages: Sequence[str] | None 
   if not 0 < mfu <= 1:
     raise PlanError(f"--mfu={mfu} must be in (0, 1]")
   devices = target_devices(target)
+  # A topology's compile-only devices carry the process (host) of each chip: v5e-64 has 16 hosts of 4 chips.
+  num_processes = len({d.process_index for d in devices})
   try:
-    config_lib.validate(cfg, len(devices))
+    config_lib.validate(cfg, len(devices), num_processes)
   except ValueError as e:
-    raise PlanError(f"the config does not fit {target.name} ({len(devices)} devices): {e}") from None
-  m = cfg.mesh
+    raise PlanError(f"the config does not fit {target.name} ({len(devices)} devices) of {num_processes} host(s): "
+                    f"{e}") from None
+  sizes = config_lib.resolve_mesh(cfg, len(devices), num_processes)
   try:
-    mesh = sharding_lib.make_mesh(m.data, m.fsdp, m.tensor, devices=devices)
+    mesh = sharding_lib.make_mesh(**sizes, devices=devices)
   except (NotImplementedError, ValueError) as e:  # e.g. an axis of 8 on a 4x4x4 torus: no physical subset.
-    raise PlanError(f"mesh (data={m.data}, fsdp={m.fsdp}, tensor={m.tensor}) on {target.name}: {e}") from None
-  rules = sharding_lib.parse_rules(m.rules)
+    raise PlanError(f"mesh {sizes} on {target.name}: {e}") from None
+  log(f"plan: {config_lib.describe_mesh(cfg, sizes, len(devices))}")
+  rules = sharding_lib.parse_rules(cfg.mesh.rules)
   mcfg = plan_model_config(cfg)
   hbm, peak = device_budget(target, devices)
   describe = f"{dict(mesh.shape)} on {target.name} ({len(devices)} x {devices[0].device_kind})"
   log(f"plan: {describe}; {fmt_bytes(hbm)} HBM and {fmt_flops(peak)}/s peak per device; model "
       f"{mcfg.num_params() / 1e9:.3f} B parameters, dtype {mcfg.dtype}, params {mcfg.param_dtype}, remat "
       f"{mcfg.remat}, attention {mcfg.attention_impl}")
+  heads = sharding_lib.unsplit_heads(mcfg.num_heads, mcfg.num_kv_heads, sizes["tensor"])
+  if heads:
+    log(f"plan: warning: {heads}")
   stages = list(stages or config_lib.stage_list(cfg))
   rows = []
   for program in programs(cfg, mcfg, mesh, rules, stages):

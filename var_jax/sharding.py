@@ -30,6 +30,7 @@ import jax
 import numpy as np
 import optax
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from var_jax import model as model_lib
@@ -67,7 +68,10 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[
   device count; a mesh that does not fit raises a ValueError naming the axis sizes and the device count.
 
   The axes are `AxisType.Auto` (GSPMD-style: shardings are given at the jit boundary and XLA propagates them),
-  which is what `jax.jit(..., in_shardings=, out_shardings=)` steps rely on.
+  which is what `jax.jit(..., in_shardings=, out_shardings=)` steps rely on. Devices follow the physical topology
+  (`jax.make_mesh`), except that over several processes every tensor group stays within one process
+  (`process_blocks`; a tensor size that cannot raises a ValueError). `config.resolve_mesh` gives the sizes of a
+  run's config.
   """
   devices = list(jax.devices() if devices is None else devices)
   n = len(devices)
@@ -89,9 +93,65 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[
     raise ValueError(f"mesh ({described}) = {math.prod(shape)} devices does not fit the {n} devices available "
                      "(data x fsdp x tensor must equal the device count)")
   auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
-  # jax.make_mesh orders devices for the physical topology (TPU ICI rings), and keeps each process's devices
-  # contiguous along the leading axes, which `global_batch` relies on.
-  return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+  # jax.make_mesh orders devices for the physical topology (TPU ICI rings).
+  mesh = jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+  if not tensor_groups_span_processes(mesh.devices):
+    return mesh
+  # Except for tensor groups: following the torus, it can lay one over two hosts (v5e-64 at tensor 4: a row of 4
+  # chips across two 2x2 hosts). A tensor group holds one batch shard and every process feeds rows of its own
+  # (`global_batch`), so lay each process's devices out as whole tensor groups (in the torus order within the
+  # host), the processes in order along data x fsdp.
+  inner, outer = process_blocks(shape, len({d.process_index for d in devices}))
+  grid = mesh_utils.create_hybrid_device_mesh(inner, outer, devices, process_is_granule=True)
+  return Mesh(grid, MESH_AXES, axis_types=auto)
+
+
+def tensor_groups_span_processes(grid: np.ndarray) -> bool:
+  """True when some tensor group (the devices along the last axis of a [data, fsdp, tensor] device array) belongs
+  to more than one process."""
+  procs = np.vectorize(lambda d: d.process_index, otypes=[int])(grid)
+  return bool((procs != procs[..., :1]).any())
+
+
+def process_blocks(shape: Sequence[int], num_processes: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+  """How `num_processes` processes tile a (data, fsdp, tensor) mesh so that each holds whole tensor groups.
+
+  Returns (inner, outer): each process holds an inner = (d, f, tensor) block, d x f = its batch shards with
+  f = gcd(fsdp, them), and the processes form an outer = (data / d, fsdp / f, 1) grid (the shapes of
+  `mesh_utils.create_hybrid_device_mesh`). Raises ValueError when tensor does not divide a process's devices or
+  the block does not tile the mesh.
+  """
+  data, fsdp, tensor = shape
+  per_process = math.prod(shape) // num_processes
+  if per_process % tensor:
+    raise ValueError(f"mesh tensor={tensor} does not divide the {per_process} devices of each of the "
+                     f"{num_processes} processes: a tensor group would span processes, which feed batch rows of "
+                     "their own")
+  shards = per_process // tensor
+  f = math.gcd(fsdp, shards)
+  d = shards // f
+  if data % d:
+    raise ValueError(f"mesh data={data} x fsdp={fsdp} x tensor={tensor}: the {shards} batch shards of each of the "
+                     f"{num_processes} processes make no block of data x fsdp ({d} x {f} does not tile it)")
+  return (d, f, tensor), (data // d, fsdp // f, 1)
+
+
+def unsplit_heads(num_heads: int, num_kv_heads: int, tensor: int) -> str | None:
+  """A warning when a tensor axis of size `tensor` cannot split the model's attention heads, else None.
+
+  The 'q_heads' / 'kv_heads' rules replicate a dimension that does not divide over its mesh axes
+  (`logical_to_spec`), and so does the KV cache's heads axis: attention's weights and work then repeat on every
+  device of a tensor group, and only the MLP width and vocabulary split. Not an error (it runs, e.g. Qwen2.5-0.5B's
+  14 / 2 heads on tensor 4), but worth a line in the log, naming the sizes that would split both.
+  """
+  unsplit = [f"{n} {kind} heads" for n, kind in ((num_heads, "query"), (num_kv_heads, "KV")) if n % tensor]
+  if not unsplit:
+    return None
+  common = math.gcd(num_heads, num_kv_heads)
+  splitting = [t for t in range(2, common + 1) if common % t == 0]
+  return (f"mesh tensor={tensor} does not divide the model's {' and '.join(unsplit)}: their projections and "
+          f"attention stay replicated on every device of a tensor group instead of splitting over it; tensor sizes "
+          f"that split all {num_heads} query and {num_kv_heads} KV heads: {', '.join(map(str, splitting)) or 'none'}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -394,10 +454,10 @@ def global_batch(local_batch: dict, mesh: Mesh) -> dict:
   """Global jax.Arrays, batch axis sharded over ('data', 'fsdp'), from this process's rows.
 
   Each process passes its own `local_batch` (dict of numpy arrays with the same keys, dtypes and trailing shapes on
-  every process; leading axis = the rows of the batch shards this process's devices hold). With `make_mesh` the
-  processes are contiguous along the batch split, so process i's rows become global rows
-  [i * local_rows, (i + 1) * local_rows). Single process: the local batch is the global batch. (If tensor
-  parallelism spans processes, processes holding the same batch shards must pass the same rows.)
+  every process; leading axis = the rows of the batch shards this process's devices hold, in their order along the
+  batch axis, which on a TPU torus need not be one contiguous run). Single process: the local batch is the global
+  batch. A batch shard must not span processes, which feed different rows: `make_mesh` keeps tensor groups within
+  a process.
   """
   local_shards, shards = _batch_shards(mesh)
   out = {}

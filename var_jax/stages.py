@@ -206,6 +206,10 @@ class Context:
     self.cfg, self.workdir, self.mesh, self.rules = cfg, workdir, mesh, rules
     self.task = load_task(cfg)
     self.mcfg = model_config(cfg, self.task.tok)
+    # The first place the model's heads and the mesh meet: say so when tensor parallelism cannot split attention.
+    heads = sharding_lib.unsplit_heads(self.mcfg.num_heads, self.mcfg.num_kv_heads, mesh.shape["tensor"])
+    if heads:
+      logging.warning("%s", heads)
     self._pipes = {}
     self.pipe_stats = {}  # Tokenization stats (kept, skipped, truncated) of each pipeline built so far.
 
@@ -466,13 +470,23 @@ RUNNERS = {"reference": run_reference, "reward": run_reward, "score": run_score,
            "online": run_online, "judge": run_judge, "eval": run_eval}
 
 
+def build_mesh(cfg, devices=None):
+  """The run's Mesh: config.mesh over `devices` (default: every device of every process), its -1 sizes resolved by
+  `config.resolve_mesh` (which raises naming the field when they cannot be), the choice logged."""
+  devices = list(jax.devices() if devices is None else devices)
+  num_processes = len({d.process_index for d in devices})
+  sizes = config_lib.resolve_mesh(cfg, len(devices), num_processes)
+  logging.info("%s", config_lib.describe_mesh(cfg, sizes, len(devices)))
+  return sharding_lib.make_mesh(**sizes, devices=devices)
+
+
 def run_pipeline(cfg, workdir: str) -> None:
   """Runs the configured stages that are not complete in workdir (validating the config first)."""
   sharding_lib.initialize_distributed()
-  config_lib.validate(cfg, jax.device_count())
+  config_lib.validate(cfg, jax.device_count(), jax.process_count())
   if sharding_lib.is_main_process():  # The settings of this run, before any stage can fail (never overwritten).
     logging.info("config: %s", metrics_writer.write_run_config(cfg.to_dict(), workdir))
-  mesh = sharding_lib.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+  mesh = build_mesh(cfg)
   rules = sharding_lib.parse_rules(cfg.mesh.rules)
   logging.info("workdir %s, mesh %s, %d process(es)", workdir, dict(mesh.shape), jax.process_count())
   stages = config_lib.stage_list(cfg)
