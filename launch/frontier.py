@@ -58,20 +58,38 @@ def cell_means(samples: dict, reference: dict, judge: str, num_prompts: int) -> 
           "kl": per_prompt(samples["logratios"]), "length": per_prompt(samples["lengths"])}
 
 
-def crossed_draws(num_seeds: int, num_prompts: int, resamples: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-  """(seed counts [R, S], prompt counts [R, P]): R bootstrap draws of S seeds and P prompts with replacement, as how
-  often each was drawn; the draws of a crossed seed x prompt design."""
+def bootstrap_weights(prompts_per_seed: list[int], crossed: bool, resamples: int,
+                      seed: int = 0) -> list[np.ndarray]:
+  """R bootstrap draws of a seeds x prompts design, as one weight matrix [R, P_s] per seed s: how often each of its
+  cells was drawn. Seeds are drawn with replacement; then the prompts:
+  - crossed (every seed evaluated the same P prompts): one draw of P prompts per resample, shared by every seed, so
+    a prompt's effect counts once (the cell (s, p) weighs seed count x prompt count);
+  - nested (each seed its own prompts, e.g. the embedded task, whose held-out prompts follow the seed): each drawn
+    copy of seed s draws its own P_s prompts, so seed s drawn c times gets multinomial(c x P_s) prompt counts.
+  """
   rng = np.random.default_rng(seed)
-  seeds = np.stack([np.bincount(rng.integers(0, num_seeds, num_seeds), minlength=num_seeds) for _ in range(resamples)])
-  prompts = np.stack([np.bincount(rng.integers(0, num_prompts, num_prompts), minlength=num_prompts)
-                      for _ in range(resamples)])
-  return seeds.astype(np.float64), prompts.astype(np.float64)
+  num_seeds = len(prompts_per_seed)
+  seed_counts = np.stack([np.bincount(rng.integers(0, num_seeds, num_seeds), minlength=num_seeds)
+                          for _ in range(resamples)]).astype(np.float64)  # [R, S]
+  if crossed:
+    p = prompts_per_seed[0]
+    if any(n != p for n in prompts_per_seed):
+      raise ValueError(f"a crossed design has the same prompts under every seed, got {prompts_per_seed}")
+    prompt_counts = np.stack([np.bincount(rng.integers(0, p, p), minlength=p) for _ in range(resamples)])
+    return [seed_counts[:, s, None] * prompt_counts for s in range(num_seeds)]
+  return [np.stack([rng.multinomial(int(c) * p, np.full(p, 1.0 / p)) for c in seed_counts[:, s]]).astype(np.float64)
+          for s, p in enumerate(prompts_per_seed)]
 
 
-def resampled_means(cells: np.ndarray, seed_counts: np.ndarray, prompt_counts: np.ndarray) -> np.ndarray:
-  """[R] means of `cells` [S, P] over each draw's seed x prompt cells (a cell drawn twice counts twice)."""
-  total = seed_counts.sum(axis=1) * prompt_counts.sum(axis=1)
-  return np.einsum("rs,sp,rp->r", seed_counts, cells, prompt_counts) / total
+def resampled_means(cells: list[np.ndarray], weights: list[np.ndarray]) -> np.ndarray:
+  """[R] weighted means of the cells (one array [P_s] per seed) under each draw's weights (`bootstrap_weights`)."""
+  total = sum(w @ c for w, c in zip(weights, cells))
+  return total / sum(w.sum(axis=1) for w in weights)
+
+
+def pooled_mean(cells: list[np.ndarray]) -> float:
+  """The mean over every (seed, prompt) cell: each cell counts once."""
+  return float(np.concatenate(cells).mean())
 
 
 def interpolate(kl: np.ndarray, values: np.ndarray, budget: float) -> np.ndarray:
@@ -114,20 +132,20 @@ def verdict(lo: float, hi: float) -> str:
 
 
 def frontier_stats(cells: dict, budgets: list[float], pairs: list[tuple[str, str]], resamples: int,
-                   seed: int = 0) -> dict:
-  """Every statistic of the report from `cells` {method: [trial {metric: [S, P]}]}.
+                   crossed: bool, seed: int = 0) -> dict:
+  """Every statistic of the report from `cells` {method: [trial {metric: [per seed: [P_s]]}]}.
 
   Returns {"trials": {method: [{metric: value, metric_lo, metric_hi}]}, "budgets": [{"kl": b, "methods": {method:
   {metric: value, _lo, _hi}}, "pairs": {"a-b": {metric: diff, _lo, _hi}}}]}: point values from all cells, intervals
-  from the crossed bootstrap (one set of draws for everything, so differences are paired)."""
+  from the bootstrap over seeds and prompts (`bootstrap_weights`, crossed or nested; one set of draws for
+  everything, so differences are paired)."""
   any_cells = next(iter(cells.values()))[0]["reward"]
-  seed_counts, prompt_counts = crossed_draws(*any_cells.shape, resamples, seed)
+  weights = bootstrap_weights([len(c) for c in any_cells], crossed, resamples, seed)
   point, draws = {}, {}
   out = {"trials": {}, "budgets": []}
   for method, trials in cells.items():
-    point[method] = {m: np.array([t[m].mean() for t in trials]) for m in METRICS}
-    draws[method] = {m: np.stack([resampled_means(t[m], seed_counts, prompt_counts) for t in trials], axis=1)
-                     for m in METRICS}  # [R, N]
+    point[method] = {m: np.array([pooled_mean(t[m]) for t in trials]) for m in METRICS}
+    draws[method] = {m: np.stack([resampled_means(t[m], weights) for t in trials], axis=1) for m in METRICS}  # [R, N]
     out["trials"][method] = [
         {**{m: float(point[method][m][i]) for m in METRICS},
          **{f"{m}_{side}": v for m in METRICS for side, v in zip(("lo", "hi"), interval(draws[method][m][:, i]))}}
@@ -211,15 +229,15 @@ def pooled_length_controlled(parts: list[tuple]) -> float:
   return evaluate.length_controlled_preference(a, b, la, lb, num_prompts)[0]
 
 
-def load_cells(runs, methods: list[str], seeds: list[int]) -> tuple[dict, str, dict]:
-  """({method: [trial {metric: [S, P]}]}, the judge read, {method: [trial {diagnostic: mean over seeds, and
-  lc_pref_vs_ref}]}) from the finished runs; every run must have evaluated the same prompts (refused otherwise,
-  naming the runs)."""
+def load_cells(runs, methods: list[str], seeds: list[int]) -> tuple[dict, str, dict, bool]:
+  """({method: [trial {metric: [per seed: [P_s]]}]}, the judge read, {method: [trial {diagnostic: mean over seeds,
+  and lc_pref_vs_ref}]}, crossed) from the finished runs. The runs of one seed must have evaluated the same prompts
+  (refused otherwise, naming the runs); crossed: every seed did too (else each seed has prompts of its own)."""
   num_trials = 1 + max(i for i, _, _ in runs)
   cells = {m: [{k: [None] * len(seeds) for k in METRICS} for _ in range(num_trials)] for m in methods}
   diagnostics = {m: [{} for _ in range(num_trials)] for m in methods}
   length_parts = {m: [[] for _ in range(num_trials)] for m in methods}
-  keys, judge = None, None
+  keys, first, judge = {}, {}, None
   for i, seed, (name, _, run_dir, _, _) in runs:
     try:
       results = artifacts.read_eval_results(run_dir)
@@ -229,12 +247,13 @@ def load_cells(runs, methods: list[str], seeds: list[int]) -> tuple[dict, str, d
       raise ValueError(f"{run_dir}/eval/results.json keeps no per-sample scores (an eval from before they were kept): "
                        "delete its eval directory and run again")
     per = results["per_sample"]
-    if keys is None:
-      keys, first, judge = per["prompt_keys"], run_dir, judge_of(per)
-    elif per["prompt_keys"] != keys:
-      raise ValueError(f"{run_dir} evaluated other prompts than {first}: a frontier compares runs on the same test "
-                       "prompts (same data and split settings)")
-    num_prompts = len(keys)
+    judge = judge or judge_of(per)
+    if seed not in keys:
+      keys[seed], first[seed] = per["prompt_keys"], run_dir
+    elif per["prompt_keys"] != keys[seed]:
+      raise ValueError(f"{run_dir} evaluated other prompts than {first[seed]} (same seed): a frontier compares the "
+                       "trials of a seed on the same test prompts (same data and split settings)")
+    num_prompts = len(per["prompt_keys"])
     reference = per["policies"][stage_table.REFERENCE]
     for m in methods:
       c = cell_means(per["policies"][m], reference, judge, num_prompts)
@@ -246,11 +265,11 @@ def load_cells(runs, methods: list[str], seeds: list[int]) -> tuple[dict, str, d
       for k, v in done.get("diagnostics", {}).items():
         if k in sweep.WEIGHT_COLUMNS:
           diagnostics[m][i].setdefault(k, []).append(float(v))
-  cells = {m: [{k: np.stack(t[k]) for k in METRICS} for t in trials] for m, trials in cells.items()}
   diagnostics = {m: [{"lc_pref_vs_ref": pooled_length_controlled(length_parts[m][i]),
                       **{k: float(np.mean(v)) for k, v in d.items()}} for i, d in enumerate(trials)]
                  for m, trials in diagnostics.items()}
-  return cells, judge, diagnostics
+  crossed = all(keys[s] == keys[seeds[0]] for s in seeds)
+  return cells, judge, diagnostics, crossed
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -264,11 +283,14 @@ def _ci(row: dict, m: str, digits: int = 3) -> str:
   return f"{v:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
 
 
-def markdown(stats: dict, knobs: list[tuple[str, str, list]], diagnostics: dict, judge: str, num_seeds: int,
-             num_prompts: int) -> str:
+def markdown(stats: dict, knobs: list[tuple[str, str, list]], diagnostics: dict, judge: str,
+             prompts_per_seed: list[int], crossed: bool) -> str:
   """The trial table, the budget table and the sentences."""
-  lines = [f"Judge: {judge}; {num_seeds} seeds x {num_prompts} test prompts; 95% intervals from a bootstrap over seeds "
-           "and prompts together. `pref_vs_ref` = win + tie / 2 against the reference's sample; `lc_pref_vs_ref` the "
+  design = (f"{len(prompts_per_seed)} seeds x the same {prompts_per_seed[0]} test prompts (crossed)" if crossed else
+            f"{len(prompts_per_seed)} seeds, each with test prompts of its own ({', '.join(map(str, prompts_per_seed))};"
+            " nested)")
+  lines = [f"Judge: {judge}; {design}; 95% intervals from a bootstrap over seeds and prompts together. "
+           "`pref_vs_ref` = win + tie / 2 against the reference's sample; `lc_pref_vs_ref` the "
            "same at equal length (eval's length-controlled preference, seeds pooled, no interval).", "",
            "| method | knob | kl_to_ref | reward | pref_vs_ref | length | lc_pref_vs_ref, weight diagnostics |",
            "|---|---|---|---|---|---|---|"]
@@ -343,13 +365,12 @@ def main(argv) -> None:
     for _, _, run in runs:  # Trial by trial, every seed: a command cut short leaves whole trials to resume from.
       sweep.run_all([run], flags.FLAGS["config"].config_filename, emit=False)
   methods = [m for m, _, _ in knobs]
-  cells, judge, diagnostics = load_cells(runs, methods, seeds)
+  cells, judge, diagnostics, crossed = load_cells(runs, methods, seeds)
   budgets = [float(b) for b in _BUDGETS.value] or default_budgets(
-      {m: np.array([t["kl"].mean() for t in cells[m]]) for m in methods})
+      {m: np.array([pooled_mean(t["kl"]) for t in cells[m]]) for m in methods})
   pairs = [("var", m) for m in methods if m != "var"] if "var" in methods else []
-  stats = frontier_stats(cells, budgets, pairs, _RESAMPLES.value)
-  num_prompts = cells[methods[0]][0]["reward"].shape[1]
-  report = markdown(stats, knobs, diagnostics, judge, len(seeds), num_prompts)
+  stats = frontier_stats(cells, budgets, pairs, _RESAMPLES.value, crossed)
+  report = markdown(stats, knobs, diagnostics, judge, [len(c) for c in cells[methods[0]][0]["reward"]], crossed)
   if fixed:
     report = "Settings from --tuned: " + ", ".join(f"{k}={v}" for k, v in fixed.items()) + "\n\n" + report
   os.makedirs(_DIR.value, exist_ok=True)

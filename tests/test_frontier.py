@@ -23,19 +23,35 @@ def test_cell_means_follow_evals_sample_layout():
 
 def test_resampled_means_are_the_means_over_the_drawn_seed_by_prompt_cells():
   """Against an explicit loop: draw seed and prompt indices, average the cells they pick (a cell drawn twice counts
-  twice)."""
+  twice), for the crossed weights (one prompt draw shared by the seeds) built from those indices."""
   rng = np.random.default_rng(3)
   cells = rng.normal(size=(5, 7))
   seed_idx = rng.integers(0, 5, size=(20, 5))
   prompt_idx = rng.integers(0, 7, size=(20, 7))
   counts = lambda idx, n: np.stack([np.bincount(i, minlength=n) for i in idx]).astype(float)  # noqa: E731
-  got = frontier.resampled_means(cells, counts(seed_idx, 5), counts(prompt_idx, 7))
+  weights = [counts(seed_idx, 5)[:, s, None] * counts(prompt_idx, 7) for s in range(5)]
+  got = frontier.resampled_means(list(cells), weights)
   want = [np.mean([cells[s, p] for s in seed_idx[r] for p in prompt_idx[r]]) for r in range(20)]
   np.testing.assert_allclose(got, want, rtol=1e-12)
-  seeds, prompts = frontier.crossed_draws(5, 7, resamples=50, seed=0)
-  assert seeds.shape == (50, 5) and prompts.shape == (50, 7)
-  assert (seeds.sum(axis=1) == 5).all() and (prompts.sum(axis=1) == 7).all()
-  assert len({tuple(r) for r in seeds}) > 1  # Draws differ.
+
+
+def test_bootstrap_weights_crossed_and_nested():
+  """Crossed: every drawn seed weighs its cells by one prompt draw shared by all seeds. Nested: seed s drawn c times
+  gets c x P_s prompt draws of its own. Either way a resample holds S seed copies of P_s prompts each."""
+  crossed = frontier.bootstrap_weights([7] * 5, crossed=True, resamples=50)
+  copies = np.stack([w.sum(axis=1) / 7 for w in crossed], axis=1)  # [R, S] how often each seed was drawn.
+  assert (copies.sum(axis=1) == 5).all() and len({tuple(r) for r in copies}) > 1
+  for r in range(50):
+    draws = [crossed[s][r] / copies[r, s] for s in range(5) if copies[r, s]]
+    assert all(np.array_equal(d, draws[0]) for d in draws) and draws[0].sum() == 7
+  nested = frontier.bootstrap_weights([7, 5, 6], crossed=False, resamples=400)
+  assert [w.shape for w in nested] == [(400, 7), (400, 5), (400, 6)]
+  copies = np.stack([w.sum(axis=1) / p for w, p in zip(nested, (7, 5, 6))], axis=1)
+  assert np.array_equal(copies, np.round(copies)) and (copies.sum(axis=1) == 3).all()
+  for w in nested:  # Each cell is drawn once per resample on average.
+    assert w.mean() == pytest.approx(1.0, abs=0.15)
+  with pytest.raises(ValueError, match="crossed design"):
+    frontier.bootstrap_weights([7, 5], crossed=True, resamples=2)
 
 
 def test_interpolate_between_trials_ordered_by_kl_and_never_beyond_them():
@@ -54,24 +70,26 @@ def test_default_budgets_lie_where_every_method_reaches():
   assert frontier.default_budgets({"a": np.array([0.5, 1.0]), "b": np.array([2.0, 5.0])}) == []
 
 
-def _trial(rng, kl, reward, seeds=5, prompts=40):
-  """A trial's cells [S, P]: the given KL and reward plus noise."""
-  return {"kl": kl + 0.05 * rng.normal(size=(seeds, prompts)),
-          "reward": reward + 0.1 * rng.normal(size=(seeds, prompts)),
-          "pref_vs_ref": np.clip(0.5 + reward - 0.4 + 0.1 * rng.normal(size=(seeds, prompts)), 0, 1),
-          "length": np.full((seeds, prompts), 5.0)}
+def _trial(rng, kl, reward, prompts=(40, 38, 40, 41, 39)):
+  """A trial's cells, one array per seed (each seed its own prompts): the given KL and reward plus noise."""
+  return {"kl": [kl + 0.05 * rng.normal(size=p) for p in prompts],
+          "reward": [reward + 0.1 * rng.normal(size=p) for p in prompts],
+          "pref_vs_ref": [np.clip(0.5 + reward - 0.4 + 0.1 * rng.normal(size=p), 0, 1) for p in prompts],
+          "length": [np.full(p, 5.0) for p in prompts]}
 
 
 def test_frontier_stats_point_values_paired_differences_and_verdicts():
   rng = np.random.default_rng(0)
   var = [_trial(rng, kl, 0.4 + 0.2 * kl) for kl in (0.5, 1.0, 2.0)]
-  copy = [{k: v.copy() for k, v in t.items()} for t in var]  # The same cells: every paired difference is exactly 0.
-  worse = [{**t, "reward": t["reward"] - 0.1, "pref_vs_ref": t["pref_vs_ref"] - 0.1} for t in var]
+  copy = [{k: [c.copy() for c in v] for k, v in t.items()} for t in var]  # Same cells: paired differences are 0.
+  worse = [{**t, "reward": [c - 0.1 for c in t["reward"]], "pref_vs_ref": [c - 0.1 for c in t["pref_vs_ref"]]}
+           for t in var]
   stats = frontier.frontier_stats({"var": var, "copy": copy, "worse": worse}, [0.75, 1.5],
-                                  [("var", "copy"), ("var", "worse")], resamples=300)
+                                  [("var", "copy"), ("var", "worse")], resamples=300, crossed=False)
   for method, cells in (("var", var), ("worse", worse)):
     for row, t in zip(stats["trials"][method], cells):
-      assert row["reward"] == pytest.approx(t["reward"].mean()) and row["kl"] == pytest.approx(t["kl"].mean())
+      assert row["reward"] == pytest.approx(np.concatenate(t["reward"]).mean())
+      assert row["kl"] == pytest.approx(np.concatenate(t["kl"]).mean())
       assert row["reward_lo"] < row["reward"] < row["reward_hi"]
   for entry in stats["budgets"]:
     kls = [row["kl"] for row in stats["trials"]["var"]]
@@ -115,15 +133,18 @@ def test_runs_are_planned_trial_by_trial_and_read_back_as_cells(tmp_path):
   for i, seed, (_, _, run_dir, _, _) in runs:
     _write_run(run_dir, keys, {"sft": sample([0.0, 0.0, 0.0, 0.0]), "var": sample([1.0, 0.0, 1.0, i]),
                                "dpo": sample([seed, 0.0, 0.0, 0.0])}, {"ess_group": 2.0 + seed, "other": 1.0})
-  cells, judge, diagnostics = frontier.load_cells(runs, ["var", "dpo"], [0, 1])
-  assert judge == "gold"
+  cells, judge, diagnostics, crossed = frontier.load_cells(runs, ["var", "dpo"], [0, 1])
+  assert judge == "gold" and crossed
   np.testing.assert_allclose(cells["var"][1]["reward"], [[1.0, 0.5], [1.0, 0.5]])
   np.testing.assert_allclose(cells["dpo"][0]["reward"], [[0.0, 0.0], [0.5, 0.0]])
   assert diagnostics["var"][0]["ess_group"] == 2.5 and "other" not in diagnostics["var"][0]
   assert 0.0 <= diagnostics["var"][0]["lc_pref_vs_ref"] <= 1.0
-  _write_run(runs[-1][2][2], ["a", "c"], {"sft": sample([0.0] * 4), "var": sample([0.0] * 4), "dpo": sample([0.0] * 4)})
-  with pytest.raises(ValueError, match="evaluated other prompts"):
+  zeros = {"sft": sample([0.0] * 4), "var": sample([0.0] * 4), "dpo": sample([0.0] * 4)}
+  _write_run(runs[-1][2][2], ["a", "c"], zeros)  # Seed 1's trials disagree: refused.
+  with pytest.raises(ValueError, match=r"evaluated other prompts than .*seed=1.* \(same seed\)"):
     frontier.load_cells(runs, ["var", "dpo"], [0, 1])
+  _write_run(runs[1][2][2], ["a", "c"], zeros)  # Seed 1 has prompts of its own in every trial: nested.
+  assert not frontier.load_cells(runs, ["var", "dpo"], [0, 1])[3]
 
 
 def test_tuned_choices_set_everything_but_the_knob(tmp_path):
@@ -136,3 +157,29 @@ def test_tuned_choices_set_everything_but_the_knob(tmp_path):
     frontier.read_tuned(str(tmp_path), knobs + [frontier.parse_knob("ipo:ipo.tau=0.1,1", cfg)])
   with pytest.raises(FileNotFoundError, match="no choices.json"):
     frontier.read_tuned(str(tmp_path / "missing"), knobs)
+
+
+@pytest.mark.slow
+def test_the_command_runs_every_trial_and_seed_then_reports(tmp_path):
+  """Two methods x two knob values x two seeds on the test-sized config, from the command line: the report, the
+  JSON and the figure, with the var stage's diagnostics beside its trials and --collect_only rebuilding the same."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  from tests.helpers import program_env  # pylint: disable=g-import-not-at-top
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = tmp_path / "frontier"
+  argv = [sys.executable, "-m", "launch.frontier", "--config=configs/tiny_ci.py", f"--dir={out}", "--seeds=0,1",
+          "--knob=var:var.lam=0.1,3", "--knob=chosen:chosen.steps=2,10", "--resamples=200", "--budgets=0.01",
+          "--config.eval.num_prompts=8", "--config.sft.steps=10"]
+  proc = subprocess.run(argv, cwd=root, capture_output=True, text=True, timeout=900, env=program_env())
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  report = (out / "frontier.md").read_text()
+  assert report.startswith("Judge: gold; 2 seeds, each with test prompts of its own (8, 8; nested)")
+  rows = [line for line in report.splitlines() if line.startswith("| var | var.lam=")]
+  assert len(rows) == 2 and "swap_sensitivity" in rows[0] and "lc_pref_vs_ref" in rows[0]
+  assert (out / "frontier.png").stat().st_size > 0
+  stats = json.loads((out / "frontier.json").read_text())
+  assert [len(stats["trials"][m]) for m in ("var", "chosen")] == [2, 2] and stats["budgets"][0]["kl"] == 0.01
+  (out / "frontier.md").unlink()
+  subprocess.run(argv + ["--collect_only"], cwd=root, capture_output=True, timeout=300, check=True, env=program_env())
+  assert (out / "frontier.md").read_text() == report
