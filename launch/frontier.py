@@ -114,13 +114,20 @@ def interval(draws: np.ndarray, level: float = 0.95) -> tuple[float, float]:
   return float(np.quantile(ok, (1 - level) / 2)), float(np.quantile(ok, (1 + level) / 2))
 
 
-def default_budgets(kl_by_method: dict[str, np.ndarray], count: int = 3) -> list[float]:
-  """`count` KL budgets spread over the range every method reaches (at 1/4, 1/2, 3/4 of it for 3); [] when the
-  methods' KL ranges do not overlap."""
-  low = max(float(np.min(k)) for k in kl_by_method.values())
-  high = min(float(np.max(k)) for k in kl_by_method.values())
-  if high <= low:
+def default_budgets(kl_by_method: dict[str, np.ndarray], pairs: list[tuple[str, str]], count: int = 3) -> list[float]:
+  """`count` KL budgets spread over the KL range where the compared pairs' frontiers overlap (from the lowest to the
+  highest end of those overlaps, at 1/4, 1/2, 3/4 of it for 3; every method when `pairs` is empty); [] when no two
+  frontiers overlap. A method whose trials do not reach a budget is reported as such there."""
+  pairs = pairs or [(a, b) for a in kl_by_method for b in kl_by_method if a < b]
+  overlaps = []
+  for a, b in pairs:
+    low = max(float(np.min(kl_by_method[a])), float(np.min(kl_by_method[b])))
+    high = min(float(np.max(kl_by_method[a])), float(np.max(kl_by_method[b])))
+    if high > low:
+      overlaps.append((low, high))
+  if not overlaps:
     return []
+  low, high = min(o[0] for o in overlaps), max(o[1] for o in overlaps)
   return [float(low + (high - low) * (i + 1) / (count + 1)) for i in range(count)]
 
 
@@ -300,7 +307,7 @@ def markdown(stats: dict, knobs: list[tuple[str, str, list]], diagnostics: dict,
       lines.append(f"| {method} | {field}={values[i]} | {_ci(row, 'kl')} | {_ci(row, 'reward')} | "
                    f"{_ci(row, 'pref_vs_ref')} | {row['length']:.2f} | {diag} |")
   if not stats["budgets"]:
-    lines += ["", "**The methods' KL ranges do not overlap: no common budget. Extend the grids.**"]
+    lines += ["", "**No two compared frontiers overlap in KL: no common budget. Extend the grids.**"]
     return "\n".join(lines) + "\n"
   methods = [m for m, _, _ in knobs]
   lines += ["", "At matched KL (each method's frontier read at the budget):", "",
@@ -366,9 +373,9 @@ def main(argv) -> None:
       sweep.run_all([run], flags.FLAGS["config"].config_filename, emit=False)
   methods = [m for m, _, _ in knobs]
   cells, judge, diagnostics, crossed = load_cells(runs, methods, seeds)
-  budgets = [float(b) for b in _BUDGETS.value] or default_budgets(
-      {m: np.array([pooled_mean(t["kl"]) for t in cells[m]]) for m in methods})
   pairs = [("var", m) for m in methods if m != "var"] if "var" in methods else []
+  budgets = [float(b) for b in _BUDGETS.value] or default_budgets(
+      {m: np.array([pooled_mean(t["kl"]) for t in cells[m]]) for m in methods}, pairs)
   stats = frontier_stats(cells, budgets, pairs, _RESAMPLES.value, crossed)
   report = markdown(stats, knobs, diagnostics, judge, [len(c) for c in cells[methods[0]][0]["reward"]], crossed)
   if fixed:

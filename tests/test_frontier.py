@@ -64,10 +64,13 @@ def test_interpolate_between_trials_ordered_by_kl_and_never_beyond_them():
   np.testing.assert_allclose(rows, [1.0, 0.5])
 
 
-def test_default_budgets_lie_where_every_method_reaches():
-  assert frontier.default_budgets({"a": np.array([0.5, 3.0]), "b": np.array([1.0, 5.0])}) == pytest.approx(
+def test_default_budgets_lie_where_the_compared_frontiers_overlap():
+  kl = {"var": np.array([1.0, 3.0]), "dpo": np.array([2.0, 5.0]), "ipo": np.array([4.0, 9.0])}
+  # var-dpo overlap on [2, 3], var-ipo nowhere: the budgets spread over [2, 3].
+  assert frontier.default_budgets(kl, [("var", "dpo"), ("var", "ipo")]) == pytest.approx([2.25, 2.5, 2.75])
+  assert frontier.default_budgets(kl, [("var", "ipo")]) == []
+  assert frontier.default_budgets({"a": np.array([0.5, 3.0]), "b": np.array([1.0, 5.0])}, []) == pytest.approx(
       [1.5, 2.0, 2.5])
-  assert frontier.default_budgets({"a": np.array([0.5, 1.0]), "b": np.array([2.0, 5.0])}) == []
 
 
 def _trial(rng, kl, reward, prompts=(40, 38, 40, 41, 39)):
