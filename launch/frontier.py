@@ -8,14 +8,17 @@
 The standard figure of Gao et al. (2023) and of the DPO paper: per method, the judge's reward of its samples and its
 preference over the reference (win + tie / 2, the headline: every policy samples with the run's seed, so a policy
 near the reference ties it more often and raw win rates would favour the far one) against the sampled KL to the
-reference. Then, at common KL budgets, every method's reward and preference read off its frontier (linear
-interpolation between its trials ordered by KL; a budget outside a method's trials is "not reached"), and VAR
-against each other method at the same budget.
+reference. Then, at common KL budgets, every method's reward and preference read off its frontier (the best it
+reaches within the budget, linear between its Pareto-optimal trials; a budget closer to the reference than all its
+trials is "not reached"), and VAR against each other method at the same budget.
+
+The whole protocol is one command: with --space (as launch.tune's, e.g. a learning rate x the strength knob per
+method), every method is first tuned alike on the validation prompts of the first seed (DIR/tuning.md, with the
+grid-edge warnings, and DIR/choices.json); --tuned=DIR reads the choices of an earlier launch.tune instead.
 
 Runs: trial i trains every method at the i-th value of its knob (the same number of values for each), together in
-one run per seed (stages "<methods>,eval", eval.prompts = "test"), with the other settings of --tuned DIR's
-choices.json (launch.tune: e.g. each method's tuned learning rate; its knob field, if tuned, is replaced by the
-sweep) and any --config overrides. Upstream stages (sft, reward, score) are shared, as in launch.sweep.
+one run per seed (stages "<methods>,eval", eval.prompts = "test"), with the other tuned settings (e.g. each
+method's learning rate; its knob field, if tuned, is replaced by the sweep) and any --config overrides. Upstream stages (sft, reward, score) are shared, as in launch.sweep.
 
 Statistics: eval keeps every sample's judge score, length and log pi/pi_ref (results.json "per_sample"); a cell is
 one (seed, prompt), the mean over its samples. Every interval is a percentile bootstrap that resamples seeds and
@@ -37,6 +40,7 @@ from ml_collections import config_flags
 import numpy as np
 
 from launch import sweep
+from launch import tune
 from var_jax import artifacts
 from var_jax import evaluate
 from var_jax import stage_table
@@ -92,48 +96,47 @@ def pooled_mean(cells: list[np.ndarray]) -> float:
   return float(np.concatenate(cells).mean())
 
 
-def interpolate(kl: np.ndarray, values: np.ndarray, budget: float) -> np.ndarray:
-  """A method's value at KL = budget, linear between its trials ordered by KL; NaN where the budget lies outside the
-  trials' KL range (not reached: no extrapolation). kl, values: [..., N] (N trials); returns [...]."""
+def within_budget(kl: np.ndarray, values: np.ndarray, budget: float) -> np.ndarray:
+  """A method's frontier at a KL budget: the best value it reaches with KL <= budget, linear between its
+  Pareto-optimal trials (ordered by KL, each better than every trial closer to the reference; a dominated trial,
+  further away and no better, is not on the frontier); its best trial's value beyond that trial's KL; NaN below
+  its closest trial (not reached: no extrapolation). kl, values: [..., N] (N trials); returns [...] (one per row)."""
   kl, values = np.atleast_2d(kl), np.atleast_2d(values)
   out = np.full(kl.shape[0], np.nan)
   for r in range(kl.shape[0]):
     order = np.argsort(kl[r], kind="stable")
     x, y = kl[r][order], values[r][order]
-    if x[0] <= budget <= x[-1]:
-      out[r] = np.interp(budget, x, y)
+    keep = y > np.concatenate([[-np.inf], np.maximum.accumulate(y)[:-1]])  # Better than every closer trial.
+    x, y = x[keep], y[keep]
+    if budget >= x[0]:
+      out[r] = np.interp(budget, x, y)  # np.interp holds the last value beyond x[-1].
   return out
 
 
-def interval(draws: np.ndarray, level: float = 0.95) -> tuple[float, float]:
-  """Percentile interval of the bootstrap draws that exist (a draw whose budget lies outside a method's KL range has
-  none); NaN when fewer than half the draws do."""
+def interval(draws: np.ndarray, level: float = 0.95, reached: float = 0.9) -> tuple[float, float]:
+  """Percentile interval of the bootstrap draws; NaN when fewer than `reached` of them exist (a draw has none when
+  the budget lies closer to the reference than a method's trials in that draw: near the start of a frontier the
+  draws that reach it would give a biased interval)."""
   ok = draws[np.isfinite(draws)]
-  if ok.size < max(1, draws.size // 2):
+  if ok.size < reached * draws.size or not ok.size:
     return float("nan"), float("nan")
   return float(np.quantile(ok, (1 - level) / 2)), float(np.quantile(ok, (1 + level) / 2))
 
 
-def default_budgets(kl_by_method: dict[str, np.ndarray], pairs: list[tuple[str, str]], count: int = 3) -> list[float]:
-  """`count` KL budgets spread over the KL range where the compared pairs' frontiers overlap (from the lowest to the
-  highest end of those overlaps, at 1/4, 1/2, 3/4 of it for 3; every method when `pairs` is empty); [] when no two
-  frontiers overlap. A method whose trials do not reach a budget is reported as such there."""
-  pairs = pairs or [(a, b) for a in kl_by_method for b in kl_by_method if a < b]
-  overlaps = []
-  for a, b in pairs:
-    low = max(float(np.min(kl_by_method[a])), float(np.min(kl_by_method[b])))
-    high = min(float(np.max(kl_by_method[a])), float(np.max(kl_by_method[b])))
-    if high > low:
-      overlaps.append((low, high))
-  if not overlaps:
-    return []
-  low, high = min(o[0] for o in overlaps), max(o[1] for o in overlaps)
-  return [float(low + (high - low) * (i + 1) / (count + 1)) for i in range(count)]
+def default_budgets(kl: dict[str, np.ndarray], reward: dict[str, np.ndarray], count: int = 4) -> list[float]:
+  """`count` KL budgets spaced evenly up to where the last frontier stops rising (the largest KL of a method's best
+  trial), from where every frontier has started (the largest of the methods' closest trials' KL): at 1/4, 1/2, 3/4
+  and all of that span for 4. One budget, at the start, when the methods' best trials all lie closer than that."""
+  start = max(float(np.min(k)) for k in kl.values())
+  stop = max(float(kl[m][int(np.argmax(reward[m]))]) for m in kl)
+  if stop <= start:
+    return [start]
+  return [float(start + (stop - start) * (i + 1) / count) for i in range(count)]
 
 
-def verdict(lo: float, hi: float) -> str:
+def verdict(value: float, lo: float, hi: float) -> str:
   """A paired difference's reading: "wins" / "loses" when its interval excludes 0, "ties" when it holds 0."""
-  if not (np.isfinite(lo) and np.isfinite(hi)):
+  if not (np.isfinite(value) and np.isfinite(lo) and np.isfinite(hi)):
     return "cannot be compared (a budget outside a frontier)"
   return "wins" if lo > 0 else "loses" if hi < 0 else "ties (the interval holds 0)"
 
@@ -158,8 +161,8 @@ def frontier_stats(cells: dict, budgets: list[float], pairs: list[tuple[str, str
          **{f"{m}_{side}": v for m in METRICS for side, v in zip(("lo", "hi"), interval(draws[method][m][:, i]))}}
         for i in range(len(trials))]
   for b in budgets:
-    at = {method: {m: (float(interpolate(point[method]["kl"], point[method][m], b)[0]),
-                       interpolate(draws[method]["kl"], draws[method][m], b)) for m in ("reward", "pref_vs_ref")}
+    at = {method: {m: (float(within_budget(point[method]["kl"], point[method][m], b)[0]),
+                       within_budget(draws[method]["kl"], draws[method][m], b)) for m in ("reward", "pref_vs_ref")}
           for method in cells}
     entry = {"kl": b, "methods": {}, "pairs": {}}
     for method, values in at.items():
@@ -310,7 +313,8 @@ def markdown(stats: dict, knobs: list[tuple[str, str, list]], diagnostics: dict,
     lines += ["", "**No two compared frontiers overlap in KL: no common budget. Extend the grids.**"]
     return "\n".join(lines) + "\n"
   methods = [m for m, _, _ in knobs]
-  lines += ["", "At matched KL (each method's frontier read at the budget):", "",
+  lines += ["", "Within a KL budget (each method's frontier: the best it reaches with KL <= the budget, linear between "
+            "its Pareto-optimal trials; not reached below its closest trial):", "",
             "| kl budget | " + " | ".join(f"{m} reward | {m} pref_vs_ref" for m in methods) + " |",
             "|---" * (1 + 2 * len(methods)) + "|"]
   for entry in stats["budgets"]:
@@ -329,9 +333,19 @@ def markdown(stats: dict, knobs: list[tuple[str, str, list]], diagnostics: dict,
       for p in pairs:
         a, b = p.split("-")
         d = entry["pairs"][p]
-        lines.append(f"- At KL {entry['kl']:.2f}, {a} {verdict(d['reward_lo'], d['reward_hi'])} against {b} on "
-                     f"{judge} reward ({_ci(d, 'reward', 4)}) and {verdict(d['pref_vs_ref_lo'], d['pref_vs_ref_hi'])} "
-                     f"on preference over the reference ({_ci(d, 'pref_vs_ref', 4)}).")
+        if not np.isfinite(d["reward"]):
+          missing = b if np.isnan(entry["methods"][b]["reward"]) else a
+          lines.append(f"- Within KL {entry['kl']:.2f}, {a} and {b} cannot be compared: {missing} has no trial that "
+                       "close to the reference.")
+          continue
+        if not np.isfinite(d["reward_lo"]):
+          lines.append(f"- Within KL {entry['kl']:.2f}, {a} and {b} cannot be separated: the budget sits at the start "
+                       "of a frontier, which fewer than 90% of the bootstrap draws reach.")
+          continue
+        lines.append(f"- Within KL {entry['kl']:.2f}, {a} {verdict(d['reward'], d['reward_lo'], d['reward_hi'])} "
+                     f"against {b} on {judge} reward ({_ci(d, 'reward', 4)}) and "
+                     f"{verdict(d['pref_vs_ref'], d['pref_vs_ref_lo'], d['pref_vs_ref_hi'])} on preference over the "
+                     f"reference ({_ci(d, 'pref_vs_ref', 4)}).")
   return "\n".join(lines) + "\n"
 
 
@@ -365,9 +379,16 @@ def main(argv) -> None:
   knobs = [parse_knob(s, base) for s in _KNOB.value]
   if not knobs:
     raise app.UsageError("give at least one --knob=METHOD:field=v1,v2,...")
-  fixed = read_tuned(_TUNED.value, knobs) if _TUNED.value else {}
   seeds = [int(s) for s in _SEEDS.value]
-  runs = plan_runs(base, knobs, fixed, seeds, _DIR.value, sweep.command_line_overrides(flags.FLAGS["config"]))
+  base_flags = sweep.command_line_overrides(flags.FLAGS["config"])
+  if _SPACE.value and _TUNED.value:
+    raise app.UsageError("give --space (tune here first) or --tuned (a launch.tune directory), not both")
+  if _SPACE.value:  # Step 1 of the protocol, here: every method tuned alike on the validation prompts.
+    tune.tune_on_validation(base, [tune.parse_space(s) for s in _SPACE.value], _DIR.value, seeds[0], base_flags,
+                            flags.FLAGS["config"].config_filename, _METRIC.value, _MAX_KL.value,
+                            run_trials=not _COLLECT.value)
+  fixed = read_tuned(_TUNED.value or _DIR.value, knobs) if (_TUNED.value or _SPACE.value) else {}
+  runs = plan_runs(base, knobs, fixed, seeds, _DIR.value, base_flags)
   if not _COLLECT.value:
     for _, _, run in runs:  # Trial by trial, every seed: a command cut short leaves whole trials to resume from.
       sweep.run_all([run], flags.FLAGS["config"].config_filename, emit=False)
@@ -375,7 +396,7 @@ def main(argv) -> None:
   cells, judge, diagnostics, crossed = load_cells(runs, methods, seeds)
   pairs = [("var", m) for m in methods if m != "var"] if "var" in methods else []
   budgets = [float(b) for b in _BUDGETS.value] or default_budgets(
-      {m: np.array([pooled_mean(t["kl"]) for t in cells[m]]) for m in methods}, pairs)
+      *({m: np.array([pooled_mean(t[k]) for t in cells[m]]) for m in methods} for k in ("kl", "reward")))
   stats = frontier_stats(cells, budgets, pairs, _RESAMPLES.value, crossed)
   report = markdown(stats, knobs, diagnostics, judge, [len(c) for c in cells[methods[0]][0]["reward"]], crossed)
   if fixed:
@@ -392,7 +413,7 @@ def main(argv) -> None:
 
 def _define_flags() -> None:
   """Defined only when run as a program, so that importing this module (tests) adds no flags."""
-  global _CONFIG, _DIR, _KNOB, _TUNED, _SEEDS, _BUDGETS, _RESAMPLES, _COLLECT
+  global _CONFIG, _DIR, _KNOB, _TUNED, _SEEDS, _BUDGETS, _RESAMPLES, _COLLECT, _SPACE, _METRIC, _MAX_KL
   _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Base config file.")
   _DIR = flags.DEFINE_string("dir", "workdir/frontier", "Output directory.")
   _KNOB = flags.DEFINE_multi_string("knob", [], "METHOD:field=v1,v2,... (one per method, the same number of values).")
@@ -402,6 +423,11 @@ def _define_flags() -> None:
   _BUDGETS = flags.DEFINE_list("budgets", [], "KL budgets (nats); default: 3 spread over the range all methods reach.")
   _RESAMPLES = flags.DEFINE_integer("resamples", 2000, "Bootstrap draws (seeds and prompts together).")
   _COLLECT = flags.DEFINE_bool("collect_only", False, "Run nothing: rebuild the report from the finished runs.")
+  _SPACE = flags.DEFINE_multi_string("space", [], "Tune first, as launch.tune: METHOD:field=v1,...[;field=v1,...] "
+                                     "(one per method, equal sizes) on the validation prompts of the first seed; "
+                                     "the choices (less the knob fields) set the frontier's runs.")
+  _METRIC = flags.DEFINE_string("metric", "gold_reward", "With --space: the validation metric to maximise.")
+  _MAX_KL = flags.DEFINE_float("max_kl", 0.0, "With --space: choose among trials within this sampled KL (0 = any).")
 
 
 if __name__ == "__main__":

@@ -146,6 +146,36 @@ def beside_rows(rows: list[dict], method: str, fields: dict) -> list[dict]:
   return [{**{k: v for k, v in r.items() if k not in fields}, "policy": label} for r in rows if r["policy"] == method]
 
 
+def tune_on_validation(base, spaces: list[tuple[str, list[str]]], out_dir: str, seed: int, base_flags: dict,
+                       config_file: str, metric: str, max_kl: float = 0.0, run_trials: bool = True) -> dict:
+  """Step 1: every method's trials on the validation prompts (run unless `run_trials` is False, then read from
+  what finished), the choice per method, written to out_dir/tuning.md (with the grid-edge warnings) and
+  out_dir/choices.json. Returns {method: {field: typed value}}."""
+  plans = plan_validation(base, spaces, out_dir, seed, base_flags, metric)
+  budget = f", among trials with kl_to_ref <= {max_kl}" if max_kl > 0 else ""
+  lines, choices = [f"Validation trials (seed {seed}, metric {metric}{budget}):", ""], {}
+  for method, grid in spaces:
+    if run_trials:
+      sweep.run_all(plans[method], config_file, emit=False)
+    fields = list(sweep.grid_points(base, grid)[0])
+    best, trials = choose(sweep.collect(plans[method]), method, fields, metric, max_kl)
+    choices[method] = {f: sweep.parse_value(str(v), sweep.get_field(base, f)) for f, v in best.items()}
+    for r in trials:
+      lines.append(trial_line(r, method, fields, metric, chosen=all(r[f] == best[f] for f in fields)))
+    for edge in grid_edges(trials, fields, best):
+      lines.append(f"- **{method} is not tuned to the end: its choice {edge} is on the edge of its grid; extend the "
+                   "grid that way**")
+      logging.warning("%s: chosen %s is on the edge of its grid", method, edge)
+  merge_choices(choices)  # Refuses a field two methods tune, before anything is written.
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, "tuning.md"), "w", encoding="utf-8") as f:  # Before any test run starts.
+    f.write("\n".join(lines) + "\n")
+  with open(os.path.join(out_dir, "choices.json"), "w", encoding="utf-8") as f:  # What launch.frontier --tuned reads.
+    json.dump(choices, f, indent=1)
+  print("\n".join(lines))
+  return choices
+
+
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -155,28 +185,10 @@ def main(argv) -> None:
   seeds = [int(s) for s in _SEEDS.value]
   spaces = [parse_space(s) for s in _SPACE.value]
   besides = [parse_beside(s, base) for s in _BESIDE.value]
-  plans = plan_validation(base, spaces, _DIR.value, seeds[0], base_flags, _METRIC.value)
-  budget = f", among trials with kl_to_ref <= {_MAX_KL.value}" if _MAX_KL.value > 0 else ""
-  lines, choices = [f"Validation trials (seed {seeds[0]}, metric {_METRIC.value}{budget}):", ""], {}
-  run = lambda runs: None if _COLLECT.value else sweep.run_all(runs, config_file, emit=False)  # noqa: E731
-  for method, grid in spaces:
-    run(plans[method])
-    fields = list(sweep.grid_points(base, grid)[0])
-    best, trials = choose(sweep.collect(plans[method]), method, fields, _METRIC.value, _MAX_KL.value)
-    choices[method] = {f: sweep.parse_value(str(v), sweep.get_field(base, f)) for f, v in best.items()}
-    for r in trials:
-      lines.append(trial_line(r, method, fields, _METRIC.value, chosen=all(r[f] == best[f] for f in fields)))
-    for edge in grid_edges(trials, fields, best):
-      lines.append(f"- **{method} is not tuned to the end: its choice {edge} is on the edge of its grid; extend the "
-                   "grid that way**")
-      logging.warning("%s: chosen %s is on the edge of its grid", method, edge)
+  choices = tune_on_validation(base, spaces, _DIR.value, seeds[0], base_flags, config_file, _METRIC.value,
+                               _MAX_KL.value, run_trials=not _COLLECT.value)
   chosen = merge_choices(choices)
-  os.makedirs(_DIR.value, exist_ok=True)
-  with open(os.path.join(_DIR.value, "tuning.md"), "w", encoding="utf-8") as f:  # Before the test runs start.
-    f.write("\n".join(lines) + "\n")
-  with open(os.path.join(_DIR.value, "choices.json"), "w", encoding="utf-8") as f:  # What launch.frontier --tuned reads.
-    json.dump(choices, f, indent=1)
-  print("\n".join(lines))
+  run = lambda runs: None if _COLLECT.value else sweep.run_all(runs, config_file, emit=False)  # noqa: E731
   stages = ",".join([m for m, _ in spaces] + ["eval"])
   upstream_root = os.path.join(_DIR.value, "upstream")
   test_runs, beside_runs = [], []

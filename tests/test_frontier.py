@@ -54,23 +54,26 @@ def test_bootstrap_weights_crossed_and_nested():
     frontier.bootstrap_weights([7, 5], crossed=True, resamples=2)
 
 
-def test_interpolate_between_trials_ordered_by_kl_and_never_beyond_them():
-  kl, reward = np.array([2.0, 0.5, 1.0]), np.array([0.8, 0.2, 0.6])  # Trials in knob order, not KL order.
-  assert frontier.interpolate(kl, reward, 0.75)[0] == pytest.approx(0.4)
-  assert frontier.interpolate(kl, reward, 1.5)[0] == pytest.approx(0.7)
-  assert frontier.interpolate(kl, reward, 2.0)[0] == pytest.approx(0.8)
-  assert np.isnan(frontier.interpolate(kl, reward, 0.4)[0]) and np.isnan(frontier.interpolate(kl, reward, 2.1)[0])
-  rows = frontier.interpolate(np.array([[0.0, 1.0], [0.0, 2.0]]), np.array([[0.0, 1.0], [0.0, 1.0]]), 1.0)
+def test_within_budget_follows_the_pareto_trials_and_holds_the_best_beyond_them():
+  # Trials in knob order; the one at KL 1.5 is further from the reference than 1.0 and no better: off the frontier.
+  kl, reward = np.array([2.0, 0.5, 1.5, 1.0]), np.array([0.8, 0.2, 0.5, 0.6])
+  assert frontier.within_budget(kl, reward, 0.75)[0] == pytest.approx(0.4)
+  assert frontier.within_budget(kl, reward, 1.5)[0] == pytest.approx(0.7)  # Between 1.0 (0.6) and 2.0 (0.8).
+  assert frontier.within_budget(kl, reward, 2.0)[0] == pytest.approx(0.8)
+  assert frontier.within_budget(kl, reward, 9.0)[0] == pytest.approx(0.8)  # Within any larger budget: its best.
+  assert np.isnan(frontier.within_budget(kl, reward, 0.4)[0])  # Closer than every trial: not reached.
+  rows = frontier.within_budget(np.array([[0.0, 1.0], [0.0, 2.0]]), np.array([[0.0, 1.0], [0.0, 1.0]]), 1.0)
   np.testing.assert_allclose(rows, [1.0, 0.5])
 
 
-def test_default_budgets_lie_where_the_compared_frontiers_overlap():
-  kl = {"var": np.array([1.0, 3.0]), "dpo": np.array([2.0, 5.0]), "ipo": np.array([4.0, 9.0])}
-  # var-dpo overlap on [2, 3], var-ipo nowhere: the budgets spread over [2, 3].
-  assert frontier.default_budgets(kl, [("var", "dpo"), ("var", "ipo")]) == pytest.approx([2.25, 2.5, 2.75])
-  assert frontier.default_budgets(kl, [("var", "ipo")]) == []
-  assert frontier.default_budgets({"a": np.array([0.5, 3.0]), "b": np.array([1.0, 5.0])}, []) == pytest.approx(
-      [1.5, 2.0, 2.5])
+def test_default_budgets_run_from_where_all_frontiers_started_to_where_the_last_stops_rising():
+  kl = {"var": np.array([1.0, 3.0]), "dpo": np.array([2.0, 5.0]), "ipo": np.array([0.5, 9.0])}
+  reward = {"var": np.array([0.1, 0.4]), "dpo": np.array([0.5, 0.3]), "ipo": np.array([0.2, 0.6])}
+  # All have started by KL 2 (dpo's closest trial); ipo's best trial is the furthest best, at 9.
+  assert frontier.default_budgets(kl, reward) == pytest.approx([3.75, 5.5, 7.25, 9.0])
+  reward["ipo"] = np.array([0.6, 0.2])
+  assert frontier.default_budgets(kl, reward) == pytest.approx([2.25, 2.5, 2.75, 3.0])
+  assert frontier.default_budgets({"a": np.array([2.0, 3.0])}, {"a": np.array([0.5, 0.1])}) == [2.0]
 
 
 def _trial(rng, kl, reward, prompts=(40, 38, 40, 41, 39)):
@@ -99,12 +102,14 @@ def test_frontier_stats_point_values_paired_differences_and_verdicts():
     rewards = [row["reward"] for row in stats["trials"]["var"]]
     assert entry["methods"]["var"]["reward"] == pytest.approx(np.interp(entry["kl"], sorted(kls),
                                                                         [r for _, r in sorted(zip(kls, rewards))]))
+    assert sorted(rewards) == [r for _, r in sorted(zip(kls, rewards))]  # (All three trials on the frontier here.)
     same, better = entry["pairs"]["var-copy"], entry["pairs"]["var-worse"]
     assert same["reward"] == same["reward_lo"] == same["reward_hi"] == 0.0
-    assert frontier.verdict(same["reward_lo"], same["reward_hi"]).startswith("ties")
+    assert frontier.verdict(0.0, same["reward_lo"], same["reward_hi"]).startswith("ties")
     assert better["reward"] == pytest.approx(0.1) and better["reward_lo"] > 0
-    assert frontier.verdict(better["reward_lo"], better["reward_hi"]) == "wins"
-    assert frontier.verdict(-better["reward_hi"], -better["reward_lo"]) == "loses"
+    assert frontier.verdict(0.1, better["reward_lo"], better["reward_hi"]) == "wins"
+    assert frontier.verdict(-0.1, -better["reward_hi"], -better["reward_lo"]) == "loses"
+    assert frontier.verdict(float("nan"), better["reward_lo"], better["reward_hi"]).startswith("cannot")
 
 
 def _write_run(run_dir, keys, policies, diagnostics=None):
@@ -164,8 +169,9 @@ def test_tuned_choices_set_everything_but_the_knob(tmp_path):
 
 @pytest.mark.slow
 def test_the_command_runs_every_trial_and_seed_then_reports(tmp_path):
-  """Two methods x two knob values x two seeds on the test-sized config, from the command line: the report, the
-  JSON and the figure, with the var stage's diagnostics beside its trials and --collect_only rebuilding the same."""
+  """The whole protocol in one command on the test-sized config: one validation trial per method (--space), then two
+  methods x two knob values x two seeds: the report, the JSON and the figure, with the var stage's diagnostics
+  beside its trials, the tuned learning rates in the runs, and --collect_only rebuilding the same."""
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
   from tests.helpers import program_env  # pylint: disable=g-import-not-at-top
@@ -173,11 +179,15 @@ def test_the_command_runs_every_trial_and_seed_then_reports(tmp_path):
   out = tmp_path / "frontier"
   argv = [sys.executable, "-m", "launch.frontier", "--config=configs/tiny_ci.py", f"--dir={out}", "--seeds=0,1",
           "--knob=var:var.lam=0.1,3", "--knob=chosen:chosen.steps=2,10", "--resamples=200", "--budgets=0.01",
-          "--config.eval.num_prompts=8", "--config.sft.steps=10"]
+          "--config.eval.num_prompts=8", "--config.sft.steps=10", "--space=var:var.lr=2e-3",
+          "--space=chosen:chosen.lr=1e-3", "--config.data.validation_fraction=0.5", "--config.data.num_eval=32"]
   proc = subprocess.run(argv, cwd=root, capture_output=True, text=True, timeout=900, env=program_env())
   assert proc.returncode == 0, proc.stderr[-3000:]
   report = (out / "frontier.md").read_text()
-  assert report.startswith("Judge: gold; 2 seeds, each with test prompts of its own (8, 8; nested)")
+  assert report.startswith("Settings from --tuned: var.lr=0.002, chosen.lr=0.001\n\nJudge: gold; 2 seeds, each with "
+                           "test prompts of its own (8, 8; nested)")
+  assert "<- chosen" in (out / "tuning.md").read_text()
+  assert all(",var.lr=0.002," in f",{name}," for name in os.listdir(out / "runs"))
   rows = [line for line in report.splitlines() if line.startswith("| var | var.lam=")]
   assert len(rows) == 2 and "swap_sensitivity" in rows[0] and "lc_pref_vs_ref" in rows[0]
   assert (out / "frontier.png").stat().st_size > 0
