@@ -104,10 +104,7 @@ def within_budget(kl: np.ndarray, values: np.ndarray, budget: float) -> np.ndarr
   kl, values = np.atleast_2d(kl), np.atleast_2d(values)
   out = np.full(kl.shape[0], np.nan)
   for r in range(kl.shape[0]):
-    order = np.argsort(kl[r], kind="stable")
-    x, y = kl[r][order], values[r][order]
-    keep = y > np.concatenate([[-np.inf], np.maximum.accumulate(y)[:-1]])  # Better than every closer trial.
-    x, y = x[keep], y[keep]
+    x, y = pareto(kl[r], values[r])
     if budget >= x[0]:
       out[r] = np.interp(budget, x, y)  # np.interp holds the last value beyond x[-1].
   return out
@@ -349,23 +346,39 @@ def markdown(stats: dict, knobs: list[tuple[str, str, list]], diagnostics: dict,
   return "\n".join(lines) + "\n"
 
 
+def pareto(kl: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """The Pareto-optimal trials (ordered by KL, each better than every trial closer to the reference) as (kl, values):
+  the points `within_budget` draws its frontier through."""
+  order = np.argsort(kl, kind="stable")
+  x, y = kl[order], values[order]
+  keep = y > np.concatenate([[-np.inf], np.maximum.accumulate(y)[:-1]])
+  return x[keep], y[keep]
+
+
 def plot(stats: dict, knobs, judge: str, path: str) -> None:
+  """Two panels (judge reward, preference over the reference) against KL on a log axis: every trial with its
+  intervals, and each method's frontier through its Pareto-optimal trials (flat beyond its best); budgets dotted."""
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+  top = max(r["kl"] for rows in stats["trials"].values() for r in rows)
   for ax, metric, label in ((axes[0], "reward", f"{judge} reward"), (axes[1], "pref_vs_ref", "preference over ref")):
-    for method, _, _ in knobs:
-      rows = sorted(stats["trials"][method], key=lambda r: r["kl"])
+    for color, (method, _, _) in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"], knobs):
+      rows = stats["trials"][method]
       x, y = np.array([r["kl"] for r in rows]), np.array([r[metric] for r in rows])
       xerr = np.abs(np.array([[r["kl_lo"] for r in rows], [r["kl_hi"] for r in rows]]) - x)
       yerr = np.abs(np.array([[r[f"{metric}_lo"] for r in rows], [r[f"{metric}_hi"] for r in rows]]) - y)
-      ax.errorbar(x, y, xerr=xerr, yerr=yerr, marker="o", capsize=2, label=method)
+      ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="o", capsize=2, color=color, alpha=0.6, label=method)
+      fx, fy = pareto(x, y)
+      ax.plot(np.append(fx, top), np.append(fy, fy[-1]), color=color, linewidth=1.5)
     for entry in stats["budgets"]:
       ax.axvline(entry["kl"], color="grey", linestyle=":", linewidth=1)
-    ax.set_xlabel("KL to the reference (nats, sampled)")
+    ax.set_xscale("log")
+    ax.set_xlabel("KL to the reference (nats, sampled; log scale)")
     ax.set_ylabel(label)
-    ax.legend()
+    ax.grid(alpha=0.3)
+  axes[0].legend()
   axes[1].axhline(0.5, color="grey", linewidth=0.8)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
