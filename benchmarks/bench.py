@@ -168,11 +168,19 @@ def synthetic_batch(vocab: int, seq: int, groups: int, group_size: int, k: int =
   ref_ntok [g, N] are random arrays of the right shapes (the step does not care where scores came from).
   """
   rng = np.random.default_rng(seed)
-  n = group_size * k
   p_len = max(1, int(seq * prompt_frac))
   pairs = [(rng.integers(1, vocab, p_len).astype(np.int32), rng.integers(1, vocab, seq - p_len).astype(np.int32))
-           for _ in range(groups * n)]
-  seqs = data_pipeline.build_sequences(pairs, seq, pad_id=0)
+           for _ in range(groups * group_size * k)]
+  return batch_of(pairs, seq, groups, group_size, k, rng)
+
+
+def batch_of(pairs: Sequence[tuple[np.ndarray, np.ndarray]], seq: int, groups: int, group_size: int, k: int,
+             rng: np.random.Generator) -> dict[str, np.ndarray]:
+  """The training batch of `pairs` (prompt ids, response ids): groups x (group_size * k) sequences padded to `seq`,
+  response m of prompt m // k, with random cached scores of the right shapes."""
+  n = group_size * k
+  p_len = len(pairs[0][0])
+  seqs = data_pipeline.build_sequences(list(pairs), seq, pad_id=0)
   batch = {key: v.reshape((groups, n) + v.shape[1:]) for key, v in seqs.items()}
   slot = np.arange(n, dtype=np.int32)
   batch.update(
@@ -186,6 +194,24 @@ def synthetic_batch(vocab: int, seq: int, groups: int, group_size: int, k: int =
       reward_matrix=rng.normal(0.0, 1.0, (groups, group_size, n)).astype(np.float32),
       ref_ntok=batch["loss_mask"].sum(-1).astype(np.float32))
   return batch
+
+
+def shared_pairs(vocab: int, count: int, seq: int, prompt_frac: float = 0.5,
+                 seed: int = 0) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+  """`count` preference pairs as token ids (prompt, chosen, rejected): a prompt of prompt_frac * seq tokens and two
+  responses that fill `seq`, each ending in EOS (id 1); other ids are >= 3 (0 pads, 2 is unknown). TRL reads them as
+  text whose words map one to one onto these ids (`word_tokenizer`), var_jax as the ids themselves
+  (`batch_of_pairs`): both peers train on the same sequences."""
+  rng = np.random.default_rng(seed)
+  p_len = int(seq * prompt_frac)
+  response = lambda: np.append(rng.integers(3, vocab, seq - p_len - 1), 1).astype(np.int32)  # noqa: E731
+  return [(rng.integers(3, vocab, p_len).astype(np.int32), response(), response()) for _ in range(count)]
+
+
+def batch_of_pairs(pairs: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], seq: int) -> dict[str, np.ndarray]:
+  """One group of len(pairs) prompts with their chosen and rejected responses (K = 2), padded to `seq`."""
+  rows = [(p, r) for p, c, rej in pairs for r in (c, rej)]
+  return batch_of(rows, seq, 1, len(pairs), 2, np.random.default_rng(0))
 
 
 def train_config():
@@ -570,25 +596,41 @@ def bench_side_by_side(mcfg: model_lib.ModelConfig, batch: dict, warmup: int, ro
                  {"batch_shape": list(batch["inputs"].shape), "model": dataclasses.asdict(mcfg), "warmup": warmup})
 
 
+# The words of ids 0-2 (pad, EOS, unknown): special tokens that no other word begins with. transformers splits text on
+# its special tokens before the model sees it, so with "t0", "t1", "t2" as specials the word "t218" became "t2" "18"
+# (and TRL's sequences were longer than var_jax's: 887 tokens per pair where both should have had 512).
+_SPECIAL_WORDS = ("<pad>", "</s>", "<unk>")
+
+
+def word_text(ids) -> str:
+  """Text that `word_tokenizer` maps back onto exactly these ids, one word per id."""
+  return " ".join(_SPECIAL_WORDS[i] if i < len(_SPECIAL_WORDS) else f"t{i}" for i in ids)
+
+
 def word_tokenizer(vocab: int):
-  """A PreTrainedTokenizerFast whose word 't<i>' is id i (t0 = pad, t1 = eos): exact token counts, no download."""
+  """A PreTrainedTokenizerFast whose word 't<i>' is id i for i >= 3, with <pad> = 0, </s> (EOS) = 1 and <unk> = 2:
+  exact token counts, no download."""
   from tokenizers import Tokenizer, models, pre_tokenizers  # pylint: disable=g-import-not-at-top
   from transformers import PreTrainedTokenizerFast  # pylint: disable=g-import-not-at-top
-  tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t2"))
+  words = {w: i for i, w in enumerate(_SPECIAL_WORDS)} | {f"t{i}": i for i in range(len(_SPECIAL_WORDS), vocab)}
+  tok = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
   tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-  return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="t0", eos_token="t1", unk_token="t2")
+  return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
 
 
-def bench_trl_dpo(mcfg: model_lib.ModelConfig, pairs: int, seq: int, warmup: int, repeats: int, workdir: str,
-                  prompt_frac: float = 0.5, gradient_checkpointing: bool = False) -> dict:
-  """TRL DPOTrainer steps (policy + frozen reference, float32, AdamW): median step time, policy tokens/s.
+def bench_trl_dpo(mcfg: model_lib.ModelConfig, pairs: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]],
+                  per_step: int, seq: int, warmup: int, repeats: int, workdir: str,
+                  gradient_checkpointing: bool = False, precompute_ref: bool = False) -> dict:
+  """TRL DPOTrainer steps (policy + frozen reference, float32, AdamW) on `pairs` (`shared_pairs`, `per_step` a step):
+  median step time, pairs/s and the real tokens its policy forward processed per step (counted by a hook on the
+  policy's inputs: the attention mask's ones), so the ids var_jax's step reads can be checked to be the same.
 
   gradient_checkpointing=False (TRL 1.16's DPOConfig turns it on by default): var_jax's step does not
   rematerialise either, so this is the like-for-like (and the faster) TRL configuration. bf16=False: DPOConfig
   also defaults to bfloat16 autocast, which on a CPU without bfloat16 matmul units falls back to PyTorch's
   generic GEMM (single-threaded, several times slower); the var_jax step it is compared with is float32.
-
-  Each pair is a prompt of prompt_frac*seq tokens and chosen/rejected responses filling `seq` (EOS included).
+  precompute_ref: TRL computes the reference's log-probs once before training (`precompute_ref_log_probs`), as
+  var_jax's score stage does, so the step runs the policy alone; otherwise every step runs the reference too.
   Step times come from Trainer callbacks around each optimizer step (data collation included, as users see it).
   """
   import datasets  # pylint: disable=g-import-not-at-top
@@ -596,41 +638,55 @@ def bench_trl_dpo(mcfg: model_lib.ModelConfig, pairs: int, seq: int, warmup: int
   import transformers  # pylint: disable=g-import-not-at-top
   from transformers import LlamaForCausalLM  # pylint: disable=g-import-not-at-top
   from trl import DPOConfig, DPOTrainer  # pylint: disable=g-import-not-at-top
-  rng = np.random.default_rng(0)
-  p_len = int(seq * prompt_frac)
-  words = lambda n: " ".join(f"t{i}" for i in rng.integers(3, mcfg.vocab_size, n))  # noqa: E731
+  text = word_text
   steps = warmup + repeats
+  if len(pairs) < per_step * steps:
+    raise ValueError(f"{len(pairs)} pairs for {steps} steps of {per_step}")
   # Completions start with a space: TRL tokenizes prompt + completion as one string, and "t5" + "t7" would merge.
-  data = datasets.Dataset.from_list([{"prompt": words(p_len), "chosen": " " + words(seq - p_len - 1) + " t1",
-                                      "rejected": " " + words(seq - p_len - 1) + " t1"} for _ in range(pairs * steps)])
+  data = datasets.Dataset.from_list([{"prompt": text(p), "chosen": " " + text(c), "rejected": " " + text(r)}
+                                     for p, c, r in pairs[:per_step * steps]])
   torch.manual_seed(0)
   policy = LlamaForCausalLM(hf_llama_config(mcfg)).float()
   ref = LlamaForCausalLM(hf_llama_config(mcfg)).float()
-  args = DPOConfig(output_dir=workdir, per_device_train_batch_size=pairs, max_steps=steps, learning_rate=1e-4,
+  args = DPOConfig(output_dir=workdir, per_device_train_batch_size=per_step, max_steps=steps, learning_rate=1e-4,
                    beta=0.1, max_length=seq, logging_steps=10 ** 6, save_strategy="no", report_to=[],
                    use_cpu=True, dataloader_num_workers=0, max_grad_norm=1.0, disable_tqdm=True, seed=0,
-                   gradient_checkpointing=gradient_checkpointing, bf16=False)
+                   gradient_checkpointing=gradient_checkpointing, bf16=False, precompute_ref_log_probs=precompute_ref)
   times: list[float] = []
+  tokens: list[int] = []
+  counted = {"tokens": 0}
+
+  def count(module, a, kw):  # pylint: disable=unused-argument
+    mask = kw.get("attention_mask")
+    ids = kw.get("input_ids", a[0] if a else None)
+    counted["tokens"] += int(mask.sum()) if mask is not None else int(ids.numel())
 
   class Timer(transformers.TrainerCallback):
 
     def on_step_begin(self, *a, **k):
+      counted["tokens"] = 0
       self.start = time.perf_counter()
 
     def on_step_end(self, *a, **k):
       times.append(time.perf_counter() - self.start)
+      tokens.append(counted["tokens"])
 
   trainer = DPOTrainer(model=policy, ref_model=ref, args=args, train_dataset=data, processing_class=word_tokenizer(
       mcfg.vocab_size), callbacks=[Timer()])
-  example = trainer.train_dataset[0]
-  tokens_per_pair = 2 * len(example["prompt_ids"]) + len(example["chosen_ids"]) + len(example["rejected_ids"])
+  first = trainer.train_dataset[0]
+  if list(first["prompt_ids"]) + list(first["chosen_ids"]) != list(pairs[0][0]) + list(pairs[0][1]):
+    raise ValueError("TRL's tokenization of the shared pairs is not their ids: the comparison would not be on the "
+                     "same sequences")
+  trainer.model.register_forward_pre_hook(count, with_kwargs=True)
   trainer.train()
-  measured = times[warmup:]
+  measured, per_step_tokens = times[warmup:], tokens[warmup:]
   med = statistics.median(measured)
-  return _record("trl", "trl_dpo", {**timing_stats(measured), "policy_tokens_per_step": pairs * tokens_per_pair,
-                                    "policy_tokens_per_s": pairs * tokens_per_pair / med},
-                 {"pairs": pairs, "seq": seq, "trl": __import__("trl").__version__,
-                  "gradient_checkpointing": gradient_checkpointing,
+  name = "trl_dpo_precomputed_ref" if precompute_ref else "trl_dpo"
+  return _record("trl", name, {**timing_stats(measured), "policy_tokens_per_step": statistics.median(per_step_tokens),
+                               "policy_tokens_per_s": statistics.median(per_step_tokens) / med,
+                               "pairs_per_s": per_step / med},
+                 {"pairs": per_step, "seq": seq, "trl": __import__("trl").__version__,
+                  "gradient_checkpointing": gradient_checkpointing, "precompute_ref_log_probs": precompute_ref,
                   "model": dataclasses.asdict(mcfg)})
 
 
@@ -651,7 +707,9 @@ _SHOWN = ("median_s", "min_s", "max_s", "tokens_per_s", "mfu_measured_peak", "mf
           "max_rss_delta_bytes", "device_peak_bytes", "flops_per_s", "pairs_per_s", "pair_tokens_per_s", "speedup_vs_naive",
           "max_abs_diff_vs_naive", "new_tokens_per_s", "examples_per_s", "total_s", "policy_tokens_per_s",
           "chunked_temp_frac_of_full_logits", "max_abs_diff_vs_full", "sft_compile_s", "var_compile_s",
-          "ratio_vs_torch", "ratio_vs_trl_dpo", "ratio_vs_sft", "var_step_s", "sft_step_s", "torch_step_s",
+          "ratio_vs_torch", "pairs_per_s_ratio_vs_trl_dpo", "pairs_per_s_ratio_vs_trl_dpo_precomputed_ref",
+          "same_tokens_as_trl_dpo", "same_tokens_as_trl_dpo_precomputed_ref", "real_tokens_per_step",
+          "policy_tokens_per_step", "ratio_vs_sft", "var_step_s", "sft_step_s", "torch_step_s",
           "ratio_var_over_torch_tokens_per_s", "ratio_sft_over_torch_tokens_per_s", "ratio_var_over_sft_step_time",
           "skipped", "reason")
 
@@ -675,10 +733,13 @@ def add_ratios(records: list[dict]) -> None:
     m = by.get(("train", stage))
     if m and torch_m:
       m["ratio_vs_torch"] = m["tokens_per_s"] / torch_m["tokens_per_s"]
-  trl_m = by.get(("trl", "trl_dpo"))
-  trl_var = by.get(("train", "var@trl_shape"))
-  if trl_m and trl_var:
-    trl_var["ratio_vs_trl_dpo"] = trl_var["tokens_per_s"] / trl_m["policy_tokens_per_s"]
+  for trl_name in ("trl_dpo", "trl_dpo_precomputed_ref"):
+    trl_m = by.get(("trl", trl_name))
+    for stage in ("dpo", "var"):
+      ours = by.get(("train", f"{stage}@trl_pairs"))
+      if trl_m and ours and "pairs_per_s" in trl_m:
+        ours[f"pairs_per_s_ratio_vs_{trl_name}"] = ours["pairs_per_s"] / trl_m["pairs_per_s"]
+        ours[f"same_tokens_as_{trl_name}"] = ours["real_tokens_per_step"] == trl_m["policy_tokens_per_step"]
 
 
 def write_jsonl(records: Sequence[dict], path: str, extra: dict) -> None:
@@ -756,15 +817,22 @@ def run(what: Sequence[str], preset: str, seq: int, pairs: int, warmup: int, rep
     except ImportError as e:  # PyTorch is an optional peer.
       done(skipped("sidebyside", "var_sft_torch_interleaved", e))
   if "trl" in what:
-    trl_batch = synthetic_batch(mcfg.vocab_size, kw.get("trl_seq", 256), groups=1, group_size=kw.get("trl_pairs", 8))
-    r = bench_train("var", mcfg, trl_batch, peak, warmup, repeats)
-    r["name"] = "var@trl_shape"
-    done(r)
-    try:
-      done(bench_trl_dpo(mcfg, kw.get("trl_pairs", 8), kw.get("trl_seq", 256), warmup, repeats,
-                         kw.get("workdir", "/tmp/var_jax_bench_trl")))
-    except ImportError as e:  # TRL (and PyTorch) are optional peers.
-      done(skipped("trl", "trl_dpo", e))
+    # One set of pairs for both peers: var_jax's step reads the ids of TRL's first step (every step has the same
+    # shape), TRL reads them all as text that its tokenizer maps back onto the same ids.
+    per_step, trl_seq = kw.get("trl_pairs", 8), kw.get("trl_seq", 256)
+    shared = shared_pairs(mcfg.vocab_size, per_step * (warmup + repeats), trl_seq)
+    for stage in ("dpo", "var"):
+      r = bench_train(stage, mcfg, batch_of_pairs(shared[:per_step], trl_seq), peak, warmup, repeats)
+      r["name"] = f"{stage}@trl_pairs"
+      r["metrics"]["pairs_per_s"] = per_step / r["metrics"]["median_s"]
+      done(r)
+    for precompute in (False, True):
+      try:
+        done(bench_trl_dpo(mcfg, shared, per_step, trl_seq, warmup, repeats, kw.get("workdir", "/tmp/var_jax_bench_trl"),
+                           precompute_ref=precompute))
+      except ImportError as e:  # TRL (and PyTorch) are optional peers.
+        done(skipped("trl", "trl_dpo", e))
+        break
   if "profile" in what:
     done(profile_pieces(mcfg, 2 * pairs, seq, warmup, repeats))
   if "score" in what:

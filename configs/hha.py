@@ -34,7 +34,8 @@ def get_config():
   c.model.dtype = "bfloat16"
   c.model.remat = "full"
   # The mesh fits itself (config.resolve_mesh): data takes as many devices as split the 16 groups evenly, tensor
-  # the rest. 1, 2, 4, 8, 16 devices: all data-parallel (6 GPUs: data 2 x tensor 3); v5e-64 and v5p-128 (64 chips,
+  # the rest. 1, 2, 4, 8, 16 devices: all data-parallel (6 GPUs would give data 2 x tensor 3, which divides none of
+  # Qwen2.5-0.5B's heads, MLP width or vocabulary, so nothing splits: use 4 or 8); v5e-64 and v5p-128 (64 chips,
   # 16 hosts): data 16 x tensor 4. v5e-256 (64 hosts of 4 chips) is refused: a tensor group must stay within a
   # host, so it needs groups_per_batch a multiple of 64.
   c.mesh.data = -1

@@ -22,8 +22,11 @@ method's learning rate; its knob field, if tuned, is replaced by the sweep) and 
 
 Statistics: eval keeps every sample's judge score, length and log pi/pi_ref (results.json "per_sample"); a cell is
 one (seed, prompt), the mean over its samples. Every interval is a percentile bootstrap that resamples seeds and
-prompts together (the same prompts under every seed, so the design is crossed: seeds and prompts are drawn
-independently, with replacement, and a statistic is the mean over the drawn seed x prompt cells). The same draws serve
+prompts together (`bootstrap_weights`): crossed when every seed evaluated the same prompts (seeds and prompts drawn
+independently), nested when each seed has prompts of its own (the embedded task draws its held-out prompts from the
+seed: each drawn seed copy redraws its prompts). Resampling both levels counts the prompt-level noise again at the
+seed level, so the intervals are conservative (in simulation about 1.3x the true standard error nested, 1.6x
+crossed with no seed effect): a "wins" or "loses" is trustworthy, a "ties" may be underpowered. The same draws serve
 every method, trial and budget, so a difference between two methods at a budget (reward, preference) is paired: one
 interval for the multi-seed result, on the same prompts and seeds.
 
@@ -132,10 +135,12 @@ def default_budgets(kl: dict[str, np.ndarray], reward: dict[str, np.ndarray], co
 
 
 def verdict(value: float, lo: float, hi: float) -> str:
-  """A paired difference's reading: "wins" / "loses" when its interval excludes 0, "ties" when it holds 0."""
+  """A paired difference's reading: "wins" / "loses" when its interval excludes 0 on the side of its point value,
+  "ties" otherwise (the frontier is a maximum over trials, so its bootstrap draws lean upward: an interval that
+  excludes 0 against its own point is not read as a win)."""
   if not (np.isfinite(value) and np.isfinite(lo) and np.isfinite(hi)):
     return "cannot be compared (a budget outside a frontier)"
-  return "wins" if lo > 0 else "loses" if hi < 0 else "ties (the interval holds 0)"
+  return "wins" if lo > 0 and value > 0 else "loses" if hi < 0 and value < 0 else "ties (the interval holds 0)"
 
 
 def frontier_stats(cells: dict, budgets: list[float], pairs: list[tuple[str, str]], resamples: int,
@@ -261,6 +266,10 @@ def load_cells(runs, methods: list[str], seeds: list[int]) -> tuple[dict, str, d
       raise ValueError(f"{run_dir} evaluated other prompts than {first[seed]} (same seed): a frontier compares the "
                        "trials of a seed on the same test prompts (same data and split settings)")
     num_prompts = len(per["prompt_keys"])
+    missing = [m for m in (stage_table.REFERENCE, *methods) if m not in per["policies"]]
+    if missing:
+      raise ValueError(f"{run_dir}/eval/results.json has no per-sample scores of {missing}: its eval ran without "
+                       "them (eval.reference, or a stage not trained)")
     reference = per["policies"][stage_table.REFERENCE]
     for m in methods:
       c = cell_means(per["policies"][m], reference, judge, num_prompts)
@@ -287,6 +296,8 @@ def _ci(row: dict, m: str, digits: int = 3) -> str:
   v, lo, hi = row.get(m, np.nan), row.get(f"{m}_lo", np.nan), row.get(f"{m}_hi", np.nan)
   if not np.isfinite(v):
     return "not reached"
+  if not (np.isfinite(lo) and np.isfinite(hi)):
+    return f"{v:.{digits}f} [no interval: < 90% of draws reach it]"
   return f"{v:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
 
 
@@ -393,6 +404,8 @@ def main(argv) -> None:
   if not knobs:
     raise app.UsageError("give at least one --knob=METHOD:field=v1,v2,...")
   seeds = [int(s) for s in _SEEDS.value]
+  if len(set(seeds)) != len(seeds):
+    raise app.UsageError(f"--seeds={_SEEDS.value}: each seed once (a seed is a replicate)")
   base_flags = sweep.command_line_overrides(flags.FLAGS["config"])
   if _SPACE.value and _TUNED.value:
     raise app.UsageError("give --space (tune here first) or --tuned (a launch.tune directory), not both")
@@ -433,7 +446,8 @@ def _define_flags() -> None:
   _TUNED = flags.DEFINE_string("tuned", "", "A launch.tune directory: its choices.json sets every method's other "
                                "tuned fields (e.g. the learning rate).")
   _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2", "3", "4"], "Seeds of the runs.")
-  _BUDGETS = flags.DEFINE_list("budgets", [], "KL budgets (nats); default: 3 spread over the range all methods reach.")
+  _BUDGETS = flags.DEFINE_list("budgets", [], "KL budgets (nats); default: 4 (`default_budgets`), from where every "
+                               "frontier has started to where the last stops rising.")
   _RESAMPLES = flags.DEFINE_integer("resamples", 2000, "Bootstrap draws (seeds and prompts together).")
   _COLLECT = flags.DEFINE_bool("collect_only", False, "Run nothing: rebuild the report from the finished runs.")
   _SPACE = flags.DEFINE_multi_string("space", [], "Tune first, as launch.tune: METHOD:field=v1,...[;field=v1,...] "

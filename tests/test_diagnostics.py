@@ -271,6 +271,12 @@ def test_a_score_file_swept_over_lambda_in_units_of_the_reward_spread(tmp_path, 
     want = diagnostics.weight_diagnostics(scores, lam=r["lam"])
     assert {k: r[k] for k in want} == pytest.approx(want, nan_ok=True)
   assert f"c = 0.1 -> {0.1 * spread:.4g}" in capsys.readouterr().out
+  # Standardised rewards already have std 1: lambda in units of the spread is lambda itself, not scaled twice.
+  standardized = diagnostics.run("", split="train", lams=[0.1], normalizers=["cross_context"], group_sizes=[0],
+                                 ref_weights=[1.0], length_normalize=False, standardize=True, scores_file=fixture,
+                                 lams_in_std=True, out=str(tmp_path / "s.png"))
+  assert standardized[0]["lam"] == 0.1
+  assert standardized[0]["swap_sensitivity"] == pytest.approx(rows[0]["swap_sensitivity"], abs=1e-5)
   np.savez(tmp_path / "bad.npz", reward=scores["reward"])
   with pytest.raises(ValueError, match=r"bad.npz: no \['ref_logp', 'ref_ntok'\]"):
     diagnostics.load_scores_file(str(tmp_path / "bad.npz"))

@@ -281,6 +281,21 @@ def test_sigterm_saves_and_exits_then_resumes(tmp_path):
   assert resumed[0]["step"] > last and resumed[0]["elapsed_s"] > saved["elapsed_s"]
 
 
+def test_sighup_ignored_by_nohup_stays_ignored():
+  """Under nohup (SIGHUP inherited as ignored) the run goes on when the shell goes; otherwise SIGHUP becomes SIGTERM."""
+  previous = signal.getsignal(signal.SIGHUP)
+  try:
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    with train_lib.PreemptionCheck(every=1):
+      assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    with train_lib.PreemptionCheck(every=1):
+      assert callable(signal.getsignal(signal.SIGHUP))
+    assert signal.getsignal(signal.SIGHUP) is signal.SIG_DFL  # Restored on exit.
+  finally:
+    signal.signal(signal.SIGHUP, previous)
+
+
 @pytest.mark.slow
 def test_sighup_saves_and_exits_like_sigterm(tmp_path):
   """A dropped SSH session sends SIGHUP: the run saves the step it reached and exits, as on a preemption."""

@@ -348,14 +348,16 @@ def run(workdir: str, *, split: str, lams, normalizers, group_sizes, ref_weights
   scores' own-context reward std (the reward's spread)."""
   if scores_file:
     scores = train_scores = load_scores_file(scores_file)
-    workdir = workdir or os.path.dirname(os.path.abspath(scores_file))
+    workdir = workdir or scores_file
   else:
     from var_jax import artifacts  # pylint: disable=g-import-not-at-top  (orbax etc.: only the CLI needs it)
     scores, train_scores = artifacts.load_scores(workdir, split), artifacts.load_scores(workdir, "train")
   nb, g, k = _layout(scores)
   group_sizes = [b or g for b in group_sizes]
   stats = losses.own_reward_stats(train_scores["reward"]) if standardize else None
-  if lams_in_std:
+  if lams_in_std and standardize:  # Standardised rewards have std 1: lambda is already in units of the spread.
+    print("lambda in units of the reward's std: the rewards are standardised, so lambda = c")
+  elif lams_in_std:
     spread = _reward_std(train_scores["reward"])
     print(f"lambda = c x {spread:.4g} (the train rewards' own-context std): " +
           ", ".join(f"c = {c:g} -> {c * spread:.4g}" for c in lams))
@@ -381,7 +383,10 @@ def run(workdir: str, *, split: str, lams, normalizers, group_sizes, ref_weights
             print(f"target {ess_kind} ESS {target_ess} [{normalizer} B={b} alpha={alpha:g}]: lambda = {lam:.4g}")
           except ValueError as e:
             print(f"target {ess_kind} ESS {target_ess} [{normalizer} B={b} alpha={alpha:g}]: {e}")
-  out = out or os.path.join(workdir, "diagnostics", f"weights_{split}.png")  # Beside a scores file: its folder.
+  # A workdir's own diagnostics folder; for a score file, workdir/diagnostics under the working directory (never
+  # beside the file, which may be a committed fixture).
+  out = out or (os.path.join("workdir", "diagnostics", f"weights_{os.path.splitext(os.path.basename(scores_file))[0]}.png")
+                if scores_file else os.path.join(workdir, "diagnostics", f"weights_{split}.png"))
   plot(rows, out, title=f"{workdir} [{split}] length_normalize={length_normalize} standardize={standardize}")
   with open(os.path.splitext(out)[0] + ".json", "w", encoding="utf-8") as f:
     json.dump(rows, f, indent=1)

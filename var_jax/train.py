@@ -188,8 +188,12 @@ def sigterm_flag():
 @contextlib.contextmanager
 def _sighup_as_sigterm():
   """SIGHUP (the shell that started the run went away: a dropped SSH session) becomes a SIGTERM to this process, so
-  whichever SIGTERM handling is active (the Python flag, or JAX's preemption notifier on a pod) saves and stops."""
+  whichever SIGTERM handling is active (the Python flag, or JAX's preemption notifier on a pod) saves and stops. A
+  run that inherited SIGHUP ignored (nohup) keeps ignoring it."""
   previous = signal.getsignal(signal.SIGHUP)
+  if previous is signal.SIG_IGN:  # Started under nohup (or setsid with SIGHUP ignored): the user asked it to go on.
+    yield
+    return
   signal.signal(signal.SIGHUP, lambda signum, frame: os.kill(os.getpid(), signal.SIGTERM))
   try:
     yield
