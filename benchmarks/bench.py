@@ -824,7 +824,8 @@ def run(what: Sequence[str], preset: str, seq: int, pairs: int, warmup: int, rep
     for stage in ("dpo", "var"):
       r = bench_train(stage, mcfg, batch_of_pairs(shared[:per_step], trl_seq), peak, warmup, repeats)
       r["name"] = f"{stage}@trl_pairs"
-      r["metrics"]["pairs_per_s"] = per_step / r["metrics"]["median_s"]
+      if "median_s" in r["metrics"]:
+        r["metrics"]["pairs_per_s"] = per_step / r["metrics"]["median_s"]
       done(r)
     for precompute in (False, True):
       try:
