@@ -5,6 +5,7 @@ import math
 import os
 import sys
 
+import numpy as np
 import pytest
 
 from benchmarks import bench
@@ -96,3 +97,20 @@ def test_missing_peer_is_skipped_loudly(what, peer, monkeypatch, tmp_path, caplo
   assert line["what"] == what and line["name"].endswith("_skipped") and line == records[-1]
   assert line["metrics"]["skipped"] == peer and "requirements-bench.txt" in line["metrics"]["reason"]
   assert any(f"skipped the {what!r} measurement" in r.getMessage() and peer in r.getMessage() for r in caplog.records)
+
+
+def test_trl_and_var_jax_read_the_same_token_ids():
+  """The words of the shared pairs tokenize back to their ids, one word per id (the old tokenizer's special tokens
+  "t1" / "t2" split every word that began with them, so TRL's sequences were longer than var_jax's), and var_jax's
+  batch holds prompt ++ response of each pair's two responses."""
+  pytest.importorskip("transformers")
+  pairs = bench.shared_pairs(vocab=400, count=3, seq=16)
+  tok = bench.word_tokenizer(400)
+  for p, c, r in pairs:
+    assert c[-1] == r[-1] == 1 and len(p) + len(c) == 16
+    for ids in (p, c, r):
+      assert tok(bench.word_text(ids))["input_ids"] == list(ids)
+  batch = bench.batch_of_pairs(pairs, 16)
+  assert batch["inputs"].shape[:2] == (1, 6) and int((batch["segment_ids"] > 0).sum()) == 6 * 16
+  first = np.concatenate([pairs[0][0], pairs[0][1]])
+  np.testing.assert_array_equal(batch["inputs"][0, 0][:15], first[:15])  # Inputs are the sequence shifted by one.
