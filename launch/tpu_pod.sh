@@ -11,11 +11,18 @@
 #            once (fails when there is no capacity). A PREEMPTED/TERMINATED node or a SUSPENDED/FAILED queued
 #            resource is deleted and requested again.
 #   setup    copy the code to every worker (or git-clone GIT_URL there) and install requirements + jax[tpu]
-#   run      run var_jax on every worker (gcloud compute tpus tpu-vm ssh --worker=all --command=...)
-#   all      create + setup + run; with RETRIES=N (or --retries N), repeat all three after a failure or a
-#            preemption, up to N more times: var_jax resumes from WORKDIR, so a rerun continues the run.
+#   run      start var_jax on every worker (gcloud compute tpus tpu-vm ssh --worker=all --command=...), detached
+#            from the SSH session (setsid + nohup; log, pid and exit status in ~/var_jax_job on each worker), so a
+#            dropped connection does not end it; FOREGROUND=1 (--foreground) runs it attached instead (a dropped
+#            connection then sends SIGHUP, which var_jax treats as SIGTERM: it saves and exits).
+#   all      create + setup + run, then wait for the job to end (polling worker 0 every POLL_SECONDS, default 60);
+#            with RETRIES=N (or --retries N), repeat all three after a failure or a preemption, up to N more
+#            times: var_jax resumes from WORKDIR, so a rerun continues the run.
+#   logs     the job's log on worker WORKER (default 0): the last LINES_SHOWN lines (100), FOLLOW=1 to follow
+#   stop     SIGTERM to the job on every worker: var_jax saves the same step everywhere and exits; `run` resumes
 #   delete   delete the TPU VM (and its queued resource, with --force)
-#   status   print the queued resource's and the TPU VM's state
+#   status   print the queued resource's and the TPU VM's state, and per worker whether the job runs or how it
+#            ended
 #
 # Everything after `--` (and EXTRA_ARGS) is appended to the var_jax command line (config overrides).
 # DRY_RUN=1 (or --dry-run) prints every command instead of running it.
@@ -106,12 +113,15 @@ QUEUE_TIMEOUT="${QUEUE_TIMEOUT:-}"
 RETRIES="${RETRIES:-0}"
 SKIP_SETUP="${SKIP_SETUP:-0}"
 DRY_RUN="${DRY_RUN:-0}"
+FOREGROUND="${FOREGROUND:-0}"
+FOLLOW="${FOLLOW:-0}"
 
 CMD="all"
 OVERRIDES=()
 while (($#)); do
   case "$1" in
-    create|setup|run|all|delete|status) CMD="$1" ;;
+    create|setup|run|all|delete|status|logs|stop) CMD="$1" ;;
+    --foreground) FOREGROUND=1 ;;
     --name) NAME="$2"; shift ;;             --name=*) NAME="${1#*=}" ;;
     --zone) ZONE="$2"; shift ;;             --zone=*) ZONE="${1#*=}" ;;
     --project) PROJECT="$2"; shift ;;       --project=*) PROJECT="${1#*=}" ;;
@@ -168,7 +178,7 @@ default_runtime() {
   esac
 }
 
-[[ -n "$ZONE" || "$CMD" == status ]] || die "set ZONE (or --zone), e.g. ZONE=us-west4-a"
+[[ -n "$ZONE" || "$CMD" == status || "$CMD" == logs || "$CMD" == stop ]] || die "set ZONE (or --zone), e.g. ZONE=us-west4-a"
 [[ -n "$RUNTIME_VERSION" ]] || RUNTIME_VERSION="$(default_runtime "$ACCELERATOR_TYPE")"
 [[ "$SPOT" == 1 && "$PREEMPTIBLE" == 1 ]] && die "--spot and --preemptible are exclusive"
 [[ "$PROVISION" == queued || "$PROVISION" == direct ]] || die "PROVISION must be queued or direct, not '$PROVISION'"
@@ -301,6 +311,10 @@ do_setup() {
   ssh_all "set -e; command -v $PYTHON >/dev/null || { sudo apt-get update -qq && sudo apt-get install -y -qq $PYTHON $PYTHON-venv; }${gcsfuse}; cd $dir && $PYTHON -m venv .venv && .venv/bin/pip install -q -U pip && .venv/bin/pip install -q -r requirements.txt $(q "jax[tpu]==$JAX_VERSION")${find_links}"
 }
 
+# The job on each worker: detached from the SSH session (setsid + nohup: a dropped connection neither hangs it up nor
+# kills it), its output in a per-worker log, its process id and, when it ends, its exit status beside the log.
+JOB_DIR="\$HOME/var_jax_job"
+
 do_run() {
   [[ -n "$RUN_WORKDIR" ]] || die "set WORKDIR (gs://BUCKET/PATH or a shared absolute path): a multi-host run needs one all workers see, and a preempted VM loses its disk"
   local py=(.venv/bin/python -m var_jax.main --config="$CONFIG" --workdir="$RUN_WORKDIR" "${OVERRIDES[@]}")
@@ -308,24 +322,70 @@ do_run() {
   # which reads the workers, this worker's number and the coordinator (worker 0) from the TPU VM metadata.
   local remote="set -e; cd \$HOME/$REMOTE_DIR"
   [[ -n "$MOUNT_SNIPPET" ]] && remote+="; $MOUNT_SNIPPET"
-  remote+="; mkdir -p $(q "$RUN_WORKDIR"); exec $(qjoin "${py[@]}")"
+  remote+="; mkdir -p $(q "$RUN_WORKDIR")"
+  if [[ "$FOREGROUND" == 1 ]]; then
+    ssh_all "$remote; exec $(qjoin "${py[@]}")"
+    return
+  fi
+  # A job still running is not started twice; a new one replaces the last one's status file.
+  remote+="; mkdir -p $JOB_DIR; if [ -f $JOB_DIR/pid ] && kill -0 \$(cat $JOB_DIR/pid) 2>/dev/null; then echo \"a var_jax job is already running (pid \$(cat $JOB_DIR/pid)): tpu_pod.sh stop first\" >&2; exit 1; fi"
+  # The wrapper shell traps SIGTERM with a handler (`stop` signals the whole process group), so it outlives var_jax to
+  # write the exit status; var_jax itself starts with SIGTERM at its default (a trapped signal is reset on exec)
+  # and SIGHUP ignored (nohup), which it keeps.
+  remote+="; rm -f $JOB_DIR/rc; setsid nohup bash -c $(q "trap : TERM; $(qjoin "${py[@]}"); echo \$? > $JOB_DIR/rc") > $JOB_DIR/run.log 2>&1 < /dev/null & echo \$! > $JOB_DIR/pid"
   ssh_all "$remote"
+  echo "tpu_pod.sh: started on every worker, detached; follow it with: launch/tpu_pod.sh logs (status, stop)" >&2
+}
+
+# The job's last log lines (worker WORKER, default 0; FOLLOW=1 keeps following).
+do_logs() {
+  local tail_cmd="tail -n ${LINES_SHOWN:-100}"
+  [[ "$FOLLOW" == 1 ]] && tail_cmd+=" -f"
+  run "${TPU[@]}" ssh "$NAME" "${LOC[@]}" --worker="${WORKER:-0}" --command="$tail_cmd $JOB_DIR/run.log"
+}
+
+# Per worker: running (with its pid), or ended with its exit status, and the log's last lines.
+do_job_status() {
+  ssh_all "if [ -f $JOB_DIR/pid ] && kill -0 \$(cat $JOB_DIR/pid) 2>/dev/null; then echo \"\$(hostname): running (pid \$(cat $JOB_DIR/pid))\"; elif [ -f $JOB_DIR/rc ]; then echo \"\$(hostname): ended with status \$(cat $JOB_DIR/rc)\"; else echo \"\$(hostname): no job\"; fi; tail -n 3 $JOB_DIR/run.log 2>/dev/null || true"
+}
+
+# SIGTERM to the job on every worker: var_jax saves the same step on every process and exits (143); rerunning
+# `run` resumes it.
+do_stop() {
+  ssh_all "if [ -f $JOB_DIR/pid ] && kill -0 \$(cat $JOB_DIR/pid) 2>/dev/null; then kill -TERM -- -\$(cat $JOB_DIR/pid) && echo \"\$(hostname): SIGTERM sent\"; else echo \"\$(hostname): no job running\"; fi"
+}
+
+# Waits for the detached job to end (polling worker 0's status file); fails when it ended with a non-zero status or
+# the worker cannot be reached (a preempted VM), so `all` retries.
+do_wait() {
+  [[ "$DRY_RUN" == 1 ]] && { echo "+ (poll $JOB_DIR/rc on worker 0 every ${POLL_SECONDS:-60}s until the job ends)"; return 0; }
+  local rc
+  while true; do
+    rc="$("${TPU[@]}" ssh "$NAME" "${LOC[@]}" --worker=0 --command="cat $JOB_DIR/rc 2>/dev/null || echo running")" || return 1
+    [[ "$rc" == running ]] || break
+    sleep "${POLL_SECONDS:-60}"
+  done
+  [[ "$rc" == 0 ]] || { echo "tpu_pod.sh: the job ended with status $rc" >&2; return 1; }
 }
 
 do_all() {
   do_create
   [[ "$SKIP_SETUP" == 1 ]] || do_setup
   do_run
+  [[ "$FOREGROUND" == 1 ]] || do_wait
 }
 
 case "$CMD" in
   create) do_create ;;
   setup) do_setup ;;
   run) do_run ;;
+  logs) do_logs ;;
+  stop) do_stop ;;
   delete) do_delete ;;
   status)
     [[ "$PROVISION" == queued ]] && run "${QR[@]}" describe "$QUEUED_RESOURCE" "${LOC[@]}" --format='value(state.state)'
-    run "${TPU[@]}" describe "$NAME" "${LOC[@]}" --format='value(state,acceleratorType,runtimeVersion)' ;;
+    run "${TPU[@]}" describe "$NAME" "${LOC[@]}" --format='value(state,acceleratorType,runtimeVersion)'
+    do_job_status ;;
   all)
     # Each attempt runs in a subshell with errexit on (a function called as a loop condition would run with
     # errexit ignored, so a failed step would not stop the attempt).

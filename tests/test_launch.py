@@ -16,7 +16,8 @@ SCRIPTS = ["tpu_pod.sh", "gpu.sh", "slurm.sbatch"]
 # Environment variables the scripts read: cleared so the caller's shell (or a SLURM allocation) cannot leak in.
 _SCRIPT_VARS = ("NAME ZONE PROJECT ACCELERATOR_TYPE RUNTIME_VERSION SPOT PREEMPTIBLE SERVICE_ACCOUNT SCOPES CONFIG "
                 "WORKDIR EXTRA_ARGS GIT_URL GIT_REF REMOTE_DIR PYTHON JAX_VERSION JAX_TPU_FIND_LINKS GCS_MOUNT_ROOT "
-                "PROVISION QUEUED_RESOURCE QUEUE_TIMEOUT RETRIES SKIP_SETUP CUDA VENV REPO GPUS_PER_NODE REQUEUE").split()
+                "PROVISION QUEUED_RESOURCE QUEUE_TIMEOUT RETRIES SKIP_SETUP CUDA VENV REPO GPUS_PER_NODE REQUEUE FOREGROUND FOLLOW "
+                "WORKER LINES_SHOWN POLL_SECONDS").split()
 
 
 def _run(script, *args, env=None):
@@ -163,3 +164,27 @@ def test_every_config_override_in_launch_exists():
   assert "mesh.fsdp" in seen and "data.groups_per_batch" in seen  # the README's mesh section is scanned
   missing = {field: where for field, where in seen.items() if not _has_field(cfg, field)}
   assert not missing, f"--config.<field> not in base_config(): {missing}"
+
+
+def test_tpu_pod_job_runs_detached_with_logs_status_and_stop():
+  """`run` starts the job on every worker detached from the SSH session (setsid + nohup, a wrapper that records the
+  exit status); `logs`, `status` and `stop` read it, and `stop` sends SIGTERM (var_jax saves and exits); `all` then
+  waits for the job; --foreground keeps the old attached run."""
+  env = {"ZONE": "us-central2-b", "NAME": "my-tpu", "WORKDIR": "gs://b/r", "CONFIG": "configs/tiny.py"}
+  run = _lines(_run("tpu_pod.sh", "run", env=env), "gcloud compute tpus tpu-vm ssh my-tpu")
+  assert len(run) == 1 and "--worker=all" in run[0]
+  for part in ("setsid nohup bash -c", "trap : TERM;", "python -m var_jax.main --config=configs/tiny.py",
+               "echo $? > $HOME/var_jax_job/rc", "> $HOME/var_jax_job/run.log 2>&1 < /dev/null &",
+               "echo $! > $HOME/var_jax_job/pid", "a var_jax job is already running"):
+    assert part in run[0], part
+  assert "exec .venv/bin/python" not in run[0]
+  attached = _lines(_run("tpu_pod.sh", "run", "--foreground", env=env), "gcloud compute tpus tpu-vm ssh my-tpu")
+  assert "exec .venv/bin/python -m var_jax.main" in attached[0] and "setsid" not in attached[0]
+  logs = _lines(_run("tpu_pod.sh", "logs", env={**env, "WORKER": "3", "FOLLOW": "1"}), "tpu-vm ssh my-tpu")
+  assert len(logs) == 1 and "--worker=3" in logs[0] and "tail -n 100 -f $HOME/var_jax_job/run.log" in logs[0]
+  stop = _lines(_run("tpu_pod.sh", "stop", env=env), "tpu-vm ssh my-tpu")
+  assert len(stop) == 1 and "--worker=all" in stop[0] and "kill -TERM -- -$(cat $HOME/var_jax_job/pid)" in stop[0]
+  status = _run("tpu_pod.sh", "status", env=env)
+  assert _lines(status, "tpu-vm describe my-tpu") and "ended with status $(cat $HOME/var_jax_job/rc)" in status
+  everything = _run("tpu_pod.sh", "all", env=env)
+  assert "poll $HOME/var_jax_job/rc on worker 0" in everything  # `all` waits for the job (and retries on failure).
