@@ -412,7 +412,7 @@ def main(argv) -> None:
   if _SPACE.value:  # Step 1 of the protocol, here: every method tuned alike on the validation prompts.
     tune.tune_on_validation(base, [tune.parse_space(s) for s in _SPACE.value], _DIR.value, seeds[0], base_flags,
                             flags.FLAGS["config"].config_filename, _METRIC.value, _MAX_KL.value,
-                            run_trials=not _COLLECT.value)
+                            run_trials=not _COLLECT.value, extend_edges=_EXTEND.value)
   fixed = read_tuned(_TUNED.value or _DIR.value, knobs) if (_TUNED.value or _SPACE.value) else {}
   runs = plan_runs(base, knobs, fixed, seeds, _DIR.value, base_flags)
   if not _COLLECT.value:
@@ -439,7 +439,7 @@ def main(argv) -> None:
 
 def _define_flags() -> None:
   """Defined only when run as a program, so that importing this module (tests) adds no flags."""
-  global _CONFIG, _DIR, _KNOB, _TUNED, _SEEDS, _BUDGETS, _RESAMPLES, _COLLECT, _SPACE, _METRIC, _MAX_KL
+  global _CONFIG, _DIR, _KNOB, _TUNED, _SEEDS, _BUDGETS, _RESAMPLES, _COLLECT, _SPACE, _METRIC, _MAX_KL, _EXTEND
   _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Base config file.")
   _DIR = flags.DEFINE_string("dir", "workdir/frontier", "Output directory.")
   _KNOB = flags.DEFINE_multi_string("knob", [], "METHOD:field=v1,v2,... (one per method, the same number of values).")
@@ -455,6 +455,8 @@ def _define_flags() -> None:
                                      "the choices (less the knob fields) set the frontier's runs.")
   _METRIC = flags.DEFINE_string("metric", "gold_reward", "With --space: the validation metric to maximise.")
   _MAX_KL = flags.DEFINE_float("max_kl", 0.0, "With --space: choose among trials within this sampled KL (0 = any).")
+  _EXTEND = flags.DEFINE_integer("extend_edges", 0, "With --space: up to this many trials per method beyond the grid "
+                                 "edge its choice sits on (launch.tune --extend_edges).")
 
 
 if __name__ == "__main__":

@@ -45,10 +45,9 @@ def parse_space(spec: str) -> tuple[str, list[str]]:
   return method, grid.split(";")
 
 
-def plan_validation(base_cfg, spaces: list[tuple[str, list[str]]], sweep_dir: str, seed: int, base_flags: dict,
-                    metric: str = ""):
-  """{method: launch.sweep plan of its trials on the validation prompts}; refuses unequal budgets."""
-  plans, sizes = {}, {}
+def plan_trials(base_cfg, method: str, points: list[dict], sweep_dir: str, seed: int, base_flags: dict,
+                metric: str = ""):
+  """launch.sweep's plan of `method`'s validation trials at `points` ({field: value} each)."""
   # The choice reads one metric of the method's own row: greedy answers (eval.greedy) and the reference's samples
   # (eval.reference) that it does not read would cost more generation than the trial's policy itself.
   skip = {"eval.greedy": False} if base_cfg.eval.greedy and not metric.startswith("greedy_") else {}
@@ -56,12 +55,20 @@ def plan_validation(base_cfg, spaces: list[tuple[str, list[str]]], sweep_dir: st
     skip["eval.reference"] = False
   if not metric.replace("greedy_", "").startswith("rm_"):  # Nor the training reward model's scores.
     skip["eval.rm"] = False
+  points = [{**p, "seed": seed, "eval.prompts": "validation", **skip} for p in points]
+  return sweep.plan(base_cfg, points, os.path.join(sweep_dir, "validation", method), f"{method},eval", base_flags,
+                    upstream_root=os.path.join(sweep_dir, "upstream"))
+
+
+def plan_validation(base_cfg, spaces: list[tuple[str, list[str]]], sweep_dir: str, seed: int, base_flags: dict,
+                    metric: str = ""):
+  """{method: launch.sweep plan of its trials on the validation prompts}; refuses unequal budgets."""
+  plans, sizes = {}, {}
   # Fields shared by two methods' spaces are refused here, before any trial runs (see merge_choices).
   merge_choices({method: sweep.grid_points(base_cfg, grid)[0] for method, grid in spaces})
   for method, grid in spaces:
-    points = [{**p, "seed": seed, "eval.prompts": "validation", **skip} for p in sweep.grid_points(base_cfg, grid)]
-    plans[method] = sweep.plan(base_cfg, points, os.path.join(sweep_dir, "validation", method), f"{method},eval",
-                               base_flags, upstream_root=os.path.join(sweep_dir, "upstream"))
+    points = sweep.grid_points(base_cfg, grid)
+    plans[method] = plan_trials(base_cfg, method, points, sweep_dir, seed, base_flags, metric)
     sizes[method] = len(points)
   if len(set(sizes.values())) > 1:
     raise ValueError(f"unequal tuning budgets {sizes}: give every method the same number of trials")
@@ -103,6 +110,25 @@ def grid_edges(trials: list[dict], fields: list[str], best: dict) -> list[str]:
       side = "lowest" if chosen == values[0] else "highest"
       edges.append(f"{f}={best[f]} ({side} of {', '.join(f'{v:g}' for v in values)})")
   return edges
+
+
+def beyond_edge(trials: list[dict], fields: list[str], best: dict) -> dict | None:
+  """The next trial when the choice sits on an edge of its numeric grid: for the first such field, one step further
+  out (the grid's ratio at that end when both values there are positive, else their difference; rounded for an
+  integer field such as steps), the other fields at their chosen values; None when no choice is on an edge."""
+  for f in fields:
+    try:
+      values = sorted({float(r[f]) for r in trials})
+      chosen = float(best[f])
+    except (TypeError, ValueError):
+      continue
+    if len(values) < 2 or chosen not in (values[0], values[-1]):
+      continue
+    edge, inner = (values[0], values[1]) if chosen == values[0] else (values[-1], values[-2])
+    step = edge * (edge / inner) if edge > 0 and inner > 0 else edge + (edge - inner)
+    integral = all(float(r[f]).is_integer() for r in trials) and isinstance(best[f], int)
+    return {**best, f: int(round(step)) if integral else step}
+  return None
 
 
 def merge_choices(choices: dict[str, dict]) -> dict:
@@ -147,10 +173,13 @@ def beside_rows(rows: list[dict], method: str, fields: dict) -> list[dict]:
 
 
 def tune_on_validation(base, spaces: list[tuple[str, list[str]]], out_dir: str, seed: int, base_flags: dict,
-                       config_file: str, metric: str, max_kl: float = 0.0, run_trials: bool = True) -> dict:
+                       config_file: str, metric: str, max_kl: float = 0.0, run_trials: bool = True,
+                       extend_edges: int = 0) -> dict:
   """Step 1: every method's trials on the validation prompts (run unless `run_trials` is False, then read from
   what finished), the choice per method, written to out_dir/tuning.md (with the grid-edge warnings) and
-  out_dir/choices.json. Returns {method: {field: typed value}}."""
+  out_dir/choices.json. With extend_edges = N, a method whose choice sits on an edge of its grid gets up to N more
+  trials, each one step beyond the edge of its current choice (`beyond_edge`), choosing again after each; the
+  warnings then concern the final choice. Returns {method: {field: typed value}}."""
   plans = plan_validation(base, spaces, out_dir, seed, base_flags, metric)
   budget = f", among trials with kl_to_ref <= {max_kl}" if max_kl > 0 else ""
   lines, choices = [f"Validation trials (seed {seed}, metric {metric}{budget}):", ""], {}
@@ -158,10 +187,23 @@ def tune_on_validation(base, spaces: list[tuple[str, list[str]]], out_dir: str, 
     if run_trials:
       sweep.run_all(plans[method], config_file, emit=False)
     fields = list(sweep.grid_points(base, grid)[0])
+    typed = lambda point: {f: sweep.parse_value(str(v), sweep.get_field(base, f)) for f, v in point.items()}  # noqa: E731
     best, trials = choose(sweep.collect(plans[method]), method, fields, metric, max_kl)
-    choices[method] = {f: sweep.parse_value(str(v), sweep.get_field(base, f)) for f, v in best.items()}
+    extended = []
+    for _ in range(extend_edges):  # One trial beyond the edge the choice sits on, then choose again.
+      point = beyond_edge(trials, fields, typed(best))
+      if point is None:
+        break
+      extra = plan_trials(base, method, [point], out_dir, seed, base_flags, metric)
+      if run_trials:
+        sweep.run_all(extra, config_file, emit=False)
+      extended += extra
+      best, trials = choose(sweep.collect(plans[method] + extended), method, fields, metric, max_kl)
+    choices[method] = typed(best)
+    added = {r["run"] for r in sweep.collect(extended)}
     for r in trials:
-      lines.append(trial_line(r, method, fields, metric, chosen=all(r[f] == best[f] for f in fields)))
+      lines.append(trial_line(r, method, fields, metric, chosen=all(r[f] == best[f] for f in fields))
+                   + (" (beyond the grid's edge)" if r["run"] in added else ""))
     for edge in grid_edges(trials, fields, best):
       lines.append(f"- **{method} is not tuned to the end: its choice {edge} is on the edge of its grid; extend the "
                    "grid that way**")
@@ -186,7 +228,7 @@ def main(argv) -> None:
   spaces = [parse_space(s) for s in _SPACE.value]
   besides = [parse_beside(s, base) for s in _BESIDE.value]
   choices = tune_on_validation(base, spaces, _DIR.value, seeds[0], base_flags, config_file, _METRIC.value,
-                               _MAX_KL.value, run_trials=not _COLLECT.value)
+                               _MAX_KL.value, run_trials=not _COLLECT.value, extend_edges=_EXTEND.value)
   chosen = merge_choices(choices)
   run = lambda runs: None if _COLLECT.value else sweep.run_all(runs, config_file, emit=False)  # noqa: E731
   stages = ",".join([m for m, _ in spaces] + ["eval"])
@@ -215,7 +257,7 @@ def main(argv) -> None:
 
 def _define_flags() -> None:
   """Defined only when run as a program, so that importing this module (tests) adds no flags."""
-  global _CONFIG, _DIR, _SPACE, _SEEDS, _METRIC, _MAX_KL, _BESIDE, _COLLECT
+  global _CONFIG, _DIR, _SPACE, _SEEDS, _METRIC, _MAX_KL, _BESIDE, _COLLECT, _EXTEND
   _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Base config file.")
   _DIR = flags.DEFINE_string("dir", "workdir/tuned", "Output directory.")
   _SPACE = flags.DEFINE_multi_string("space", [], "METHOD:field=v1,v2,...[;field=v1,...] (one per method, equal "
@@ -229,6 +271,9 @@ def _define_flags() -> None:
                                       "weights beside the tuned default), reported as METHOD[field=value].")
   _COLLECT = flags.DEFINE_bool("collect_only", False, "Run nothing: rebuild tuning.md and summary.md from the finished "
                                "runs (of the same command), e.g. after a run cut short.")
+  _EXTEND = flags.DEFINE_integer("extend_edges", 0, "Up to this many more trials per method whose choice sits on a "
+                                 "grid edge, each one step beyond it (the grid's ratio there), choosing again after "
+                                 "each: the grid is extended until the choice is inside it or the trials run out.")
 
 
 if __name__ == "__main__":

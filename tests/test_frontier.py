@@ -179,15 +179,21 @@ def test_the_command_runs_every_trial_and_seed_then_reports(tmp_path):
   out = tmp_path / "frontier"
   argv = [sys.executable, "-m", "launch.frontier", "--config=configs/tiny_ci.py", f"--dir={out}", "--seeds=0,1",
           "--knob=var:var.lam=0.1,3", "--knob=chosen:chosen.steps=2,10", "--resamples=200", "--budgets=0.01",
-          "--config.eval.num_prompts=8", "--config.sft.steps=10", "--space=var:var.lr=2e-3",
-          "--space=chosen:chosen.lr=1e-3", "--config.data.validation_fraction=0.5", "--config.data.num_eval=32"]
+          "--config.eval.num_prompts=8", "--config.sft.steps=10", "--space=var:var.lr=1e-3,2e-3",
+          "--space=chosen:chosen.lr=1e-3,2e-3", "--extend_edges=1", "--config.data.validation_fraction=0.5",
+          "--config.data.num_eval=32"]
   proc = subprocess.run(argv, cwd=root, capture_output=True, text=True, timeout=900, env=program_env())
   assert proc.returncode == 0, proc.stderr[-3000:]
   report = (out / "frontier.md").read_text()
-  assert report.startswith("Settings from --tuned: var.lr=0.002, chosen.lr=0.001\n\nJudge: gold; 2 seeds, each with "
-                           "test prompts of its own (8, 8; nested)")
-  assert "<- chosen" in (out / "tuning.md").read_text()
-  assert all(",var.lr=0.002," in f",{name}," for name in os.listdir(out / "runs"))
+  assert "Judge: gold; 2 seeds, each with test prompts of its own (8, 8; nested)" in report
+  # A two-value grid always chooses an edge: --extend_edges=1 adds one trial beyond it (the grid's ratio, 2x).
+  tuning = (out / "tuning.md").read_text()
+  assert tuning.count("<- chosen") == 2 and tuning.count("(beyond the grid's edge)") == 2
+  assert {line.split("var.lr=")[1].split(":")[0] for line in tuning.splitlines() if line.startswith("- var ")} in (
+      {"0.001", "0.002", "0.0005"}, {"0.001", "0.002", "0.004"})
+  lr = json.loads((out / "choices.json").read_text())["var"]["var.lr"]
+  assert report.startswith(f"Settings from --tuned: var.lr={lr}, chosen.lr=")
+  assert all(f",var.lr={lr}," in f",{name}," for name in os.listdir(out / "runs"))
   rows = [line for line in report.splitlines() if line.startswith("| var | var.lam=")]
   assert len(rows) == 2 and "swap_sensitivity" in rows[0] and "lc_pref_vs_ref" in rows[0]
   assert (out / "frontier.png").stat().st_size > 0

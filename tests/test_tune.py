@@ -159,3 +159,17 @@ def test_whole_protocol_from_the_command_line(tmp_path):
   (out / "summary.md").unlink()
   subprocess.run(argv + ["--collect_only"], cwd=ROOT, capture_output=True, text=True, timeout=300, check=True, env=env)
   assert (out / "summary.md").read_text() == summary
+
+
+def test_a_choice_on_an_edge_extends_the_grid_one_step_beyond_it():
+  trials = [{"var.lr": str(lr), "var.steps": str(st)} for lr in (1e-3, 3e-3, 1e-2) for st in (100, 200, 400)]
+  fields = ["var.lr", "var.steps"]
+  up = tune.beyond_edge(trials, fields, {"var.lr": 1e-2, "var.steps": 200})
+  assert up == {"var.lr": pytest.approx(1e-2 * 1e-2 / 3e-3), "var.steps": 200}  # The grid's ratio at that end.
+  down = tune.beyond_edge(trials, fields, {"var.lr": 1e-3, "var.steps": 200})
+  assert down["var.lr"] == pytest.approx(1e-3 / 3)
+  steps = tune.beyond_edge(trials, fields, {"var.lr": 3e-3, "var.steps": 400})
+  assert steps == {"var.lr": 3e-3, "var.steps": 800} and isinstance(steps["var.steps"], int)
+  assert tune.beyond_edge(trials, fields, {"var.lr": 3e-3, "var.steps": 200}) is None  # Inside: nothing to extend.
+  signed = [{"x": "-1.0"}, {"x": "0.0"}, {"x": "1.0"}]
+  assert tune.beyond_edge(signed, ["x"], {"x": -1.0}) == {"x": -2.0}  # Not all positive: the difference.
