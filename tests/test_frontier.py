@@ -178,10 +178,10 @@ def test_the_command_runs_every_trial_and_seed_then_reports(tmp_path):
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   out = tmp_path / "frontier"
   argv = [sys.executable, "-m", "launch.frontier", "--config=configs/tiny_ci.py", f"--dir={out}", "--seeds=0,1",
-          "--knob=var:var.lam=0.1,3", "--knob=chosen:chosen.steps=2,10", "--resamples=200", "--budgets=0.01",
+          "--knob=var:var.lam=0.1,3", "--knob=chosen:chosen.steps=2,6", "--resamples=200", "--budgets=0.01",
           "--config.eval.num_prompts=8", "--config.sft.steps=10", "--space=var:var.lr=1e-3,2e-3",
           "--space=chosen:chosen.lr=1e-3,2e-3", "--extend_edges=1", "--config.data.validation_fraction=0.5",
-          "--config.data.num_eval=32"]
+          "--config.data.num_eval=32", "--config.var.steps=4", "--config.chosen.steps=4", "--config.reward.steps=4"]
   proc = subprocess.run(argv, cwd=root, capture_output=True, text=True, timeout=900, env=program_env())
   assert proc.returncode == 0, proc.stderr[-3000:]
   report = (out / "frontier.md").read_text()

@@ -233,7 +233,10 @@ def _saved_steps(workdir):
 
 
 def _run_until_checkpoint(cmd, workdir, min_step, sig):
-  proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  # SIGHUP at its default in the child: a suite started under nohup (a CI runner may be) would pass it on ignored,
+  # and var_jax rightly keeps an ignored SIGHUP ignored.
+  proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                          preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
   deadline = time.time() + 240
   while time.time() < deadline and proc.poll() is None:
     if any(s >= min_step for s in _saved_steps(workdir)):
