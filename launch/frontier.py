@@ -99,6 +99,15 @@ def pooled_mean(cells: list[np.ndarray]) -> float:
   return float(np.concatenate(cells).mean())
 
 
+def pareto(kl: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """The Pareto-optimal trials (ordered by KL, each better than every trial closer to the reference) as (kl, values):
+  the points `within_budget` draws its frontier through."""
+  order = np.argsort(kl, kind="stable")
+  x, y = kl[order], values[order]
+  keep = y > np.concatenate([[-np.inf], np.maximum.accumulate(y)[:-1]])
+  return x[keep], y[keep]
+
+
 def within_budget(kl: np.ndarray, values: np.ndarray, budget: float) -> np.ndarray:
   """A method's frontier at a KL budget: the best value it reaches with KL <= budget, linear between its
   Pareto-optimal trials (ordered by KL, each better than every trial closer to the reference; a dominated trial,
@@ -236,9 +245,9 @@ def judge_of(per_sample: dict) -> str:
 def pooled_length_controlled(parts: list[tuple]) -> float:
   """The length-controlled preference over the reference (evaluate.length_controlled_preference) of one trial, its
   seeds pooled: `parts` [(scores, reference scores, lengths, reference lengths)] per seed, each [S * P]."""
-  num_prompts = sum(len(p[0]) for p in parts)
   a, b, la, lb = (np.concatenate([np.asarray(p[k], np.float64) for p in parts]) for k in range(4))
-  return evaluate.length_controlled_preference(a, b, la, lb, num_prompts)[0]
+  # No bootstrap (resamples = 0), so the prompt layout is never read: every sample is passed as its own unit.
+  return evaluate.length_controlled_preference(a, b, la, lb, len(a))[0]
 
 
 def load_cells(runs, methods: list[str], seeds: list[int]) -> tuple[dict, str, dict, bool]:
@@ -355,15 +364,6 @@ def markdown(stats: dict, knobs: list[tuple[str, str, list]], diagnostics: dict,
                      f"{verdict(d['pref_vs_ref'], d['pref_vs_ref_lo'], d['pref_vs_ref_hi'])} on preference over the "
                      f"reference ({_ci(d, 'pref_vs_ref', 4)}).")
   return "\n".join(lines) + "\n"
-
-
-def pareto(kl: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """The Pareto-optimal trials (ordered by KL, each better than every trial closer to the reference) as (kl, values):
-  the points `within_budget` draws its frontier through."""
-  order = np.argsort(kl, kind="stable")
-  x, y = kl[order], values[order]
-  keep = y > np.concatenate([[-np.inf], np.maximum.accumulate(y)[:-1]])
-  return x[keep], y[keep]
 
 
 def plot(stats: dict, knobs, judge: str, path: str) -> None:

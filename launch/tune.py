@@ -96,19 +96,28 @@ def choose(rows: list[dict], method: str, fields: list[str], metric: str,
   return {f: best[f] for f in fields}, trials
 
 
+def _edge(trials: list[dict], field: str, chosen) -> tuple[str, float, float] | None:
+  """("lowest" | "highest", the edge value, its neighbour) when `chosen` sits on an edge of `field`'s numeric grid in
+  `trials` (of at least two values); None inside the grid or for a non-numeric field (e.g. a normalizer)."""
+  try:
+    values = sorted({float(r[field]) for r in trials})
+    chosen = float(chosen)
+  except (TypeError, ValueError):
+    return None
+  if len(values) < 2 or chosen not in (values[0], values[-1]):
+    return None
+  return ("lowest", values[0], values[1]) if chosen == values[0] else ("highest", values[-1], values[-2])
+
+
 def grid_edges(trials: list[dict], fields: list[str], best: dict) -> list[str]:
   """The chosen values that sit on an edge of their numeric grid, as "field=value (lowest|highest of v1..vN)": the
   optimum may lie beyond, so the method is not tuned to the end until its grid is extended that way."""
   edges = []
   for f in fields:
-    try:
+    edge = _edge(trials, f, best[f])
+    if edge is not None:
       values = sorted({float(r[f]) for r in trials})
-      chosen = float(best[f])
-    except (TypeError, ValueError):  # A non-numeric field (e.g. a normalizer) has no edges.
-      continue
-    if len(values) >= 2 and chosen in (values[0], values[-1]):
-      side = "lowest" if chosen == values[0] else "highest"
-      edges.append(f"{f}={best[f]} ({side} of {', '.join(f'{v:g}' for v in values)})")
+      edges.append(f"{f}={best[f]} ({edge[0]} of {', '.join(f'{v:g}' for v in values)})")
   return edges
 
 
@@ -117,15 +126,11 @@ def beyond_edge(trials: list[dict], fields: list[str], best: dict) -> dict | Non
   out (the grid's ratio at that end when both values there are positive, else their difference; rounded for an
   integer field such as steps), the other fields at their chosen values; None when no choice is on an edge."""
   for f in fields:
-    try:
-      values = sorted({float(r[f]) for r in trials})
-      chosen = float(best[f])
-    except (TypeError, ValueError):
+    edge = _edge(trials, f, best[f])
+    if edge is None:
       continue
-    if len(values) < 2 or chosen not in (values[0], values[-1]):
-      continue
-    edge, inner = (values[0], values[1]) if chosen == values[0] else (values[-1], values[-2])
-    step = edge * (edge / inner) if edge > 0 and inner > 0 else edge + (edge - inner)
+    _, value, inner = edge
+    step = value * (value / inner) if value > 0 and inner > 0 else value + (value - inner)
     integral = all(float(r[f]).is_integer() for r in trials) and isinstance(best[f], int)
     return {**best, f: int(round(step)) if integral else step}
   return None
@@ -181,13 +186,13 @@ def tune_on_validation(base, spaces: list[tuple[str, list[str]]], out_dir: str, 
   trials, each one step beyond the edge of its current choice (`beyond_edge`), choosing again after each; the
   warnings then concern the final choice. Returns {method: {field: typed value}}."""
   plans = plan_validation(base, spaces, out_dir, seed, base_flags, metric)
+  typed = lambda point: {f: sweep.parse_value(str(v), sweep.get_field(base, f)) for f, v in point.items()}  # noqa: E731
   budget = f", among trials with kl_to_ref <= {max_kl}" if max_kl > 0 else ""
   lines, choices = [f"Validation trials (seed {seed}, metric {metric}{budget}):", ""], {}
   for method, grid in spaces:
     if run_trials:
       sweep.run_all(plans[method], config_file, emit=False)
     fields = list(sweep.grid_points(base, grid)[0])
-    typed = lambda point: {f: sweep.parse_value(str(v), sweep.get_field(base, f)) for f, v in point.items()}  # noqa: E731
     best, trials = choose(sweep.collect(plans[method]), method, fields, metric, max_kl)
     extended = []
     for _ in range(extend_edges):  # One trial beyond the edge the choice sits on, then choose again.
@@ -200,7 +205,7 @@ def tune_on_validation(base, spaces: list[tuple[str, list[str]]], out_dir: str, 
       extended += extra
       best, trials = choose(sweep.collect(plans[method] + extended), method, fields, metric, max_kl)
     choices[method] = typed(best)
-    added = {r["run"] for r in sweep.collect(extended)}
+    added = {name for name, *_ in extended}  # The runs beyond the grid, by the names the rows carry.
     for r in trials:
       lines.append(trial_line(r, method, fields, metric, chosen=all(r[f] == best[f] for f in fields))
                    + (" (beyond the grid's edge)" if r["run"] in added else ""))
