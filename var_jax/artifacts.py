@@ -3,6 +3,7 @@
   <stage>/DONE.json            the stage finished; records the config fields its artifacts depend on, so a rerun
                                with other values stops with an error instead of reusing (or overwriting) them
   <stage>/params/              orbax checkpoint of a trained model's parameters (policies, reward model)
+  <stage>/adapters.npz         a LoRA run's trained adapters (var_jax/lora.py; params/ holds them merged)
   <stage>/checkpoints/         orbax CheckpointManager of a training stage in progress (see var_jax/train.py)
   <stage>/logs/                metrics.jsonl and TensorBoard events
   score/{train,eval}_p<i>.npz  the score stage's matrices, one file per scoring process
@@ -182,6 +183,27 @@ def load_model(mcfg: model_lib.ModelConfig, mesh, rules, workdir, stage: str, *,
     params = ckptr.restore(path, nnx.to_pure_dict(abstract_params))
   nnx.replace_by_pure_dict(abstract_params, params)
   return nnx.merge(graphdef, abstract_params, rest)
+
+
+def _adapters_path(workdir, stage: str) -> epath.Path:
+  return stage_dir(workdir, stage) / "adapters.npz"
+
+
+def save_adapters(workdir, stage: str, adapters: dict) -> None:
+  """A LoRA stage's adapters ({name: host array}, `lora.adapters`), written by the main process."""
+  if sharding_lib.is_main_process():
+    buffer = io.BytesIO()
+    np.savez(buffer, **adapters)
+    _write_bytes(_adapters_path(workdir, stage), buffer.getvalue())
+
+
+def load_adapters(workdir, stage: str) -> dict:
+  """The adapters `save_adapters` wrote; FileNotFoundError naming the stage when it trained without LoRA."""
+  path = _adapters_path(workdir, stage)
+  if not path.exists():
+    raise FileNotFoundError(f"no LoRA adapters at {path}: stage {stage!r} trained without LoRA (lora.rank = 0)")
+  with np.load(io.BytesIO(path.read_bytes())) as z:
+    return {k: z[k] for k in z.files}
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import os
 
 import ml_collections
 
+from var_jax import lora
 from var_jax import losses
 from var_jax import metrics_writer
 from var_jax import model as model_lib
@@ -99,6 +100,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.attention_block = 128   # Query-block length of causal attention (0 = one T x T block); see model.py.
   c.model.attention_impl = "xla"  # "xla" | "cudnn" (fused flash attention: NVIDIA GPU, bfloat16) | "splash" (Pallas
                                   # TPU splash attention; interpret mode elsewhere, for tests).
+
+  c.lora = ml_collections.ConfigDict()   # LoRA adapters on frozen weights (var_jax/lora.py) in every training stage
+                                         # but the judge; each stage's saved model has them merged in.
+  c.lora.rank = 0                 # Adapter rank r; 0 = full fine-tuning.
+  c.lora.alpha = 16.0             # The update is scaled by alpha / r (PEFT's lora_alpha).
+  c.lora.targets = "all"          # Projections adapted: comma-separated names of q,k,v,o,gate,up,down, or "all".
 
   c.mesh = ml_collections.ConfigDict()   # data x fsdp x tensor = all devices of all processes; -1 = automatic
                                          # (resolve_mesh): the batch splits over data x fsdp in whole groups.
@@ -280,6 +287,11 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None, num
     section, name = field.split(".")
     if cfg[section][name] not in choices:
       _fail(field, cfg[section][name], f"must be one of {choices}")
+  if not isinstance(cfg.lora.rank, int) or cfg.lora.rank < 0:
+    _fail("lora.rank", cfg.lora.rank, "must be an integer >= 0 (0 = full fine-tuning)")
+  if cfg.lora.rank and not cfg.lora.alpha > 0:
+    _fail("lora.alpha", cfg.lora.alpha, "must be > 0")
+  lora.parse_targets(cfg.lora.targets)
   stages = stage_list(cfg)
   for s in stages:
     if s not in STAGES:

@@ -1,12 +1,15 @@
 """Export a trained policy or reward model as a Hugging Face checkpoint directory:
 
     python -m var_jax.export --config=configs/tiny.py --workdir=workdir/tiny --stage=var --out=exports/var
-    (options: --dtype=bfloat16|float32, default the model's param_dtype; --max_shard_size=5GB)
+    (options: --dtype=bfloat16|float32, default the model's param_dtype; --max_shard_size=5GB; --peft)
 
 OUT gets config.json, the weights as safetensors (one file, or shards listed in model.safetensors.index.json
 above --max_shard_size) and the run's tokenizer with its chat template. A policy stage (sft, var, dpo, chosen,
 ipo, ...) loads with transformers' AutoModelForCausalLM; the reward stage with AutoModelForSequenceClassification
-(one label). This is the layout vLLM and llama.cpp's convert_hf_to_gguf.py read (README: Export).
+(one label). This is the layout vLLM and llama.cpp's convert_hf_to_gguf.py read (README: Export). A stage trained
+with LoRA (lora.rank > 0) is exported with its adapters merged into the weights; --peft writes its adapters alone in
+PEFT's layout instead (adapter_model.safetensors, adapter_config.json), for the model the stage started from: the
+sft stage's export (or model.path, for the sft stage itself).
 
 --config (with the same overrides as the run) must be the run's: the model config and tokenizer come from it, and
 a stage finished with other settings is refused. The stage must be finished, and OUT must not exist or be empty.
@@ -22,6 +25,7 @@ from ml_collections import config_flags
 from var_jax import artifacts
 from var_jax import evaluate
 from var_jax import hf_io
+from var_jax import lora
 from var_jax import metrics_writer
 from var_jax import objectives
 from var_jax import model as model_lib
@@ -32,7 +36,7 @@ from var_jax import stages as stages_lib
 
 def _define_flags() -> None:
   """Defined only when run as a program, so that importing this module (tests, other entry points) adds no flags."""
-  global _CONFIG, _WORKDIR, _STAGE, _OUT, _DTYPE, _MAX_SHARD_SIZE
+  global _CONFIG, _WORKDIR, _STAGE, _OUT, _DTYPE, _MAX_SHARD_SIZE, _PEFT
   _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "The run's config file (configs/*.py).")
   _WORKDIR = flags.DEFINE_string("workdir", None, "The run's workdir (holding <stage>/params).", required=True)
   _STAGE = flags.DEFINE_string("stage", "var", "The stage whose model to export (a policy stage, or reward).")
@@ -42,6 +46,8 @@ def _define_flags() -> None:
                              "param_dtype.")
   _MAX_SHARD_SIZE = flags.DEFINE_string("max_shard_size", "5GB", "Largest safetensors file (e.g. 5GB, 500MB); "
                                         "bigger models are split into shards with an index.")
+  _PEFT = flags.DEFINE_bool("peft", False, "Write the stage's LoRA adapters alone, in PEFT's layout (a policy "
+                            "stage trained with lora.rank > 0), instead of the merged model.")
 
 
 def exportable_stages() -> tuple[str, ...]:
@@ -71,15 +77,18 @@ def check_exportable(cfg, workdir: str, stage: str) -> None:
 
 
 def export(cfg, workdir: str, stage: str, out: str, *, dtype: Optional[str] = None,
-           max_shard_size: int | str = "5GB") -> str:
-  """Writes the model `stage` trained in `workdir` (with `cfg`) as an HF checkpoint directory `out`; returns its
-  absolute path. Refuses an unfinished stage and a non-empty `out` before loading anything."""
+           max_shard_size: int | str = "5GB", peft: bool = False) -> str:
+  """Writes the model `stage` trained in `workdir` (with `cfg`) as an HF checkpoint directory `out` (or, with
+  `peft`, its LoRA adapters in PEFT's layout); returns its absolute path. Refuses an unfinished stage and a
+  non-empty `out` before loading anything."""
   check_exportable(cfg, workdir, stage)
   try:
     hf_io.check_target(out)
   except FileExistsError:
     raise FileExistsError(f"cannot export stage {stage!r}: {out} exists and is not empty; choose a new --out "
                           "(an export never overwrites)") from None
+  if peft:
+    return export_adapters(cfg, workdir, stage, out)
   hf_io.size_in_bytes(max_shard_size)  # A bad size fails here, not after loading the model.
   mesh = stages_lib.build_mesh(cfg)
   ctx = stages_lib.Context(cfg, workdir, mesh, sharding_lib.parse_rules(cfg.mesh.rules))
@@ -98,6 +107,24 @@ def export(cfg, workdir: str, stage: str, out: str, *, dtype: Optional[str] = No
   with open(os.path.join(path, "README.md"), "w", encoding="utf-8") as f:
     f.write(model_card(cfg, workdir, stage))
   return path
+
+
+def export_adapters(cfg, workdir: str, stage: str, out: str) -> str:
+  """Writes the LoRA adapters a policy stage trained (artifacts.save_adapters) as a PEFT adapter directory `out`."""
+  if is_reward_stage(stage):
+    raise ValueError(f"--peft writes a causal LM's adapters; stage {stage!r} trained a reward model: export it "
+                     "merged (without --peft)")
+  reference = stage_table.REFERENCE
+  base = cfg.model.path if stage == reference else ""
+  path = lora.peft_files(artifacts.load_adapters(workdir, stage), out, alpha=cfg.lora.alpha, base_model=base)
+  started = (f"`{cfg.model.path}`" if stage == reference and cfg.model.path else
+             f"the `{reference}` stage of this run: `python -m var_jax.export --stage={reference}` writes it")
+  with open(os.path.join(path, "README.md"), "w", encoding="utf-8") as f:
+    f.write(f"# LoRA adapters of stage {stage} (var_jax)\n\nRank {int(cfg.lora.rank)}, alpha {cfg.lora.alpha}, "
+            f"targets {cfg.lora.targets}. The base they apply to is the model the stage started from: {started}. "
+            "Load with `peft.PeftModel.from_pretrained(base_model, this_directory)`.\n\n"
+            + model_card(cfg, workdir, stage).split("---\n", 2)[-1])
+  return os.path.abspath(path)
 
 
 # What each exportable stage trained, for the model card.
@@ -145,7 +172,11 @@ def main(argv) -> None:
   metrics_writer.quiet_library_logs()
   sharding_lib.initialize_distributed()
   path = export(_CONFIG.value, _WORKDIR.value, _STAGE.value, _OUT.value, dtype=_DTYPE.value,
-                max_shard_size=_MAX_SHARD_SIZE.value)
+                max_shard_size=_MAX_SHARD_SIZE.value, peft=_PEFT.value)
+  if _PEFT.value:
+    logging.info("LoRA adapters of stage %s of %s written to %s (load with peft.PeftModel.from_pretrained)",
+                 _STAGE.value, _WORKDIR.value, path)
+    return
   kind = "AutoModelForSequenceClassification" if is_reward_stage(_STAGE.value) else "AutoModelForCausalLM"
   logging.info("stage %s of %s exported to %s (load with transformers' %s.from_pretrained)", _STAGE.value,
                _WORKDIR.value, path, kind)

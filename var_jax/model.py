@@ -370,21 +370,41 @@ def splash_attention(q: Array, k: Array, v: Array, segment_ids: Array, *, block:
   return jnp.where((segment_ids > 0)[:, :, None, None], out, jnp.zeros_like(out))
 
 
+# Projections LoRA can adapt, with the number of input axes of each weight after the 'layers' axis (q: [D] -> [Hq, Dh],
+# o: [Hq, Dh] -> [D], ...): adapter A contracts those axes to the rank, adapter B maps the rank to the output axes.
+LORA_INPUT_AXES = {'q': 1, 'k': 1, 'v': 1, 'o': 2, 'gate': 1, 'up': 1, 'down': 1}
+
+
+def project(p: Mapping[str, Array], name: str, spec: str, x: Array, lora_scale: float) -> Array:
+  """x through one layer's weight p[name] (the einsum `spec`), plus scale * (x A) B when p has its LoRA adapters
+  A = p[name + '_lora_a'] [*in, r] and B = p[name + '_lora_b'] [r, *out] (PEFT's h = W x + (alpha / r) B A x).
+
+  The update runs through the rank: the frozen weight never gets a gradient or a merged copy.
+  """
+  dt = x.dtype
+  y = jnp.einsum(spec, x, p[name].astype(dt))
+  if name + '_lora_a' in p:
+    z = jnp.tensordot(x, p[name + '_lora_a'].astype(dt), axes=LORA_INPUT_AXES[name])  # [..., r]
+    y = y + jnp.tensordot(z, p[name + '_lora_b'].astype(dt), axes=1) * jnp.asarray(lora_scale, dt)
+  return y
+
+
 def decoder_layer(cfg: ModelConfig, p: Mapping[str, Array], x: Array, cos: Array, sin: Array, mask: Array | None,
                   kv: tuple[Array, Array] | None = None, index: Array | None = None,
-                  segment_ids: Array | None = None):
+                  segment_ids: Array | None = None, lora_scale: float = 0.0):
   """One pre-norm transformer block. p: one layer's parameters (no 'layers' axis); x [B,T,D] -> [B,T,D].
 
   Without kv, attention is over the T input tokens (mask [B,T,T], causal by index: see `causal_block_attention`;
   the 'splash' path reads segment_ids [B,T] instead and takes mask=None) and the result is (x, None). With kv, a layer's
   cache (k, v: [B,S,Hkv,Dh]), the new keys/values are first written at slots [index, index+T) and attention runs over
-  all S slots (mask [B,T,S]); the result is (x, (k, v)) with the updated cache.
+  all S slots (mask [B,T,S]); the result is (x, (k, v)) with the updated cache. A projection with LoRA adapters in p
+  (`<name>_lora_a`, `<name>_lora_b`) adds their low-rank update times lora_scale (see `project`).
   """
   dt = x.dtype
   h = rms_norm(x, p['attn_norm'], cfg.rms_norm_eps)
-  q = jnp.einsum('btd,dhk->bthk', h, p['q'].astype(dt))
-  k = jnp.einsum('btd,dhk->bthk', h, p['k'].astype(dt))
-  v = jnp.einsum('btd,dhk->bthk', h, p['v'].astype(dt))
+  q = project(p, 'q', 'btd,dhk->bthk', h, lora_scale)
+  k = project(p, 'k', 'btd,dhk->bthk', h, lora_scale)
+  v = project(p, 'v', 'btd,dhk->bthk', h, lora_scale)
   if cfg.attention_bias:
     q, k, v = q + p['q_bias'].astype(dt), k + p['k_bias'].astype(dt), v + p['v_bias'].astype(dt)
   q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -400,12 +420,12 @@ def decoder_layer(cfg: ModelConfig, p: Mapping[str, Array], x: Array, cos: Array
     a = causal_block_attention(q, k, v, mask, cfg.attention_block)
   else:  # Cache slots are not in query order: every slot is scored.
     a = attention(q, k.astype(dt), v.astype(dt), mask)
-  x = x + jnp.einsum('bthk,hkd->btd', a, p['o'].astype(dt))
+  x = x + project(p, 'o', 'bthk,hkd->btd', a, lora_scale)
 
   h = rms_norm(x, p['mlp_norm'], cfg.rms_norm_eps)
-  gate = jnp.einsum('btd,df->btf', h, p['gate'].astype(dt))
-  up = jnp.einsum('btd,df->btf', h, p['up'].astype(dt))
-  return x + jnp.einsum('btf,fd->btd', jax.nn.silu(gate) * up, p['down'].astype(dt)), kv
+  gate = project(p, 'gate', 'btd,df->btf', h, lora_scale)
+  up = project(p, 'up', 'btd,df->btf', h, lora_scale)
+  return x + project(p, 'down', 'btf,fd->btd', jax.nn.silu(gate) * up, lora_scale), kv
 
 
 def _chunk_sequence(x: Array, chunk: int, fill) -> tuple[Array, int]:
@@ -531,8 +551,15 @@ LAYER_PARAM_NAMES = ('attn_norm', 'q', 'k', 'v', 'q_bias', 'k_bias', 'v_bias', '
                      'down')
 
 
+class LoRAParam(nnx.Param):
+  """A LoRA adapter factor (var_jax/lora.py): the only parameters a LoRA run trains; the nnx.Params it adapts stay
+  frozen. A subclass of nnx.Param, so sharding, saving and loading treat it as any parameter."""
+
+
 class DecoderLayers(nnx.Module):
-  """All L transformer blocks' parameters, stacked on a leading 'layers' axis."""
+  """All L transformer blocks' parameters, stacked on a leading 'layers' axis, and any LoRA adapters of them
+  (`<name>_lora_a` [L, *in, r], `<name>_lora_b` [L, r, *out], added by var_jax/lora.attach; their update is scaled
+  by lora_scale = alpha / r)."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     l, d, f, dh = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
@@ -550,10 +577,12 @@ class DecoderLayers(nnx.Module):
     self.gate = _param(rngs, (l, d, f), ('layers', 'embed', 'mlp'), pd)
     self.up = _param(rngs, (l, d, f), ('layers', 'embed', 'mlp'), pd)
     self.down = _param(rngs, (l, f, d), ('layers', 'mlp', 'embed'), pd)
+    self.lora_scale = 0.0
 
   def arrays(self) -> dict[str, Array]:
-    """The stacked parameter values as a plain dict (the scan's xs)."""
-    return {n: getattr(self, n)[...] for n in LAYER_PARAM_NAMES if hasattr(self, n)}
+    """The stacked parameter values, adapters included, as a plain dict (the scan's xs)."""
+    names = LAYER_PARAM_NAMES + tuple(f'{n}_lora_{ab}' for n in LORA_INPUT_AXES for ab in 'ab')
+    return {n: getattr(self, n)[...] for n in names if hasattr(self, n)}
 
 
 @struct.dataclass
@@ -642,7 +671,8 @@ class Decoder(nnx.Module):
 
     def body(x, xs):
       layer_params, kv = xs
-      x, kv = decoder_layer(cfg, layer_params, x, cos, sin, mask, kv, index, segment_ids=segment_ids)
+      x, kv = decoder_layer(cfg, layer_params, x, cos, sin, mask, kv, index, segment_ids=segment_ids,
+                            lora_scale=self.layers.lora_scale)
       return batch_sharded(x), kv
 
     if cfg.remat != 'none':

@@ -29,6 +29,7 @@ import numpy as np
 from flax import nnx
 
 from var_jax import flops as flops_lib
+from var_jax import lora
 from var_jax import objectives
 from var_jax import sampling
 from var_jax import sharding as sharding_lib
@@ -153,17 +154,19 @@ def sample_rollout(sampler, reference, reward_model, table: dict, idx, key, cfg,
 
 def make_iteration(objective: objectives.Objective, cfg, graphdef, rest, tx, schedule, mesh, *, num_prompts: int,
                    eos_id: int, pad_id: int, ignore_ids, rm_graphdef=None):
-  """iteration(state, table, ref_params, rm_state) -> (state, metrics): one rollout and its updates, for jax.jit.
+  """iteration(state, table, ref_params, rm_state, frozen=None) -> (state, metrics): one rollout and its updates, for
+  jax.jit.
 
   objective: the stage's, with its settings (it says whose samples it trains on: `samples_reference`, and whether
   the state keeps a sampling copy of the parameters: `keeps_sampler_copy`); ref_params: the reference's nnx.Param
   state (same graphdef as the policy); rm_state: the reward model's state (its graphdef is rm_graphdef) or None for
-  the gold reward."""
+  the gold reward; frozen: a LoRA run's frozen parameters (then params, ref_params and the sampler's copy are
+  adapters: the reference's are zero, `lora.zero_like`), None otherwise."""
   o = cfg.online
   train_step = train_lib.make_train_step(objective, graphdef, rest, tx, schedule)
-  merge = lambda p: nnx.merge(graphdef, p, rest)  # noqa: E731
 
-  def iteration(state, table, ref_params, rm_state):
+  def iteration(state, table, ref_params, rm_state, frozen=None):
+    merge = lambda p: train_lib.merge_model(graphdef, p, frozen, rest)  # noqa: E731
     train_state = state["train"]
     index = train_state["step"] // o.updates_per_rollout
     key, sample_key = jax.random.split(jax.random.wrap_key_data(state["rng"]))
@@ -172,7 +175,7 @@ def make_iteration(objective: objectives.Objective, cfg, graphdef, rest, tx, sch
     reward_model = None if rm_state is None else nnx.merge(rm_graphdef, rm_state)
     batch = sample_rollout(merge(sampler_params), merge(ref_params), reward_model, table, idx, sample_key, cfg,
                            eos_id=eos_id, pad_id=pad_id, ignore_ids=ignore_ids, mesh=mesh)
-    train_state, metrics = jax.lax.scan(lambda s, _: train_step(s, batch), train_state, None,
+    train_state, metrics = jax.lax.scan(lambda s, _: train_step(s, batch, frozen), train_state, None,
                                         length=o.updates_per_rollout)
     metrics = jax.tree.map(lambda m: m[-1], metrics)  # The last update's (the rollout's metrics are the same in all).
     new = {"train": train_state, "rng": jax.random.key_data(key),
@@ -188,15 +191,16 @@ def make_iteration(objective: objectives.Objective, cfg, graphdef, rest, tx, sch
 
 def make_heldout_eval(cfg, graphdef, rest, mesh, *, num_prompts: int, batches: int, eos_id: int, pad_id: int,
                       ignore_ids, rm_graphdef=None):
-  """evaluate(params, table, ref_params, rm_state) -> held-out metrics of the policy `params`, for jax.jit.
+  """evaluate(params, table, ref_params, rm_state, frozen=None) -> held-out metrics of the policy `params` (frozen:
+  as in `make_iteration`), for jax.jit.
 
   Samples online.group responses for each of `batches` x online.prompts_per_step held-out prompts (the first ones
   of `table`, cycled when there are fewer) from the policy, with a fixed key so every evaluation sees the same
   draws, and reports their mean reward, length and the policy's per-token KL to the reference (k3)."""
   o = cfg.online
-  merge = lambda p: nnx.merge(graphdef, p, rest)  # noqa: E731
 
-  def evaluate(params, table, ref_params, rm_state):
+  def evaluate(params, table, ref_params, rm_state, frozen=None):
+    merge = lambda p: train_lib.merge_model(graphdef, p, frozen, rest)  # noqa: E731
     reward_model = None if rm_state is None else nnx.merge(rm_graphdef, rm_state)
 
     def one(b):
@@ -252,7 +256,9 @@ def train_online(objective: objectives.Objective, cfg, model: nnx.Module, refere
                  iteration_flops: float = 0.0) -> nnx.Module:
   """Trains `model` (a policy, sharded on `mesh`) for cfg[objective.name].steps iterations and returns it.
 
-  objective: the stage's (GRPO, online VAR), with its settings; reference: the frozen reference policy;
+  objective: the stage's (GRPO, online VAR), with its settings; reference: the frozen reference policy, or None
+  when `model` has LoRA adapters (var_jax/lora.py): the reference is then the model's frozen weights, adapters at
+  zero, with no second copy;
   reward_model: None for the gold reward (then the tables carry targets); workdir: the stage's directory
   (checkpoints/, logs/); eval_table: held-out prompts, evaluated (`make_heldout_eval`, eval_batches batches) at
   eval_every and at the end, or None; iteration_flops: model FLOPs of one iteration (`rollout_flops`), for MFU.
@@ -261,7 +267,8 @@ def train_online(objective: objectives.Objective, cfg, model: nnx.Module, refere
   stage, o = objective.name, cfg.online
   section = cfg[stage]
   iterations = int(section.steps)
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  graphdef, params, frozen, rest = nnx.split(model, lora.trainable(model), nnx.Param, ...)
+  frozen = frozen if lora.has_adapters(model) else None
   tx, schedule = train_lib.make_optimizer(float(section.lr), iterations * o.updates_per_rollout, cfg.optim)
   replicated = sharding_lib.replicated(mesh)
   train_shardings = train_lib.train_state_shardings(tx, params, mesh)
@@ -279,12 +286,13 @@ def train_online(objective: objectives.Objective, cfg, model: nnx.Module, refere
   put = lambda x: jax.device_put(np.asarray(x), replicated)  # noqa: E731
   on_device = lambda t: {f.name: put(getattr(t, f.name)) for f in dataclasses.fields(t)  # noqa: E731
                          if getattr(t, f.name) is not None}
-  ref_params = nnx.state(reference, nnx.Param)
+  ref_params = nnx.state(reference, nnx.Param) if frozen is None else lora.zero_like(params)
+  constants = () if frozen is None else (frozen,)
   rm_graphdef, rm_state = (None, None) if reward_model is None else nnx.split(reward_model)
   ignore = put(np.asarray(ignore_ids, np.int32))
   iteration = make_iteration(objective, cfg, graphdef, rest, tx, schedule, mesh, num_prompts=len(table.tokens),
                              eos_id=eos_id, pad_id=pad_id, ignore_ids=ignore, rm_graphdef=rm_graphdef)
-  inputs = (on_device(table), ref_params, rm_state)
+  inputs = (on_device(table), ref_params, rm_state) + constants
 
   evaluate = None
   if eval_table is not None and cfg.eval_batches > 0:
@@ -293,7 +301,7 @@ def train_online(objective: objectives.Objective, cfg, model: nnx.Module, refere
                                         rm_graphdef=rm_graphdef), out_shardings=replicated)
     device_eval_table = on_device(eval_table)
     evaluate = lambda state: train_lib.host_scalars(  # noqa: E731
-        heldout(state["train"]["params"], device_eval_table, ref_params, rm_state))
+        heldout(state["train"]["params"], device_eval_table, ref_params, rm_state, *constants))
 
   state = train_lib.run_loop(
       stage, cfg, workdir, mesh, total_steps=iterations, init=init, params=params, shardings=shardings,

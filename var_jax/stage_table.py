@@ -39,7 +39,7 @@ class Stage:
 
 
 STAGES = (
-    Stage("sft", "reference", ("seed", "data", "model", "sft", "optim"), writes=("params",), objective="sft"),
+    Stage("sft", "reference", ("seed", "data", "model", "sft", "optim", "lora"), writes=("params",), objective="sft"),
     Stage("reward", "reward", ("reward",), reads=("sft",), writes=("params",), objective="reward", pairs=True),
     Stage("score", "score", ("score",), reads=("sft", "reward"), writes=("scores",)),
     Stage("var", "policy", ("var",), reads=("score",), writes=("params",), objective="var", compared=True),

@@ -18,6 +18,7 @@ from var_jax import config as config_lib
 from var_jax import cost as cost_lib
 from var_jax import evaluate
 from var_jax import flops as flops_lib
+from var_jax import lora as lora_lib
 from var_jax import metrics_writer
 from var_jax import model as model_lib
 from var_jax import model_source
@@ -230,15 +231,28 @@ class Context:
       self._pipes[name], self.pipe_stats[name] = built
     return self._pipes[name]
 
-  def train(self, stage: str, model, train_pipe, eval_pipe, cfg=None):
+  def train(self, stage: str, model, train_pipe, eval_pipe, cfg=None, *, lora: bool = True):
     """Trains `model` with the stage's objective (stage_table), built with the settings of `cfg` (the run's config
-    by default, or one with an objective's calibrated settings), for its config section's steps at its lr."""
+    by default, or one with an objective's calibrated settings), for its config section's steps at its lr. With
+    lora.rank > 0 (and `lora`), only adapters train (`with_adapters`)."""
     cfg = cfg or self.cfg
     objective = objectives.build(stage_table.get(stage).objective, cfg)
     per_token = flops_lib.decoder_flops_per_token(self.mcfg, train_pipe.max_len, lm_head=not objective.reward_model)
-    return train_lib.train(stage, objective, cfg, cfg[stage], model, iterator_fn(train_pipe),
-                           eval_batches_fn(cfg, eval_pipe), str(artifacts.stage_dir(self.workdir, stage)),
-                           self.mesh, tokens_flops=lambda n: n * per_token)
+    train = lambda m: train_lib.train(  # noqa: E731
+        stage, objective, cfg, cfg[stage], m, iterator_fn(train_pipe), eval_batches_fn(cfg, eval_pipe),
+        str(artifacts.stage_dir(self.workdir, stage)), self.mesh, tokens_flops=lambda n: n * per_token)
+    return self.with_adapters(stage, model, train) if lora else train(model)
+
+  def with_adapters(self, stage: str, model, train):
+    """train(model) -> model, with LoRA when lora.rank > 0: adapters attached before, saved (adapters.npz) and
+    merged into the weights after, so the stage's saved model is a plain one."""
+    if not self.cfg.lora.rank:
+      return train(model)
+    lora_lib.attach(model, self.cfg.lora, self.mesh, self.rules, seed=self.cfg.seed + 3)
+    model = train(model)
+    artifacts.save_adapters(self.workdir, stage, lora_lib.adapters(model))
+    lora_lib.merge(model)
+    return model
 
   def load(self, stage: str, *, reward: bool = False) -> nnx.Module:
     """The model a finished stage saved, on this run's mesh."""
@@ -410,11 +424,13 @@ def run_online(ctx: Context, stage: str) -> None:
                 if ctx.task.eval_records and cfg.eval_batches > 0 else None)
   ignore = tok.tok.convert_tokens_to_ids(list(synthetic.SPECIAL)) if gold else []
   reward_model = None if gold else ctx.reward_model()
-  policy = online.train_online(
-      objectives.build(stage_table.get(stage).objective, cfg), cfg, ctx.load("sft"), ctx.load("sft"), reward_model,
+  # With LoRA the reference is the policy's frozen weights (adapters at zero): no second copy of the model.
+  reference = None if cfg.lora.rank else ctx.load("sft")
+  policy = ctx.with_adapters(stage, ctx.load("sft"), lambda model: online.train_online(
+      objectives.build(stage_table.get(stage).objective, cfg), cfg, model, reference, reward_model,
       table, str(artifacts.stage_dir(ctx.workdir, stage)), ctx.mesh, eos_id=tok.eos_id, pad_id=tok.pad_id,
       ignore_ids=ignore, eval_table=eval_table,
-      iteration_flops=online.rollout_flops(ctx.mcfg, table, cfg, reward_model=reward_model is not None))
+      iteration_flops=online.rollout_flops(ctx.mcfg, table, cfg, reward_model=reward_model is not None)))
   artifacts.save_model(policy, ctx.workdir, stage)
   artifacts.mark_done(ctx.cfg, ctx.workdir, stage, {"prompts": len(table.tokens)})
 
@@ -442,8 +458,9 @@ def run_judge(ctx: Context, stage: str) -> None:
   train, held_out, info = _judge_records(ctx)
   judge = new_model(cfg, ctx.mcfg, ctx.mesh, ctx.rules, reward=True, seed=cfg.seed + 2)
   _copy_backbone(judge, new_model(cfg, ctx.mcfg, ctx.mesh, ctx.rules, seed=cfg.seed + 2))
+  # Never LoRA: the judge is the instrument every policy is measured with, the same whatever the policies trained.
   judge = ctx.train(stage, judge, make_pipeline(cfg, train, tok, k_max=2, train=True),
-                    make_pipeline(cfg, held_out, tok, k_max=2, train=False))
+                    make_pipeline(cfg, held_out, tok, k_max=2, train=False), lora=False)
   info["heldout_accuracy"] = evaluate.pairwise_accuracy(judge, held_out, tok, cfg.data.bucket)
   logging.info("judge: held-out pairwise accuracy %.4f on %d pairs", info["heldout_accuracy"], len(held_out))
   artifacts.save_model(judge, ctx.workdir, stage)

@@ -28,6 +28,7 @@ from jax.experimental import multihost_utils
 from var_jax import checkpoints
 from var_jax import cost
 from var_jax import flops as flops_lib
+from var_jax import lora
 from var_jax import objectives
 from var_jax import paths
 from var_jax import schedules
@@ -77,26 +78,33 @@ def _merge_micro(x):
   return x.swapaxes(0, 1).reshape((-1,) + x.shape[2:])
 
 
-def make_loss_and_grads(objective: objectives.Objective, graphdef, rest, accum: int):
-  """(params, batch) -> (loss, grads, outputs [g, N], num_tokens [g, N], const). Exact under accumulation."""
+def merge_model(graphdef, params, frozen, rest) -> nnx.Module:
+  """The model from the trained `params`, the `frozen` parameters a LoRA run does not train (None: there are none, and
+  params are all of them) and the `rest` (non-parameter state)."""
+  return nnx.merge(graphdef, params, rest) if frozen is None else nnx.merge(graphdef, params, frozen, rest)
 
-  def micro_loss(params, micro_batch, micro_const, denominator):
-    model = nnx.merge(graphdef, params, rest)
+
+def make_loss_and_grads(objective: objectives.Objective, graphdef, rest, accum: int):
+  """(params, batch, frozen=None) -> (loss, grads, outputs [g, N], num_tokens [g, N], const); grads are params'
+  only (frozen: the parameters not trained, see `merge_model`). Exact under accumulation."""
+
+  def micro_loss(params, micro_batch, micro_const, denominator, frozen):
+    model = merge_model(graphdef, params, frozen, rest)
     num, outputs, num_tokens = objectives.forward_numerator(objective, model, micro_batch, micro_const)
     return num / denominator, (outputs, num_tokens)
 
   grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
-  def loss_and_grads(params, batch):
+  def loss_and_grads(params, batch, frozen=None):
     const = objective.prepare(batch)
     denominator = const.pop("denominator")
     if accum == 1:
-      (loss, (outputs, num_tokens)), grads = grad_fn(params, batch, const, denominator)
+      (loss, (outputs, num_tokens)), grads = grad_fn(params, batch, const, denominator, frozen)
       return loss, grads, outputs, num_tokens, const
 
     def body(carry, micro):
       loss_sum, grad_sum = carry
-      (loss, aux), grads = grad_fn(params, micro[0], micro[1], denominator)
+      (loss, aux), grads = grad_fn(params, micro[0], micro[1], denominator, frozen)
       return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), aux
 
     zeros = jax.tree.map(jnp.zeros_like, params)
@@ -114,12 +122,13 @@ def init_train_state(params, tx: optax.GradientTransformation) -> dict:
 
 
 def make_train_step(objective: objectives.Objective, graphdef, rest, tx, schedule, accum: int = 1):
-  """Returns step(state, batch) -> (state, metrics); state = {step, params, opt_state, first_bad_step}."""
+  """Returns step(state, batch, frozen=None) -> (state, metrics); state = {step, params, opt_state, first_bad_step};
+  frozen: the parameters a LoRA run does not train (an input, not a constant of the compiled step)."""
   loss_and_grads = make_loss_and_grads(objective, graphdef, rest, accum)
 
-  def step(state, batch):
+  def step(state, batch, frozen=None):
     params = state["params"]
-    loss, grads, outputs, num_tokens, const = loss_and_grads(params, batch)
+    loss, grads, outputs, num_tokens, const = loss_and_grads(params, batch, frozen)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     new_params = optax.apply_updates(params, updates)
@@ -137,10 +146,10 @@ def make_train_step(objective: objectives.Objective, graphdef, rest, tx, schedul
 
 
 def make_eval_step(objective: objectives.Objective, graphdef, rest):
-  """eval(params, batch) -> metrics of the objective on a held-out batch (no gradient)."""
+  """eval(params, batch, frozen=None) -> metrics of the objective on a held-out batch (no gradient)."""
 
-  def evaluate(params, batch):
-    model = nnx.merge(graphdef, params, rest)
+  def evaluate(params, batch, frozen=None):
+    model = merge_model(graphdef, params, frozen, rest)
     const = objective.prepare(batch)
     denominator = const.pop("denominator")
     outputs, num_tokens = objectives.outputs_of(objective, model, batch)
@@ -380,16 +389,17 @@ def run_loop(stage: str, cfg, workdir: str, mesh, *, total_steps: int, init: Cal
 
 
 class BatchFeed:
-  """A Feed of an offline stage: global batches from a checkpointable iterator of local numpy batches."""
+  """A Feed of an offline stage: global batches from a checkpointable iterator of local numpy batches, each followed
+  by the step's constant inputs (`constants`: a LoRA run's frozen parameters)."""
 
-  def __init__(self, it, mesh, tokens_flops: Optional[Callable[[int], float]]):
-    self.it, self.mesh, self.tokens_flops = it, mesh, tokens_flops
+  def __init__(self, it, mesh, tokens_flops: Optional[Callable[[int], float]], constants: tuple = ()):
+    self.it, self.mesh, self.tokens_flops, self.constants = it, mesh, tokens_flops, constants
 
   def __next__(self):
     local = next(self.it)
     padded_tokens = int(np.prod(local["inputs"].shape)) * jax.process_count()
     flops = self.tokens_flops(padded_tokens) if self.tokens_flops else 0.0
-    return (sharding_lib.global_batch(local, self.mesh),), flops
+    return (sharding_lib.global_batch(local, self.mesh),) + self.constants, flops
 
   def get_state(self) -> dict:
     return self.it.get_state()
@@ -404,14 +414,17 @@ def train(stage: str, objective: objectives.Objective, cfg, section, model: nnx.
     stage: the stage's name (for logs and messages).
     objective: what it minimises, with its settings (var_jax/objectives.py).
     cfg: the full config; section: cfg[stage] (steps, lr).
-    model: the initial model (a policy, or a reward model for objective.reward_model), sharded onto `mesh`.
+    model: the initial model (a policy, or a reward model for objective.reward_model), sharded onto `mesh`. With
+      LoRA adapters (var_jax/lora.py) only they (`lora.trainable`) are trained, checkpointed and given optimizer
+      state; the other parameters are a frozen input of the step.
     train_iter_fn: state -> a checkpointable iterator of local numpy batches (state None = from the start).
     eval_batches_fn: () -> held-out local batches, or None.
     workdir: the stage's directory; checkpoints go to workdir/checkpoints.
     tokens_flops: training FLOPs of a batch of the given padded token count (for MFU), or None.
   """
   total_steps = int(section.steps)
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  graphdef, params, frozen, rest = nnx.split(model, lora.trainable(model), nnx.Param, ...)
+  frozen = frozen if lora.has_adapters(model) else None
   tx, schedule = make_optimizer(float(section.lr), total_steps, cfg.optim)
   train_step = make_train_step(objective, graphdef, rest, tx, schedule, cfg.optim.grad_accum)
   eval_step = jax.jit(make_eval_step(objective, graphdef, rest))
@@ -419,7 +432,7 @@ def train(stage: str, objective: objectives.Objective, cfg, section, model: nnx.
   def evaluate(state) -> dict[str, float]:
     totals, count = {}, 0
     for local in eval_batches_fn():
-      m = host_scalars(eval_step(state["params"], sharding_lib.global_batch(local, mesh)))
+      m = host_scalars(eval_step(state["params"], sharding_lib.global_batch(local, mesh), frozen))
       for k, v in m.items():
         totals[k] = totals.get(k, 0.0) + v
       count += 1
@@ -427,7 +440,8 @@ def train(stage: str, objective: objectives.Objective, cfg, section, model: nnx.
 
   state = run_loop(stage, cfg, workdir, mesh, total_steps=total_steps, init=lambda p: init_train_state(p, tx),
                    params=params, shardings=train_state_shardings(tx, params, mesh), step=train_step,
-                   feed_fn=lambda s: BatchFeed(train_iter_fn(s), mesh, tokens_flops),
+                   feed_fn=lambda s: BatchFeed(train_iter_fn(s), mesh, tokens_flops,
+                                               () if frozen is None else (frozen,)),
                    evaluate=evaluate if eval_batches_fn is not None else None)
   nnx.update(model, state["params"])
   return model
