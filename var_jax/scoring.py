@@ -297,7 +297,7 @@ def score_pairs(model: nnx.Module, pairs, *, pad_id: int, bucket: int, reward: b
   """Per (prompt ids, response ids) pair, concatenated: the summed response log-prob under a policy, or the reward
   of a reward model (reward=True). [len(pairs)] float32, computed `chunk` rows at a time (never more rows than
   pairs, since padding rows would be computed too)."""
-  longest = max(len(p) + len(r) for p, r in pairs)
+  longest = max(len(x[0]) + len(x[1]) for x in pairs)
   seqs = data_pipeline.build_sequences(pairs, data_pipeline.bucket_length(longest, bucket, 1 << 30), pad_id)
   fn = reward_scores_jit if reward else policy_scores_jit
   out = _in_chunks(fn, *nnx.split(model), seqs, len(pairs), min(chunk, len(pairs)))

@@ -356,7 +356,7 @@ class PreferencePipeline:
           rank[gi, n] = rec.ranking.index(k) if k in rec.ranking else len(rec.ranking)
           if rec.rewards is not None:
             rewards[gi, n] = rec.rewards[k]
-    longest = max((len(p) + len(r) for p, r in filter(None, pairs)), default=1)
+    longest = max((len(x[0]) + len(x[1]) for x in filter(None, pairs)), default=1)
     if longest > self.max_len:
       raise ValueError(f"a sequence of {longest} tokens exceeds max_len={self.max_len}")
     T = self.max_len if self.fixed_len else bucket_length(longest, self.config.bucket, self.max_len)
