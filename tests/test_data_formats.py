@@ -399,3 +399,79 @@ def test_load_task_passes_the_data_config(tmp_path, monkeypatch):
   task = stages.load_task(cfg)
   assert [r.prompt[0]["content"] for r in task.pref_records] == [f"train q{i}" for i in range(5)]
   assert [r.responses for r in task.eval_records] == [("g0", "b0"), ("g1", "b1")]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Multi-message completions (TRL's conversational format): config.data.completion_turns.
+
+def _msg(role, content):
+  return {"role": role, "content": content}
+
+
+# A prompt, then chosen and rejected completions of assistant, tool, assistant / assistant, user, assistant.
+_PROMPT = [_msg("system", "Be brief"), _msg("user", "Weather?")]
+_CHOSEN = [_msg("assistant", "Let me look."), _msg("tool", "sunny"), _msg("assistant", "Sunny.")]
+_REJECTED = [_msg("assistant", "Where?"), _msg("user", "Paris"), _msg("assistant", "Rain.")]
+_EXPLICIT = {"prompt": _PROMPT, "chosen": _CHOSEN, "rejected": _REJECTED}
+_IMPLICIT = {"chosen": _PROMPT + _CHOSEN, "rejected": _PROMPT + _REJECTED}
+
+
+_SINGLE = {"prompt": [_msg("user", "Say hi")], "chosen": [_msg("assistant", "Hi!")],
+           "rejected": [_msg("assistant", "No.")]}
+
+
+@pytest.mark.parametrize("row,single", [(_EXPLICIT, _SINGLE),
+                                        (_IMPLICIT, {k: _SINGLE["prompt"] + _SINGLE[k] for k in ("chosen", "rejected")})],
+                         ids=["explicit", "implicit"])
+def test_multi_message_completions_by_mode(tmp_path, row, single):
+  path = _write_jsonl(tmp_path / "c.jsonl", [row, single])
+  # "single" (the default) keeps the old behaviour: the record is skipped, counted and named.
+  recs, stats = load_preferences(path, skip_invalid=True)
+  assert dict(stats.skipped) == {"multi_turn_response": 1} and stats.kept == 1 and recs[0].completions is None
+  with pytest.raises(ValueError, match=r"c.jsonl:1: field 'chosen' must end in exactly one assistant message after "
+                                       r"the 2 shared message\(s\); it has \['assistant', 'tool', 'assistant'\]"):
+    load_preferences(path)
+  trained = {"last": [(False, False, True)] * 2, "all": [(True, False, True)] * 2}
+  for turns, flags in trained.items():
+    (rec, plain), stats = load_preferences(path, completion_turns=turns)
+    assert stats.kept == 2 and plain.completions is None and plain.responses == ("Hi!", "No.")
+    assert rec.prompt == tuple(_PROMPT) and rec.responses == ("Sunny.", "Rain.")
+    assert [[(m["role"], m["content"]) for m in c] for c in rec.completions] == [
+        [(m["role"], m["content"]) for m in side] for side in (_CHOSEN, _REJECTED)]
+    assert [tuple(m["train"] for m in c) for c in rec.completions] == flags
+
+
+def test_completion_messages_shared_by_both_sides_belong_to_the_prompt(tmp_path):
+  """Explicit completions that start alike give the record their implicit form gives: one message each, "single"."""
+  row = {"prompt": _PROMPT, "chosen": _REJECTED[:2] + [_msg("assistant", "Sunny.")], "rejected": _REJECTED}
+  (rec,), _ = load_preferences(_write_jsonl(tmp_path / "s.jsonl", [row]))
+  assert rec.prompt == tuple(_PROMPT + _REJECTED[:2]) and rec.responses == ("Sunny.", "Rain.")
+  assert rec.completions is None
+
+
+def test_completions_differing_only_in_context_are_not_duplicates(tmp_path):
+  row = {"prompt": _PROMPT, "chosen": _CHOSEN[:2] + _REJECTED[2:], "rejected": _REJECTED}
+  path = _write_jsonl(tmp_path / "d.jsonl", [row])
+  (rec,), _ = load_preferences(path, completion_turns="last")
+  assert rec.responses == ("Rain.", "Rain.") and rec.completions[0][0]["content"] == "Let me look."
+
+
+@pytest.mark.parametrize("turns", ["last", "all"])
+def test_completion_must_end_in_an_assistant_message(tmp_path, turns):
+  row = {"prompt": _PROMPT, "chosen": _CHOSEN[:2], "rejected": _REJECTED}
+  path = _write_jsonl(tmp_path / "e.jsonl", [row])
+  with pytest.raises(ValueError, match=r"e.jsonl:1: field 'chosen' must end in an assistant message after the 2 "
+                                       r"shared message\(s\); it has \['assistant', 'tool'\]"):
+    load_preferences(path, completion_turns=turns)
+  with pytest.raises(ValueError, match=r"no usable records in .*e.jsonl: .*\(completion_not_assistant=1\)"):
+    load_preferences(path, completion_turns=turns, skip_invalid=True)
+
+
+def test_completion_turns_config_is_checked(tmp_path):
+  from var_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  cfg = config_lib.base_config()
+  cfg.data.completion_turns = "every"
+  with pytest.raises(ValueError, match=r"data.completion_turns"):
+    config_lib.validate(cfg)
+  with pytest.raises(ValueError, match=r"completion_turns='every' is not one of \('single', 'last', 'all'\)"):
+    load_preferences(_write_jsonl(tmp_path / "p.jsonl", [PAIR]), completion_turns="every")

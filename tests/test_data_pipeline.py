@@ -478,3 +478,90 @@ def test_two_real_processes_form_the_global_batch():
   sim, _ = build_pipeline(syn.preference_records(96, seed=9), tok, cfg, shard_index=1, shard_count=2)
   assert [b["prompt_index"].tolist() for b in sim.iterator()] == [s["prompts"] for s in outs[1]]
   assert [int(b["inputs"].sum()) for b in sim.iterator()] == [s["inputs_sum"] for s in outs[1]]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Multi-message completions: token ids and loss mask for a tiny known template.
+
+_WORDS = ["[UNK]", "<user>", "<assistant>", "<tool>", "<system>", "<end>", "hi", "a1", "u2", "t2", "a2", "b1", "b2"]
+
+
+@pytest.fixture(scope="module")
+def word_tok():
+  """One token per word; the template writes "<role> content <end> " per message and "<assistant> " to generate."""
+  from tokenizers import Tokenizer as HFTokenizer, models, pre_tokenizers  # pylint: disable=g-import-not-at-top
+  from transformers import PreTrainedTokenizerFast  # pylint: disable=g-import-not-at-top
+  tok = HFTokenizer(models.WordLevel({w: i for i, w in enumerate(_WORDS)}, unk_token="[UNK]"))
+  tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+  template = ("{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} <end> {% endfor %}"
+              "{% if add_generation_prompt %}<assistant> {% endif %}")
+  hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<end>", unk_token="[UNK]", chat_template=template)
+  return Tokenizer(hf, max_prompt_len=16, max_response_len=16)
+
+
+def _ids(text):
+  return [_WORDS.index(w) for w in text.split()]
+
+
+def _completion(turns, *messages):
+  roles = {"a": "assistant", "b": "assistant", "u": "user", "t": "tool"}
+  out = [{"role": roles[c[0]], "content": c} for c in messages]
+  return tuple({**m, "train": (turns == "all" and m["role"] == "assistant") or j == len(out) - 1}
+               for j, m in enumerate(out))
+
+
+@pytest.mark.parametrize("turns,mask", [
+    ("last", [0, 0, 0, 0, 0, 0, 1, 1]),   # a1 <end> <user> u2 <end> <assistant> | a2 <end>
+    ("all", [1, 1, 0, 0, 0, 0, 1, 1]),    # a1 <end> | <user> u2 <end> <assistant> | a2 <end>
+])
+def test_completion_tokens_and_loss_mask(word_tok, turns, mask):
+  prompt = ({"role": "user", "content": "hi"},)
+  rec = PreferenceRecord(prompt=prompt, responses=("a2", "b2"), rewards=None, chosen=0, ranking=(0, 1), source="t",
+                         completions=(_completion(turns, "a1", "u2", "a2"), _completion(turns, "b1", "t2", "b2")))
+  (tr,), stats = tokenize_records([rec], word_tok)
+  assert list(tr.prompt_ids) == _ids("<user> hi <end> <assistant>")
+  # The whole sequence is the template's own rendering of the conversation, token for token.
+  assert list(tr.prompt_ids) + list(tr.responses[0]) == _ids(
+      "<user> hi <end> <assistant> a1 <end> <user> u2 <end> <assistant> a2 <end>")
+  assert list(tr.responses[1]) == _ids("b1 <end> <tool> t2 <end> <assistant> b2 <end>")
+  assert [list(m) for m in tr.response_masks] == [mask, mask] and stats.responses == 2
+  # In the batch, loss_mask[t] weighs the target at t + 1: the trained turns' tokens and nothing else.
+  seq = build_sequences([(tr.prompt_ids, *tr_pair) for tr_pair in zip(tr.responses, tr.response_masks)], 16, 0)
+  targets = [_WORDS[i] for i, on in zip(seq["targets"][0], seq["loss_mask"][0]) if on]
+  assert targets == (["a1", "<end>", "a2", "<end>"] if turns == "all" else ["a2", "<end>"])
+  assert seq["loss_mask"].sum() == 2 * sum(mask)
+
+
+def test_single_message_responses_keep_their_tokens_and_mask(word_tok):
+  """Records without completions tokenize as before: no response masks, the loss on every response token."""
+  rec = _rec("hi", ["a2", "b2"])
+  (tr,), _ = tokenize_records([rec], word_tok)
+  assert tr.response_masks is None and [list(r) for r in tr.responses] == [_ids("a2 <end>"), _ids("b2 <end>")]
+  seq = build_sequences([(tr.prompt_ids, r) for r in tr.responses], 8, 0)
+  assert seq["loss_mask"].tolist() == [[0, 0, 0, 1, 1, 0, 0, 0]] * 2
+
+
+def test_completion_truncation_cuts_the_mask_and_drops_untrained(word_tok):
+  prompt = ({"role": "user", "content": "hi"},)
+  completion = _completion("last", "a1", "u2", "a2")
+  for truncation, want in (("no_eos", None), ("drop", None)):
+    tok = Tokenizer(word_tok.tok, max_prompt_len=16, max_response_len=6, truncation=truncation)
+    encoded, truncated = tok.encode_completion(prompt, completion)
+    assert truncated and encoded is want  # Cut before a2: nothing trained left.
+  tok = Tokenizer(word_tok.tok, max_prompt_len=16, max_response_len=7, truncation="no_eos")
+  (ids, mask), truncated = tok.encode_completion(prompt, completion)
+  assert truncated and list(ids) == _ids("a1 <end> <user> u2 <end> <assistant> a2") and list(mask) == [0] * 6 + [1]
+
+
+def test_completions_through_the_pipeline_and_scoring_blocks(word_tok):
+  recs = [PreferenceRecord(prompt=({"role": "user", "content": "hi"},), responses=("a2", "b2"), rewards=None,
+                           chosen=0, ranking=(0, 1), source=f"t{i}",
+                           completions=(_completion("all", "a1", "u2", "a2"), _completion("all", "b1", "t2", "b2")))
+          for i in range(2)]
+  pipe, _ = build_pipeline(recs, word_tok, PipelineConfig(block_size=2, group_size=2, groups_per_batch=1),
+                           shard_index=0, shard_count=1)
+  batch = pipe.batch(0)
+  assert batch["loss_mask"].sum(-1).tolist() == [[4, 4, 4, 4]]
+  (block,) = pipe.scoring_blocks()
+  seqs = build_sequences(cross_pairs(block), 32, 0)
+  assert seqs["loss_mask"].sum(-1).tolist() == [4] * 8  # Under every prompt of the block, the same trained tokens.

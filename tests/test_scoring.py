@@ -62,3 +62,24 @@ def test_chunks_are_balanced_and_results_do_not_depend_on_them(monkeypatch):
   np.testing.assert_allclose(scoring.score_pairs(model, pairs, pad_id=0, bucket=8, chunk=128), whole, rtol=1e-5,
                              atol=1e-5)
   assert rows == [85, 85]  # Not 2 x 128 with 86 rows of padding.
+
+
+def test_prefix_shared_with_response_masks_equals_naive():
+  """Multi-message completions: tokens with mask 0 (context turns) are conditioned on but left out of the sum, the
+  same in prefix-shared and concatenated scoring; an all-ones mask is no mask."""
+  cfg = model_lib.get_config("tiny")
+  model = model_lib.Decoder(cfg, rngs=nnx.Rngs(5))
+  rng = np.random.default_rng(6)
+  prompts, responses = _block(rng, cfg.vocab_size, 3, 4, (2, 9), (3, 11))
+  masks = [(rng.random(len(r)) < 0.5).astype(np.float32) for r in responses]
+  masks[0][-1], masks[1] = 1.0, None  # at least one trained token; one response unmasked
+  shared = scoring.prefix_shared_scores(model, prompts, responses, bucket=8, response_masks=masks)
+  pairs = [(p, r) if m is None else (p, r, m) for p in prompts for r, m in zip(responses, masks)]
+  naive = scoring.score_pairs(model, pairs, pad_id=0, bucket=8).reshape(3, 4)
+  np.testing.assert_allclose(shared, naive, rtol=1e-5, atol=1e-4)
+  unmasked = scoring.prefix_shared_scores(model, prompts, responses, bucket=8)
+  np.testing.assert_allclose(shared[:, 1], unmasked[:, 1], rtol=1e-5, atol=1e-4)
+  assert np.all(np.abs(shared[:, [0, 2, 3]] - unmasked[:, [0, 2, 3]]) > 1e-3)  # The mask leaves tokens out.
+  ones = scoring.prefix_shared_scores(model, prompts, responses, bucket=8,
+                                      response_masks=[np.ones(len(r), np.float32) for r in responses])
+  np.testing.assert_allclose(ones, unmasked, rtol=1e-6, atol=1e-5)

@@ -27,6 +27,7 @@ STAGES = stage_table.NAMES
 CHOICES = {
     "data.format": ("auto",) + formats.FORMATS,
     "data.truncation": tokenize.TRUNCATIONS,  # What happens to a response longer than data.max_response_len.
+    "data.completion_turns": formats.COMPLETION_TURNS,  # What a multi-message TRL completion trains.
     "model.dtype": model_lib.DTYPES,
     "model.remat": model_lib.REMAT_POLICIES,
     "model.attention_impl": model_lib.ATTENTION_IMPLS,
@@ -73,6 +74,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.max_per_prompt = 0       # > 0: keep at most this many records per first user turn (the first in file order)
                                   # of source and eval_source, before max_records counts them (0 = all).
   c.data.skip_invalid = False     # Skip (and count) invalid records instead of failing on the first one.
+  c.data.completion_turns = "single"  # A TRL conversational chosen/rejected of several messages after the prompt
+                                  # (e.g. assistant, user, assistant; or assistant + tool): "single" skips it
+                                  # (multi_turn_response); "last" trains its last assistant turn, the earlier messages
+                                  # its own context (per response, no loss); "all" trains every assistant turn, user
+                                  # and tool turns masked. Context turns are conditioned on in every score, cross-
+                                  # prompt ones included (var_jax/data/formats.py, "Completions").
   c.data.max_prompt_len = 256     # Tokens; longer prompts keep their most recent tokens.
   c.data.max_response_len = 128   # Tokens incl. EOS; responses cut to nothing are dropped and counted.
   c.data.truncation = "no_eos"    # Response longer than max_response_len: "no_eos" (cut, no EOS target), "drop" it,

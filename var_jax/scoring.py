@@ -2,7 +2,8 @@
 
 For block b with prompts x_0..x_{G-1} and responses y_0..y_{G*K-1}:
   ref_logp[b, p, m] = log pi_ref(y_m | x_p)   (summed over response tokens)
-  ref_ntok[b, m]    = |y_m|
+  ref_ntok[b, m]    = |y_m|                     (its trained tokens: a multi-message completion's context
+                                                turns are teacher-forced, conditioned on, and not counted)
   reward[b, p, m]   = r(x_p, y_m)
 log pi_ref and r are kept apart so every lambda reuses them; a sweep over B <= G reuses them too. Entries of
 missing prompts / responses are NaN (never read: the pipeline's `valid` masks them), and so are the entries no
@@ -60,6 +61,13 @@ def _in_chunks(fn, graphdef, state, seqs: dict, rows: int, chunk: int):
   return jax.tree.map(lambda *xs: np.concatenate(xs), *outs)
 
 
+def _num_trained(block) -> list[float]:
+  """Trained tokens of each response slot of a scoring block (NaN for a missing one)."""
+  masks = block.get("response_masks") or [None] * len(block["response_ids"])
+  return [np.nan if r is None else len(r) if mask is None else float(np.sum(mask))
+          for r, mask in zip(block["response_ids"], masks)]
+
+
 def _blocks_with_progress(pipe: data_pipeline.PreferencePipeline, only: Optional[Sequence[int]]):
   """pipe.scoring_blocks(only) with a progress bar and ETA: on real models scoring is one of the long stages."""
   wanted = None if only is None else {int(b) for b in only}
@@ -111,10 +119,10 @@ def score_blocks(pipe: data_pipeline.PreferencePipeline, ref_model: Optional[nnx
     rows = len(pairs)
     chunk = min(chunk, rows)  # Every block has G * G*K rows: one compiled shape, no padding beyond a block.
     # Each response's log-prob sums its own tokens (EOS included): that many targets.
-    out["ref_ntok"][b] = [len(r) if r is not None else np.nan for r in block["response_ids"]]
+    out["ref_ntok"][b] = _num_trained(block)
     seqs = None
     if not prefix_shared and (ref_split is not None or rm_split is not None):  # Every pair concatenated.
-      longest = max(len(p) + len(r) for p, r in filter(None, pairs))
+      longest = max(len(x[0]) + len(x[1]) for x in filter(None, pairs))
       length = data_pipeline.bucket_length(longest, pipe.config.bucket, pipe.max_len)
       seqs = data_pipeline.build_sequences(pairs, length, pipe.pad_id)
     p_idx = [i for i, p in enumerate(block["prompt_ids"]) if p is not None]
@@ -122,9 +130,11 @@ def score_blocks(pipe: data_pipeline.PreferencePipeline, ref_model: Optional[nnx
 
     def shared(model, reward=False):  # [G, G*K] over the block's present prompts and responses, NaN elsewhere.
       scores = np.full((g, g * k), np.nan, np.float32)
+      masks = block.get("response_masks")
       scores[np.ix_(p_idx, r_idx)] = prefix_shared_scores(
           model, [block["prompt_ids"][i] for i in p_idx], [block["response_ids"][m] for m in r_idx],
-          pad_id=pipe.pad_id, bucket=pipe.config.bucket, reward=reward)
+          pad_id=pipe.pad_id, bucket=pipe.config.bucket, reward=reward,
+          response_masks=None if not masks or all(masks[m] is None for m in r_idx) else [masks[m] for m in r_idx])
       return scores
 
     if ref_split is not None and prefix_shared:
@@ -158,15 +168,16 @@ def _score_own(pipe, out: dict, ref_split, rm_split, reward_fn, chunk: int, only
     b = block["block_index"]
     present = np.array([block["prompt_ids"][own[m]] is not None and r is not None
                         for m, r in enumerate(block["response_ids"])])
-    out["ref_ntok"][b] = [len(r) if r is not None else np.nan for r in block["response_ids"]]
+    out["ref_ntok"][b] = _num_trained(block)
     if not present.any():
       continue
     first = int(np.argmax(present))
-    pairs = [(block["prompt_ids"][own[m]], block["response_ids"][m]) for m in
-             (m if present[m] else first for m in range(g * k))]
+    masks = block.get("response_masks") or [None] * (g * k)
+    pairs = [(block["prompt_ids"][own[m]], block["response_ids"][m]) + (() if masks[m] is None else (masks[m],))
+             for m in (m if present[m] else first for m in range(g * k))]
     seqs = None
     if ref_split is not None or rm_split is not None:
-      longest = max(len(p) + len(r) for p, r in pairs)
+      longest = max(len(x[0]) + len(x[1]) for x in pairs)
       seqs = data_pipeline.build_sequences(pairs, data_pipeline.bucket_length(longest, pipe.config.bucket,
                                                                               pipe.max_len), pipe.pad_id)
     rows = np.arange(g * k)
@@ -196,11 +207,13 @@ def _pad_rows(seqs, length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
   return ids, lens
 
 
-def _prefix_shared_scores(graphdef, state, prompt_ids, prompt_len, response_ids, response_len, reward: bool = False):
+def _prefix_shared_scores(graphdef, state, prompt_ids, prompt_len, response_ids, response_len, response_mask=None,
+                          reward: bool = False):
   """Per (prompt p, response m) pair, with each prompt encoded once: the summed log p(response m | prompt p) of a
   policy, or (reward=True, a RewardModel) the reward read at the response's last token.
 
-  prompt_ids [G, P] (right-padded), prompt_len [G], response_ids [M, R] (right-padded), response_len [M] (>= 1)
+  prompt_ids [G, P] (right-padded), prompt_len [G], response_ids [M, R] (right-padded), response_len [M] (>= 1),
+  response_mask [M, R] or None: 0 on the tokens left out of the sum (a multi-message completion's context turns)
   -> [G, M] float32.
 
   Prefill writes the G prompts into a KVCache of P + R slots (padding slots get segment 0, so they are never
@@ -221,7 +234,8 @@ def _prefix_shared_scores(graphdef, state, prompt_ids, prompt_len, response_ids,
   p_hidden, cache = decoder(prompt_ids, p_pos, p_seg, cache=cache)
   last = jnp.take_along_axis(p_hidden, jnp.maximum(prompt_len - 1, 0)[:, None, None], axis=1)[:, 0]  # [G, D]
   r_seg = (jnp.arange(r_len)[None] < response_len[:, None]).astype(jnp.int32)  # [M, R]
-  targets = jnp.where(r_seg > 0, response_ids, -1)
+  trained = r_seg > 0 if response_mask is None else (r_seg > 0) & (response_mask > 0)
+  targets = jnp.where(trained, response_ids, -1)  # Target -1 has log-prob 0.
 
   def one_prompt(xs):
     k, v, pos, seg, h_last, n_prompt = xs  # k/v [L, P+R, Hkv, Dh]; pos/seg [P+R]; h_last [D]; n_prompt []
@@ -248,11 +262,12 @@ prefix_shared_scores_jit = jax.jit(_prefix_shared_scores, static_argnames="rewar
 
 
 def prefix_shared_scores(model: nnx.Module, prompt_ids, response_ids, *, pad_id: int = 0, bucket: int = 32,
-                         reward: bool = False) -> np.ndarray:
+                         reward: bool = False, response_masks=None) -> np.ndarray:
   """For all G x M (prompt p, response m) pairs: log pi(response m | prompt p) summed over response tokens, or with
   reward=True (`model` a RewardModel) its reward r(prompt p, response m). [G, M] float32.
 
-  prompt_ids: G 1-D int arrays; response_ids: M non-empty 1-D int arrays (each response's tokens incl. its EOS).
+  prompt_ids: G 1-D int arrays; response_ids: M non-empty 1-D int arrays (each response's tokens incl. its EOS);
+  response_masks: None, or M loss masks (None = all tokens summed) as `build_sequences` takes them.
   Equals the naive scores of `build_sequences([(p, r) for p in prompts for r in responses])` (as `score_blocks`
   computes them without prefix sharing) up to float32 rounding, at the cost of encoding G prompts + G*M responses
   instead of G*M pairs. Prompt and response lengths are padded up to multiples of `bucket` so a few shapes compile.
@@ -261,8 +276,15 @@ def prefix_shared_scores(model: nnx.Module, prompt_ids, response_ids, *, pad_id:
                            pad_id)
   r_ids, r_len = _pad_rows(response_ids,
                            data_pipeline.bucket_length(max(map(len, response_ids)), bucket, 1 << 30), pad_id)
+  r_mask = None
+  if response_masks is not None:
+    r_mask = np.zeros(r_ids.shape, np.float32)
+    for i, (r, mask) in enumerate(zip(response_ids, response_masks)):
+      r_mask[i, :len(r)] = 1.0 if mask is None else mask
+    r_mask = jnp.asarray(r_mask)
   graphdef, state = nnx.split(model)
-  out = prefix_shared_scores_jit(graphdef, state, *map(jnp.asarray, (p_ids, p_len, r_ids, r_len)), reward=reward)
+  out = prefix_shared_scores_jit(graphdef, state, *map(jnp.asarray, (p_ids, p_len, r_ids, r_len)), r_mask,
+                                 reward=reward)
   # Every prompt once, every response once per prompt (their padded shapes for the FLOPs).
   (g, p), (m, r) = p_ids.shape, r_ids.shape
   cost.count(tokens=int(p_len.sum() + g * r_len.sum()), flops=(g * p + g * m * r) * flops_lib.decoder_flops_per_token(
@@ -275,7 +297,7 @@ def score_pairs(model: nnx.Module, pairs, *, pad_id: int, bucket: int, reward: b
   """Per (prompt ids, response ids) pair, concatenated: the summed response log-prob under a policy, or the reward
   of a reward model (reward=True). [len(pairs)] float32, computed `chunk` rows at a time (never more rows than
   pairs, since padding rows would be computed too)."""
-  longest = max(len(p) + len(r) for p, r in pairs)
+  longest = max(len(x[0]) + len(x[1]) for x in pairs)
   seqs = data_pipeline.build_sequences(pairs, data_pipeline.bucket_length(longest, bucket, 1 << 30), pad_id)
   fn = reward_scores_jit if reward else policy_scores_jit
   out = _in_chunks(fn, *nnx.split(model), seqs, len(pairs), min(chunk, len(pairs)))

@@ -79,7 +79,7 @@ def read_preferences(d, field: str, split: str):
              revision=d.revision or None, columns=d.columns)
   limit = (d.max_records or None) if not d.max_per_prompt else None
   records, stats = formats.load_preferences(source, d.format, split=split, skip_invalid=d.skip_invalid, limit=limit,
-                                            **hub)
+                                            completion_turns=d.completion_turns, **hub)
   if d.max_per_prompt:
     records = splits.cap_per_first_turn(records, d.max_per_prompt)[:d.max_records or None]
     logging.info("%s: %d records after at most %d per first user turn and max_records=%d", source, len(records),
@@ -440,7 +440,8 @@ def _judge_records(ctx: Context):
   data has, split by first user turn so the judge's accuracy is measured on conversations it never saw."""
   cfg, j = ctx.cfg, ctx.cfg.judge
   records, stats = formats.load_preferences(paths.data_file(j.source, "judge.source"), cfg.data.format, split=j.split,
-                                            skip_invalid=cfg.data.skip_invalid, limit=j.max_records or None)
+                                            skip_invalid=cfg.data.skip_invalid, limit=j.max_records or None,
+                                            completion_turns=cfg.data.completion_turns)
   records, overlap = splits.drop_train_overlap(records, list(ctx.task.pref_records) + list(ctx.task.eval_records))
   train, held_out = splits.split_by_first_turn(records, j.heldout_fraction)
   if not train or not held_out:

@@ -6,13 +6,29 @@ Supported layouts (``fmt``; ``"auto"`` detects from the first record's keys):
                  ``"\\n\\nHuman: ...\\n\\nAssistant: ..."``. The prompt is their shared prefix up to its last
                  ``"\\n\\nAssistant:"``; it is split into chat messages.
 - ``"pairs"``    ``prompt``/``chosen``/``rejected`` columns; each either a string or a chat message list
-                 ([{role, content}]; for a response the last message is taken).
+                 ([{role, content}]; a response list is a completion, see below).
 - ``"sharegpt"`` ``conversations`` [{from, value}] plus ``chosen``/``rejected`` {from, value} (LLaMA-Factory DPO).
 - ``"ranked"``   ``prompt`` plus a ``responses`` list with either ``rewards`` (higher is better) or ``ranks``
                  (0 = best), any number of responses per prompt.
 - ``"implicit_chat"`` TRL's conversational implicit-prompt layout: ``chosen``/``rejected`` are whole conversations
-                 ([{role, content}]); the prompt is their shared message prefix and each response is the single
-                 assistant message after it.
+                 ([{role, content}]); the prompt is their shared message prefix and each response is the
+                 completion after it.
+
+Completions (TRL's conversational ``pairs`` and ``implicit_chat``): the messages of a response after the prompt.
+Leading messages that every completion of a record shares belong to the prompt (so the explicit and the implicit
+form of one conversation give the same record). What remains must end in an assistant message; ``turns``
+(``config.data.completion_turns``, one of COMPLETION_TURNS) says what a completion of more than one message is:
+
+- ``"single"`` (default, the behaviour before the option): skipped as ``multi_turn_response``.
+- ``"last"``:  the last assistant message is the trained response; the completion's earlier messages are its own
+               context. Chosen and rejected may then answer different contexts (in the implicit form they always
+               do: their first completion messages differ), so the context is kept per response, in its tokens
+               with no loss on them, not merged into the shared prompt (which would pick one side's context).
+- ``"all"``:   every assistant message of the completion is trained; its other messages (user, tool) are context
+               with no loss on them.
+
+Such a record's responses are the texts of their last assistant messages and its ``completions`` hold the
+messages, each with a ``train`` flag (`var_jax/data/tokenize.py` turns them into tokens and a loss mask).
 
 Columns named otherwise are mapped onto these names with ``columns`` (``{"prompt": "question", ...}`` or the config
 string ``"prompt=question,chosen=good,rejected=bad"``) before the layout is detected.
@@ -40,6 +56,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 log = logging.getLogger(__name__)
 
 FORMATS = ("hh", "pairs", "sharegpt", "ranked", "implicit_chat")
+COMPLETION_TURNS = ("single", "last", "all")  # What a multi-message completion is (module docstring).
 _HUMAN, _ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                    "system": "system", "observation": "tool", "function_call": "assistant"}
@@ -61,6 +78,9 @@ class PreferenceRecord:
     chosen: index of the preferred response.
     ranking: response indices, best first (for pairs ``(0, 1)``).
     source: where it came from, e.g. ``"harmless-base_test.jsonl.gz:17"``.
+    completions: None when every response is one assistant message; else per response its completion messages
+      after the prompt, each {"role", "content", "train": bool}, the last one the message ``responses`` holds
+      (module docstring, "Completions").
   """
   prompt: tuple[dict, ...]
   responses: tuple[str, ...]
@@ -68,6 +88,7 @@ class PreferenceRecord:
   chosen: int
   ranking: tuple[int, ...]
   source: str
+  completions: tuple[tuple[dict, ...], ...] | None = None
 
 
 @dataclasses.dataclass
@@ -378,7 +399,8 @@ def split_hh_pair(chosen: str, rejected: str, source: str = "") -> tuple[str, st
   return chosen[:end], chosen[end:].strip(), rejected[end:].strip()
 
 
-def _parse_hh(row, source, reward_keys):
+def _parse_hh(row, source, reward_keys, turns="single"):
+  del turns  # One response per side.
   chosen = _text(_field(row, "chosen", source), "chosen", source)
   rejected = _text(_field(row, "rejected", source), "rejected", source)
   prompt_text, c, r = split_hh_pair(chosen, rejected, source)
@@ -401,14 +423,62 @@ def _pair_record(row, prompt, chosen, rejected, source, reward_keys):
                           source=source)
 
 
-def _parse_pairs(row, source, reward_keys):
+def split_completions(prompt: tuple[dict, ...], tails: Sequence[tuple[dict, ...]], turns: str, source: str,
+                      keys: Sequence[str] = ("chosen", "rejected")) -> tuple[tuple[dict, ...], tuple[str, ...],
+                                                                      tuple[tuple[dict, ...], ...] | None]:
+  """(prompt, response texts, completions or None) of responses given as message lists after ``prompt``.
+
+  Leading messages that every tail shares move to the prompt (each tail keeps at least one message); then each
+  tail must end in an assistant message, and with turns="single" be just that message (module docstring,
+  "Completions"). completions is None when every tail is one message, else the tails with a ``train`` flag per
+  message. Raises RecordError ``multi_turn_response`` (turns="single") or ``completion_not_assistant``.
+  """
+  n = 0
+  shortest = min(len(t) for t in tails)
+  while n < shortest - 1 and all(t[n] == tails[0][n] for t in tails):
+    n += 1
+  prompt, tails = prompt + tuple(tails[0][:n]), [tuple(t[n:]) for t in tails]
+  shared = len(prompt)
+  for key, tail in zip(keys, tails):
+    if turns == "single" and (len(tail) != 1 or tail[0]["role"] != "assistant"):
+      raise RecordError("multi_turn_response",
+                        f"{source}: field '{key}' must end in exactly one assistant message after the {shared} "
+                        f"shared message(s); it has {[m['role'] for m in tail]} (config.data.completion_turns="
+                        "'last' or 'all' accepts more)")
+    if not tail or tail[-1]["role"] != "assistant":
+      raise RecordError("completion_not_assistant",
+                        f"{source}: field '{key}' must end in an assistant message after the {shared} shared "
+                        f"message(s); it has {[m['role'] for m in tail]}")
+  texts = tuple(t[-1]["content"].strip() for t in tails)
+  if all(len(t) == 1 for t in tails):
+    return prompt, texts, None
+  completions = tuple(
+      tuple({**m, "train": j == len(t) - 1 or (turns == "all" and m["role"] == "assistant")} for j, m in enumerate(t))
+      for t in tails)
+  return prompt, texts, completions
+
+
+def _completion_pair(row, prompt, tails, turns, source, reward_keys):
+  """The pair record of chosen/rejected message lists after ``prompt`` (`split_completions`)."""
+  prompt, (c, r), completions = split_completions(prompt, tails, turns, source)
+  return dataclasses.replace(_pair_record(row, prompt, c, r, source, reward_keys), completions=completions)
+
+
+def _parse_pairs(row, source, reward_keys, turns="single"):
   prompt = _messages(_field(row, "prompt", source), "prompt", source)
-  c = _response(_field(row, "chosen", source), "chosen", source).strip()
-  r = _response(_field(row, "rejected", source), "rejected", source).strip()
+  values = {key: _field(row, key, source) for key in ("chosen", "rejected")}
+  if any(isinstance(v, (list, tuple)) and len(v) > 1 for v in values.values()):
+    # A completion of several messages: both sides as message lists (a string is one assistant message).
+    tails = [_messages([{"role": "assistant", "content": v}] if isinstance(v, str) else v, key, source)
+             for key, v in values.items()]
+    return _completion_pair(row, prompt, tails, turns, source, reward_keys)
+  c = _response(values["chosen"], "chosen", source).strip()
+  r = _response(values["rejected"], "rejected", source).strip()
   return _pair_record(row, prompt, c, r, source, reward_keys)
 
 
-def _parse_sharegpt(row, source, reward_keys):
+def _parse_sharegpt(row, source, reward_keys, turns="single"):
+  del turns  # One response per side.
   conv = _field(row, "conversations", source)
   if not isinstance(conv, list) or not conv:
     raise RecordError("non_string_field", f"{source}: field 'conversations' must be a non-empty list")
@@ -429,8 +499,8 @@ def _parse_sharegpt(row, source, reward_keys):
   return _pair_record(row, tuple(prompt), c, r, source, reward_keys)
 
 
-def _parse_ranked(row, source, reward_keys):
-  del reward_keys
+def _parse_ranked(row, source, reward_keys, turns="single"):
+  del reward_keys, turns
   prompt = _messages(_field(row, "prompt", source), "prompt", source)
   resp = _field(row, "responses", source)
   if not isinstance(resp, list):
@@ -459,7 +529,7 @@ def _parse_ranked(row, source, reward_keys):
                           chosen=ranking[0] if ranking else 0, ranking=ranking, source=source)
 
 
-def _parse_implicit_chat(row, source, reward_keys):
+def _parse_implicit_chat(row, source, reward_keys, turns="single"):
   chosen = _messages(_field(row, "chosen", source), "chosen", source)
   rejected = _messages(_field(row, "rejected", source), "rejected", source)
   n = 0
@@ -470,16 +540,7 @@ def _parse_implicit_chat(row, source, reward_keys):
   prompt = chosen[:n]
   if not prompt:
     raise RecordError("no_shared_prompt", f"{source}: chosen and rejected share no leading message (the prompt)")
-  responses = []
-  for key, messages in (("chosen", chosen), ("rejected", rejected)):
-    tail = messages[n:]
-    # One response string per side: the conversations must differ only in their final assistant message.
-    if len(tail) != 1 or tail[0]["role"] != "assistant":
-      raise RecordError("multi_turn_response",
-                        f"{source}: field '{key}' must end in exactly one assistant message after the "
-                        f"{n} shared message(s); it has {[m['role'] for m in tail]}")
-    responses.append(tail[0]["content"].strip())
-  return _pair_record(row, prompt, responses[0], responses[1], source, reward_keys)
+  return _completion_pair(row, prompt, [chosen[n:], rejected[n:]], turns, source, reward_keys)
 
 
 _PARSERS = {"hh": _parse_hh, "pairs": _parse_pairs, "sharegpt": _parse_sharegpt, "ranked": _parse_ranked,
@@ -518,7 +579,9 @@ def validate_record(rec: PreferenceRecord, min_responses: int = 2) -> None:
     if not r.strip():
       what = ("chosen" if j == 0 else "rejected") if rec.ranking == (0, 1) else f"responses[{j}]"
       raise RecordError("empty_response", f"{src}: field '{what}' is empty")
-  if len(set(rec.responses)) != len(rec.responses):
+  # Responses that differ only in their completion's context are distinct sequences, not a duplicate.
+  keys = rec.responses if rec.completions is None else [json.dumps(c, sort_keys=True) for c in rec.completions]
+  if len(set(keys)) != len(keys):
     what = "chosen and rejected are identical" if len(rec.responses) == 2 else "duplicate responses"
     raise RecordError("identical_responses", f"{src}: {what}")
   if rec.rewards is not None:
@@ -531,13 +594,15 @@ def validate_record(rec: PreferenceRecord, min_responses: int = 2) -> None:
 
 def parse_rows(rows: Iterable[tuple[str, Any]], fmt: str = "auto", *, min_responses: int = 2,
                skip_invalid: bool = False, reward_keys: Sequence[tuple[str, str]] = DEFAULT_REWARD_KEYS,
-               columns: Mapping[str, str] | str | None = None,
-               stats: LoadStats | None = None) -> tuple[list[PreferenceRecord], LoadStats]:
+               columns: Mapping[str, str] | str | None = None, stats: LoadStats | None = None,
+               completion_turns: str = "single") -> tuple[list[PreferenceRecord], LoadStats]:
   """Parses and validates (source, row) pairs. Returns (records, stats); see `load_preferences`."""
   stats = stats if stats is not None else LoadStats()
   columns = parse_columns(columns)
   if fmt != "auto" and fmt not in _PARSERS:
     raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS} or 'auto'")
+  if completion_turns not in COMPLETION_TURNS:
+    raise ValueError(f"completion_turns={completion_turns!r} is not one of {COMPLETION_TURNS}")
   records = []
   for source, row in rows:
     stats.read += 1
@@ -545,7 +610,7 @@ def parse_rows(rows: Iterable[tuple[str, Any]], fmt: str = "auto", *, min_respon
       row = _apply_columns(row, columns, source)
       if fmt == "auto":
         fmt = detect_format(row)
-      rec = _PARSERS[fmt](row, source, reward_keys)
+      rec = _PARSERS[fmt](row, source, reward_keys, turns=completion_turns)
       validate_record(rec, min_responses)
     except RecordError as e:
       if not skip_invalid:
@@ -564,7 +629,8 @@ def load_preferences(source: str, fmt: str = "auto", *, split: str = "train", da
                      config_name: str | None = None, data_files=None, revision: str | None = None,
                      columns: Mapping[str, str] | str | None = None, min_responses: int = 2,
                      skip_invalid: bool = False, reward_keys: Sequence[tuple[str, str]] = DEFAULT_REWARD_KEYS,
-                     limit: int | None = None, **hf_kwargs) -> tuple[list[PreferenceRecord], LoadStats]:
+                     limit: int | None = None, completion_turns: str = "single",
+                     **hf_kwargs) -> tuple[list[PreferenceRecord], LoadStats]:
   """Loads preference records from a local file or a HF dataset.
 
   Args:
@@ -579,6 +645,7 @@ def load_preferences(source: str, fmt: str = "auto", *, split: str = "train", da
     skip_invalid: skip and count bad records instead of raising.
     reward_keys: (chosen key, rejected key) column pairs searched for per-response rewards.
     limit: read at most this many rows (for quick experiments).
+    completion_turns: what a completion of several messages is: one of COMPLETION_TURNS (module docstring).
 
   Returns:
     (records in file order, LoadStats with read/kept/skipped-by-reason counts).
@@ -595,7 +662,8 @@ def load_preferences(source: str, fmt: str = "auto", *, split: str = "train", da
   if limit is not None:
     rows = itertools.islice(rows, limit)
   records, stats = parse_rows(rows, fmt, min_responses=min_responses, skip_invalid=skip_invalid,
-                              reward_keys=reward_keys, columns=columns, stats=stats)
+                              reward_keys=reward_keys, columns=columns, stats=stats,
+                              completion_turns=completion_turns)
   if not records:  # Say so here, not later as "0 blocks cannot feed 1 shards".
     raise ValueError(f"no usable records in {source}: {stats}" + (
         "; see the format description in var_jax/data/formats.py" if stats.skipped else ""))

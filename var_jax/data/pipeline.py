@@ -20,7 +20,8 @@ Batch contract (numpy; leading axis g = local groups per batch; N = B*K_max; T =
 
   inputs        [g, N, T] int32   prompt ids ++ response ids (ending in EOS), padded with pad_id
   targets       [g, N, T] int32   inputs shifted left by one (last column pad_id)
-  loss_mask     [g, N, T] float32 1 where targets[t] is a response token (incl. its EOS), else 0
+  loss_mask     [g, N, T] float32 1 where targets[t] is a response token (incl. its EOS), else 0; in a
+                                  multi-message completion only its trained turns' tokens (TokenizedRecord)
   positions     [g, N, T] int32   0..L-1 on real tokens, 0 on padding
   segment_ids   [g, N, T] int32   1 on real tokens, 0 on padding (and on whole invalid slots)
   owner         [g, N]    int32   prompt index within the group (n // K_max), 0..B-1
@@ -155,12 +156,19 @@ def bucket_length(length: int, bucket: int, max_len: int) -> int:
   return min(t, max_len)
 
 
-def build_sequences(pairs: Sequence[tuple[np.ndarray, np.ndarray] | None], length: int,
+def with_mask(rec: TokenizedRecord, k: int) -> tuple[np.ndarray, ...]:
+  """(response ids,) of a record's k-th response, plus its loss mask when not every token is trained."""
+  mask = None if rec.response_masks is None else rec.response_masks[k]
+  return (rec.responses[k],) if mask is None else (rec.responses[k], mask)
+
+
+def build_sequences(pairs: Sequence[tuple[np.ndarray, ...] | None], length: int,
                     pad_id: int) -> dict[str, np.ndarray]:
-  """Concatenates (prompt ids, response ids) pairs into padded [n, T] training arrays.
+  """Concatenates (prompt ids, response ids[, response loss mask]) entries into padded [n, T] training arrays.
 
   A None entry gives an all-padding row with a zero mask. Returns inputs, targets, loss_mask, positions,
-  segment_ids ([n, T]) and prompt_len [n]. loss_mask[t] = 1 iff targets[t] = inputs[t+1] is a response token.
+  segment_ids ([n, T]) and prompt_len [n]. loss_mask[t] = 1 iff targets[t] = inputs[t+1] is a response token
+  (times the response's own mask [R] when the entry has one: a multi-message completion's untrained turns).
   """
   n = len(pairs)
   inputs = np.full((n, length), pad_id, np.int32)
@@ -171,13 +179,13 @@ def build_sequences(pairs: Sequence[tuple[np.ndarray, np.ndarray] | None], lengt
   for j, pair in enumerate(pairs):
     if pair is None:
       continue
-    p, r = pair
+    p, r = pair[:2]
     total = len(p) + len(r)
     if total > length:
       raise ValueError(f"sequence of {total} tokens does not fit T={length}")
     inputs[j, :len(p)] = p
     inputs[j, len(p):total] = r
-    loss_mask[j, len(p) - 1:total - 1] = 1.0
+    loss_mask[j, len(p) - 1:total - 1] = pair[2] if len(pair) > 2 else 1.0
     positions[j, :total] = np.arange(total)
     segment_ids[j, :total] = 1
     prompt_len[j] = len(p)
@@ -342,13 +350,13 @@ class PreferencePipeline:
             continue
           if len(rec.responses) > K:
             raise ValueError(f"{rec.source}: {len(rec.responses)} responses > k_max={K}")
-          pairs.append((rec.prompt_ids, rec.responses[k]))
+          pairs.append((rec.prompt_ids, *with_mask(rec, k)))
           valid[gi, n] = True
           is_chosen[gi, n] = k == rec.chosen
           rank[gi, n] = rec.ranking.index(k) if k in rec.ranking else len(rec.ranking)
           if rec.rewards is not None:
             rewards[gi, n] = rec.rewards[k]
-    longest = max((len(p) + len(r) for p, r in filter(None, pairs)), default=1)
+    longest = max((len(x[0]) + len(x[1]) for x in filter(None, pairs)), default=1)
     if longest > self.max_len:
       raise ValueError(f"a sequence of {longest} tokens exceeds max_len={self.max_len}")
     T = self.max_len if self.fixed_len else bucket_length(longest, self.config.bucket, self.max_len)
@@ -384,9 +392,10 @@ class PreferencePipeline:
     """This shard's blocks (those in `only` when given) in fixed (row) order, for the scoring stage.
 
     Yields dicts: block_index (int), prompt_ids (G arrays or None for dummies), response_ids (G*K_max arrays
-    or None for missing slots), prompt_valid [G] bool, response_valid [G*K_max] bool, owner [G*K_max] int32
-    (slot of the prompt the response belongs to). A scorer builds the G x G*K_max pairs with
-    `build_sequences` and fills ref_logp[b, p, m] / reward[b, p, m] / ref_ntok[b, m].
+    or None for missing slots), response_masks (G*K_max loss masks [R], None where every token is trained or the
+    slot is missing), prompt_valid [G] bool, response_valid [G*K_max] bool, owner [G*K_max] int32 (slot of the
+    prompt the response belongs to). A scorer builds the G x G*K_max pairs with `build_sequences` and fills
+    ref_logp[b, p, m] / reward[b, p, m] / ref_ntok[b, m].
     """
     G, K = self.config.block_size, self.k_max
     wanted = None if only is None else set(int(b) for b in only)
@@ -394,18 +403,21 @@ class PreferencePipeline:
       if wanted is not None and int(b) not in wanted:
         continue
       recs = [self._record(int(p)) for p in self.blocks[b]]
-      responses = [None if r is None or k >= len(r.responses) else r.responses[k] for r in recs for k in range(K)]
+      slots = [None if r is None or k >= len(r.responses) else with_mask(r, k) for r in recs for k in range(K)]
+      responses = [None if x is None else x[0] for x in slots]
       yield dict(block_index=int(b), prompt_ids=[None if r is None else r.prompt_ids for r in recs],
-                 response_ids=responses, prompt_valid=np.array([r is not None for r in recs]),
+                 response_ids=responses, response_masks=[None if x is None or len(x) < 2 else x[1] for x in slots],
+                 prompt_valid=np.array([r is not None for r in recs]),
                  response_valid=np.array([x is not None for x in responses]),
                  owner=np.repeat(np.arange(G, dtype=np.int32), K))
 
 
-def cross_pairs(block: Mapping[str, Any]) -> list[tuple[np.ndarray, np.ndarray] | None]:
-  """All G * (G*K_max) (prompt p, response m) pairs of a scoring block, row-major (p, m); None if either is
-  missing. Feed to `build_sequences` and reshape its outputs to [G, G*K_max, T]."""
-  return [None if p is None or r is None else (p, r)
-          for p in block["prompt_ids"] for r in block["response_ids"]]
+def cross_pairs(block: Mapping[str, Any]) -> list[tuple[np.ndarray, ...] | None]:
+  """All G * (G*K_max) (prompt p, response m[, its loss mask]) entries of a scoring block, row-major (p, m); None
+  if either is missing. Feed to `build_sequences` and reshape its outputs to [G, G*K_max, T]."""
+  masks = block.get("response_masks") or [None] * len(block["response_ids"])
+  return [None if p is None or r is None else (p, r) if mask is None else (p, r, mask)
+          for p in block["prompt_ids"] for r, mask in zip(block["response_ids"], masks)]
 
 
 # ----------------------------------------------------------------------------------------------------------------

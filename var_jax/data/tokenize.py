@@ -18,6 +18,16 @@ Any (prompt, response) sequence -- own-context or the cross-context pairs VAR's 
   (the behaviour before the option existed, for reproducing old runs). Downstream code treats the response tokens
   as a list that may or may not end in EOS: sequence log-probs sum over them, and a reward model reads the hidden
   state at the last response token, whatever it is, in training and scoring alike.
+- Multi-message completions (a record with ``completions``, var_jax/data/formats.py): a response is the
+  completion's messages in order, as one token list with a loss mask (1 = trained). A trained assistant message is
+  encoded as a single response is (its text, then exactly one EOS); the text between two trained messages -- the
+  template's end of the earlier turn after the EOS that stands for it, the untrained messages (user, tool, or
+  earlier assistant turns under completion_turns="last"), and the next turn's generation prompt -- is what the
+  chat template (or the plain format) renders there, with no loss on it (`completion_segments`). It needs a
+  template whose rendering of a longer conversation extends that of a shorter one; otherwise the record is
+  dropped (counted under prompts_dropped['template_not_incremental']) or, without skip_invalid, a ValueError. Such
+  a response is cut by max_response_len like any other (its mask with it); one with no trained token left is
+  dropped.
 - Truncation: prompts longer than ``max_prompt_len`` lose their oldest turns first (a leading system message is
   kept), then -- if the last turn alone is too long -- their oldest tokens (a leading BOS is kept). Responses with
   no tokens left are dropped and counted; a prompt left with fewer than ``min_responses`` responses raises
@@ -47,6 +57,8 @@ class TokenizedRecord:
   responses: K arrays [R_k] int32, each ending with exactly one EOS, except responses cut by max_response_len under
     truncation="no_eos" (no EOS at all).
   rewards, chosen, ranking, source: as in PreferenceRecord, re-indexed if responses were dropped.
+  response_masks: None when every response token is trained; else per response None (all trained) or [R_k]
+    float32, 1 on the tokens with a loss (a multi-message completion's assistant turns).
   """
   prompt_ids: np.ndarray
   responses: tuple[np.ndarray, ...]
@@ -54,6 +66,7 @@ class TokenizedRecord:
   chosen: int
   ranking: tuple[int, ...]
   source: str
+  response_masks: tuple[np.ndarray | None, ...] | None = None
 
 
 @dataclasses.dataclass
@@ -92,6 +105,44 @@ def render_prompt(messages: Sequence[dict], tokenizer, use_chat_template: bool |
   if use_chat_template:
     return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
   return plain_prompt(messages)
+
+
+def completion_segments(prompt: Sequence[dict], completion: Sequence[dict], render, response_prefix: str = "",
+                        eos_text: str = "") -> list[tuple[str, bool]]:
+  """A completion as (text, trained) segments following the rendered prompt (module docstring).
+
+  prompt, completion: chat messages; each completion message has a ``train`` flag and trained ones are assistant
+  turns. render: messages -> text ending in a generation prompt (`render_prompt`). A trained segment is
+  ``response_prefix + content`` (its EOS is the caller's); an untrained one is the rendered text up to the next
+  trained turn's generation prompt, without the template's end of the previous trained turn where it starts with
+  ``eos_text`` (the EOS appended to that turn stands for it). Empty untrained segments are left out.
+  Raises ValueError if the template's rendering of the conversation does not extend its rendering of a prefix.
+  """
+  messages = [{"role": m["role"], "content": m["content"]} for m in completion]
+  head = list(prompt)
+  done, content = render(head), None  # Text rendered up to the current generation prompt; that turn's content.
+  out: list[tuple[str, bool]] = []
+  for j, m in enumerate(completion):
+    if not m["train"]:
+      continue
+    text = render(head + messages[:j])
+    if not text.startswith(done):
+      raise ValueError("the chat template's rendering of a conversation does not extend the rendering of its "
+                       "beginning")
+    between = text[len(done):]
+    if content is not None:  # After a trained turn: drop its content, then the end of turn its EOS stands for.
+      between = between.lstrip()
+      if not between.startswith(content):
+        raise ValueError("the chat template does not render an assistant message's content verbatim")
+      between = between[len(content):]
+      if eos_text and between.lstrip().startswith(eos_text):
+        between = between.lstrip()[len(eos_text):]
+    if between:
+      out.append((between, False))
+    content = m["content"].strip()
+    out.append((response_prefix + content, True))
+    done = text
+  return out
 
 
 def adds_bos(tokenizer) -> bool:
@@ -206,6 +257,37 @@ class Tokenizer:
       out.append(np.asarray(x + eos, np.int32) if x else None)
     return out, truncated
 
+  def encode_completion(self, prompt: Sequence[dict],
+                        completion: Sequence[dict]) -> tuple[tuple[np.ndarray, np.ndarray] | None, bool]:
+    """(ids [R] int32, loss mask [R] float32) of a multi-message completion after ``prompt`` (module docstring), or
+    None if no trained token is left or it was cut under "drop"; and whether it was longer than max_response_len.
+
+    Raises ValueError if the chat template cannot be split into turns (`completion_segments`).
+    """
+    eos_text = self.tok.decode([self.eos_id]) if self.chat else ""
+    segments = completion_segments(prompt, completion, self.render, self.response_prefix, eos_text)
+    ids, mask = [], []
+    for (text, trained), x in zip(segments, self._encode([t for t, _ in segments])):
+      if self.bos_id is not None and x and x[0] == self.bos_id:
+        x = x[1:]
+      if trained:
+        while x and x[-1] == self.eos_id:
+          x = x[:-1]
+        x = x + [self.eos_id]
+      ids += x
+      mask += [float(trained)] * len(x)
+    truncated = len(ids) > self.max_response_len
+    if truncated:
+      if self.truncation == "drop":
+        ids = []
+      elif self.truncation == "no_eos":
+        ids, mask = ids[:self.max_response_len], mask[:self.max_response_len]
+      else:  # The cut turn ends in an EOS, trained if the cut falls in a trained turn.
+        ids, mask = ids[:self.max_response_len - 1] + [self.eos_id], mask[:self.max_response_len]
+    if not ids or not any(mask):
+      return None, truncated
+    return (np.asarray(ids, np.int32), np.asarray(mask, np.float32)), truncated
+
   def decode(self, ids) -> str:
     return self.tok.decode(list(np.asarray(ids)), skip_special_tokens=True)
 
@@ -220,14 +302,25 @@ def tokenize_records(records: Sequence[PreferenceRecord], tok: Tokenizer, *, min
   """
   stats = TokenizeStats(prompts=len(records))
   prompt_ids, stats.prompts_truncated = tok.encode_prompts([r.prompt for r in records])
-  flat = [t for r in records for t in r.responses]
-  stats.responses = len(flat)
+  flat = [t for r in records if r.completions is None for t in r.responses]
+  stats.responses = sum(len(r.responses) for r in records)
   resp_ids, stats.responses_truncated = tok.encode_responses(flat)
   out: list[TokenizedRecord | None] = []
   pos = 0
   for rec, pids in zip(records, prompt_ids):
-    ids = resp_ids[pos:pos + len(rec.responses)]
-    pos += len(rec.responses)
+    masks = None
+    if rec.completions is None:
+      ids = resp_ids[pos:pos + len(rec.responses)]
+      pos += len(rec.responses)
+    else:
+      try:
+        ids, masks = _encode_completions(rec, tok, stats)
+      except ValueError as e:
+        if not skip_invalid:
+          raise ValueError(f"{rec.source}: {e}") from e
+        stats.prompts_dropped["template_not_incremental"] += 1
+        out.append(None)
+        continue
     keep = [k for k, x in enumerate(ids) if x is not None]
     stats.responses_dropped += len(ids) - len(keep)
     if len(keep) < min_responses:
@@ -244,7 +337,8 @@ def tokenize_records(records: Sequence[PreferenceRecord], tok: Tokenizer, *, min
     out.append(TokenizedRecord(
         prompt_ids=pids, responses=tuple(ids[k] for k in keep),
         rewards=None if rec.rewards is None else tuple(rec.rewards[k] for k in keep),
-        chosen=ranking[0], ranking=ranking, source=rec.source))
+        chosen=ranking[0], ranking=ranking, source=rec.source,
+        response_masks=None if masks is None else tuple(masks[k] for k in keep)))
   if stats.responses_truncated:
     log.info("tokenization: %d of %d responses (%.1f%%) longer than max_response_len=%d, truncation=%r",
              stats.responses_truncated, stats.responses, 100 * stats.truncated_share, tok.max_response_len,
@@ -253,6 +347,18 @@ def tokenize_records(records: Sequence[PreferenceRecord], tok: Tokenizer, *, min
     log.warning("tokenization dropped %d responses (empty, or over-long under truncation='drop') and %d prompts",
                 stats.responses_dropped, sum(stats.prompts_dropped.values()))
   return out, stats
+
+
+def _encode_completions(rec: PreferenceRecord, tok: Tokenizer,
+                        stats: TokenizeStats) -> tuple[list[np.ndarray | None], list[np.ndarray | None]]:
+  """(ids, loss masks) of each response of a record with completions (None where dropped); counts truncations."""
+  ids, masks = [], []
+  for completion in rec.completions:
+    encoded, truncated = tok.encode_completion(rec.prompt, completion)
+    stats.responses_truncated += truncated
+    ids.append(None if encoded is None else encoded[0])
+    masks.append(None if encoded is None else encoded[1])
+  return ids, masks
 
 
 def byte_level_bpe_tokenizer(texts: Sequence[str], vocab_size: int = 2048, chat_template: str | None = None):
