@@ -1,7 +1,7 @@
 """Benchmark of every stage: train step (sft / var / dpo), scoring, generation, data, memory, compile time.
 
     python -m benchmarks.bench [--preset bench-30m] [--seq 512] [--pairs 2] \
-        [--what train,profile,score,generate,data,memory,compile,torch,trl,sidebyside] [--out bench_results.jsonl]
+        [--what train,profile,score,generate,data,memory,compile,torch,trl,sidebyside,lora] [--out bench_results.jsonl]
 
 Every figure is measured in the run: step times are medians over `--repeats` steps after `--warmup` steps (on a
 shared CPU the spread is printed as well), MFU divides model FLOPs (`flops.decoder_flops_per_token`, attention
@@ -39,6 +39,7 @@ from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from absl import app, flags, logging
 from flax import nnx
@@ -46,15 +47,17 @@ from flax import nnx
 from var_jax import config as config_lib
 from var_jax import flops as flops_lib
 from var_jax import hf_io
+from var_jax import lora
 from var_jax import model as model_lib
 from var_jax import objectives
 from var_jax import sampling
 from var_jax import scoring
+from var_jax import sharding as sharding_lib
 from var_jax import train as train_lib
 from var_jax.data import pipeline as data_pipeline
 
 STAGES = ("sft", "var", "dpo")
-ALL = ("train", "profile", "score", "generate", "data", "memory", "compile", "torch", "trl", "sidebyside")
+ALL = ("train", "profile", "score", "generate", "data", "memory", "compile", "torch", "trl", "sidebyside", "lora")
 
 # ----------------------------------------------------------------------------------------------------------------
 # Environment description.
@@ -237,37 +240,50 @@ def init_state(model: nnx.Module, tx):
   return graphdef, rest, train_lib.init_train_state(params, tx)
 
 
-def compile_train_step(stage: str, mcfg: model_lib.ModelConfig, batch: dict, seed: int = 0):
-  """(compiled step, state, device batch, compile seconds) through the real `train.make_train_step`."""
+def compile_train_step(stage: str, mcfg: model_lib.ModelConfig, batch: dict, seed: int = 0, lora_rank: int = 0):
+  """(compiled step, state, device batch, compile seconds, frozen) through the real `train.make_train_step`; with
+  lora_rank > 0 the model gets LoRA adapters on every projection (alpha = 2 rank) and `frozen` is the step's frozen
+  weights (else None)."""
   cfg = train_config()
   model = model_lib.Decoder(mcfg, rngs=nnx.Rngs(seed))
+  if lora_rank:
+    mesh = sharding_lib.make_mesh(data=1, devices=jax.devices()[:1])
+    lora.attach(model, ml_collections.ConfigDict({"rank": lora_rank, "alpha": 2.0 * lora_rank, "targets": "all"}),
+                mesh, sharding_lib.DEFAULT_RULES, seed=seed)
   tx, schedule = train_lib.make_optimizer(1e-4, 1000, cfg.optim)
-  graphdef, rest, state = init_state(model, tx)
+  graphdef, params, frozen, rest = nnx.split(model, lora.trainable(model), nnx.Param, ...)
+  frozen = frozen if lora_rank else None
+  state = train_lib.init_train_state(params, tx)
   step = jax.jit(train_lib.make_train_step(objectives.build(stage, cfg), graphdef, rest, tx, schedule),
                  donate_argnums=(0,))
   dev_batch = jax.tree.map(jnp.asarray, batch)
   start = time.perf_counter()
-  compiled = step.lower(state, dev_batch).compile()
-  return compiled, state, dev_batch, time.perf_counter() - start
+  compiled = step.lower(state, dev_batch, frozen).compile()
+  return compiled, state, dev_batch, time.perf_counter() - start, frozen
 
 
-def jax_train_call(stage: str, mcfg: model_lib.ModelConfig, batch: dict):
-  """(one(): a blocking call of the stage's compiled train step that carries its state, compiled, compile seconds)."""
-  compiled, state, dev_batch, compile_s = compile_train_step(stage, mcfg, batch)
+def jax_train_call(stage: str, mcfg: model_lib.ModelConfig, batch: dict, lora_rank: int = 0):
+  """(one(): a blocking call of the stage's compiled train step that carries its state, compiled, compile seconds,
+  {"trained_state_bytes", "frozen_bytes"}: what the step carries and updates (parameters it trains and their
+  optimizer state), and the frozen weights it only reads (LoRA))."""
+  compiled, state, dev_batch, compile_s, frozen = compile_train_step(stage, mcfg, batch, lora_rank=lora_rank)
+  nbytes = lambda tree: int(sum(x.nbytes for x in jax.tree.leaves(tree)))  # noqa: E731
+  sizes = {"trained_state_bytes": nbytes(state), "frozen_bytes": nbytes(frozen) if frozen is not None else 0}
   holder = {"state": state}
 
   def one():
-    holder["state"], metrics = compiled(holder["state"], dev_batch)
+    holder["state"], metrics = compiled(holder["state"], dev_batch, frozen)
     jax.block_until_ready((holder["state"], metrics))
 
-  return one, compiled, compile_s
+  return one, compiled, compile_s, sizes
 
 
-def bench_train(stage: str, mcfg: model_lib.ModelConfig, batch: dict, peak: float, warmup: int, repeats: int
-                ) -> dict:
-  """Median step time, tokens/s, MFU, compile time and memory of one objective's train step."""
+def bench_train(stage: str, mcfg: model_lib.ModelConfig, batch: dict, peak: float, warmup: int, repeats: int,
+                lora_rank: int = 0) -> dict:
+  """Median step time, tokens/s, MFU, compile time and memory of one objective's train step (with LoRA adapters of
+  rank lora_rank on every projection when > 0)."""
   rss0 = max_rss_bytes()
-  one, compiled, compile_s = jax_train_call(stage, mcfg, batch)
+  one, compiled, compile_s, sizes = jax_train_call(stage, mcfg, batch, lora_rank)
   times = time_calls(one, warmup, repeats)
   # The CPU is shared: the matmul rate is re-measured right after the steps, and MFU is also given against it.
   peak_adjacent = measure_peak(mcfg.dtype)
@@ -280,7 +296,7 @@ def bench_train(stage: str, mcfg: model_lib.ModelConfig, batch: dict, peak: floa
              "tokens_per_s": real_tokens / med, "flops_per_step": step_flops, "tflops_per_s": step_flops / med / 1e12,
              "mfu_measured_peak": step_flops / med / peak, "measured_peak_tflops": peak / 1e12,
              "mfu_adjacent_peak": step_flops / med / peak_adjacent, "adjacent_peak_tflops": peak_adjacent / 1e12,
-             "compile_s": compile_s, "xla_memory_bytes": compiled_memory(compiled),
+             "compile_s": compile_s, "xla_memory_bytes": compiled_memory(compiled), **sizes,
              "max_rss_delta_bytes": max_rss_bytes() - rss0, "device_peak_bytes": device_peak_bytes()}
   sheet = datasheet_peak()
   if sheet:
@@ -495,7 +511,7 @@ def bench_compile(preset: str, seq: int, pairs: int) -> dict:
   metrics = {}
   for stage in ("sft", "var"):
     jax.clear_caches()
-    compiled, _, _, compile_s = compile_train_step(stage, mcfg, batch)
+    compiled, _, _, compile_s, _ = compile_train_step(stage, mcfg, batch)
     metrics[f"{stage}_compile_s"] = compile_s
     metrics[f"{stage}_xla_memory_bytes"] = compiled_memory(compiled)
   return _record("compile", preset, metrics, {"seq": seq, "batch_shape": list(batch["inputs"].shape),
@@ -711,7 +727,8 @@ _SHOWN = ("median_s", "min_s", "max_s", "tokens_per_s", "mfu_measured_peak", "mf
           "same_tokens_as_trl_dpo", "same_tokens_as_trl_dpo_precomputed_ref", "real_tokens_per_step",
           "policy_tokens_per_step", "ratio_vs_sft", "var_step_s", "sft_step_s", "torch_step_s",
           "ratio_var_over_torch_tokens_per_s", "ratio_sft_over_torch_tokens_per_s", "ratio_var_over_sft_step_time",
-          "skipped", "reason")
+          "skipped", "reason", "trained_state_bytes", "frozen_bytes", "ratio_step_time_vs_full",
+          "ratio_trained_state_vs_full")
 
 
 def table(records: Sequence[dict]) -> str:
@@ -723,7 +740,8 @@ def table(records: Sequence[dict]) -> str:
 
 
 def add_ratios(records: list[dict]) -> None:
-  """var/sft step-time ratio, JAX vs transformers tokens/s, var vs TRL DPO policy tokens/s (same run)."""
+  """var/sft step-time ratio, JAX vs transformers tokens/s, var vs TRL DPO policy tokens/s, LoRA vs full fine-tuning
+  (same run)."""
   by = {(r["what"], r["name"]): r["metrics"] for r in records}
   sft, var = by.get(("train", "sft")), by.get(("train", "var"))
   if sft and var:
@@ -733,6 +751,11 @@ def add_ratios(records: list[dict]) -> None:
     m = by.get(("train", stage))
     if m and torch_m:
       m["ratio_vs_torch"] = m["tokens_per_s"] / torch_m["tokens_per_s"]
+  full = by.get(("train", "var_full"))
+  for (what, name), m in by.items():
+    if what == "train" and name.startswith("var_lora_") and full and "median_s" in m:
+      m["ratio_step_time_vs_full"] = m["median_s"] / full["median_s"]
+      m["ratio_trained_state_vs_full"] = m["trained_state_bytes"] / full["trained_state_bytes"]
   for trl_name in ("trl_dpo", "trl_dpo_precomputed_ref"):
     trl_m = by.get(("trl", trl_name))
     for stage in ("dpo", "var"):
@@ -775,6 +798,7 @@ def _define_flags() -> None:
   flags.DEFINE_string("compile_preset", "smollm2-135m", "preset of the compile-time measurement")
   flags.DEFINE_integer("gen_batch", 4, "prompts per generation batch")
   flags.DEFINE_integer("gen_tokens", 16, "new tokens per prompt")
+  flags.DEFINE_integer("lora_rank", 16, "adapter rank of the LoRA measurement (every projection, alpha = 2 rank)")
 
 
 def run(what: Sequence[str], preset: str, seq: int, pairs: int, warmup: int, repeats: int, dtype: str = "float32",
@@ -806,6 +830,11 @@ def run(what: Sequence[str], preset: str, seq: int, pairs: int, warmup: int, rep
   if "train" in what:
     for stage in STAGES:
       done(bench_train(stage, mcfg, batch, peak, warmup, repeats))
+  if "lora" in what:  # The same var step, full fine-tuning then LoRA, in one run.
+    for rank in (0, kw.get("lora_rank", 16)):
+      r = bench_train("var", mcfg, batch, peak, warmup, repeats, lora_rank=rank)
+      r["name"] = f"var_lora_r{rank}" if rank else "var_full"
+      done(r)
   if "torch" in what:
     try:
       done(bench_torch_train(mcfg, batch, peak, warmup, repeats))
@@ -865,7 +894,7 @@ def main(argv):
                 trl_pairs=FLAGS.trl_pairs, trl_seq=FLAGS.trl_seq, score_g=FLAGS.score_g, prompt_len=FLAGS.prompt_len,
                 response_len=FLAGS.response_len, data_source=FLAGS.data_source, data_limit=FLAGS.data_limit,
                 compile_preset=FLAGS.compile_preset, gen_batch=FLAGS.gen_batch, gen_tokens=FLAGS.gen_tokens,
-                rounds=FLAGS.rounds)
+                rounds=FLAGS.rounds, lora_rank=FLAGS.lora_rank)
   print("\n== summary (medians; 2 shared CPU cores are noisy: see min/max) ==")
   print(table(records))
   # The ratios are only known at the end: one more line with all of them.

@@ -154,6 +154,9 @@ def model_card(cfg, workdir: str, stage: str) -> str:
                                                   else "") + f", seed {cfg.seed}.",
             f"- **Settings** (`config.{stage}`): " + ", ".join(f"{k}={v}" for k, v in sorted(section.items())) + ".",
             f"- **Workdir**: `{workdir}` (its `config.json` holds every setting)."]
+  if cfg.lora.rank and stage != "judge":
+    lines.append(f"- **LoRA**: rank {cfg.lora.rank}, alpha {cfg.lora.alpha}, targets {cfg.lora.targets}; the trained "
+                 "adapters are merged into these weights (`python -m var_jax.export ... --peft` writes them alone).")
   done = artifacts.done_results(workdir, stage)
   diagnostics = done.get("diagnostics", {}) if isinstance(done, dict) else {}
   if diagnostics:
