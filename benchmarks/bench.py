@@ -1,7 +1,8 @@
-"""Benchmark of every stage: train step (sft / var / dpo), scoring, generation, data, memory, compile time.
+"""Benchmark of every stage: train step (sft / var / dpo), scoring, generation, data, memory, compile time, and the
+train state's bytes for float32, bfloat16 and bfloat16 + float32 master parameters (`state`: shapes only).
 
     python -m benchmarks.bench [--preset bench-30m] [--seq 512] [--pairs 2] \
-        [--what train,profile,score,generate,data,memory,compile,torch,trl,sidebyside,lora] [--out bench_results.jsonl]
+        [--what train,profile,score,generate,data,memory,compile,state,torch,trl,sidebyside,lora] [--out bench_results.jsonl]
 
 Every figure is measured in the run: step times are medians over `--repeats` steps after `--warmup` steps (on a
 shared CPU the spread is printed as well), MFU divides model FLOPs (`flops.decoder_flops_per_token`, attention
@@ -29,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import math
 import os
 import platform
 import resource
@@ -57,7 +59,8 @@ from var_jax import train as train_lib
 from var_jax.data import pipeline as data_pipeline
 
 STAGES = ("sft", "var", "dpo")
-ALL = ("train", "profile", "score", "generate", "data", "memory", "compile", "torch", "trl", "sidebyside", "lora")
+ALL = ("train", "profile", "score", "generate", "data", "memory", "compile", "state", "torch", "trl", "sidebyside",
+       "lora")
 
 # ----------------------------------------------------------------------------------------------------------------
 # Environment description.
@@ -519,6 +522,35 @@ def bench_compile(preset: str, seq: int, pairs: int) -> dict:
                                               "persistent_cache": jax.config.jax_compilation_cache_dir})
 
 
+# Parameter storage settings the train-state measurement compares: (name, model.param_dtype, optim.master_weights).
+STATE_SETTINGS = (("float32", "float32", False), ("bfloat16", "bfloat16", False),
+                  ("bfloat16+master", "bfloat16", True))
+
+
+def _tree_bytes(tree) -> int:
+  return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def bench_state_bytes(preset: str) -> list[dict]:
+  """Bytes of the train state (parameters + AdamW state, as train.init_train_state builds it) of a preset for each
+  of STATE_SETTINGS: shapes only (jax.eval_shape), so any preset is measured at once without allocating it."""
+  records = []
+  for name, param_dtype, master in STATE_SETTINGS:
+    mcfg = model_lib.get_config(preset, param_dtype=param_dtype)
+    _, params, _ = nnx.split(nnx.eval_shape(lambda: model_lib.Decoder(mcfg, rngs=nnx.Rngs(0))), nnx.Param, ...)
+    cfg = train_config()
+    cfg.optim.master_weights = master
+    tx, _ = train_lib.make_optimizer(1e-4, 1000, cfg.optim)
+    state = jax.eval_shape(lambda p: train_lib.init_train_state(p, tx), params)
+    n = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
+    metrics = {"params_bytes": _tree_bytes(state["params"]), "opt_state_bytes": _tree_bytes(state["opt_state"]),
+               "state_bytes": _tree_bytes(state)}
+    metrics["state_bytes_per_param"] = metrics["state_bytes"] / n
+    records.append(_record("state", f"{preset}:{name}", metrics, {"num_params": n, "param_dtype": param_dtype,
+                                                                  "master_weights": master}))
+  return records
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # What users would otherwise run: transformers + PyTorch, and TRL's DPOTrainer.
 
@@ -727,8 +759,8 @@ _SHOWN = ("median_s", "min_s", "max_s", "tokens_per_s", "mfu_measured_peak", "mf
           "same_tokens_as_trl_dpo", "same_tokens_as_trl_dpo_precomputed_ref", "real_tokens_per_step",
           "policy_tokens_per_step", "ratio_vs_sft", "var_step_s", "sft_step_s", "torch_step_s",
           "ratio_var_over_torch_tokens_per_s", "ratio_sft_over_torch_tokens_per_s", "ratio_var_over_sft_step_time",
-          "skipped", "reason", "trained_state_bytes", "frozen_bytes", "ratio_step_time_vs_full",
-          "ratio_trained_state_vs_full")
+          "params_bytes", "opt_state_bytes", "state_bytes", "state_bytes_per_param", "skipped", "reason",
+          "trained_state_bytes", "frozen_bytes", "ratio_step_time_vs_full", "ratio_trained_state_vs_full")
 
 
 def table(records: Sequence[dict]) -> str:
@@ -878,6 +910,8 @@ def run(what: Sequence[str], preset: str, seq: int, pairs: int, warmup: int, rep
     done(bench_logprob_memory(big.vocab_size, 1024, 8, big.hidden_size, big.logprob_chunk))
   if "compile" in what:
     done(bench_compile(kw.get("compile_preset", "smollm2-135m"), seq, pairs))
+  if "state" in what:
+    done(bench_state_bytes(preset))
   add_ratios(records)
   return records
 

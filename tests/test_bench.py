@@ -114,3 +114,16 @@ def test_trl_and_var_jax_read_the_same_token_ids():
   assert batch["inputs"].shape[:2] == (1, 6) and int((batch["segment_ids"] > 0).sum()) == 6 * 16
   first = np.concatenate([pairs[0][0], pairs[0][1]])
   np.testing.assert_array_equal(batch["inputs"][0, 0][:15], first[:15])  # Inputs are the sequence shifted by one.
+
+
+def test_state_bytes_of_each_parameter_dtype():
+  """Train-state bytes per parameter: float32 params + float32 AdamW moments 12, bfloat16 params 10 (the moments
+  stay float32), bfloat16 + float32 master 14 (plus the step counters, a few bytes in all)."""
+  records = bench.bench_state_bytes("tiny")
+  assert [r["name"] for r in records] == [f"tiny:{name}" for name, _, _ in bench.STATE_SETTINGS]
+  n = records[0]["config"]["num_params"]
+  for r, per_param in zip(records, (12, 10, 14)):
+    m = r["metrics"]
+    assert m["params_bytes"] == (4 if r["config"]["param_dtype"] == "float32" else 2) * n
+    assert m["state_bytes"] == m["params_bytes"] + m["opt_state_bytes"] + 8  # + step and first_bad_step (int32).
+    assert 0 <= m["state_bytes"] - per_param * n < 64, r

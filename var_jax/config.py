@@ -29,6 +29,7 @@ CHOICES = {
     "data.truncation": tokenize.TRUNCATIONS,  # What happens to a response longer than data.max_response_len.
     "data.completion_turns": formats.COMPLETION_TURNS,  # What a multi-message TRL completion trains.
     "model.dtype": model_lib.DTYPES,
+    "model.param_dtype": model_lib.DTYPES,
     "model.remat": model_lib.REMAT_POLICIES,
     "model.attention_impl": model_lib.ATTENTION_IMPLS,
     "optim.schedule": schedules.SCHEDULES,
@@ -102,7 +103,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.preset = "tiny"         # var_jax.model.PRESETS name; ignored when `path` is set.
   c.model.path = ""               # HF checkpoint dir / hub id, or a .gguf file, for a pretrained policy.
   c.model.vocab_size = 0          # Overrides the preset's vocab size (0 = the tokenizer's size for "tiny" models).
-  c.model.dtype = "float32"       # Compute dtype ("bfloat16" on accelerators); params stay float32 (master).
+  c.model.dtype = "float32"       # Compute dtype ("bfloat16" on accelerators), whatever the parameters' dtype.
+  c.model.param_dtype = "float32"  # Storage dtype of the parameters, however the model is made (preset, HF, GGUF,
+                                   # a stage's saved params) and of exports: "float32" | "bfloat16" (half the
+                                   # bytes; see optim.master_weights). AdamW's moments stay float32.
   c.model.remat = "none"          # "none" | "full" | "dots": rematerialise the scanned layer body.
   c.model.attention_block = 128   # Query-block length of causal attention (0 = one T x T block); see model.py.
   c.model.attention_impl = "xla"  # "xla" | "cudnn" (fused flash attention: NVIDIA GPU, bfloat16) | "splash" (Pallas
@@ -133,6 +137,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.b2 = 0.95
   c.optim.clip_norm = 1.0         # Global-norm gradient clipping (0 = off).
   c.optim.grad_accum = 1          # Micro-batches per step; must divide groups_per_batch / data-parallel size.
+  c.optim.master_weights = False  # With model.param_dtype="bfloat16": keep a float32 master copy of the parameters in
+                                  # the optimizer state (checkpointed, sharded like them); AdamW updates the master
+                                  # and the parameters are its rounding. Without it updates go straight to bfloat16
+                                  # and those under ~|p|/512 round away (small learning rates stop training).
 
   c.sft = ml_collections.ConfigDict()
   c.sft.steps = 600
@@ -389,6 +397,9 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None, num
   o = cfg.optim
   if o.grad_accum < 1:
     _fail("optim.grad_accum", o.grad_accum, "must be >= 1")
+  if o.master_weights and cfg.model.param_dtype == "float32":
+    _fail("optim.master_weights", o.master_weights, "needs model.param_dtype='bfloat16' (float32 parameters are "
+          "their own master)")
   if not isinstance(cfg.model.attention_block, int) or cfg.model.attention_block < 0:
     _fail("model.attention_block", cfg.model.attention_block, "must be an int >= 0 (0 = unblocked)")
   if cfg.model.attention_impl == "cudnn" and cfg.model.dtype != "bfloat16":

@@ -15,8 +15,9 @@ from flax import nnx
 from var_jax import hf_io
 from var_jax import model as model_lib
 
-# Fields of ModelConfig that say how to compute, set by the run's config whatever the checkpoint says.
-COMPUTE_FIELDS = ("dtype", "remat", "attention_block", "attention_impl")
+# Fields of ModelConfig that say how to compute and store, set by the run's config whatever the checkpoint says
+# (param_dtype: a checkpoint's bfloat16 weights load into float32 parameters unless the run asks for bfloat16).
+COMPUTE_FIELDS = ("param_dtype", "dtype", "remat", "attention_block", "attention_impl")
 
 
 @functools.lru_cache(maxsize=4)

@@ -29,6 +29,7 @@ from var_jax import checkpoints
 from var_jax import cost
 from var_jax import flops as flops_lib
 from var_jax import lora
+from var_jax import master_weights
 from var_jax import objectives
 from var_jax import paths
 from var_jax import schedules
@@ -49,7 +50,9 @@ class Preempted(RuntimeError):
 
 
 def make_optimizer(peak_lr: float, total_steps: int, optim_cfg) -> tuple[optax.GradientTransformation, Callable]:
-  """AdamW (decay on matrices only) with global-norm clipping; float32 moments whatever the compute dtype."""
+  """AdamW (decay on matrices only) with global-norm clipping, in float32 whatever the parameters' dtype: float32
+  moments, and with optim.master_weights a float32 master copy of (bfloat16) parameters (var_jax/master_weights.py).
+  """
   schedule = schedules.learning_rate_schedule(peak_lr, total_steps, optim_cfg)
   decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)  # noqa: E731
   chain = []
@@ -57,7 +60,8 @@ def make_optimizer(peak_lr: float, total_steps: int, optim_cfg) -> tuple[optax.G
     chain.append(optax.clip_by_global_norm(optim_cfg.clip_norm))
   chain.append(optax.adamw(schedule, b1=optim_cfg.b1, b2=optim_cfg.b2, weight_decay=optim_cfg.weight_decay,
                            mask=decay_mask))
-  return optax.chain(*chain), schedule
+  wrap = master_weights.with_master_weights if optim_cfg.master_weights else master_weights.in_float32
+  return wrap(optax.chain(*chain)), schedule
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -131,7 +135,7 @@ def make_train_step(objective: objectives.Objective, graphdef, rest, tx, schedul
     loss, grads, outputs, num_tokens, const = loss_and_grads(params, batch, frozen)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
-    new_params = optax.apply_updates(params, updates)
+    new_params = master_weights.apply_updates(params, updates, opt_state)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     keep_if_bad = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
     first_bad = jnp.where((state["first_bad_step"] < 0) & ~finite, state["step"], state["first_bad_step"])
