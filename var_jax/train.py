@@ -111,7 +111,8 @@ def make_loss_and_grads(objective: objectives.Objective, graphdef, rest, accum: 
       (loss, aux), grads = grad_fn(params, micro[0], micro[1], denominator, frozen)
       return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), aux
 
-    zeros = jax.tree.map(jnp.zeros_like, params)
+    # The sum of the micro-batches' gradients in float32 whatever the parameters' dtype (bfloat16 would round it).
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
     (loss, grads), (outputs, num_tokens) = jax.lax.scan(
         body, (jnp.zeros((), jnp.float32), zeros), (_split_micro(batch, accum), _split_micro(const, accum)))
     return loss, grads, _merge_micro(outputs), _merge_micro(num_tokens), const
