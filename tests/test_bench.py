@@ -127,3 +127,18 @@ def test_state_bytes_of_each_parameter_dtype():
     assert m["params_bytes"] == (4 if r["config"]["param_dtype"] == "float32" else 2) * n
     assert m["state_bytes"] == m["params_bytes"] + m["opt_state_bytes"] + 8  # + step and first_bad_step (int32).
     assert 0 <= m["state_bytes"] - per_param * n < 64, r
+
+
+def test_lora_measurement_compares_the_same_step_interleaved():
+  mcfg = bench.model_lib.get_config("tiny")
+  batch = bench.synthetic_batch(mcfg.vocab_size, 16, groups=1, group_size=2)
+  m = bench.bench_lora(mcfg, batch, warmup=1, rounds=3, rank=2)["metrics"]
+  for name in ("full", "lora_r2"):
+    s = m[f"{name}_step_s"]
+    assert 0 < s["min"] <= s["median"] <= s["max"]
+  # Full fine-tuning trains every parameter and reads nothing frozen; LoRA trains a small part and reads the rest.
+  assert m["full_frozen_bytes"] == 0 and 0 < m["lora_r2_trained_state_bytes"] < m["full_trained_state_bytes"]
+  params = sum(int(np.prod(x.shape)) * 4 for x in bench.jax.tree.leaves(
+      bench.nnx.state(bench.model_lib.Decoder(mcfg, rngs=bench.nnx.Rngs(0)), bench.nnx.Param)))
+  assert m["lora_r2_frozen_bytes"] == params  # Every weight, frozen, once.
+  assert m["ratio_lora_over_full_trained_state"] == m["lora_r2_trained_state_bytes"] / m["full_trained_state_bytes"]
