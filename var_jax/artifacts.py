@@ -32,7 +32,8 @@ from var_jax import stage_table
 
 # Settings of how a stage computes, not of what it computes (the results are the same): changing them, or a newer
 # version adding one, never invalidates finished stages.
-_HOW_NOT_WHAT = {"model": ("remat", "attention_block", "attention_impl")}
+_HOW_NOT_WHAT = {"model": ("remat", "attention_block", "attention_impl"),
+                 "data": ("packing", "pack_len")}  # Packed batches hold the same sequences, for the same loss.
 
 
 def stage_dir(workdir, stage: str) -> epath.Path:

@@ -733,6 +733,12 @@ class RewardModel(nnx.Module):
     return jnp.einsum('bd,do->bo', last, self.score[...].astype(last.dtype),
                       preferred_element_type=jnp.float32)[:, 0]
 
+  def token_scores(self, tokens: Array, positions: Array, segment_ids: Array) -> Array:
+    """Reward [B, T] float32 read at every token: of packed rows, whose sequences end inside the row."""
+    hidden = self.backbone(tokens, positions, segment_ids)
+    return jnp.einsum('btd,do->bto', hidden, self.score[...].astype(hidden.dtype),
+                      preferred_element_type=jnp.float32)[..., 0]
+
   def score_sequences(self, tokens: Array, positions: Array, segment_ids: Array) -> Array:
     """Reward [B] of right-padded rows (segment_ids > 0 on real tokens), read at each row's last real token."""
     return self(tokens, positions, segment_ids, last_token_index(segment_ids))

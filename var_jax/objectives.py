@@ -97,29 +97,67 @@ class Objective:
 # The model's per-sequence outputs and the loss numerator.
 
 
+def _segments(batch):
+  """[g, R * P] segment number of every token of a packed batch for `jax.ops.segment_*`: its slot n, or N (one
+  past the slots, dropped after) on padding."""
+  g, n = batch["valid"].shape
+  return jnp.where(batch["sequence"] < 0, n, batch["sequence"]).reshape(g, -1)
+
+
+def per_sequence(batch, x):
+  """Per-sequence sums [g, N] of token values x [g, rows, T] (rows x T = the batch's sequence arrays): along each row
+  of a padded batch, or over each sequence's tokens (`sequence`) of a packed one (var_jax/data/packing.py)."""
+  if "sequence" not in batch:
+    return jnp.sum(x, axis=-1)
+  n = batch["valid"].shape[1]
+  return jax.vmap(lambda v, s: jax.ops.segment_sum(v, s, num_segments=n + 1)[:n])(
+      x.reshape(x.shape[0], -1), _segments(batch))
+
+
+def per_token(batch, w):
+  """Per-sequence values w [g, N] spread over their tokens: [g, N, 1] for a padded batch (it broadcasts along T),
+  [g, R, P] for a packed one (padding gets slot 0's value: multiply by the loss mask)."""
+  if "sequence" not in batch:
+    return w[..., None]
+  return jax.vmap(lambda v, s: v[s])(w, jnp.maximum(batch["sequence"], 0))
+
+
+def _last_tokens(batch):
+  """[g, N] index into a packed group's R * P tokens of each sequence's last token (0 for an empty slot)."""
+  n = batch["valid"].shape[1]
+  index = jnp.arange(batch["sequence"][0].size)
+  return jnp.maximum(jax.vmap(lambda s: jax.ops.segment_max(index, s, num_segments=n + 1)[:n])(_segments(batch)), 0)
+
+
 def _num_tokens(batch):
   """[g, N] float32 response tokens (loss targets) of every sequence."""
-  return batch["loss_mask"].sum(-1).astype(jnp.float32)
+  return per_sequence(batch, batch["loss_mask"].astype(jnp.float32))
 
 
 def sequence_outputs(model, batch, *, reward_model: bool = False, token_outputs: bool = False):
-  """Runs the model on every sequence of the batch.
+  """Runs the model on every sequence of the batch (padded or packed).
 
   Returns [g, N] float32: summed response log-probs (policy) or the scalar reward at the last response token
-  (reward model), plus token counts [g, N]. token_outputs: per-token response log-probs [g, N, T] instead of sums.
+  (reward model), plus token counts [g, N]. token_outputs: per-token response log-probs [g, N, T] instead of sums
+  (padded batches only).
   """
-  g, n, t = batch["inputs"].shape
-  flat = lambda k: batch[k].reshape(g * n, t)  # noqa: E731
+  g, rows, t = batch["inputs"].shape
+  flat = lambda k: batch[k].reshape(g * rows, t)  # noqa: E731
   num_tokens = _num_tokens(batch)
+  packed = "sequence" in batch
+  if reward_model and packed:  # Several sequences a row: read the reward at each one's last token.
+    scores = model.token_scores(flat("inputs"), flat("positions"), flat("segment_ids")).reshape(g, rows * t)
+    return jnp.take_along_axis(scores, _last_tokens(batch), axis=1).astype(jnp.float32), num_tokens
   if reward_model:
     scores = model.score_sequences(flat("inputs"), flat("positions"), flat("segment_ids"))
-    return scores.reshape(g, n).astype(jnp.float32), num_tokens
+    return scores.reshape(g, rows).astype(jnp.float32), num_tokens
   hidden = model(flat("inputs"), flat("positions"), flat("segment_ids"))
+  logp = model.target_logprobs(hidden, flat("targets")) * flat("loss_mask").astype(jnp.float32)
   if token_outputs:
-    logp = model.target_logprobs(hidden, flat("targets")) * flat("loss_mask").astype(jnp.float32)
-    return logp.reshape(g, n, t), num_tokens
-  logp = model.sequence_logprobs(hidden, flat("targets"), flat("loss_mask"))
-  return logp.reshape(g, n), num_tokens
+    if packed:
+      raise ValueError("per-token outputs (token_outputs) need a padded batch, not a packed one")
+    return logp.reshape(g, rows, t), num_tokens
+  return per_sequence(batch, logp.reshape(g, rows, t)), num_tokens
 
 
 def outputs_of(objective: Objective, model, batch):
@@ -143,13 +181,13 @@ def forward_numerator(objective: Objective, model, batch, const):
   if not objective.fused_head:
     outputs, num_tokens = outputs_of(objective, model, batch)
     return numerator(objective, outputs, const), outputs, num_tokens
-  g, n, t = batch["inputs"].shape
-  flat = lambda k: batch[k].reshape(g * n, t)  # noqa: E731
-  mask = flat("loss_mask").astype(jnp.float32)
+  g, rows, t = batch["inputs"].shape
+  mask = batch["loss_mask"].astype(jnp.float32)
+  token_weights = (-per_token(batch, const["weights"]) * mask).reshape(g * rows, t)
+  flat = lambda k: batch[k].reshape(g * rows, t)  # noqa: E731
   hidden = model(flat("inputs"), flat("positions"), flat("segment_ids"))
-  token_weights = -const["weights"].reshape(g * n, 1) * mask
   num, token_logp = model.weighted_target_logprobs(hidden, flat("targets"), token_weights)
-  outputs = jnp.sum(token_logp * mask, axis=-1).reshape(g, n)
+  outputs = per_sequence(batch, token_logp.reshape(g, rows, t) * mask)
   return num, outputs, _num_tokens(batch)
 
 

@@ -127,7 +127,7 @@ def make_pipeline(cfg, records, tok, *, k_max: int, train: bool, min_responses: 
   pcfg = data_pipeline.PipelineConfig(
       block_size=block, group_size=d.group_size, groups_per_batch=groups_per_batch, k_max=k_max,
       seed=cfg.seed, remainder="drop" if train else "pad", shuffle=train, num_epochs=None if train else 1,
-      bucket=d.bucket, max_len=d.max_prompt_len + d.max_response_len)
+      bucket=d.bucket, max_len=d.max_prompt_len + d.max_response_len, pack_len=config_lib.pack_len(cfg))
   pipe, stats = data_pipeline.build_pipeline(records, tok, pcfg, min_responses=min_responses,
                                              skip_invalid=d.skip_invalid, shard_index=shard_index,
                                              shard_count=shard_count)
@@ -146,7 +146,7 @@ def with_scores(pipe, scores, group_size: int = 0):
     pcfg = dataclasses.replace(pcfg, group_size=group_size, groups_per_batch=prompts // group_size)
   return data_pipeline.PreferencePipeline(
       pipe.tokenized, pipe.blocks, pcfg, max_len=pipe.max_len, pad_id=pipe.pad_id, k_max=pipe.k_max,
-      shard_index=pipe.shard_index, shard_count=pipe.shard_count, scores=scores)
+      shard_index=pipe.shard_index, shard_count=pipe.shard_count, scores=scores, block_lengths=pipe.block_lengths)
 
 
 def iterator_fn(pipe):
@@ -237,7 +237,8 @@ class Context:
     lora.rank > 0 (and `lora`), only adapters train (`with_adapters`)."""
     cfg = cfg or self.cfg
     objective = objectives.build(stage_table.get(stage).objective, cfg)
-    per_token = flops_lib.decoder_flops_per_token(self.mcfg, train_pipe.max_len, lm_head=not objective.reward_model)
+    row_len = train_pipe.config.pack_len or train_pipe.max_len  # The attention span of a row.
+    per_token = flops_lib.decoder_flops_per_token(self.mcfg, row_len, lm_head=not objective.reward_model)
     train = lambda m: train_lib.train(  # noqa: E731
         stage, objective, cfg, cfg[stage], m, iterator_fn(train_pipe), eval_batches_fn(cfg, eval_pipe),
         str(artifacts.stage_dir(self.workdir, stage)), self.mesh, tokens_flops=lambda n: n * per_token)

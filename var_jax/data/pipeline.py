@@ -37,6 +37,14 @@ Batch contract (numpy; leading axis g = local groups per batch; N = B*K_max; T =
   With scores:  ref_logp [g, B, N], reward_matrix [g, B, N] float32 (row = group prompt, column = sequence),
                 ref_ntok [g, N] (see `GatherScores`).
 
+Packed (config pack_len = P > 0, var_jax/data/packing.py): each group's sequences first-fit into R rows of P tokens,
+R fixed for the pipeline (`rows`); the five sequence arrays above become [g, R, P] (segment_ids 1, 2, ... per
+row, positions from 0 per sequence) and
+
+  sequence      [g, R, P] int32   slot n (0..N-1) of each token's sequence, -1 on padding
+
+is added; every [g, N] array is as above.
+
 T is the batch's longest sequence rounded up to a multiple of ``bucket`` (or the next power of two if bucket=0),
 capped at max_len, so the jitted step compiles a handful of times. With shard_count > 1 every process must agree
 on shapes without talking to the others, so T = max_len there (``fixed_len``).
@@ -53,6 +61,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import grain
 import numpy as np
 
+from var_jax.data import packing
 from var_jax.data.formats import PreferenceRecord
 from var_jax.data.tokenize import TokenizedRecord, Tokenizer, TokenizeStats, tokenize_records
 
@@ -76,6 +85,7 @@ class PipelineConfig:
   bucket: T is rounded up to a multiple of this (0: to a power of two).
   max_len: cap on T (None: max_prompt_len + max_response_len of the tokenizer).
   fixed_len: always pad to max_len (default: only when shard_count > 1).
+  pack_len: > 0: pack each group's sequences into rows of this many tokens (>= max_len; see packing.py).
   """
   block_size: int = 8
   group_size: int = 2
@@ -88,6 +98,7 @@ class PipelineConfig:
   bucket: int = 32
   max_len: int | None = None
   fixed_len: bool | None = None
+  pack_len: int = 0
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -195,6 +206,18 @@ def build_sequences(pairs: Sequence[tuple[np.ndarray, ...] | None], length: int,
               segment_ids=segment_ids, prompt_len=prompt_len)
 
 
+def block_lengths_of(tokenized: Mapping[int, TokenizedRecord | None] | Sequence[TokenizedRecord | None],
+                     blocks: np.ndarray, k_max: int) -> np.ndarray:
+  """[num_blocks, G * k_max] int32 prompt + response tokens of every block column (0 = missing or dummy)."""
+  out = np.zeros((len(blocks), blocks.shape[1] * k_max), np.int32)
+  for b, prompts in enumerate(blocks):
+    for i, prompt in enumerate(prompts):
+      rec = None if prompt == PAD_PROMPT else tokenized[int(prompt)]
+      for k, r in enumerate(rec.responses if rec is not None else ()):
+        out[b, i * k_max + k] = len(rec.prompt_ids) + len(r)
+  return out
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Scores from the scoring stage, gathered per group.
 
@@ -259,12 +282,15 @@ class PreferencePipeline:
     pad_id: padding token.
     shard_index, shard_count: this process and the number of processes (default jax.process_*).
     scores: optional block-level scores (see `GatherScores`).
+    block_lengths: [num_blocks, G * K_max] tokens of every block column (0 = missing), of ALL blocks: what sizes
+      the packed rows (`packing.rows_per_group`) the same on every process. Needed when packing unless
+      `tokenized` holds every block's prompts (then it is computed from them).
   """
 
   def __init__(self, tokenized: Mapping[int, TokenizedRecord | None] | Sequence[TokenizedRecord | None],
                blocks: np.ndarray, config: PipelineConfig, *, max_len: int, pad_id: int, k_max: int | None = None,
                shard_index: int | None = None, shard_count: int | None = None,
-               scores: Mapping[str, np.ndarray] | None = None):
+               scores: Mapping[str, np.ndarray] | None = None, block_lengths: np.ndarray | None = None):
     self.config = cfg = config
     self.blocks = np.asarray(blocks, np.int32)
     self.tokenized = tokenized
@@ -293,6 +319,15 @@ class PreferencePipeline:
                "each epoch)", self.dropped_groups_per_epoch, groups_per_epoch)
     self.fixed_len = cfg.fixed_len if cfg.fixed_len is not None else self.shard_count > 1
     self.gather = (GatherScores(scores, len(self.blocks), G, self.k_max) if scores is not None else None)
+    self.block_lengths, self.rows = block_lengths, 0
+    if cfg.pack_len:
+      if cfg.pack_len < max_len:
+        raise ValueError(f"pack_len={cfg.pack_len} < max_len={max_len}: a longest sequence would not fit a row")
+      if self.block_lengths is None:
+        self.block_lengths = block_lengths_of(tokenized, self.blocks, self.k_max)
+      self.rows = packing.rows_per_group(self.block_lengths, B, self.k_max, cfg.pack_len)
+      log.info("pipeline: packing each group's %d sequences into %d rows of %d tokens", B * self.k_max, self.rows,
+               cfg.pack_len)
 
   def __len__(self) -> int:
     """Batches in the dataset (sys.maxsize if it repeats forever)."""
@@ -375,6 +410,9 @@ class PreferencePipeline:
   def dataset(self) -> grain.MapDataset:
     """grain MapDataset of batches: index -> batch (-> scores gathered)."""
     ds = grain.MapDataset.range(0, len(self)).map(self.batch)
+    if self.rows:
+      ds = ds.map(functools.partial(packing.pack_batch, pack_len=self.config.pack_len, rows=self.rows,
+                                    pad_id=self.pad_id))
     if self.gather is not None:
       ds = ds.map(self.gather)
     return ds
@@ -443,11 +481,14 @@ def build_pipeline(records: Sequence[PreferenceRecord], tokenizer: Tokenizer, co
   kept = np.asarray([p for p, t in enumerate(toks) if t is not None], np.int32)
   slots = make_blocks(len(kept), config.block_size, config.seed, config.remainder)
   blocks = np.where(slots == PAD_PROMPT, PAD_PROMPT, kept[np.maximum(slots, 0)]).astype(np.int32)
+  # Every block's lengths (this process keeps the tokens of its own blocks only): every process packs into as many rows.
+  lengths = block_lengths_of(toks, blocks, k_max) if config.pack_len else None
   local = shard_blocks(len(blocks), shard_index, shard_count)
   wanted = sorted(int(p) for p in blocks[local].ravel() if p != PAD_PROMPT)
   max_len = config.max_len or tokenizer.max_prompt_len + tokenizer.max_response_len
   pipe = PreferencePipeline({p: toks[p] for p in wanted}, blocks, config, max_len=max_len, pad_id=tokenizer.pad_id,
-                            k_max=k_max, shard_index=shard_index, shard_count=shard_count, scores=scores)
+                            k_max=k_max, shard_index=shard_index, shard_count=shard_count, scores=scores,
+                            block_lengths=lengths)
   return pipe, stats
 
 
