@@ -9,6 +9,8 @@
     python tests/loading_worker.py rss DIR OUT.json PORT PROCESS_ID PATH
         one of two processes (4 CPU devices each, gloo) loading DIR with fsdp over all 8 devices, PATH 'sliced'
         (from_pretrained) or 'whole' (the whole-tensor loading it replaced); saves its peak RSS growth.
+    python tests/loading_worker.py resave DIR TARGET PORT PROCESS_ID
+        one of two processes loading DIR with fsdp over all 8 devices and saving it to TARGET (several files).
 
 The results (not pass/fail) go to OUT.json so the test itself does the comparing and reports differences.
 """
@@ -19,7 +21,7 @@ import resource
 import sys
 
 MODE = sys.argv[1]
-if MODE in ("rss", "write"):
+if MODE in ("rss", "write", "resave"):
   os.environ.pop("XLA_FLAGS", None)  # Real processes (rss) or one device (write): no simulated devices.
 
 import jax  # noqa: E402
@@ -179,11 +181,26 @@ def rss(directory, out_path, port, process_id, path):
   jax.distributed.shutdown()
 
 
+def resave(directory, target, port, process_id):
+  """Load DIR onto fsdp over both processes' 8 devices and save it again to TARGET (the gathers are collectives)."""
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.config.update("jax_num_cpu_devices", 4)
+  assert sharding.initialize_distributed(f"127.0.0.1:{port}", num_processes=2, process_id=process_id)
+  cfg = hf_io.config_from_hf(json.load(open(os.path.join(directory, "config.json"))))
+  shard = shardings_for(model_lib.Decoder, cfg, sharding.make_mesh(1, 8, 1), sharding.DEFAULT_RULES)
+  model = hf_io.from_pretrained(directory, shardings=shard)
+  assert not model.layers.gate[...].is_fully_addressable
+  hf_io.save_pretrained(model, target, max_shard_size="40KB")
+  jax.distributed.shutdown()
+
+
 if __name__ == "__main__":
   if MODE == "meshes":
     meshes(sys.argv[2], sys.argv[3])
   elif MODE == "write":
     write(sys.argv[2])
+  elif MODE == "resave":
+    resave(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
   elif MODE == "rss":
     rss(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), sys.argv[6])
   else:

@@ -11,6 +11,7 @@ import sys
 
 import numpy as np
 import pytest
+from flax import nnx
 
 from var_jax import hf_io
 from var_jax import model as model_lib
@@ -124,3 +125,21 @@ def test_two_processes_load_within_their_share_of_host_memory(big_checkpoint, tm
     assert s["growth"] <= bound, report
     assert w["growth"] > bound, report  # The bound tells the two loadings apart.
     assert s["specs"]["layers/gate"] == "P(None, 'fsdp', 'tensor')", report
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_two_processes_save_what_they_loaded(tmp_path, run_jax_processes):
+  """save_pretrained of a model sharded over two processes (gathered one tensor at a time, written by process 0
+  into several files) holds exactly the tensors it was loaded from."""
+  from safetensors.numpy import load_file
+  cfg = model_lib.get_config("tiny", model_type="qwen2", attention_bias=True, tie_word_embeddings=False)
+  source, target = str(tmp_path / "source"), str(tmp_path / "target")
+  hf_io.save_pretrained(model_lib.Decoder(cfg, rngs=nnx.Rngs(2)), source)
+  run_jax_processes(lambda i, port: [WORKER, "resave", source, target, str(port), str(i)], timeout=TIMEOUT_S)
+  files = sorted(f for f in os.listdir(target) if f.endswith(".safetensors"))
+  assert len(files) > 1 and os.path.exists(os.path.join(target, "model.safetensors.index.json"))
+  saved = {k: v for f in files for k, v in load_file(os.path.join(target, f)).items()}
+  original = load_file(os.path.join(source, "model.safetensors"))
+  assert saved.keys() == original.keys()
+  assert [k for k in original if not np.array_equal(saved[k], original[k])] == []

@@ -14,7 +14,9 @@ placed. A process reads and holds only its own devices' slices: host memory stay
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -268,21 +270,36 @@ def _to_host(x: jax.Array) -> np.ndarray:
   return np.asarray(jax.device_get(x))
 
 
-def hf_tensors(model: Decoder | RewardModel) -> dict[str, np.ndarray]:
-  """HF-named, HF-layout host arrays of the model's parameters (per-layer tensors unstacked)."""
-  reward = isinstance(model, RewardModel)
-  cfg = model.cfg
-  specs = param_specs(cfg, reward=reward)
+def _fetch_hf(spec, value: jax.Array, layer: int | None = None) -> Callable[[], np.ndarray]:
+  """() -> the HF-layout host copy of `value` (of one layer of it when `layer` is given), gathered when called."""
+
+  def fetch() -> np.ndarray:
+    # A dynamic index: one compiled slice serves every layer.
+    part = value if layer is None else jax.lax.dynamic_index_in_dim(value, layer, keepdims=False)
+    return np.ascontiguousarray(spec.to_hf(_to_host(part)))
+
+  return fetch
+
+
+def _hf_tensor_sources(model: Decoder | RewardModel) -> dict[str, tuple[tuple[int, ...], Any, Callable]]:
+  """HF name -> (HF shape, dtype, fetch) for every tensor of the model; fetch() gathers that one tensor to the host
+  in HF layout (a stacked parameter one layer at a time). Multi-host: every process must call the fetches, in the
+  same order (each is a collective when the parameter is sharded over processes)."""
+  specs = param_specs(model.cfg, reward=isinstance(model, RewardModel))
   out = {}
   for path, var in jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param), is_leaf=_is_var)[0]:
-    spec = specs[path_tuple(path)]
-    value = _to_host(var[...])
+    spec, value = specs[path_tuple(path)], var[...]
     if spec.stacked:
-      for i in range(cfg.num_layers):
-        out[spec.hf_key.format(i=i)] = np.ascontiguousarray(spec.to_hf(value[i]))
+      for i in range(model.cfg.num_layers):
+        out[spec.hf_key.format(i=i)] = (spec.hf_shape, value.dtype, _fetch_hf(spec, value, i))
     else:
-      out[spec.hf_key] = np.ascontiguousarray(spec.to_hf(value))
+      out[spec.hf_key] = (spec.hf_shape, value.dtype, _fetch_hf(spec, value))
   return out
+
+
+def hf_tensors(model: Decoder | RewardModel) -> dict[str, np.ndarray]:
+  """HF-named, HF-layout host arrays of the model's parameters (per-layer tensors unstacked)."""
+  return {key: fetch() for key, (_, _, fetch) in _hf_tensor_sources(model).items()}
 
 
 # transformers' size units: decimal KB/MB/GB, binary KiB/MiB/GiB.
@@ -317,6 +334,12 @@ def check_target(path: str, overwrite: bool = False) -> str:
   return path
 
 
+@dataclasses.dataclass(frozen=True)
+class _Size:
+  """A tensor's size alone, for `shard_names`."""
+  nbytes: int
+
+
 def _tensor_order(key: str) -> tuple:
   """Embeddings, then layer by layer (numerically), then the final norm and heads: each shard holds whole layers."""
   parts = key.split('.')
@@ -325,9 +348,12 @@ def _tensor_order(key: str) -> tuple:
   return (0 if 'embed' in key else 2, 0, key)
 
 
-def shard_names(tensors: Mapping[str, np.ndarray], max_bytes: int) -> dict[str, str]:
+def shard_names(tensors: Mapping[str, Any], max_bytes: int) -> dict[str, str]:
   """Tensor name -> safetensors file name: 'model.safetensors' when all fit in max_bytes, else transformers'
-  'model-0000i-of-0000n.safetensors', filled in `_tensor_order` (a tensor larger than max_bytes gets its own)."""
+  'model-0000i-of-0000n.safetensors', filled in `_tensor_order` (a tensor larger than max_bytes gets its own).
+
+  tensors: name -> an array, or anything with `.nbytes` (only sizes are read).
+  """
   shards: list[list[str]] = [[]]
   size = 0
   for key in sorted(tensors, key=_tensor_order):
@@ -358,7 +384,7 @@ def save_pretrained(model: Decoder | RewardModel, path: str, *, overwrite: bool 
     pad ids go into config.json unless extra_config sets them.
   The directory is written under a temporary name beside `path` and renamed into place, so a failed save leaves
   any previous content intact. A non-empty existing `path` is only replaced with overwrite=True.
-  Multi-host: every process must call it (parameters are gathered); only process 0 writes.
+  Multi-host: every process must call it (parameters are gathered, one tensor at a time); only process 0 writes.
   """
   from safetensors.numpy import save_file
   path = check_target(path, overwrite)
@@ -374,11 +400,17 @@ def save_pretrained(model: Decoder | RewardModel, path: str, *, overwrite: bool 
         extra.setdefault(name, getattr(tokenizer, name))
   hf_cfg = config_to_hf(model.cfg, reward=reward, extra=extra)
   hf_cfg['dtype'] = hf_cfg['torch_dtype'] = dtype
-  tensors = hf_tensors(model)
-  if jax.process_index() != 0:
-    return path
-  files = shard_names(tensors, max_bytes)
+  sources = _hf_tensor_sources(model)
+  # Sizes from shapes: the files are planned before any tensor is gathered to the host.
+  files = shard_names({k: _Size(math.prod(shape) * np.dtype(dt).itemsize) for k, (shape, dt, _) in sources.items()},
+                      max_bytes)
+  main = jax.process_index() == 0
 
+  if not main:  # Only takes part in the gathers, in process 0's order.
+    for name in sorted(set(files.values())):
+      for k in sorted(k for k, f in files.items() if f == name):
+        sources[k][2]()
+    return path
   parent = os.path.dirname(path)
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=f'.{os.path.basename(path)}.tmp-', dir=parent)
@@ -388,10 +420,13 @@ def save_pretrained(model: Decoder | RewardModel, path: str, *, overwrite: bool 
       json.dump(hf_cfg, fh, indent=2)
     total = 0
     for name in sorted(set(files.values())):
-      # Converted one file at a time, so the host holds at most one shard in the export dtype.
-      shard = {k: tensors[k].astype(np_dtype(dtype), copy=False) for k, f in files.items() if f == name}
+      # Gathered one tensor at a time and written one file at a time: the host holds at most one file's tensors in
+      # the export dtype (plus the tensor being converted), never the whole model.
+      shard = {k: sources[k][2]().astype(np_dtype(dtype), copy=False)
+               for k in sorted(k for k, f in files.items() if f == name)}
       total += sum(t.nbytes for t in shard.values())
       save_file(shard, os.path.join(tmp, name), metadata={'format': 'pt'})
+      del shard
     if len(set(files.values())) > 1:
       with open(os.path.join(tmp, 'model.safetensors.index.json'), 'w') as fh:
         json.dump({'metadata': {'total_size': total}, 'weight_map': dict(sorted(files.items()))}, fh, indent=2)
