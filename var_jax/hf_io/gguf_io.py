@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from var_jax.hf_io.safetensors_io import load_params
+from var_jax.hf_io.safetensors_io import load_params, whole_tensor_reader
 from var_jax.model import Decoder, ModelConfig
 
 _SMOLLM2_FILE = 'SmolLM2-135M-Instruct.Q4_1.gguf'
@@ -170,5 +170,5 @@ def from_gguf(path: str | None = None, *, param_dtype: str = 'float32', dtype: s
       w = unpermute_qk(w, cfg.num_heads if name.endswith('.attn_q.weight') else cfg.num_kv_heads)
     return w
 
-  model = load_params(Decoder, cfg, tensor, shardings=shardings)
+  model = load_params(Decoder, cfg, whole_tensor_reader(tensor), shardings=shardings)
   return model, gguf_tokenizer(reader, path)

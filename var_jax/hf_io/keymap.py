@@ -3,14 +3,16 @@
 The only place that knows HF tensor names and architectures. `hf_architecture` / `config_from_hf` /
 `config_to_hf` translate configs (Llama and Qwen2, causal-LM and one-label sequence classification). Every
 var_jax parameter has one `ParamSpec` (`param_specs`): its HF tensor name (with `{i}` for the layer index of
-stacked per-layer parameters), the HF shape implied by the config, and the pair of layout transforms between HF's
-torch layout ([out, in] Linear weights, flat heads) and var_jax's ([in, heads, head_dim] einsum layout).
+stacked per-layer parameters), the HF shape implied by the config, and the layout change between HF's torch layout
+([out, in] Linear weights, flat heads) and var_jax's ([in, heads, head_dim] einsum layout) as a permutation and
+axis splits, which maps whole tensors both ways and a slice of ours back to the HF slice that holds it.
 Checkpoint formats (safetensors_io, gguf_io) build on this map; nothing here reads or writes files.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping
+import math
+from typing import Any, Mapping
 
 import ml_dtypes
 import numpy as np
@@ -142,56 +144,106 @@ def config_to_hf(cfg: ModelConfig, *, reward: bool = False, extra: Mapping[str, 
 
 @dataclasses.dataclass(frozen=True)
 class ParamSpec:
-  """How one var_jax parameter maps to HF tensor(s). Stacked specs have `{i}` in hf_key (one tensor per layer)."""
+  """How one var_jax parameter maps to HF tensor(s). Stacked specs have `{i}` in hf_key (one tensor per layer).
+
+  The layout change is an axis permutation followed by splits of axes: ours = hf.transpose(perm).reshape(shape),
+  per layer for stacked specs (`shape` then leaves out the layer axis). HF's [heads * dh, D] q_proj becomes our
+  [D, heads, dh] by perm (1, 0) and the split of heads * dh. Written this way rather than as opaque functions, a
+  slice of our parameter maps back to a slice of HF's tensor (`hf_index`), so a loader reads only what a device owns.
+  """
 
   hf_key: str
   hf_shape: tuple[int, ...]
-  to_ours: Callable[[np.ndarray], np.ndarray]
-  to_hf: Callable[[np.ndarray], np.ndarray]
+  shape: tuple[int, ...]
+  perm: tuple[int, ...]
   stacked: bool = False
+
+  def to_ours(self, w: np.ndarray) -> np.ndarray:
+    """HF-layout hf_shape array -> our layout `shape` (one layer of a stacked parameter)."""
+    return w.transpose(self.perm).reshape(self.shape)
+
+  def to_hf(self, p: np.ndarray) -> np.ndarray:
+    """Our layout `shape` -> HF layout hf_shape (the inverse of to_ours)."""
+    return p.reshape([self.hf_shape[a] for a in self.perm]).transpose(np.argsort(self.perm))
+
+  def hf_index(self, index: tuple[slice, ...]) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
+    """(hf_index, within): the HF slice to read for `index`, a tuple of step-1 slices over `shape`, and the slices
+    that cut `index` out of that block once converted (`block_to_ours`).
+
+    An HF axis split into several of ours ([heads * dh] -> [heads, dh]) is read whole in all but its first part
+    (rows heads[a:b] * dh, every dh), so the block is exact unless a later part (head_dim) is itself sliced.
+    """
+    index = tuple(slice(*s.indices(n)[:2]) for s, n in zip(index, self.shape))
+    hf_index, within = [slice(None)] * len(self.hf_shape), []
+    for hf_axis, group in zip(self.perm, _split_groups([self.hf_shape[a] for a in self.perm], self.shape)):
+      inner = math.prod(self.shape[a] for a in group[1:])
+      first = index[group[0]]
+      hf_index[hf_axis] = slice(first.start * inner, first.stop * inner)
+      within += [slice(None)] + [index[a] for a in group[1:]]
+    return tuple(hf_index), tuple(within)
+
+  def block_to_ours(self, block: np.ndarray, index: tuple[slice, ...]) -> np.ndarray:
+    """Our slice `index` (over `shape`) from block = the HF tensor at hf_index(index)[0]."""
+    _, within = self.hf_index(index)
+    permuted = block.transpose(self.perm)
+    groups = _split_groups([self.hf_shape[a] for a in self.perm], self.shape)
+    split = []
+    for group, n in zip(groups, permuted.shape):
+      inner = [self.shape[a] for a in group[1:]]
+      split += [n // math.prod(inner)] + inner
+    return permuted.reshape(split)[within]
+
+
+def _split_groups(permuted_shape, shape) -> list[list[int]]:
+  """For each axis of permuted_shape, the consecutive axes of `shape` it splits into (their sizes multiply to it)."""
+  groups, axis = [], 0
+  for n in permuted_shape:
+    group = [axis]
+    size, axis = shape[axis], axis + 1
+    while size < n:
+      size, axis = size * shape[axis], axis + 1
+      group.append(axis - 1)
+    if size != n:
+      raise ValueError(f'layout {tuple(shape)} is not a split of the axes of {tuple(permuted_shape)}')
+    groups.append(group)
+  if axis != len(shape):
+    raise ValueError(f'layout {tuple(shape)} is not a split of the axes of {tuple(permuted_shape)}')
+  return groups
 
 
 def param_specs(cfg: ModelConfig, *, reward: bool = False) -> dict[tuple[str, ...], ParamSpec]:
   """Spec for every parameter path of Decoder(cfg) (or RewardModel(cfg) when reward)."""
   d, f, dh, hq, hkv = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
-  ident = lambda x: x
-
-  def proj(heads):  # HF [heads*dh, D] <-> ours [D, heads, dh]
-    return (lambda w: w.T.reshape(d, heads, dh), lambda p: p.reshape(d, heads * dh).T)
-
-  def bias(heads):  # HF [heads*dh] <-> ours [heads, dh]
-    return (lambda b: b.reshape(heads, dh), lambda p: p.reshape(heads * dh))
-
-  transpose = (lambda w: w.T, lambda p: p.T)
+  keep, swap = (0, 1), (1, 0)
+  # name: (HF key, HF shape, our shape, perm); HF Linear weights are [out, in], ours [in, ...out] for einsums.
   layer = {
-      'attn_norm': ('input_layernorm.weight', (d,), (ident, ident)),
-      'q': ('self_attn.q_proj.weight', (hq * dh, d), proj(hq)),
-      'k': ('self_attn.k_proj.weight', (hkv * dh, d), proj(hkv)),
-      'v': ('self_attn.v_proj.weight', (hkv * dh, d), proj(hkv)),
-      'o': ('self_attn.o_proj.weight', (d, hq * dh),
-            (lambda w: w.T.reshape(hq, dh, d), lambda p: p.reshape(hq * dh, d).T)),
-      'mlp_norm': ('post_attention_layernorm.weight', (d,), (ident, ident)),
-      'gate': ('mlp.gate_proj.weight', (f, d), transpose),
-      'up': ('mlp.up_proj.weight', (f, d), transpose),
-      'down': ('mlp.down_proj.weight', (d, f), transpose),
+      'attn_norm': ('input_layernorm.weight', (d,), (d,), (0,)),
+      'q': ('self_attn.q_proj.weight', (hq * dh, d), (d, hq, dh), swap),
+      'k': ('self_attn.k_proj.weight', (hkv * dh, d), (d, hkv, dh), swap),
+      'v': ('self_attn.v_proj.weight', (hkv * dh, d), (d, hkv, dh), swap),
+      'o': ('self_attn.o_proj.weight', (d, hq * dh), (hq, dh, d), swap),
+      'mlp_norm': ('post_attention_layernorm.weight', (d,), (d,), (0,)),
+      'gate': ('mlp.gate_proj.weight', (f, d), (d, f), swap),
+      'up': ('mlp.up_proj.weight', (f, d), (d, f), swap),
+      'down': ('mlp.down_proj.weight', (d, f), (f, d), swap),
   }
   if cfg.attention_bias:
     layer.update({
-        'q_bias': ('self_attn.q_proj.bias', (hq * dh,), bias(hq)),
-        'k_bias': ('self_attn.k_proj.bias', (hkv * dh,), bias(hkv)),
-        'v_bias': ('self_attn.v_proj.bias', (hkv * dh,), bias(hkv)),
+        'q_bias': ('self_attn.q_proj.bias', (hq * dh,), (hq, dh), (0,)),
+        'k_bias': ('self_attn.k_proj.bias', (hkv * dh,), (hkv, dh), (0,)),
+        'v_bias': ('self_attn.v_proj.bias', (hkv * dh,), (hkv, dh), (0,)),
     })
   prefix = ('backbone',) if reward else ()
   specs = {
-      prefix + ('embed',): ParamSpec('model.embed_tokens.weight', (cfg.vocab_size, d), ident, ident),
-      prefix + ('final_norm',): ParamSpec('model.norm.weight', (d,), ident, ident),
+      prefix + ('embed',): ParamSpec('model.embed_tokens.weight', (cfg.vocab_size, d), (cfg.vocab_size, d), keep),
+      prefix + ('final_norm',): ParamSpec('model.norm.weight', (d,), (d,), (0,)),
   }
-  for name, (key, shape, (fwd, bwd)) in layer.items():
-    specs[prefix + ('layers', name)] = ParamSpec(f'model.layers.{{i}}.{key}', shape, fwd, bwd, stacked=True)
+  for name, (key, hf_shape, shape, perm) in layer.items():
+    specs[prefix + ('layers', name)] = ParamSpec(f'model.layers.{{i}}.{key}', hf_shape, shape, perm, stacked=True)
   if reward:
-    specs[('score',)] = ParamSpec('score.weight', (1, d), transpose[0], transpose[1])
+    specs[('score',)] = ParamSpec('score.weight', (1, d), (d, 1), swap)
   elif not cfg.tie_word_embeddings:
-    specs[('lm_head',)] = ParamSpec('lm_head.weight', (cfg.vocab_size, d), ident, ident)
+    specs[('lm_head',)] = ParamSpec('lm_head.weight', (cfg.vocab_size, d), (cfg.vocab_size, d), keep)
   return specs
 
 

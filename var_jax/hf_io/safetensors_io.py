@@ -5,14 +5,18 @@ Owns the safetensors reader (single file or sharded index), resolving a local di
 `hf_tensors` and `save_pretrained` (float32 or bfloat16, one file or transformers-style shards with an index).
 Names and layouts come from keymap.
 
-Loading builds the model abstractly (`nnx.eval_shape`: no device memory), then reads one tensor at a time from
-the safetensors files (memory-mapped by `safe_open`), converts it on the host and places it straight onto its
-target sharding with `jax.make_array_from_callback`, so each device receives only its own shard.
+Loading builds the model abstractly (`nnx.eval_shape`: no device memory), then fills each parameter with
+`jax.make_array_from_callback`: each device's shard is read from the safetensors files as the HF slices that hold
+it (`ParamSpec.hf_index`; stacked [L, ...] parameters one layer at a time), converted and cast on the host, and
+placed. A process reads and holds only its own devices' slices: host memory stays near its share of the model
+(70B, fsdp over 8 hosts: ~1/8 of the weights each) instead of whole stacked tensors on every host.
 """
 from __future__ import annotations
 
-import contextlib
+import collections
+import dataclasses
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -36,9 +40,14 @@ _IGNORABLE_SUFFIXES = ('rotary_emb.inv_freq',)
 
 
 class _SafetensorsReader:
-  """Tensor name -> lazily read numpy array over one or several (sharded) safetensors files."""
+  """Slices of named tensors over one or several (sharded) safetensors files.
 
-  def __init__(self, directory: str, stack: contextlib.ExitStack):
+  Each read opens its file and closes it again: safe_open memory-maps the file, and every page a read touches
+  counts in the process's resident memory until the map is closed, so a long-lived handle would end a load holding
+  the whole checkpoint. Opening costs one small JSON header.
+  """
+
+  def __init__(self, directory: str):
     from safetensors import safe_open
     index_path = os.path.join(directory, 'model.safetensors.index.json')
     single = os.path.join(directory, 'model.safetensors')
@@ -50,34 +59,57 @@ class _SafetensorsReader:
       files, weight_map = ['model.safetensors'], None
     else:
       raise FileNotFoundError(f'no model.safetensors or model.safetensors.index.json in {directory}')
-    self.handles, self.where = {}, {}
+    self.where, self.shapes = {}, {}
     for name in files:
       fpath = os.path.join(directory, name)
       if not os.path.exists(fpath):
         raise FileNotFoundError(f'checkpoint file {fpath} is missing (listed in model.safetensors.index.json)')
-      self.handles[name] = stack.enter_context(safe_open(fpath, framework='numpy'))
-      for key in self.handles[name].keys():
-        self.where[key] = name
+      with safe_open(fpath, framework='numpy') as handle:
+        for key in handle.keys():
+          self.where[key] = name
+          self.shapes[key] = tuple(handle.get_slice(key).get_shape())
     if weight_map is not None:
       for key, name in weight_map.items():
         if key not in self.where:
           raise ValueError(f'tensor {key!r} is listed for {name} in the index but is not in that file')
-    self.directory = directory
+    self.directory, self.file_names = directory, files
     self.used: set[str] = set()
 
   def files(self) -> str:
-    return ', '.join(os.path.join(self.directory, f) for f in self.handles)
+    return ', '.join(os.path.join(self.directory, f) for f in self.file_names)
 
-  def get(self, key: str, expected_shape: tuple[int, ...]) -> np.ndarray:
+  def check(self, key: str, expected_shape: tuple[int, ...]) -> None:
+    """Raise naming the tensor and its file when it is missing or its shape is not the one the config implies."""
     if key not in self.where:
       raise KeyError(f'missing weight {key!r}: not found in {self.files()}')
-    fname = self.where[key]
-    shape = tuple(self.handles[fname].get_slice(key).get_shape())
-    if shape != tuple(expected_shape):
-      raise ValueError(f'shape mismatch for tensor {key!r} in {os.path.join(self.directory, fname)}: checkpoint '
-                       f'has {shape}, the config implies {tuple(expected_shape)}')
+    if self.shapes[key] != tuple(expected_shape):
+      raise ValueError(f'shape mismatch for tensor {key!r} in {os.path.join(self.directory, self.where[key])}: '
+                       f'checkpoint has {self.shapes[key]}, the config implies {tuple(expected_shape)}')
     self.used.add(key)
-    return self.handles[fname].get_tensor(key)
+
+  def read(self, key: str, expected_shape: tuple[int, ...], index: tuple[slice, ...]) -> np.ndarray:
+    """tensor[index] (HF layout, the file's dtype), reading only the bytes that hold it."""
+    from safetensors import safe_open
+    self.check(key, expected_shape)
+    with safe_open(os.path.join(self.directory, self.where[key]), framework='numpy') as handle:
+      return handle.get_slice(key)[index]
+
+
+def whole_tensor_reader(tensor_fn: Callable[[str, tuple[int, ...]], np.ndarray]) -> Callable[..., np.ndarray]:
+  """A `load_params` reader over a source that only yields whole HF tensors (GGUF dequantizes whole tensors).
+
+  It keeps the last tensor, so the devices' slices of one unstacked tensor cost one conversion; the slices of a
+  stacked one convert each layer once per distinct device slice.
+  """
+  last: dict[str, np.ndarray] = {}
+
+  def read(key: str, shape: tuple[int, ...], index: tuple[slice, ...]) -> np.ndarray:
+    if key not in last:
+      last.clear()
+      last[key] = tensor_fn(key, shape)
+    return last[key][index]
+
+  return read
 
 
 def _resolve_path(path: str) -> str:
@@ -111,19 +143,63 @@ def _is_var(x) -> bool:
   return isinstance(x, nnx.Variable)
 
 
-def _place(host: np.ndarray, sharding) -> jax.Array:
-  """Put a host array on its sharding, each device (and each process) taking only its own slice."""
+def _index_key(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple:
+  return tuple(s.indices(n) for s, n in zip(index, shape))
+
+
+def _place_from(read: Callable[[tuple[slice, ...]], np.ndarray], shape: tuple[int, ...], sharding) -> jax.Array:
+  """A jax.Array of `shape` on `sharding` whose device shards are read(index) -> host array of the shard.
+
+  Each device's shard is read when jax asks for it, so the host holds one shard at a time beyond what is already
+  placed. Devices that hold the same slice (replicated mesh axes) share one read.
+  """
   if sharding is None:
-    return jax.device_put(host)
-  return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+    return jax.device_put(read(tuple(slice(0, n) for n in shape)))
+  uses = collections.Counter(_index_key(i, shape) for i in sharding.addressable_devices_indices_map(shape).values())
+  kept: dict[tuple, np.ndarray] = {}
+
+  def shard(index):
+    key = _index_key(index, shape)
+    value = kept.pop(key) if key in kept else read(index)
+    uses[key] -= 1
+    if uses[key] > 0:
+      kept[key] = value
+    return value
+
+  return jax.make_array_from_callback(shape, sharding, shard)
 
 
-def load_params(model_cls, cfg: ModelConfig, tensor_fn: Callable[[str, tuple[int, ...]], np.ndarray], *,
-                reward: bool = False, shardings=None) -> nnx.Module:
-  """Build model_cls(cfg) abstractly and fill each parameter from tensor_fn(hf_key, hf_shape) -> HF-layout array.
+def _param_reader(spec, read_hf: Callable[..., np.ndarray], num_layers: int, dtype) -> Callable[..., np.ndarray]:
+  """index over our parameter (stacked: [L, ...]) -> that slice in our layout and `dtype`, from HF tensor slices.
 
-  One parameter is materialised on the host at a time (stacked layers: L tensors), converted to var_jax layout
-  and param_dtype, and placed onto shardings[path] (default device when None).
+  A stacked parameter is read one layer at a time into its slice, each layer's block cast after slicing, so no
+  more than one layer's block exists beside the result.
+  """
+
+  def one(key: str, index: tuple[slice, ...]) -> np.ndarray:
+    hf_index, _ = spec.hf_index(index)
+    return spec.block_to_ours(read_hf(key, spec.hf_shape, hf_index), index).astype(dtype)
+
+  def read(index: tuple[slice, ...]) -> np.ndarray:
+    if not spec.stacked:
+      return np.ascontiguousarray(one(spec.hf_key, index))
+    layers = range(*index[0].indices(num_layers))
+    out = np.empty((len(layers),) + tuple(len(range(*s.indices(n))) for s, n in zip(index[1:], spec.shape)), dtype)
+    for j, i in enumerate(layers):
+      out[j] = one(spec.hf_key.format(i=i), index[1:])
+    return out
+
+  return read
+
+
+def load_params(model_cls, cfg: ModelConfig, read_hf: Callable[[str, tuple[int, ...], tuple[slice, ...]], np.ndarray],
+                *, reward: bool = False, shardings=None) -> nnx.Module:
+  """Build model_cls(cfg) abstractly and fill each parameter from read_hf(hf_key, hf_shape, hf_index) -> the HF
+  tensor's slice hf_index (HF layout; see `whole_tensor_reader` for sources of whole tensors).
+
+  Each device's shard of each parameter (stacked layers: one layer at a time) is read as the HF slices that hold
+  it, converted to var_jax layout and param_dtype, and placed onto shardings[path] (default device when None): a
+  process never holds a parameter it does not own, only its devices' slices of it.
   """
   abs_model = nnx.eval_shape(lambda: model_cls(cfg, rngs=nnx.Rngs(0)))
   graphdef, abs_state = nnx.split(abs_model)
@@ -134,14 +210,9 @@ def load_params(model_cls, cfg: ModelConfig, tensor_fn: Callable[[str, tuple[int
   def fill(path, var):
     key = path_tuple(path)
     spec = specs[key]
-    if spec.stacked:
-      host = np.stack([spec.to_ours(tensor_fn(spec.hf_key.format(i=i), spec.hf_shape))
-                       for i in range(cfg.num_layers)])
-    else:
-      host = spec.to_ours(tensor_fn(spec.hf_key, spec.hf_shape))
-    host = np.ascontiguousarray(host.astype(dtype))
-    assert host.shape == var.shape, (key, host.shape, var.shape)
-    return var.replace(_place(host, placement.get(key)))
+    shape = ((cfg.num_layers,) if spec.stacked else ()) + spec.shape
+    assert shape == var.shape, (key, shape, var.shape)
+    return var.replace(_place_from(_param_reader(spec, read_hf, cfg.num_layers, dtype), shape, placement.get(key)))
 
   state = jax.tree_util.tree_map_with_path(fill, abs_state, is_leaf=_is_var)
   missing = set(path_tuple(p) for p, _ in jax.tree_util.tree_flatten_with_path(abs_state, is_leaf=_is_var)[0])
@@ -177,14 +248,13 @@ def from_pretrained(path: str, *, param_dtype: str | None = None, dtype: str | N
     overrides['dtype'] = dtype
   cfg = config_from_hf(hf_cfg, **overrides)
 
-  with contextlib.ExitStack() as stack:
-    reader = _SafetensorsReader(directory, stack)
-    model = load_params(RewardModel if reward else Decoder, cfg, reader.get, reward=reward, shardings=shardings)
-    unused = [k for k in reader.where if k not in reader.used and not k.endswith(_IGNORABLE_SUFFIXES)
-              and not (k == 'lm_head.weight' and cfg.tie_word_embeddings)]
-    if unused:
-      raise ValueError(f'{len(unused)} tensors in {reader.files()} do not belong to a {arch} with this config '
-                       f'(num_hidden_layers={cfg.num_layers}), e.g. {sorted(unused)[:5]}')
+  reader = _SafetensorsReader(directory)
+  model = load_params(RewardModel if reward else Decoder, cfg, reader.read, reward=reward, shardings=shardings)
+  unused = [k for k in reader.where if k not in reader.used and not k.endswith(_IGNORABLE_SUFFIXES)
+            and not (k == 'lm_head.weight' and cfg.tie_word_embeddings)]
+  if unused:
+    raise ValueError(f'{len(unused)} tensors in {reader.files()} do not belong to a {arch} with this config '
+                     f'(num_hidden_layers={cfg.num_layers}), e.g. {sorted(unused)[:5]}')
   return model
 
 
@@ -200,21 +270,36 @@ def _to_host(x: jax.Array) -> np.ndarray:
   return np.asarray(jax.device_get(x))
 
 
-def hf_tensors(model: Decoder | RewardModel) -> dict[str, np.ndarray]:
-  """HF-named, HF-layout host arrays of the model's parameters (per-layer tensors unstacked)."""
-  reward = isinstance(model, RewardModel)
-  cfg = model.cfg
-  specs = param_specs(cfg, reward=reward)
+def _fetch_hf(spec, value: jax.Array, layer: int | None = None) -> Callable[[], np.ndarray]:
+  """() -> the HF-layout host copy of `value` (of one layer of it when `layer` is given), gathered when called."""
+
+  def fetch() -> np.ndarray:
+    # A dynamic index: one compiled slice serves every layer.
+    part = value if layer is None else jax.lax.dynamic_index_in_dim(value, layer, keepdims=False)
+    return np.ascontiguousarray(spec.to_hf(_to_host(part)))
+
+  return fetch
+
+
+def _hf_tensor_sources(model: Decoder | RewardModel) -> dict[str, tuple[tuple[int, ...], Any, Callable]]:
+  """HF name -> (HF shape, dtype, fetch) for every tensor of the model; fetch() gathers that one tensor to the host
+  in HF layout (a stacked parameter one layer at a time). Multi-host: every process must call the fetches, in the
+  same order (each is a collective when the parameter is sharded over processes)."""
+  specs = param_specs(model.cfg, reward=isinstance(model, RewardModel))
   out = {}
   for path, var in jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param), is_leaf=_is_var)[0]:
-    spec = specs[path_tuple(path)]
-    value = _to_host(var[...])
+    spec, value = specs[path_tuple(path)], var[...]
     if spec.stacked:
-      for i in range(cfg.num_layers):
-        out[spec.hf_key.format(i=i)] = np.ascontiguousarray(spec.to_hf(value[i]))
+      for i in range(model.cfg.num_layers):
+        out[spec.hf_key.format(i=i)] = (spec.hf_shape, value.dtype, _fetch_hf(spec, value, i))
     else:
-      out[spec.hf_key] = np.ascontiguousarray(spec.to_hf(value))
+      out[spec.hf_key] = (spec.hf_shape, value.dtype, _fetch_hf(spec, value))
   return out
+
+
+def hf_tensors(model: Decoder | RewardModel) -> dict[str, np.ndarray]:
+  """HF-named, HF-layout host arrays of the model's parameters (per-layer tensors unstacked)."""
+  return {key: fetch() for key, (_, _, fetch) in _hf_tensor_sources(model).items()}
 
 
 # transformers' size units: decimal KB/MB/GB, binary KiB/MiB/GiB.
@@ -249,6 +334,12 @@ def check_target(path: str, overwrite: bool = False) -> str:
   return path
 
 
+@dataclasses.dataclass(frozen=True)
+class _Size:
+  """A tensor's size alone, for `shard_names`."""
+  nbytes: int
+
+
 def _tensor_order(key: str) -> tuple:
   """Embeddings, then layer by layer (numerically), then the final norm and heads: each shard holds whole layers."""
   parts = key.split('.')
@@ -257,9 +348,12 @@ def _tensor_order(key: str) -> tuple:
   return (0 if 'embed' in key else 2, 0, key)
 
 
-def shard_names(tensors: Mapping[str, np.ndarray], max_bytes: int) -> dict[str, str]:
+def shard_names(tensors: Mapping[str, Any], max_bytes: int) -> dict[str, str]:
   """Tensor name -> safetensors file name: 'model.safetensors' when all fit in max_bytes, else transformers'
-  'model-0000i-of-0000n.safetensors', filled in `_tensor_order` (a tensor larger than max_bytes gets its own)."""
+  'model-0000i-of-0000n.safetensors', filled in `_tensor_order` (a tensor larger than max_bytes gets its own).
+
+  tensors: name -> an array, or anything with `.nbytes` (only sizes are read).
+  """
   shards: list[list[str]] = [[]]
   size = 0
   for key in sorted(tensors, key=_tensor_order):
@@ -290,7 +384,7 @@ def save_pretrained(model: Decoder | RewardModel, path: str, *, overwrite: bool 
     pad ids go into config.json unless extra_config sets them.
   The directory is written under a temporary name beside `path` and renamed into place, so a failed save leaves
   any previous content intact. A non-empty existing `path` is only replaced with overwrite=True.
-  Multi-host: every process must call it (parameters are gathered); only process 0 writes.
+  Multi-host: every process must call it (parameters are gathered, one tensor at a time); only process 0 writes.
   """
   from safetensors.numpy import save_file
   path = check_target(path, overwrite)
@@ -306,11 +400,17 @@ def save_pretrained(model: Decoder | RewardModel, path: str, *, overwrite: bool 
         extra.setdefault(name, getattr(tokenizer, name))
   hf_cfg = config_to_hf(model.cfg, reward=reward, extra=extra)
   hf_cfg['dtype'] = hf_cfg['torch_dtype'] = dtype
-  tensors = hf_tensors(model)
-  if jax.process_index() != 0:
-    return path
-  files = shard_names(tensors, max_bytes)
+  sources = _hf_tensor_sources(model)
+  # Sizes from shapes: the files are planned before any tensor is gathered to the host.
+  files = shard_names({k: _Size(math.prod(shape) * np.dtype(dt).itemsize) for k, (shape, dt, _) in sources.items()},
+                      max_bytes)
+  main = jax.process_index() == 0
 
+  if not main:  # Only takes part in the gathers, in process 0's order.
+    for name in sorted(set(files.values())):
+      for k in sorted(k for k, f in files.items() if f == name):
+        sources[k][2]()
+    return path
   parent = os.path.dirname(path)
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=f'.{os.path.basename(path)}.tmp-', dir=parent)
@@ -320,10 +420,13 @@ def save_pretrained(model: Decoder | RewardModel, path: str, *, overwrite: bool 
       json.dump(hf_cfg, fh, indent=2)
     total = 0
     for name in sorted(set(files.values())):
-      # Converted one file at a time, so the host holds at most one shard in the export dtype.
-      shard = {k: tensors[k].astype(np_dtype(dtype), copy=False) for k, f in files.items() if f == name}
+      # Gathered one tensor at a time and written one file at a time: the host holds at most one file's tensors in
+      # the export dtype (plus the tensor being converted), never the whole model.
+      shard = {k: sources[k][2]().astype(np_dtype(dtype), copy=False)
+               for k in sorted(k for k, f in files.items() if f == name)}
       total += sum(t.nbytes for t in shard.values())
       save_file(shard, os.path.join(tmp, name), metadata={'format': 'pt'})
+      del shard
     if len(set(files.values())) > 1:
       with open(os.path.join(tmp, 'model.safetensors.index.json'), 'w') as fh:
         json.dump({'metadata': {'total_size': total}, 'weight_map': dict(sorted(files.items()))}, fh, indent=2)
