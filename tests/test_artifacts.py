@@ -10,8 +10,9 @@ from var_jax import artifacts
 
 def test_fingerprint_covers_the_stage_and_what_it_reads_but_not_how():
   cfg = tiny.get_config()
-  assert set(artifacts.fingerprint(cfg, "sft")) == {"seed", "data", "model", "sft", "optim"}
-  assert set(artifacts.fingerprint(cfg, "var")) == {"seed", "data", "model", "sft", "optim", "reward", "score", "var"}
+  assert set(artifacts.fingerprint(cfg, "sft")) == {"seed", "data", "model", "sft", "optim", "lora"}
+  assert set(artifacts.fingerprint(cfg, "var")) == {"seed", "data", "model", "sft", "optim", "lora", "reward", "score",
+                                                   "var"}
   assert "remat" not in artifacts.fingerprint(cfg, "sft")["model"]
 
 
