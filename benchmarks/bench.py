@@ -664,14 +664,9 @@ def bench_torch_train(mcfg: model_lib.ModelConfig, batch: dict, peak: float, war
                  {"batch_shape": info["batch_shape"], "model": dataclasses.asdict(mcfg)})
 
 
-def bench_side_by_side(mcfg: model_lib.ModelConfig, batch: dict, warmup: int, rounds: int) -> dict:
-  """var_jax's var and sft steps and transformers+PyTorch's step on the same batch, INTERLEAVED: each round times one
-  call of each (in a rotating order), so a neighbour's load or a clock change hits all of them alike. Reports each
-  one's median / min / max step time and tokens/s, and the per-round ratios (var/torch tokens/s = torch time / var
-  time within a round; var/sft step time) with their median, min and max over rounds: a conclusion holds only if
-  the whole range of the ratio is on one side of the target."""
-  calls = {"var": jax_train_call("var", mcfg, batch)[0], "sft": jax_train_call("sft", mcfg, batch)[0]}
-  calls["torch"], real_tokens, info = torch_train_call(mcfg, batch)
+def interleaved(calls: dict[str, Callable[[], Any]], warmup: int, rounds: int) -> dict[str, list[float]]:
+  """{name: seconds of each round's call}: `warmup` untimed calls of each, then `rounds` rounds of one timed call of
+  each, in an order that rotates every round, so a neighbour's load or a clock change hits all of them alike."""
   for fn in calls.values():
     for _ in range(warmup):
       fn()
@@ -682,7 +677,22 @@ def bench_side_by_side(mcfg: model_lib.ModelConfig, batch: dict, warmup: int, ro
       start = time.perf_counter()
       calls[n]()
       times[n].append(time.perf_counter() - start)
-  spread = lambda xs: {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}  # noqa: E731
+  return times
+
+
+def spread(xs: Sequence[float]) -> dict:
+  return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
+
+
+def bench_side_by_side(mcfg: model_lib.ModelConfig, batch: dict, warmup: int, rounds: int) -> dict:
+  """var_jax's var and sft steps and transformers+PyTorch's step on the same batch, INTERLEAVED: each round times one
+  call of each (in a rotating order), so a neighbour's load or a clock change hits all of them alike. Reports each
+  one's median / min / max step time and tokens/s, and the per-round ratios (var/torch tokens/s = torch time / var
+  time within a round; var/sft step time) with their median, min and max over rounds: a conclusion holds only if
+  the whole range of the ratio is on one side of the target."""
+  calls = {"var": jax_train_call("var", mcfg, batch)[0], "sft": jax_train_call("sft", mcfg, batch)[0]}
+  calls["torch"], real_tokens, info = torch_train_call(mcfg, batch)
+  names, times = list(calls), interleaved(calls, warmup, rounds)
   metrics = {"rounds": rounds, "real_tokens_per_step": real_tokens, "torch_threads": info["torch_threads"]}
   for n in names:
     metrics[f"{n}_step_s"] = spread(times[n])
@@ -706,17 +716,7 @@ def bench_lora(mcfg: model_lib.ModelConfig, batch: dict, warmup: int, rounds: in
     calls[name] = one
     metrics.update({f"{name}_compile_s": compile_s, f"{name}_xla_memory_bytes": compiled_memory(compiled),
                     **{f"{name}_{k}": v for k, v in sizes.items()}})
-  for fn in calls.values():
-    for _ in range(warmup):
-      fn()
-  names = list(calls)
-  times = {n: [] for n in names}
-  for r in range(rounds):
-    for n in names[r % len(names):] + names[:r % len(names)]:
-      start = time.perf_counter()
-      calls[n]()
-      times[n].append(time.perf_counter() - start)
-  spread = lambda xs: {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}  # noqa: E731
+  names, times = list(calls), interleaved(calls, warmup, rounds)
   lora_name = names[1]
   for n in names:
     metrics[f"{n}_step_s"] = spread(times[n])
