@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from var_jax import model as model_lib
 from var_jax import sharding as sharding_lib
@@ -88,10 +89,16 @@ def zero_like(params):
   return jax.tree.map(jnp.zeros_like, params)
 
 
+def _on_host(x: jax.Array) -> np.ndarray:
+  """The whole array on this host; one sharded over several processes' devices is gathered (every process must call
+  this, as every process runs the stage)."""
+  return np.asarray(jax.device_get(x) if x.is_fully_addressable else multihost_utils.process_allgather(x, tiled=True))
+
+
 def adapters(model: nnx.Module) -> dict[str, np.ndarray]:
   """{'<name>_lora_a' / '<name>_lora_b': host array} of the model's adapters, and 'lora_scale' (alpha / r)."""
   layers = _layers(model)
-  out = {f"{n}_lora_{ab}": np.asarray(jax.device_get(getattr(layers, f"{n}_lora_{ab}")[...]))
+  out = {f"{n}_lora_{ab}": _on_host(getattr(layers, f"{n}_lora_{ab}")[...])
          for n in TARGETS for ab in "ab" if hasattr(layers, f"{n}_lora_{ab}")}
   out["lora_scale"] = np.asarray(layers.lora_scale, np.float32)
   return out
