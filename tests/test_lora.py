@@ -187,3 +187,32 @@ def test_main_job_trains_every_kind_of_stage_with_lora_and_exports_merged_and_pe
   assert sorted(os.listdir(adapters_dir)) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
   with pytest.raises(ValueError, match="reward model"):
     export.export(cfg, workdir, "reward", str(tmp_path / "reward_peft"), peft=True)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_two_processes_train_lora_with_fsdp_and_save_the_adapters_they_merged(tmp_path, run_jax_processes):
+  """var with LoRA on two real processes, parameters (and adapters) sharded over both (fsdp = 2): the adapters are
+  gathered from both processes into adapters.npz, and the saved model is the reference plus scale * A B of them."""
+  from tests.helpers import TEST_SIZE  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / "run")
+  stages.run_pipeline(tiny_config(stages="sft,reward,score"), workdir)
+  flags = [f"--config.{k}={v}" for k, v in TEST_SIZE.items()] + [
+      "--config.stages=var", "--config.lora.rank=4", "--config.lora.targets=q,down", "--config.var.lr=0.01",
+      "--config.mesh.data=1", "--config.mesh.fsdp=2"]
+  run_jax_processes(lambda i, port: ["-m", "var_jax.main", "--config=configs/tiny.py", f"--workdir={workdir}", *flags,
+                                     f"--coordinator=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"])
+  saved = artifacts.load_adapters(workdir, "var")
+  assert sorted(saved) == ["down_lora_a", "down_lora_b", "lora_scale", "q_lora_a", "q_lora_b"]
+  assert np.abs(saved["q_lora_b"]).max() > 0
+  cfg = tiny_config(**{"stages": "var", "lora.rank": 4, "lora.targets": "q,down"})
+  ctx = stages.Context(cfg, workdir, sharding_lib.make_mesh(), sharding_lib.parse_rules(cfg.mesh.rules))
+  var, sft = ctx.load("var"), ctx.load("sft")
+  for name in ("q", "down"):
+    a, b = saved[f"{name}_lora_a"].astype(np.float64), saved[f"{name}_lora_b"].astype(np.float64)
+    n_in = model_lib.LORA_INPUT_AXES[name]
+    delta = np.stack([np.tensordot(a[l], b[l], axes=1) for l in range(a.shape[0])])
+    want = np.asarray(getattr(sft.layers, name)[...], np.float64) + float(saved["lora_scale"]) * delta
+    assert delta.shape[1:1 + n_in] == a.shape[1:1 + n_in]
+    np.testing.assert_allclose(np.asarray(getattr(var.layers, name)[...]), want, atol=1e-5, err_msg=name)
+  np.testing.assert_array_equal(np.asarray(var.layers.k[...]), np.asarray(sft.layers.k[...]))  # Not a target.
