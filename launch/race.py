@@ -217,8 +217,10 @@ def spread(values) -> dict:
 
 def same_training(a: dict[int, dict], b: dict[int, dict]) -> bool:
   """Whether two runs of a stage logged the same metrics at the same steps, timing aside (a deterministic rerun)."""
-  strip = lambda lines: {s: {k: v for k, v in x.items() if k not in TIMING_KEYS} for s, x in lines.items()}  # noqa: E731
-  return strip(a) == strip(b)
+  def untimed(lines):
+    return {s: {k: v for k, v in x.items() if k not in TIMING_KEYS} for s, x in lines.items()}
+
+  return untimed(a) == untimed(b)
 
 
 def rotation(units, r: int) -> list:
@@ -338,7 +340,8 @@ def summarize(runs: list[dict], fractions) -> dict:
         reach[f].update({k: s["median"], f"{k}_min": s["min"], f"{k}_max": s["max"]})
     summary["methods"][stage] = {
         "final_gold": float(np.mean(finals)), "final_gold_std": float(np.std(finals)), "final_kl": float(c["kl"][-1]),
-        "total_time": spread([rep["time"][-1] for rep in clocks]), "fixed_s": spread([rep["fixed_s"] for rep in clocks]),
+        "total_time": spread([rep["time"][-1] for rep in clocks]),
+        "fixed_s": spread([rep["fixed_s"] for rep in clocks]),
         "deterministic": all(r.get("deterministic", {}).get(stage, True) for r in runs),
         "reach": reach, "curve": {k: v.tolist() for k, v in c.items()}}
   for f in targets:
