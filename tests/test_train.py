@@ -273,15 +273,17 @@ def test_sigterm_saves_and_exits_then_resumes(tmp_path):
   assert last % 10 != 0 or last > 10  # The preemption save happened at the step SIGTERM arrived.
   lines = [json.loads(l) for l in open(os.path.join(workdir, "sft", "logs", "metrics.jsonl"))]
   assert lines and lines[-1]["step"] <= last
-  # The checkpoint keeps the training seconds so far beside the data position, so elapsed_s (what the race reads)
-  # goes on counting after the resume instead of restarting.
+  # The checkpoint keeps the training seconds so far (and their compile part) beside the data position, so elapsed_s
+  # and compile_s (what the race reads) go on counting after the resume instead of restarting.
   with open(os.path.join(workdir, "sft", "checkpoints", str(last), "data", "metadata")) as f:
     saved = json.load(f)
-  assert set(saved) == {"feed", "elapsed_s"} and saved["elapsed_s"] >= lines[-1]["elapsed_s"]
+  assert set(saved) == {"feed", "elapsed_s", "compile_s"} and saved["elapsed_s"] >= lines[-1]["elapsed_s"]
+  assert 0 < saved["compile_s"] < saved["elapsed_s"]
   subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
   resumed = [json.loads(l) for l in open(os.path.join(workdir, "sft", "logs", "metrics.jsonl"))][len(lines):]
   resumed = [l for l in resumed if "elapsed_s" in l]
   assert resumed[0]["step"] > last and resumed[0]["elapsed_s"] > saved["elapsed_s"]
+  assert resumed[0]["compile_s"] >= saved["compile_s"]  # The resumed run's compile adds to the first's.
 
 
 def test_sighup_ignored_by_nohup_stays_ignored():

@@ -29,12 +29,20 @@ class StageCost:
 
 
 _active: list[StageCost] = []
+_compiled = [0.0]  # Compile seconds of this process so far, measured or not: what `part` and the loop's log read.
 
 
 def _on_duration(event: str, duration: float, **kwargs) -> None:
   del kwargs
-  if _active and event in COMPILE_EVENTS:
-    _active[-1].compile_s += duration
+  if event in COMPILE_EVENTS:
+    _compiled[0] += duration
+    if _active:
+      _active[-1].compile_s += duration
+
+
+def compile_seconds() -> float:
+  """Seconds this process has spent compiling so far (every stage's and what ran outside any)."""
+  return _compiled[0]
 
 
 jax.monitoring.register_event_duration_secs_listener(_on_duration)
@@ -58,6 +66,18 @@ def measure() -> Iterator[StageCost]:
   finally:
     cost.wall_s = time.perf_counter() - start
     _active.remove(cost)
+
+
+@contextlib.contextmanager
+def part() -> Iterator[StageCost]:
+  """Wall and compile seconds of a part of a stage (the score stage's train split, say), which the stage being
+  measured keeps counting too: a part is read, not taken out of its stage."""
+  cost, compiled = StageCost(), _compiled[0]
+  start = time.perf_counter()
+  try:
+    yield cost
+  finally:
+    cost.wall_s, cost.compile_s = time.perf_counter() - start, _compiled[0] - compiled
 
 
 def merged(record_: dict, stage: str, cost: StageCost, *, peak_flops: Optional[float] = None) -> dict:

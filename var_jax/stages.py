@@ -6,6 +6,7 @@ and a rerun with different values for them stops with an error instead of silent
 the old artifacts.
 """
 import dataclasses
+import time
 from typing import Optional
 
 import jax
@@ -319,6 +320,22 @@ def _reward_fn(ctx: Context, pipe):
   return None, False
 
 
+def _clocked(fn):
+  """(fn timed, [seconds spent in it so far]); (None, [0.0]) for no fn."""
+  spent = [0.0]
+  if fn is None:
+    return None, spent
+
+  def timed(*args):
+    start = time.perf_counter()
+    try:
+      return fn(*args)
+    finally:
+      spent[0] += time.perf_counter() - start
+
+  return timed, spent
+
+
 SCORE_READERS = tuple(s.name for s in stage_table.STAGES if "score" in s.reads)
 
 
@@ -358,21 +375,29 @@ def run_score(ctx: Context, stage: str) -> None:
   training batches, and eval_batches held-out batches, draw."""
   cfg = ctx.cfg
   coverage = score_coverage(cfg)
-  ref, rm = ctx.load("sft"), ctx.reward_model() if coverage["rewards"] else None
-  summary = {"coverage": coverage}
+  with cost_lib.part() as setup:  # Loading the models and tokenizing the training pairs: paid once, before scoring.
+    ref, rm = ctx.load("sft"), ctx.reward_model() if coverage["rewards"] else None
+    ctx.pipe("pref")
+  summary = {"coverage": coverage, "seconds": {"setup": {"wall_s": setup.wall_s, "compile_s": setup.compile_s}}}
   logging.info("score: %s (score.pairs=%s, stages %s)", coverage, cfg.score.pairs, cfg.stages)
   for split, name in (("train", "pref"), ("eval", "pref_eval")):
     pipe = ctx.pipe(name)
     reward_fn, own_only = _reward_fn(ctx, pipe)
+    reward_fn, reward_clock = _clocked(reward_fn)
     only = None
     if cfg.score.steps:
       batches = cfg.score.steps if split == "train" else cfg.eval_batches
       only = blocks_read(cfg, pipe, batches)
       logging.info("score %s: %d of %d blocks, those %d batches draw (score.steps=%d)", split, len(only),
                    len(pipe.local_blocks), batches, cfg.score.steps)
-    scores = scoring.score_blocks(pipe, ref, rm, reward_fn, own_rewards_only=own_only, chunk=cfg.score.chunk,
-                                  prefix_shared=cfg.score.prefix_shared, only=only,
-                                  own_only=not coverage["cross_context"], rewards=coverage["rewards"])
+    with cost_lib.part() as spent:
+      scores = scoring.score_blocks(pipe, ref, rm, reward_fn, own_rewards_only=own_only, chunk=cfg.score.chunk,
+                                    prefix_shared=cfg.score.prefix_shared, only=only,
+                                    own_only=not coverage["cross_context"], rewards=coverage["rewards"])
+    # Per split, so the race charges offline methods only the train split they read; reward_fn_s is the host-side
+    # reward function's part (the embedded task's gold reward in Python, which the online stages compute on device).
+    summary["seconds"][split] = {"wall_s": spent.wall_s, "compile_s": spent.compile_s,
+                                 "reward_fn_s": reward_clock[0]}
     artifacts.save_scores(ctx.workdir, split, scores)
     summary[split] = {"blocks": int(len(pipe.blocks)), "nan_ref_logp": int(np.isnan(scores["ref_logp"]).sum()),
                       "scored_blocks": int(np.isfinite(scores["ref_ntok"]).any(-1).sum()),

@@ -323,13 +323,14 @@ def run_loop(stage: str, cfg, workdir: str, mesh, *, total_steps: int, init: Cal
     mngr = checkpoint_manager(os.path.join(workdir, "checkpoints"), cfg)
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
     restored = checkpoints.restore_newest(mngr, abstract, stage)
-    # The checkpoint's "data" item: the feed's position and the training seconds before this run (so elapsed_s, which
-    # the race reads, counts the whole stage across resumes).
-    feed_state, elapsed_before = None, 0.0
+    # The checkpoint's "data" item: the feed's position and the training seconds before this run, and the part of
+    # them spent compiling (so elapsed_s and compile_s, which the race reads, count the whole stage across resumes).
+    feed_state, elapsed_before, compile_before = None, 0.0, 0.0
     if restored is not None:
       state, data = restored["state"], restored["data"]
       if "feed" in data:
         feed_state, elapsed_before = data["feed"], float(data["elapsed_s"])
+        compile_before = float(data.get("compile_s", 0.0))
       else:  # A checkpoint written before the data item held the seconds too: the feed's state alone.
         feed_state = data
       logging.info("[%s] resumed from step %d", stage, steps_done(state))
@@ -345,6 +346,7 @@ def run_loop(stage: str, cfg, workdir: str, mesh, *, total_steps: int, init: Cal
                                                      data=ocp.args.JsonSave({
                                                          "feed": feed.get_state(),
                                                          "elapsed_s": elapsed_before + time.perf_counter() - loop_start,
+                                                         "compile_s": compiled(),
                                                      })))
 
     def run_eval(step_number: int) -> None:
@@ -352,10 +354,13 @@ def run_loop(stage: str, cfg, workdir: str, mesh, *, total_steps: int, init: Cal
       if metrics:
         writer.write(step_number, {f"eval/{k}": v for k, v in metrics.items()})
 
+    def compiled() -> float:  # Seconds of the loop spent compiling (the step's first call), resumes included.
+      return compile_before + cost.compile_seconds() - compile_start
+
     step_number = steps_done(state)
     # Tokens are summed on device (an asynchronous add per step) and read at log time: no host sync in a step.
     window_tokens, window_flops, window_start = 0.0, 0.0, time.perf_counter()
-    loop_start = window_start
+    loop_start, compile_start = window_start, cost.compile_seconds()
     with PreemptionCheck(cfg.log_every) as preemption, writer.progress(total_steps, step_number, stage) as progress:
       while step_number < total_steps:
         inputs, step_flops = next(feed)
@@ -373,6 +378,7 @@ def run_loop(stage: str, cfg, workdir: str, mesh, *, total_steps: int, init: Cal
           cost.count(tokens=tokens, flops=window_flops)
           host["tokens_per_s"] = tokens / elapsed
           host["elapsed_s"] = elapsed_before + time.perf_counter() - loop_start  # Training seconds, resumes included.
+          host["compile_s"] = compiled()  # The part of elapsed_s that is a fixed cost, not the steps'.
           if window_flops:
             host["mfu"] = window_flops / elapsed / peak
           writer.write(step_number, host)
