@@ -202,15 +202,17 @@ def _jaxpr_shapes(jaxpr):
 
 
 def test_single_query_attention_matches_numpy():
-  """The decode step's attention (one query per row, keys/values in the cache layout) against a float64 NumPy
-  grouped-query softmax attention, with empty slots and a row that sees a single slot; and equal to `attention`."""
+  """The decode step's attention (one query per row, keys/values in the cache layout, its own key/value apart) against
+  a float64 NumPy grouped-query softmax attention, with empty slots, a row that sees only its own slot and one that
+  sees a single cached slot (not its own); and equal to `attention` over the whole cache."""
   rng = np.random.default_rng(4)
   b, s, hq, hkv, dh = 3, 11, 6, 2, 8
   q = rng.normal(size=(b, 1, hq, dh)).astype(np.float32) * 3
   k, v = (rng.normal(size=(b, s, hkv, dh)).astype(np.float32) for _ in range(2))
   mask = rng.random((b, 1, s)) < 0.6
   mask[:, 0, 0] = True
-  mask[2, 0] = np.arange(s) == 4  # one visible slot: its value exactly
+  mask[1, 0] = np.arange(s) == s - 1  # only its own slot
+  mask[2, 0] = np.arange(s) == 4  # one visible cached slot, not its own
   want = np.zeros((b, hq, dh))
   for i in range(b):
     for h in range(hq):
@@ -219,7 +221,9 @@ def test_single_query_attention_matches_numpy():
       z = np.where(mask[i, 0], z, -np.inf)
       p = np.exp(z - z.max())
       want[i, h] = (p / p.sum()) @ v[i, :, kh].astype(np.float64)
-  got = np.asarray(jax.jit(M.single_query_attention)(q, k, v, mask))
+  # The last slot is the query's own key/value, passed apart (the layer's cache is read, not written, in a step).
+  got = np.asarray(jax.jit(M.single_query_attention)(q, k[:, :-1], v[:, :-1], mask[:, :, :-1], k[:, -1:], v[:, -1:],
+                                                     mask[:, 0, -1]))
   assert got.shape == (b, 1, hq, dh)
   np.testing.assert_allclose(got[:, 0], want, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(got, np.asarray(M.attention(q, k, v, mask)), rtol=1e-5, atol=1e-6)

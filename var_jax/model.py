@@ -275,20 +275,26 @@ def attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
   return out.reshape(b, t, hq, dh)
 
 
-def single_query_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
-  """`attention` for one query per row (T = 1, a decode step): q [B,1,Hq,Dh], k/v [B,S,Hkv,Dh], mask [B,1,S].
+def single_query_attention(q: Array, k: Array, v: Array, mask: Array, k_self: Array, v_self: Array,
+                           self_visible: Array) -> Array:
+  """`attention` for one query per row (T = 1, a decode step) over a cache it does not write: q [B,1,Hq,Dh] attends
+  the S slots of k/v [B,S,Hkv,Dh] where mask [B,1,S] allows, and its own key/value k_self/v_self [B,1,Hkv,Dh] where
+  self_visible [B] allows (the slot it will be written to must be masked out of `mask`).
 
-  Multiply-and-reduce over k and v in the cache's own layout. As einsums, XLA's CPU dots want the batch axes (B, Hkv)
-  leading and transposed every layer's whole cache on every decode step; a fused reduction reads each slot once.
-  Scores, softmax and the weighted sum of values are float32.
+  Multiply-and-reduce over k and v in the cache's own layout, read in place: as einsums, XLA's CPU dots wanted the
+  batch axes (B, Hkv) leading and transposed every layer's whole cache on every decode step, and writing the new slot
+  into the layer's cache first copied it. Scores, softmax and the weighted sum of values are float32.
   """
   b, _, hq, dh = q.shape
   hkv = k.shape[2]
-  q = q.reshape(b, 1, hkv, hq // hkv, dh).astype(jnp.float32)  # [B, 1, Hkv, G, Dh]
-  scores = jnp.sum(q * k[:, :, :, None, :].astype(jnp.float32), axis=-1) * (dh ** -0.5)  # [B, S, Hkv, G]
-  scores = jnp.where(mask[:, 0, :, None, None], scores, _MASK_VALUE)
-  probs = jax.nn.softmax(scores, axis=1)
-  out = jnp.sum(probs[..., None] * v[:, :, :, None, :].astype(jnp.float32), axis=1)  # [B, Hkv, G, Dh]
+  f32 = jnp.float32
+  q = q.reshape(b, 1, hkv, hq // hkv, dh).astype(f32)  # [B, 1, Hkv, G, Dh]
+  keys = jnp.concatenate([k, k_self], axis=1).astype(f32)[:, :, :, None, :]  # [B, S+1, Hkv, 1, Dh]
+  scores = jnp.sum(q * keys, axis=-1) * (dh ** -0.5)  # [B, S+1, Hkv, G]
+  visible = jnp.concatenate([mask[:, 0], self_visible[:, None]], axis=1)  # [B, S+1]
+  probs = jax.nn.softmax(jnp.where(visible[:, :, None, None], scores, _MASK_VALUE), axis=1)
+  values = jnp.concatenate([v, v_self], axis=1).astype(f32)[:, :, :, None, :]
+  out = jnp.sum(probs[..., None] * values, axis=1)  # [B, Hkv, G, Dh]
   return out.reshape(b, 1, hq, dh).astype(v.dtype)
 
 
@@ -427,6 +433,13 @@ def decoder_layer(cfg: ModelConfig, p: Mapping[str, Array], x: Array, cos: Array
   if cfg.attention_bias:
     q, k, v = q + p['q_bias'].astype(dt), k + p['k_bias'].astype(dt), v + p['v_bias'].astype(dt)
   q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+  if kv is not None and q.shape[1] == 1:  # A decode step: the cache is read, never copied (see single_query_attention).
+    new_kv = (k.astype(kv[0].dtype), v.astype(kv[1].dtype))
+    old = jnp.arange(kv[0].shape[1]) != index  # the new slot is still empty in kv
+    a = single_query_attention(q, kv[0].astype(dt), kv[1].astype(dt), mask & old[None, None, :], k.astype(dt),
+                               v.astype(dt), jax.lax.dynamic_index_in_dim(mask[:, 0], index, axis=1, keepdims=False))
+    x = x + project(p, 'o', 'bthk,hkd->btd', a, lora_scale)
+    return _mlp_block(cfg, p, x, lora_scale), new_kv
   if kv is not None:
     new_kv = (k.astype(kv[0].dtype), v.astype(kv[1].dtype))
     k = jax.lax.dynamic_update_slice_in_dim(kv[0], new_kv[0], index, axis=1)
@@ -438,16 +451,18 @@ def decoder_layer(cfg: ModelConfig, p: Mapping[str, Array], x: Array, cos: Array
     a = splash_attention(q, k, v, segment_ids, block=cfg.attention_block)
   elif kv is None:  # Self-attention over the T inputs, whose mask is causal by index: skip the upper triangle.
     a = causal_block_attention(q, k, v, mask, cfg.attention_block)
-  elif q.shape[1] == 1:  # A decode step.
-    a = single_query_attention(q, k.astype(dt), v.astype(dt), mask)
   else:  # Cache slots are not in query order: every slot is scored.
     a = attention(q, k.astype(dt), v.astype(dt), mask)
   x = x + project(p, 'o', 'bthk,hkd->btd', a, lora_scale)
+  return _mlp_block(cfg, p, x, lora_scale), kv
 
+
+def _mlp_block(cfg: ModelConfig, p: Mapping[str, Array], x: Array, lora_scale: float) -> Array:
+  """x + MLP(norm(x)): the second half of `decoder_layer`."""
   h = rms_norm(x, p['mlp_norm'], cfg.rms_norm_eps)
   gate = project(p, 'gate', 'btd,df->btf', h, lora_scale)
   up = project(p, 'up', 'btd,df->btf', h, lora_scale)
-  return x + project(p, 'down', 'btf,fd->btd', jax.nn.silu(gate) * up, lora_scale), kv
+  return x + project(p, 'down', 'btf,fd->btd', jax.nn.silu(gate) * up, lora_scale)
 
 
 def _chunk_sequence(x: Array, chunk: int, fill) -> tuple[Array, int]:
