@@ -419,9 +419,10 @@ def decoder_layer(cfg: ModelConfig, p: Mapping[str, Array], x: Array, cos: Array
 
   Without kv, attention is over the T input tokens (mask [B,T,T], causal by index: see `causal_block_attention`;
   the 'splash' path reads segment_ids [B,T] instead and takes mask=None) and the result is (x, None). With kv, a layer's
-  cache (k, v: [B,S,Hkv,Dh]), the new keys/values are written at slots [index, index+T) of a local copy and attention
-  runs over all S slots (mask [B,T,S]); the result is (x, (k_new, v_new)), the T new slots only ([B,T,Hkv,Dh]): the
-  caller writes them into its cache, so a decode step moves T slots, not S (see `Decoder.__call__`). A projection
+  cache (k, v: [B,S,Hkv,Dh]), the T new tokens attend to the cached slots and to each other as if written at slots
+  [index, index+T) (mask [B,T,S]; a local copy for T > 1, the cache read in place for a decode step, T = 1); the
+  result is (x, (k_new, v_new)), the T new slots only ([B,T,Hkv,Dh]): the caller writes them into its cache, so a
+  decode step moves T slots, not S (see `Decoder.__call__`). A projection
   with LoRA adapters in p
   (`<name>_lora_a`, `<name>_lora_b`) adds their low-rank update times lora_scale (see `project`).
   """
