@@ -2,7 +2,7 @@
 train state's bytes for float32, bfloat16 and bfloat16 + float32 master parameters (`state`: shapes only).
 
     python -m benchmarks.bench [--preset bench-30m] [--seq 512] [--pairs 2] \
-        [--what train,profile,score,generate,data,memory,compile,state,torch,trl,sidebyside,lora,pack]
+        [--what train,profile,score,generate,data,memory,compile,state,torch,trl,sidebyside,lora,pack,generate_vs_torch] \
         [--out bench_results.jsonl]
 
 Every figure is measured in the run: step times are medians over `--repeats` steps after `--warmup` steps (on a
@@ -61,7 +61,7 @@ from var_jax.data import pipeline as data_pipeline
 
 STAGES = ("sft", "var", "dpo")
 ALL = ("train", "profile", "score", "generate", "data", "memory", "compile", "state", "torch", "trl", "sidebyside",
-       "lora", "pack")
+       "lora", "pack", "generate_vs_torch")
 
 # ----------------------------------------------------------------------------------------------------------------
 # Environment description.
@@ -124,6 +124,27 @@ def time_calls(fn: Callable[[], Any], warmup: int, repeats: int) -> list[float]:
     fn()
     times.append(time.perf_counter() - start)
   return times
+
+
+def interleaved_times(calls: dict[str, Callable[[], Any]], warmup: int, rounds: int) -> dict[str, list[float]]:
+  """Wall seconds of each blocking call per round, after `warmup` untimed calls of each: each round calls every one
+  once, in a rotating order, so a neighbour's load or a clock change hits all of them alike."""
+  for fn in calls.values():
+    for _ in range(warmup):
+      fn()
+  names = list(calls)
+  times = {n: [] for n in names}
+  for r in range(rounds):
+    for n in names[r % len(names):] + names[:r % len(names)]:
+      start = time.perf_counter()
+      calls[n]()
+      times[n].append(time.perf_counter() - start)
+  return times
+
+
+def spread(xs: Sequence[float]) -> dict:
+  """median / min / max of per-round figures: a conclusion holds only if the whole range is on one side."""
+  return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
 
 
 def timing_stats(times: Sequence[float]) -> dict:
@@ -458,6 +479,103 @@ def bench_generate(mcfg: model_lib.ModelConfig, batch: int, prompt_len: int, new
                      mcfg)})
 
 
+def torch_from_weights(model: model_lib.Decoder):
+  """A transformers LlamaForCausalLM (float32, CPU, eval) holding exactly `model`'s weights (`hf_io.hf_tensors`)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  from transformers import LlamaForCausalLM  # pylint: disable=g-import-not-at-top
+  hf = LlamaForCausalLM(hf_llama_config(model.cfg)).float().eval()
+  tensors = {k: torch.from_numpy(np.asarray(v, np.float32)) for k, v in hf_io.hf_tensors(model).items()}
+  missing, unexpected = hf.load_state_dict(tensors, strict=False)
+  # A tied head is the embedding itself (HF lists lm_head.weight as missing, and ties it).
+  missing = [k for k in missing if not (k == "lm_head.weight" and model.cfg.tie_word_embeddings)]
+  if missing or unexpected:
+    raise ValueError(f"weights do not map onto transformers: missing {missing}, unexpected {unexpected}")
+  hf.tie_weights()
+  return hf
+
+
+def torch_generate_call(hf, prompts: Sequence[np.ndarray], new_tokens: int, temperature: float, seed: int = 0,
+                        threads: int = 0):
+  """one(): transformers' `generate` on the prompts as one left-padded batch (attention mask, so positions count from
+  each row's first real token, as ours do), exactly new_tokens each (no EOS), greedy when temperature == 0 else plain
+  sampling (no top-k / top-p); returns the new ids [B, new_tokens] int32. threads > 0 runs it on that many PyTorch
+  threads (restored afterwards), 0 on PyTorch's default."""
+  import torch  # pylint: disable=g-import-not-at-top
+  width = max(len(p) for p in prompts)
+  ids, _, _ = sampling.left_pad(prompts, len(prompts), width, 0)
+  mask = (np.arange(width)[None, :] >= width - np.array([len(p) for p in prompts])[:, None]).astype(np.int64)
+  ids, mask = torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(mask)
+  options = dict(do_sample=False) if temperature == 0.0 else dict(do_sample=True, temperature=temperature, top_k=0,
+                                                                    top_p=1.0)
+
+  def one():
+    torch.manual_seed(seed)
+    default = torch.get_num_threads()
+    torch.set_num_threads(threads or default)
+    try:
+      with torch.inference_mode():
+        out = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                          pad_token_id=0, eos_token_id=None, use_cache=True, **options)
+    finally:
+      torch.set_num_threads(default)
+    return out[:, width:].numpy().astype(np.int32)
+
+  return one
+
+
+def bench_generate_vs_torch(mcfg: model_lib.ModelConfig, batch: int, prompt_lens: tuple[int, int], new_tokens: int,
+                            warmup: int, rounds: int, temperatures: Sequence[float] = (0.0, 1.0)) -> list[dict]:
+  """New tokens/s of `sampling.generate` and of transformers' `generate` (PyTorch, CPU, float32, KV cache) on the same
+  weights, the same `batch` prompts (lengths drawn uniformly from prompt_lens, one batch) and exactly new_tokens per
+  row, INTERLEAVED as in `bench_side_by_side`: each round times one call of each in a rotating order, the ratio
+  (ours / transformers tokens/s) is taken within a round and reported as median / min / max over rounds.
+  transformers runs twice per round, on PyTorch's default threads (`torch`) and on one thread (`torch_1thread`): on
+  2 CPU cores shared with other processes, OpenMP's spinning threads made its decode steps 7x slower on 2 threads
+  than on 1 (0.25 s against 0.035 s, bench-30m, 8 rows), so the headline ratio is against the faster of the two in
+  each round (`ratio_var_jax_over_best_torch_tokens_per_s`).
+
+  Greedy (temperature 0) must give the same tokens: the fraction of rows that agree token for token, and of tokens
+  up to each row's first disagreement (float32 rounding may flip a near-tie, after which the rows diverge), is
+  reported. Sampling (temperature 1) draws from different generators, so only its speed is compared."""
+  model = model_lib.Decoder(mcfg, rngs=nnx.Rngs(0))
+  hf = torch_from_weights(model)
+  rng = np.random.default_rng(0)
+  lens = rng.integers(prompt_lens[0], prompt_lens[1] + 1, batch)
+  prompts = [rng.integers(3, mcfg.vocab_size, n).astype(np.int32) for n in lens]
+  records = []
+  for temperature in temperatures:
+    def ours():
+      out = sampling.generate(model, prompts, max_new_tokens=new_tokens, eos_id=-1, pad_id=0, batch_size=batch,
+                              temperature=temperature)
+      return np.stack(out)
+    calls = {"var_jax": ours, "torch": torch_generate_call(hf, prompts, new_tokens, temperature),
+             "torch_1thread": torch_generate_call(hf, prompts, new_tokens, temperature, threads=1)}
+    start = time.perf_counter()
+    first = {n: fn() for n, fn in calls.items()}
+    first_s = time.perf_counter() - start
+    times = interleaved_times(calls, max(0, warmup - 1), rounds)
+    names = list(calls)
+    new = batch * new_tokens
+    metrics = {"rounds": rounds, "new_tokens": new, "first_calls_s": first_s}
+    for n in names:
+      metrics[f"{n}_s"] = spread(times[n])
+      metrics[f"{n}_new_tokens_per_s"] = new / statistics.median(times[n])
+    for n in names[1:]:
+      metrics[f"ratio_var_jax_over_{n}_tokens_per_s"] = spread([t / v for v, t in zip(times["var_jax"], times[n])])
+    metrics["ratio_var_jax_over_best_torch_tokens_per_s"] = spread([
+        min(t, t1) / v for v, t, t1 in zip(times["var_jax"], times["torch"], times["torch_1thread"])])
+    if temperature == 0.0:
+      same = first["var_jax"] == first["torch"]
+      metrics["torch_threads_agree"] = bool((first["torch"] == first["torch_1thread"]).all())
+      agree = np.where(same.all(1), new_tokens, np.argmin(same, axis=1))  # tokens before the first disagreement
+      metrics["greedy_rows_identical"] = float(same.all(1).mean())
+      metrics["greedy_tokens_agreeing_before_divergence"] = float(agree.sum() / new)
+    records.append(_record("generate", f"vs_torch_t{temperature:g}", metrics, {
+        "batch": batch, "prompt_lens": [int(n) for n in lens], "new_tokens": new_tokens, "temperature": temperature,
+        "torch_threads": __import__("torch").get_num_threads(), "warmup": warmup, "model": dataclasses.asdict(mcfg)}))
+  return records
+
+
 def bench_data(source: str, limit: int | None) -> dict:
   """Examples/s of parse + tokenize + batch (var_jax.data.pipeline.measure_throughput), BPE trained untimed."""
   from var_jax.data import formats, tokenize  # pylint: disable=g-import-not-at-top
@@ -664,26 +782,6 @@ def bench_torch_train(mcfg: model_lib.ModelConfig, batch: dict, peak: float, war
                  {"batch_shape": info["batch_shape"], "model": dataclasses.asdict(mcfg)})
 
 
-def interleaved(calls: dict[str, Callable[[], Any]], warmup: int, rounds: int) -> dict[str, list[float]]:
-  """{name: seconds of each round's call}: `warmup` untimed calls of each, then `rounds` rounds of one timed call of
-  each, in an order that rotates every round, so a neighbour's load or a clock change hits all of them alike."""
-  for fn in calls.values():
-    for _ in range(warmup):
-      fn()
-  names = list(calls)
-  times = {n: [] for n in names}
-  for r in range(rounds):
-    for n in names[r % len(names):] + names[:r % len(names)]:
-      start = time.perf_counter()
-      calls[n]()
-      times[n].append(time.perf_counter() - start)
-  return times
-
-
-def spread(xs: Sequence[float]) -> dict:
-  return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
-
-
 def bench_side_by_side(mcfg: model_lib.ModelConfig, batch: dict, warmup: int, rounds: int) -> dict:
   """var_jax's var and sft steps and transformers+PyTorch's step on the same batch, INTERLEAVED: each round times one
   call of each (in a rotating order), so a neighbour's load or a clock change hits all of them alike. Reports each
@@ -692,7 +790,7 @@ def bench_side_by_side(mcfg: model_lib.ModelConfig, batch: dict, warmup: int, ro
   the whole range of the ratio is on one side of the target."""
   calls = {"var": jax_train_call("var", mcfg, batch)[0], "sft": jax_train_call("sft", mcfg, batch)[0]}
   calls["torch"], real_tokens, info = torch_train_call(mcfg, batch)
-  names, times = list(calls), interleaved(calls, warmup, rounds)
+  names, times = list(calls), interleaved_times(calls, warmup, rounds)
   metrics = {"rounds": rounds, "real_tokens_per_step": real_tokens, "torch_threads": info["torch_threads"]}
   for n in names:
     metrics[f"{n}_step_s"] = spread(times[n])
@@ -716,7 +814,7 @@ def bench_lora(mcfg: model_lib.ModelConfig, batch: dict, warmup: int, rounds: in
     calls[name] = one
     metrics.update({f"{name}_compile_s": compile_s, f"{name}_xla_memory_bytes": compiled_memory(compiled),
                     **{f"{name}_{k}": v for k, v in sizes.items()}})
-  names, times = list(calls), interleaved(calls, warmup, rounds)
+  names, times = list(calls), interleaved_times(calls, warmup, rounds)
   lora_name = names[1]
   for n in names:
     metrics[f"{n}_step_s"] = spread(times[n])
@@ -844,7 +942,11 @@ _SHOWN = ("median_s", "min_s", "max_s", "tokens_per_s", "mfu_measured_peak", "mf
           "ratio_var_over_torch_tokens_per_s", "ratio_sft_over_torch_tokens_per_s", "ratio_var_over_sft_step_time",
           "params_bytes", "opt_state_bytes", "state_bytes", "state_bytes_per_param", "skipped", "reason",
           "full_step_s", "lora_r16_step_s", "full_trained_state_bytes", "lora_r16_trained_state_bytes",
-          "lora_r16_frozen_bytes", "ratio_lora_over_full_step_time", "ratio_lora_over_full_trained_state")
+          "lora_r16_frozen_bytes", "ratio_lora_over_full_step_time", "ratio_lora_over_full_trained_state",
+          "var_jax_new_tokens_per_s", "torch_new_tokens_per_s", "torch_1thread_new_tokens_per_s",
+          "ratio_var_jax_over_best_torch_tokens_per_s", "ratio_var_jax_over_torch_tokens_per_s",
+          "ratio_var_jax_over_torch_1thread_tokens_per_s",
+          "greedy_rows_identical", "greedy_tokens_agreeing_before_divergence")
 
 
 def table(records: Sequence[dict]) -> str:
@@ -911,6 +1013,8 @@ def _define_flags() -> None:
   flags.DEFINE_string("compile_preset", "smollm2-135m", "preset of the compile-time measurement")
   flags.DEFINE_integer("gen_batch", 4, "prompts per generation batch")
   flags.DEFINE_integer("gen_tokens", 16, "new tokens per prompt")
+  flags.DEFINE_integer("gen_prompt_min", 64, "shortest prompt of generate_vs_torch (lengths vary per row)")
+  flags.DEFINE_integer("gen_prompt_max", 150, "longest prompt of generate_vs_torch")
   flags.DEFINE_integer("lora_rank", 16, "adapter rank of the LoRA measurement (every projection, alpha = 2 rank)")
 
 
@@ -981,6 +1085,12 @@ def run(what: Sequence[str], preset: str, seq: int, pairs: int, warmup: int, rep
   if "generate" in what:
     done(bench_generate(mcfg, kw.get("gen_batch", 4), kw.get("prompt_len", 150), kw.get("gen_tokens", 16), 1,
                         max(1, repeats // 2)))
+  if "generate_vs_torch" in what:
+    try:
+      done(bench_generate_vs_torch(mcfg, kw.get("gen_batch", 4), (kw.get("gen_prompt_min", 64), kw.get(
+          "gen_prompt_max", 150)), kw.get("gen_tokens", 16), warmup, kw.get("rounds", 7)))
+    except ImportError as e:  # PyTorch is an optional peer.
+      done(skipped("generate_vs_torch", "vs_torch", e))
   if "data" in what:
     done(bench_data(kw.get("data_source"), kw.get("data_limit") or None))
   if "pack" in what:
@@ -1009,6 +1119,7 @@ def main(argv):
                 trl_pairs=FLAGS.trl_pairs, trl_seq=FLAGS.trl_seq, score_g=FLAGS.score_g, prompt_len=FLAGS.prompt_len,
                 response_len=FLAGS.response_len, data_source=FLAGS.data_source, data_limit=FLAGS.data_limit,
                 compile_preset=FLAGS.compile_preset, gen_batch=FLAGS.gen_batch, gen_tokens=FLAGS.gen_tokens,
+                gen_prompt_min=FLAGS.gen_prompt_min, gen_prompt_max=FLAGS.gen_prompt_max,
                 rounds=FLAGS.rounds, lora_rank=FLAGS.lora_rank, pack_group=FLAGS.pack_group,
                 pack_batches=FLAGS.pack_batches, pack_len=FLAGS.pack_len)
   print("\n== summary (medians; 2 shared CPU cores are noisy: see min/max) ==")

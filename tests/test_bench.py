@@ -79,6 +79,28 @@ def test_side_by_side_interleaves_rounds_and_reports_spread_ratios():
   assert r["max"] <= m["torch_step_s"]["max"] / m["var_step_s"]["min"] + 1e-12
 
 
+@pytest.mark.slow
+def test_generate_vs_torch_same_greedy_tokens_and_spread_ratios():
+  """Our sampler and transformers' generate on the same weights: greedy gives the same tokens (a float32 near-tie
+  may flip one, which the record would show; the tiny model's 6 tokens have none), ratios per round."""
+  pytest.importorskip("torch")
+  pytest.importorskip("transformers")
+  mcfg = bench.model_lib.get_config("tiny")
+  greedy, sampled = bench.bench_generate_vs_torch(mcfg, batch=3, prompt_lens=(5, 12), new_tokens=6, warmup=1,
+                                                  rounds=2)
+  assert greedy["name"] == "vs_torch_t0" and sampled["name"] == "vs_torch_t1"
+  m = greedy["metrics"]
+  assert m["greedy_rows_identical"] == 1.0 and m["greedy_tokens_agreeing_before_divergence"] == 1.0
+  assert m["torch_threads_agree"] and len(set(greedy["config"]["prompt_lens"])) > 1
+  for r in (greedy, sampled):
+    for name in ("var_jax", "torch", "torch_1thread"):
+      s = r["metrics"][f"{name}_s"]
+      assert 0 < s["min"] <= s["median"] <= s["max"] and _finite_number(r["metrics"][f"{name}_new_tokens_per_s"])
+    best = r["metrics"]["ratio_var_jax_over_best_torch_tokens_per_s"]
+    assert best["min"] <= best["median"] <= best["max"]
+    assert best["max"] <= r["metrics"]["ratio_var_jax_over_torch_tokens_per_s"]["max"] + 1e-12
+
+
 def test_unknown_measurement_is_rejected():
   with pytest.raises(ValueError, match="unknown measurements"):
     bench.run(["nope"], "tiny", seq=8, pairs=1, warmup=0, repeats=1)

@@ -201,6 +201,34 @@ def _jaxpr_shapes(jaxpr):
   return out
 
 
+def test_single_query_attention_matches_numpy():
+  """The decode step's attention (one query per row, keys/values in the cache layout, its own key/value apart) against
+  a float64 NumPy grouped-query softmax attention, with empty slots, a row that sees only its own slot and one that
+  sees a single cached slot (not its own); and equal to `attention` over the whole cache."""
+  rng = np.random.default_rng(4)
+  b, s, hq, hkv, dh = 3, 11, 6, 2, 8
+  q = rng.normal(size=(b, 1, hq, dh)).astype(np.float32) * 3
+  k, v = (rng.normal(size=(b, s, hkv, dh)).astype(np.float32) for _ in range(2))
+  mask = rng.random((b, 1, s)) < 0.6
+  mask[:, 0, 0] = True
+  mask[1, 0] = np.arange(s) == s - 1  # only its own slot
+  mask[2, 0] = np.arange(s) == 4  # one visible cached slot, not its own
+  want = np.zeros((b, hq, dh))
+  for i in range(b):
+    for h in range(hq):
+      kh = h // (hq // hkv)
+      z = k[i, :, kh].astype(np.float64) @ q[i, 0, h].astype(np.float64) / np.sqrt(dh)
+      z = np.where(mask[i, 0], z, -np.inf)
+      p = np.exp(z - z.max())
+      want[i, h] = (p / p.sum()) @ v[i, :, kh].astype(np.float64)
+  # The last slot is the query's own key/value, passed apart (the layer's cache is read, not written, in a step).
+  got = np.asarray(jax.jit(M.single_query_attention)(q, k[:, :-1], v[:, :-1], mask[:, :, :-1], k[:, -1:], v[:, -1:],
+                                                     mask[:, 0, -1]))
+  assert got.shape == (b, 1, hq, dh)
+  np.testing.assert_allclose(got[:, 0], want, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(got, np.asarray(M.attention(q, k, v, mask)), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize('block', [1, 7, 16, 40])
 def test_causal_block_attention_equals_full(block):
   """Blocked causal attention == the one-block attention, values and gradients, on packed + padded rows."""
@@ -497,8 +525,19 @@ def test_kv_cache_prefill_and_decode_match_full_forward():
   real_mask = prompt_real.astype(bool)
   np.testing.assert_allclose(np.asarray(h)[real_mask], full[:, :6][real_mask], atol=1e-5)
   for t in range(6, 6 + steps):
+    before = cache
     h, cache = step(model, tokens[:, t:t + 1], positions[:, t:t + 1], real[:, t:t + 1], cache)
     np.testing.assert_allclose(np.asarray(h)[:, 0], full[:, t], atol=1e-5)
+    # A step writes its own slot t in every layer and nothing else: earlier slots keep their bits, later stay empty.
+    for new, old in ((cache.k, before.k), (cache.v, before.v)):
+      new, old = np.asarray(new), np.asarray(old)
+      np.testing.assert_array_equal(new[:, :, :t], old[:, :, :t])
+      assert new[:, :, t].any() and (new[:, :, t + 1:] == 0).all()
+  # The cache built token by token holds the keys/values of one call over the same 10 tokens.
+  _, whole = step(model, tokens, positions, real, M.KVCache.init(cfg, batch=2, max_len=16))
+  keep = real.astype(bool)  # [B, 10]: the real slots
+  for a, b in ((cache.k, whole.k), (cache.v, whole.v)):
+    np.testing.assert_allclose(np.asarray(a)[:, :, :10][:, keep], np.asarray(b)[:, :, :10][:, keep], atol=1e-5)
   assert int(cache.index) == 6 + steps and cache.k.shape == (cfg.num_layers, 2, 16, cfg.num_kv_heads, cfg.head_dim)
   with pytest.raises(ValueError, match='KV cache overflow'):
     model(tokens, positions, real, cache=cache)  # 10 cached + 10 new > 16 slots

@@ -2,8 +2,9 @@
 
 `generate` (the KV-cache sampler) left-pads every prompt of a batch to one bucketed length P, so all rows end at
 slot P-1; one prefill call fills a `KVCache` of P + max_new_tokens - 1 slots, then a `lax.while_loop` decodes one
-token per step (each step attends to the cache only: O(P + t) per token) and stops as soon as every row has
-emitted EOS. Prefill and loop are a single jitted call per (batch, P, max_new_tokens) shape and sampling options.
+token per step (each step attends to the cache only: O(P + t) per token; it reads the cache in place and writes only
+its own slot, see `model.single_query_attention`) and stops as soon as every row has emitted EOS. Prefill and loop
+are a single jitted call per (batch, P, max_new_tokens) shape and sampling options.
 It also sums each row's log-probs of its generated tokens under the model's unscaled distribution, from the logits it
 computes anyway (`generate(..., with_logprobs=True)`): eval's log pi(y|x) without a second forward pass.
 
