@@ -147,6 +147,16 @@ def flat_shardings(tree):
 
 
 def peak_rss_bytes() -> int:
+  """This process's peak RSS since it started: /proc's VmHWM, the high-water mark of its own memory map. Not
+  getrusage's ru_maxrss, which Linux carries over an exec from the process before it, here the fork of a pytest that
+  late in a suite is bigger than anything this worker loads (so the growth read 0)."""
+  try:
+    with open("/proc/self/status") as fh:
+      for line in fh:
+        if line.startswith("VmHWM:"):
+          return int(line.split()[1]) * 1024  # kB
+  except OSError:
+    pass
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB.
 
 
