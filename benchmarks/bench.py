@@ -259,12 +259,6 @@ def skipped(what: str, name: str, error: ImportError) -> dict:
   return _record(what, f"{name}_skipped", {"skipped": peer, "reason": reason}, {})
 
 
-def init_state(model: nnx.Module, tx):
-  """(graphdef, rest, train state) of a model, in the state layout train.py's step carries."""
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  return graphdef, rest, train_lib.init_train_state(params, tx)
-
-
 def compile_train_step(stage: str, mcfg: model_lib.ModelConfig, batch: dict, seed: int = 0, lora_rank: int = 0):
   """(compiled step, state, device batch, compile seconds, frozen) through the real `train.make_train_step`; with
   lora_rank > 0 the model gets LoRA adapters on every projection (alpha = 2 rank) and `frozen` is the step's frozen
@@ -276,8 +270,7 @@ def compile_train_step(stage: str, mcfg: model_lib.ModelConfig, batch: dict, see
     lora.attach(model, ml_collections.ConfigDict({"rank": lora_rank, "alpha": 2.0 * lora_rank, "targets": "all"}),
                 mesh, sharding_lib.DEFAULT_RULES, seed=seed)
   tx, schedule = train_lib.make_optimizer(1e-4, 1000, cfg.optim)
-  graphdef, params, frozen, rest = nnx.split(model, lora.trainable(model), nnx.Param, ...)
-  frozen = frozen if lora_rank else None
+  graphdef, params, frozen, rest = lora.split(model)
   state = train_lib.init_train_state(params, tx)
   step = jax.jit(train_lib.make_train_step(objectives.build(stage, cfg), graphdef, rest, tx, schedule),
                  donate_argnums=(0,))

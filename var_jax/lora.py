@@ -84,6 +84,14 @@ def trainable(model: nnx.Module):
   return model_lib.LoRAParam
 
 
+def split(model: nnx.Module):
+  """(graphdef, params, frozen, rest) of `model`: the parameters a train step differentiates (`trainable`), the other
+  parameters, which a LoRA step reads but does not train (None without adapters: params are all of them), and the
+  non-parameter state; `train.merge_model` puts them back together."""
+  graphdef, params, frozen, rest = nnx.split(model, trainable(model), nnx.Param, ...)
+  return graphdef, params, frozen if has_adapters(model) else None, rest
+
+
 def zero_like(params):
   """The adapters `params` (nnx.State of LoRAParams) at zero: with them the model computes its frozen weights."""
   return jax.tree.map(jnp.zeros_like, params)

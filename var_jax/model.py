@@ -770,14 +770,16 @@ class RewardModel(nnx.Module):
     """Reward [B] float32 read at hidden[b, last_index[b]] (the last response token of row b)."""
     hidden = self.backbone(tokens, positions, segment_ids)
     last = jnp.take_along_axis(hidden, last_index.astype(jnp.int32)[:, None, None], axis=1)[:, 0]  # [B, D]
-    return jnp.einsum('bd,do->bo', last, self.score[...].astype(last.dtype),
-                      preferred_element_type=jnp.float32)[:, 0]
+    return self._head(last)
+
+  def _head(self, hidden: Array) -> Array:
+    """The score head: hidden [..., D] -> reward [...] float32."""
+    return jnp.einsum('...d,do->...o', hidden, self.score[...].astype(hidden.dtype),
+                      preferred_element_type=jnp.float32)[..., 0]
 
   def token_scores(self, tokens: Array, positions: Array, segment_ids: Array) -> Array:
     """Reward [B, T] float32 read at every token: of packed rows, whose sequences end inside the row."""
-    hidden = self.backbone(tokens, positions, segment_ids)
-    return jnp.einsum('btd,do->bto', hidden, self.score[...].astype(hidden.dtype),
-                      preferred_element_type=jnp.float32)[..., 0]
+    return self._head(self.backbone(tokens, positions, segment_ids))
 
   def score_sequences(self, tokens: Array, positions: Array, segment_ids: Array) -> Array:
     """Reward [B] of right-padded rows (segment_ids > 0 on real tokens), read at each row's last real token."""

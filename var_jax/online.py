@@ -267,8 +267,7 @@ def train_online(objective: objectives.Objective, cfg, model: nnx.Module, refere
   stage, o = objective.name, cfg.online
   section = cfg[stage]
   iterations = int(section.steps)
-  graphdef, params, frozen, rest = nnx.split(model, lora.trainable(model), nnx.Param, ...)
-  frozen = frozen if lora.has_adapters(model) else None
+  graphdef, params, frozen, rest = lora.split(model)
   tx, schedule = train_lib.make_optimizer(float(section.lr), iterations * o.updates_per_rollout, cfg.optim)
   replicated = sharding_lib.replicated(mesh)
   train_shardings = train_lib.train_state_shardings(tx, params, mesh)

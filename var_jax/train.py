@@ -434,8 +434,7 @@ def train(stage: str, objective: objectives.Objective, cfg, section, model: nnx.
     tokens_flops: training FLOPs of a batch of the given padded token count (for MFU), or None.
   """
   total_steps = int(section.steps)
-  graphdef, params, frozen, rest = nnx.split(model, lora.trainable(model), nnx.Param, ...)
-  frozen = frozen if lora.has_adapters(model) else None
+  graphdef, params, frozen, rest = lora.split(model)
   tx, schedule = make_optimizer(float(section.lr), total_steps, cfg.optim)
   train_step = make_train_step(objective, graphdef, rest, tx, schedule, cfg.optim.grad_accum)
   eval_step = jax.jit(make_eval_step(objective, graphdef, rest))
