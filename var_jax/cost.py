@@ -36,8 +36,6 @@ def _on_duration(event: str, duration: float, **kwargs) -> None:
   del kwargs
   if event in COMPILE_EVENTS:
     _compiled[0] += duration
-    if _active:
-      _active[-1].compile_s += duration
 
 
 def compile_seconds() -> float:
@@ -56,28 +54,26 @@ def count(tokens: float = 0.0, flops: float = 0.0) -> None:
 
 
 @contextlib.contextmanager
-def measure() -> Iterator[StageCost]:
-  """Measures the enclosed stage: wall time, compile time and what `count` reports inside it."""
-  cost = StageCost()
-  _active.append(cost)
-  start = time.perf_counter()
-  try:
-    yield cost
-  finally:
-    cost.wall_s = time.perf_counter() - start
-    _active.remove(cost)
-
-
-@contextlib.contextmanager
 def part() -> Iterator[StageCost]:
-  """Wall and compile seconds of a part of a stage (the score stage's train split, say), which the stage being
-  measured keeps counting too: a part is read, not taken out of its stage."""
+  """Wall and compile seconds of the enclosed code (a part of a stage, the score stage's train split, say, which the
+  stage being measured keeps counting too: a part is read, not taken out of its stage)."""
   cost, compiled = StageCost(), _compiled[0]
   start = time.perf_counter()
   try:
     yield cost
   finally:
     cost.wall_s, cost.compile_s = time.perf_counter() - start, _compiled[0] - compiled
+
+
+@contextlib.contextmanager
+def measure() -> Iterator[StageCost]:
+  """Measures the enclosed stage: wall time, compile time (`part`) and what `count` reports inside it."""
+  with part() as cost:
+    _active.append(cost)
+    try:
+      yield cost
+    finally:
+      _active.remove(cost)
 
 
 def merged(record_: dict, stage: str, cost: StageCost, *, peak_flops: Optional[float] = None) -> dict:

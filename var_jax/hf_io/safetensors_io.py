@@ -404,11 +404,11 @@ def save_pretrained(model: Decoder | RewardModel, path: str, *, overwrite: bool 
   # Sizes from shapes: the files are planned before any tensor is gathered to the host.
   files = shard_names({k: _Size(math.prod(shape) * np.dtype(dt).itemsize) for k, (shape, dt, _) in sources.items()},
                       max_bytes)
-  main = jax.process_index() == 0
-
-  if not main:  # Only takes part in the gathers, in process 0's order.
-    for name in sorted(set(files.values())):
-      for k in sorted(k for k, f in files.items() if f == name):
+  # Every process gathers in this one order (the gathers are collectives; two orders would deadlock).
+  plan = [(name, sorted(k for k, f in files.items() if f == name)) for name in sorted(set(files.values()))]
+  if jax.process_index() != 0:  # Only takes part in the gathers, in process 0's order.
+    for _, keys in plan:
+      for k in keys:
         sources[k][2]()
     return path
   parent = os.path.dirname(path)
@@ -419,15 +419,14 @@ def save_pretrained(model: Decoder | RewardModel, path: str, *, overwrite: bool 
     with open(os.path.join(tmp, 'config.json'), 'w') as fh:
       json.dump(hf_cfg, fh, indent=2)
     total = 0
-    for name in sorted(set(files.values())):
+    for name, keys in plan:
       # Gathered one tensor at a time and written one file at a time: the host holds at most one file's tensors in
       # the export dtype (plus the tensor being converted), never the whole model.
-      shard = {k: sources[k][2]().astype(np_dtype(dtype), copy=False)
-               for k in sorted(k for k, f in files.items() if f == name)}
+      shard = {k: sources[k][2]().astype(np_dtype(dtype), copy=False) for k in keys}
       total += sum(t.nbytes for t in shard.values())
       save_file(shard, os.path.join(tmp, name), metadata={'format': 'pt'})
       del shard
-    if len(set(files.values())) > 1:
+    if len(plan) > 1:
       with open(os.path.join(tmp, 'model.safetensors.index.json'), 'w') as fh:
         json.dump({'metadata': {'total_size': total}, 'weight_map': dict(sorted(files.items()))}, fh, indent=2)
     if tokenizer is not None:
