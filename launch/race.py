@@ -67,16 +67,21 @@ RACERS = ("var", "dpo", "grpo", "online_var")
 NEEDS_SCORES = ("score",)  # The stage whose time offline racers pay before their first step.
 
 
+def run_stage(cfg, stage: str, workdir: str) -> None:
+  """Runs `stage` alone (config.stages = stage) in workdir, the stages it reads being finished there."""
+  one = config_lib.with_overrides(cfg, {})
+  one.stages = stage
+  stages.run_pipeline(one, workdir)
+
+
 def timed_stages(cfg, workdir: str) -> dict:
   """Runs the config's stages one at a time; {stage: wall seconds} (also written to workdir/race_times.json, so a
   rerun that skips finished stages keeps their first timing)."""
   path = os.path.join(workdir, "race_times.json")
   times = json.load(open(path)) if os.path.exists(path) else {}
   for stage in config_lib.stage_list(cfg):
-    one = config_lib.with_overrides(cfg, {})
-    one.stages = stage
     start = time.perf_counter()
-    stages.run_pipeline(one, workdir)
+    run_stage(cfg, stage, workdir)
     times.setdefault(stage, time.perf_counter() - start)
     os.makedirs(workdir, exist_ok=True)
     with open(path, "w") as f:
@@ -255,9 +260,7 @@ def repeat_stages(cfg, workdir: str, r: int, steps_of: dict) -> dict:
       if not os.path.exists(link):
         os.makedirs(where(stage), exist_ok=True)
         os.symlink(os.path.join(base, up), link)
-    one = config_lib.with_overrides(cfg, {})
-    one.stages = stage
-    stages.run_pipeline(one, where(stage))
+    run_stage(cfg, stage, where(stage))
     shutil.rmtree(os.path.join(where(stage), stage, "checkpoints"), ignore_errors=True)
     logging.info("race %s repeat %d: %s done", workdir, r, stage)
   return _measure(where, steps_of)
