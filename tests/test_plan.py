@@ -42,9 +42,9 @@ def test_chip_tables():
   gib = 1 << 30
   assert {k: (c.hbm_bytes // gib, c.peak_flops / 1e12) for k, c in plan_lib.CHIPS.items()} == {
       "v4": (32, 275.0), "v5e": (16, 197.0), "v5p": (95, 459.0), "v6e": (32, 918.0)}
-  # v4 compiles for one device per TensorCore: the chip's HBM and peak are shared by its two devices.
+  # A v4 compiles as megacore (one device per chip, as JAX sees a real v4), so a device has the whole chip.
   v4 = plan_lib.parse_topology("v4:2x2x1")
-  assert plan_lib.device_budget(v4, [None] * 8) == (16 * gib, 137.5e12)
+  assert v4.chip.chip_config == "megacore" and plan_lib.device_budget(v4, [None] * 4) == (32 * gib, 275e12)
   v5e = plan_lib.parse_topology("v5e:2x2")
   assert plan_lib.device_budget(v5e, [None] * 4) == (16 * gib, 197e12)
 
@@ -217,6 +217,20 @@ def test_a_multi_host_mesh_keeps_each_tensor_group_within_a_host():
   out = subprocess.run([python, "-c", _LAYOUT], cwd=helpers.ROOT, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
   assert out.stdout.splitlines()[-1] == f"hosts 16 raw spans True spans False data hosts {list(range(16))}"
+
+
+@pytest.mark.tpu_compile
+def test_a_v4_slice_compiles_for_one_device_per_chip():
+  """JAX on a real v4 host sees its 4 chips as 4 megacore devices, not 8 TensorCores: so must the plan."""
+  python = _tpu_python()
+  if python is None:
+    pytest.skip("no Python with jax[tpu]==0.10.2 (libtpu): set VAR_JAX_TPU_PYTHON or create /work/tpuvenv")
+  code = ("from var_jax import plan; t = plan.parse_topology('v4-16'); d = plan.target_devices(t); "
+          "print(t.num_chips, len(d), d[0].device_kind, d[0].num_cores)")
+  out = subprocess.run([python, "-c", code], cwd=helpers.ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, **plan_lib.LIBTPU_ENV})
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert out.stdout.splitlines()[-1] == "8 8 TPU v4 2"
 
 
 def test_a_reward_models_flops_leave_out_the_lm_head():

@@ -115,3 +115,33 @@ def test_splash_is_a_config_choice():
   assert "splash" in model_lib.ATTENTION_IMPLS
   with pytest.raises(ValueError, match="attention_impl"):
     model_lib.ModelConfig(attention_impl="flash")
+
+
+def test_prefills_into_an_empty_cache_run_the_kernel():
+  """The score stage's prefix-shared pass and the sampler prefill their prompts into an empty KV cache: that is
+  self-attention, so with attention_impl='splash' it runs the kernel (a Pallas call in the program, which the old
+  cache path never had) and gives the XLA numbers."""
+  from var_jax import sampling
+  from var_jax import scoring
+  rng = np.random.default_rng(4)
+  prompts = [rng.integers(3, 200, n).astype(np.int32) for n in (9, 30, 17)]
+  responses = [rng.integers(3, 200, n).astype(np.int32) for n in (5, 12, 8, 3)]
+
+  def run(impl):
+    cfg = model_lib.get_config("tiny", head_dim=32, attention_impl=impl, vocab_size=256)
+    model = model_lib.Decoder(cfg, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+    p_ids, p_len = scoring._pad_rows(prompts, 32, 0)  # pylint: disable=protected-access
+    r_ids, r_len = scoring._pad_rows(responses, 32, 0)  # pylint: disable=protected-access
+    score_jaxpr = str(jax.make_jaxpr(scoring._prefix_shared_scores)(  # pylint: disable=protected-access
+        graphdef, state, *map(jnp.asarray, (p_ids, p_len, r_ids, r_len))))
+    scores = scoring.prefix_shared_scores(model, prompts, responses, bucket=32)
+    ids = sampling.generate(model, prompts, max_new_tokens=6, eos_id=1, pad_id=0, batch_size=4)
+    return "pallas_call" in score_jaxpr, scores, ids
+
+  kernel_s, scores_s, ids_s = run("splash")
+  kernel_x, scores_x, ids_x = run("xla")
+  assert kernel_s and not kernel_x
+  np.testing.assert_allclose(scores_s, scores_x, rtol=1e-5, atol=1e-4)
+  for a, b in zip(ids_s, ids_x):
+    np.testing.assert_array_equal(a, b)

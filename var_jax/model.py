@@ -338,12 +338,17 @@ def _round_up(n: int, multiple: int) -> int:
 @functools.lru_cache(maxsize=32)
 def _splash_kernel(heads: int, length: int, block: int, interpret: bool):
   """A causal splash-attention kernel for one example: q [heads, length, Dh], k/v [Hkv, length, Dh] (MHA layout,
-  query head h reads KV head h // (heads / Hkv)); cached per shape, since building its block mask runs numpy."""
+  query head h reads KV head h // (heads / Hkv)); cached per shape, since building its block mask runs numpy.
+
+  Built at compile-time evaluation: the kernel keeps its block-mask arrays, and built inside a trace (the first
+  program that needs it) they would be that trace's tracers, leaking into every later program of the same shape.
+  """
   from jax.experimental.pallas.ops.tpu import splash_attention as splash  # pylint: disable=g-import-not-at-top
   mask = splash.MultiHeadMask([splash.CausalMask((length, length))] * heads)
   sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
                             block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
-  return splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
+  with jax.ensure_compile_time_eval():
+    return splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
 
 
 def _splash_local(q: Array, k: Array, v: Array, segment_ids: Array, block: int, interpret: bool) -> Array:
@@ -420,7 +425,8 @@ def decoder_layer(cfg: ModelConfig, p: Mapping[str, Array], x: Array, cos: Array
   Without kv, attention is over the T input tokens (mask [B,T,T], causal by index: see `causal_block_attention`;
   the 'splash' path reads segment_ids [B,T] instead and takes mask=None) and the result is (x, None). With kv, a layer's
   cache (k, v: [B,S,Hkv,Dh]), the T new tokens attend to the cached slots and to each other as if written at slots
-  [index, index+T) (mask [B,T,S]; a local copy for T > 1, the cache read in place for a decode step, T = 1); the
+  [index, index+T) (mask [B,T,S]; a local copy for T > 1, the cache read in place for a decode step, T = 1; for
+  an empty cache, index FRESH, it is self-attention over the T tokens, mask [B,T,T] or None for splash); the
   result is (x, (k_new, v_new)), the T new slots only ([B,T,Hkv,Dh]): the caller writes them into its cache, so a
   decode step moves T slots, not S (see `Decoder.__call__`). A projection with LoRA adapters in p (`<name>_lora_a`,
   `<name>_lora_b`) adds their low-rank update times lora_scale (see `project`).
@@ -440,16 +446,20 @@ def decoder_layer(cfg: ModelConfig, p: Mapping[str, Array], x: Array, cos: Array
                                v.astype(dt), jax.lax.dynamic_index_in_dim(mask[:, 0], index, axis=1, keepdims=False))
     x = x + project(p, 'o', 'bthk,hkd->btd', a, lora_scale)
     return _mlp_block(cfg, p, x, lora_scale), new_kv
+  # An empty cache (a prefill at slot 0) holds nothing to attend to but the T new tokens: that is self-attention,
+  # and it runs through the configured kernel (splash, cuDNN, blocked) instead of scoring all S slots.
+  self_attention = kv is None or is_fresh(index)
   if kv is not None:
     new_kv = (k.astype(kv[0].dtype), v.astype(kv[1].dtype))
-    k = jax.lax.dynamic_update_slice_in_dim(kv[0], new_kv[0], index, axis=1)
-    v = jax.lax.dynamic_update_slice_in_dim(kv[1], new_kv[1], index, axis=1)
+    if not self_attention:
+      k = jax.lax.dynamic_update_slice_in_dim(kv[0], new_kv[0], index, axis=1)
+      v = jax.lax.dynamic_update_slice_in_dim(kv[1], new_kv[1], index, axis=1)
     kv = new_kv
-  if kv is None and cfg.attention_impl == 'cudnn':
+  if self_attention and cfg.attention_impl == 'cudnn':
     a = cudnn_attention(q, k, v, mask)
-  elif kv is None and cfg.attention_impl == 'splash':
+  elif self_attention and cfg.attention_impl == 'splash':
     a = splash_attention(q, k, v, segment_ids, block=cfg.attention_block)
-  elif kv is None:  # Self-attention over the T inputs, whose mask is causal by index: skip the upper triangle.
+  elif self_attention:  # Self-attention over the T inputs, whose mask is causal by index: skip the upper triangle.
     a = causal_block_attention(q, k, v, mask, cfg.attention_block)
   else:  # Cache slots are not in query order: every slot is scored.
     a = attention(q, k.astype(dt), v.astype(dt), mask)
@@ -622,6 +632,15 @@ class DecoderLayers(nnx.Module):
     return {n: getattr(self, n)[...] for n in names if hasattr(self, n)}
 
 
+# The index of an empty KVCache: a Python int, static under jit (a traced index is never FRESH).
+FRESH = 0
+
+
+def is_fresh(index) -> bool:
+  """Whether a KVCache index says, at trace time, that the cache is empty (see KVCache.init)."""
+  return type(index) is int and index == FRESH  # pylint: disable=unidiomatic-typecheck
+
+
 @struct.dataclass
 class KVCache:
   """Keys/values of already-processed tokens, for incremental decoding and prefix-shared scoring.
@@ -629,7 +648,9 @@ class KVCache:
   k, v:         [L, B, S, Hkv, Dh]   per-layer keys (RoPE applied) and values, S = max_len slots
   positions:    [B, S] int32         RoPE position of the token in each slot
   segment_ids:  [B, S] int32         segment of each slot; 0 = empty (never attended)
-  index:        int32 scalar         next free slot (shared by the batch; rows may hold padding slots)
+  index:        int32 scalar         next free slot (shared by the batch; rows may hold padding slots); FRESH (the
+                                     Python int 0) in a cache straight from `init`, so a prefill knows at trace
+                                     time that it is self-attention (see `decoder_layer`)
   Logical axes for sharding k/v: ('layers', 'batch', None, 'kv_heads', 'head_dim').
   """
 
@@ -645,7 +666,7 @@ class KVCache:
     dtype = dtype or cfg.jnp_dtype
     return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
                positions=jnp.zeros((batch, max_len), jnp.int32), segment_ids=jnp.zeros((batch, max_len), jnp.int32),
-               index=jnp.zeros((), jnp.int32))
+               index=FRESH)
 
   @property
   def max_len(self) -> int:
@@ -695,15 +716,15 @@ class Decoder(nnx.Module):
     cfg = self.cfg
     x = batch_sharded(jnp.take(self.embed[...], tokens, axis=0).astype(cfg.jnp_dtype))
     cos, sin = rope_cos_sin(positions, rope_inv_freq(cfg))
-    if cache is None:  # The splash kernel builds its mask from segment_ids: no [B, T, T] array.
-      mask = None if cfg.attention_impl == 'splash' else attention_mask(positions, segment_ids, positions, segment_ids)
-      index = None
-    else:
-      index = cache.index
+    index = None if cache is None else cache.index
+    if cache is not None:
       if not isinstance(index, jax.core.Tracer) and int(index) + tokens.shape[1] > cache.max_len:
         raise ValueError(f'KV cache overflow: {int(index)} cached + {tokens.shape[1]} new > {cache.max_len} slots')
       kv_pos = jax.lax.dynamic_update_slice_in_dim(cache.positions, positions.astype(jnp.int32), index, axis=1)
       kv_seg = jax.lax.dynamic_update_slice_in_dim(cache.segment_ids, segment_ids.astype(jnp.int32), index, axis=1)
+    if cache is None or is_fresh(index):  # Self-attention. The splash kernel builds its mask from segment_ids.
+      mask = None if cfg.attention_impl == 'splash' else attention_mask(positions, segment_ids, positions, segment_ids)
+    else:
       mask = attention_mask(positions, segment_ids, kv_pos, kv_seg)
 
     def body(x, xs):
@@ -724,7 +745,8 @@ class Decoder(nnx.Module):
     # cache in place. Emitting each layer's whole updated cache instead copied all L x S slots every decode step
     # (37 of the 50 ms of a bench-30m decode step of 8 rows, 287 slots, on 2 CPU cores).
     k, v = (jax.lax.dynamic_update_slice_in_dim(c, n, index, axis=2) for c, n in zip(kv_in, kv_new))
-    return hidden, KVCache(k=k, v=v, positions=kv_pos, segment_ids=kv_seg, index=index + tokens.shape[1])
+    return hidden, KVCache(k=k, v=v, positions=kv_pos, segment_ids=kv_seg,
+                           index=jnp.asarray(index + tokens.shape[1], jnp.int32))
 
   def unembedding(self) -> Array:
     """The output projection [V, D]: the embedding matrix when tied, else lm_head."""

@@ -67,16 +67,20 @@ class PlanError(RuntimeError):
 class Chip:
   """A TPU generation. hbm_bytes and peak_flops (dense bfloat16 FLOP/s) are per chip, from Google's Cloud TPU
   datasheets; `counts` says what N in the 'vX-N' slice name counts ('chips', or 'cores' = 2 per chip); ndim is the
-  torus rank of its topologies (2: 'AxB', 3: 'AxBxC')."""
+  torus rank of its topologies (2: 'AxB', 3: 'AxBxC'); chip_config, libtpu's chip configuration (one device per chip
+  everywhere)."""
   name: str
   hbm_bytes: int
   peak_flops: float
   counts: str
   ndim: int
+  # libtpu's chip configuration to compile for. A v4 chip's two TensorCores run as one JAX device (megacore), as JAX
+  # sees a real v4; libtpu's "default" would compile for one device per TensorCore, a program no v4 host runs.
+  chip_config: str = "default"
 
 
 CHIPS = {
-    "v4": Chip("v4", 32 * GIB, 275e12, "cores", 3),
+    "v4": Chip("v4", 32 * GIB, 275e12, "cores", 3, "megacore"),
     "v5e": Chip("v5e", 16 * GIB, 197e12, "chips", 2),
     "v5p": Chip("v5p", 95 * GIB, 459e12, "cores", 3),
     "v6e": Chip("v6e", 32 * GIB, 918e12, "chips", 2),
@@ -162,13 +166,14 @@ def target_devices(target: Target) -> list:
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
   dims3 = tuple(target.dims) + (1,) * (3 - len(target.dims))
   bounds = tuple(min(h, d) for h, d in zip(_HOST, dims3))
-  return topologies.get_topology_desc(platform="tpu", topology_name=target.name, chip_config_name="default",
+  return topologies.get_topology_desc(platform="tpu", topology_name=target.name,
+                                      chip_config_name=target.chip.chip_config,
                                       chips_per_host_bounds=bounds, num_slices=1).devices
 
 
 def device_budget(target: Target, devices: Sequence[Any]) -> tuple[float, float]:
-  """(HBM bytes, peak FLOP/s) per device: the chip's, shared among its devices (v4 compiles for one device per
-  TensorCore); for 'local', the device's memory limit (inf when it reports none) and the measured matmul rate."""
+  """(HBM bytes, peak FLOP/s) per device: the chip's, shared among its devices (one per chip on every generation
+  here, v4's megacore included); for 'local', the device's memory limit (inf when it reports none) and the measured matmul rate."""
   if target.chip is not None:
     per_chip = target.num_chips / len(devices)
     return target.chip.hbm_bytes * per_chip, target.chip.peak_flops * per_chip
