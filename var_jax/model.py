@@ -335,20 +335,19 @@ def _round_up(n: int, multiple: int) -> int:
   return -(-n // multiple) * multiple
 
 
-@functools.lru_cache(maxsize=32)
 def _splash_kernel(heads: int, length: int, block: int, interpret: bool):
   """A causal splash-attention kernel for one example: q [heads, length, Dh], k/v [Hkv, length, Dh] (MHA layout,
-  query head h reads KV head h // (heads / Hkv)); cached per shape, since building its block mask runs numpy.
+  query head h reads KV head h // (heads / Hkv)).
 
-  Built at compile-time evaluation: the kernel keeps its block-mask arrays, and built inside a trace (the first
-  program that needs it) they would be that trace's tracers, leaking into every later program of the same shape.
+  Built anew in every trace, never cached here: the kernel holds its block-mask arrays, which built inside one
+  program's trace are that trace's values (a kernel cached across programs leaked them into the next one). The costly
+  part, turning the mask into blocks with numpy, is cached by the library per mask and block size.
   """
   from jax.experimental.pallas.ops.tpu import splash_attention as splash  # pylint: disable=g-import-not-at-top
   mask = splash.MultiHeadMask([splash.CausalMask((length, length))] * heads)
   sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
                             block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
-  with jax.ensure_compile_time_eval():
-    return splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
+  return splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
 
 
 def _splash_local(q: Array, k: Array, v: Array, segment_ids: Array, block: int, interpret: bool) -> Array:
