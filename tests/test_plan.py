@@ -219,6 +219,26 @@ def test_a_multi_host_mesh_keeps_each_tensor_group_within_a_host():
   assert out.stdout.splitlines()[-1] == f"hosts 16 raw spans True spans False data hosts {list(range(16))}"
 
 
+_V6E = """
+from var_jax import plan, sharding
+devices = plan.target_devices(plan.parse_topology("v6e-64"))
+mesh = sharding.make_mesh(16, 1, 4, devices=devices)
+print(dict(mesh.shape), "spans", sharding.tensor_groups_span_processes(mesh.devices))
+"""
+
+
+@pytest.mark.tpu_compile
+def test_a_mesh_that_is_no_product_of_the_torus_axes_is_laid_out_anyway():
+  """hha's data 16 x tensor 4 on a v6e 8x8: jax.make_mesh refuses (4 splits a ring of 8); make_mesh splits the rings."""
+  python = _tpu_python()
+  if python is None:
+    pytest.skip("no Python with jax[tpu]==0.10.2 (libtpu): set VAR_JAX_TPU_PYTHON or create /work/tpuvenv")
+  out = subprocess.run([python, "-c", _V6E], cwd=helpers.ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, **plan_lib.LIBTPU_ENV})
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert out.stdout.splitlines()[-1] == "{'data': 16, 'fsdp': 1, 'tensor': 4} spans False"
+
+
 @pytest.mark.tpu_compile
 def test_a_v4_slice_compiles_for_one_device_per_chip():
   """JAX on a real v4 host sees its 4 chips as 4 megacore devices, not 8 TensorCores: so must the plan."""

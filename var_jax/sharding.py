@@ -93,8 +93,13 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[
     raise ValueError(f"mesh ({described}) = {math.prod(shape)} devices does not fit the {n} devices available "
                      "(data x fsdp x tensor must equal the device count)")
   auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
-  # jax.make_mesh orders devices for the physical topology (TPU ICI rings).
-  mesh = jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+  try:  # jax.make_mesh orders devices for the physical topology (TPU ICI rings).
+    mesh = jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+  except (ValueError, NotImplementedError):
+    # Some shapes are no product of the torus' axes (data 16 x tensor 4 on a v6e 8x8: 4 would split a ring of 8);
+    # then the same rings, split (`allow_split_physical_axes`), still keep each axis' neighbours on ICI links.
+    mesh = Mesh(mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True), MESH_AXES,
+                axis_types=auto)
   if not tensor_groups_span_processes(mesh.devices):
     return mesh
   # Except for tensor groups: following the torus, it can lay one over two hosts (v5e-64 at tensor 4: a row of 4
