@@ -1,9 +1,11 @@
 """var_jax.sampling: the KV-cache sampler `generate` against the full-forward `generate_reference`, EOS, seeds,
 top-k/top-p/temperature filtering, one trace per shape, and parameters on a mesh."""
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import AbstractMesh
 
 from var_jax import model as M
 from var_jax import sampling
@@ -66,6 +68,29 @@ def test_temperature_scales_logits_and_composes_with_top_k():
   out = np.asarray(sampling.filter_logits(logits, 2.0, 4, 1.0))
   kept = np.isfinite(out)
   np.testing.assert_allclose(out[kept], np.asarray(logits)[kept] / 2.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("partitionable", [True, False])
+def test_sampled_row_does_not_depend_on_padding_rows(partitionable):
+  """A row's draw depends on the key and its own logits only: the first rows of a batch padded with more rows (as
+  `generate` pads a batch to the mesh's batch shards) sample what the batch alone samples, whatever the global
+  jax_threefry_partitionable flag (its old, unpartitionable draw depends on the batch size)."""
+  logits = jnp.asarray(np.random.default_rng(4).normal(size=(8, 50)), jnp.float32)
+  key = jax.random.key(7)
+  with jax.threefry_partitionable(partitionable):
+    small = sampling.choose_tokens(logits[:3], key, 1.0, 0, 1.0)
+    padded = sampling.choose_tokens(logits, key, 1.0, 0, 1.0)
+    jitted = jax.jit(lambda x: sampling.choose_tokens(x, key, 1.0, 5, 0.9))
+    small_filtered, padded_filtered = jitted(logits[:3]), jitted(logits)
+  np.testing.assert_array_equal(small, padded[:3])
+  np.testing.assert_array_equal(small_filtered, padded_filtered[:3])
+
+
+def test_padded_batch_rounds_up_to_the_batch_shards():
+  mesh = AbstractMesh((2, 3, 4), sharding.MESH_AXES)  # 6 batch shards; the tensor axis does not split rows.
+  assert sampling.batch_shards(mesh) == 6 and sampling.batch_shards(None) == 1
+  assert [sampling.padded_batch(n, mesh) for n in (1, 6, 7, 12)] == [6, 6, 12, 12]
+  assert sampling.padded_batch(5, None) == 5
 
 
 # ------------------------------------------------------------------------------------------------ generate

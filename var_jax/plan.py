@@ -13,7 +13,8 @@ each program is lowered and compiled by XLA for the target chips (`jax.experimen
     train/<stage>   the jitted train step of every training stage in config.stages (`train.make_train_step`)
     score/ref       the score stage's block: log pi_ref of G prompts x G*K responses (prefix-shared or pairs)
     score/reward    the reward model over the same block (prefix-shared), or on `score.chunk` concatenated rows
-    sample          the eval stage's KV-cache sampler (`sampling.prefill_and_decode`), eval.batch_size prompts
+    sample          the eval stage's KV-cache sampler (`sampling.prefill_and_decode`), eval.batch_size prompts split over
+                    data x fsdp
 
 For each, per chip: parameter, optimizer-state, input and XLA temporary bytes and the total against the chip's HBM,
 FLOPs per call from XLA's cost analysis and from var_jax/flops.py, and the time per call and tokens/s that
@@ -263,9 +264,9 @@ def abstract_model(mcfg, mesh, rules, *, reward: bool):
 @dataclasses.dataclass
 class Program:
   """One program to compile: `lower()` gives its jax Lowered; bytes of its parts per device; model FLOPs (flops.py)
-  and tokens of one call, and how many devices split that work: all of them for a train step (batch over data x
-  fsdp, matmuls over tensor), the model-parallel fsdp x tensor for a call on replicated inputs (data replicas
-  repeat it)."""
+  and tokens of one call, and how many devices split that work: all of them for a train step and the sampler (batch
+  over data x fsdp, matmuls over tensor), the model-parallel fsdp x tensor for a call on replicated inputs (data
+  replicas repeat it)."""
   name: str
   lower: Callable[[], Any]
   params_bytes: int
@@ -347,20 +348,24 @@ def score_program(cfg, mcfg, mesh, rules, reward: bool) -> Program:
 
 
 def sample_program(cfg, mcfg, mesh, rules) -> Program:
-  """The eval stage's sampler: one batch of eval.batch_size prompts of P tokens, eval.max_new_tokens generated."""
+  """The eval stage's sampler: one batch of eval.batch_size prompts of P tokens, eval.max_new_tokens generated, its
+  rows padded to a multiple of the data x fsdp shards and split over them as `sampling.generate` does."""
   e = cfg.eval
   graphdef, params = abstract_model(mcfg, mesh, rules, reward=False)
-  b, (p, _) = min(e.batch_size, e.num_prompts), _lengths(cfg)
+  prompts, (p, _) = min(e.batch_size, e.num_prompts), _lengths(cfg)
+  b = sampling.padded_batch(prompts, mesh)
   key = jax.eval_shape(lambda: jax.random.key(0))
-  args = _replicated_inputs(mesh, np.zeros((b, p), np.int32), np.zeros((b,), np.int32), np.zeros((b,), bool))
+  args = [sharded_struct(a, sharding_lib.batch_sharding(mesh, a.ndim))
+          for a in (np.zeros((b, p), np.int32), np.zeros((b,), np.int32), np.zeros((b,), bool))]
   args += _replicated_inputs(mesh, key, np.int32(0), np.int32(0))
   options = dict(mesh=mesh, max_new_tokens=int(e.max_new_tokens), temperature=float(e.temperature),
                  top_k=int(e.top_k), top_p=float(e.top_p))
   n = int(e.max_new_tokens)
+  # Every row, padding included, runs on its own device: the work splits over all of them.
   return Program("sample", lambda: sampling.generate_cached_jit.lower(graphdef, params, *args, **options),
                  bytes_per_device(params), 0, bytes_per_device(args),
-                 b * (p + n) * flops_lib.decoder_flops_per_token(mcfg, p + n, training=False), b * n,
-                 _model_parallel(mesh))
+                 b * (p + n) * flops_lib.decoder_flops_per_token(mcfg, p + n, training=False), prompts * n,
+                 mesh.size)
 
 
 # Stages whose training step is `train.make_train_step` on pipeline batches; others (online rollouts) are not planned.

@@ -13,9 +13,17 @@ fixed right-padded buffer (O(T^2) per token) and reads each row's logits at its 
 outputs of the two agree token for token (tests/test_sampling.py).
 
 Sharding: both take a model whose parameters may live on a mesh (e.g. from `sharding.create_sharded_model` or
-`stages.load_model`); the jitted call follows the parameters' shardings, the small token inputs are replicated on
-the parameters' mesh and the outputs are constrained to replicated so every process can read them.
+`stages.load_model`); the jitted call follows the parameters' shardings. `generate` runs data-parallel like a train
+step: the rows of a batch (padded with inactive rows to a multiple of the mesh's data x fsdp batch shards) are split
+over ('data', 'fsdp'), and so are the KV cache and the decode loop's state, so each device decodes only its own rows.
+Every process calls `generate` with the same prompts (its caller, the eval stage's `evaluate.sample_responses`, runs
+on every process over the same held-out records: `stages.load_task` loads the whole task on each, and
+`evaluate_policies` takes the same first eval.num_prompts of it), so each builds its shards of the batch from the full
+host batch, and the outputs are gathered (replicated) so every process reads every row. The online stages call
+`prefill_and_decode` inside their own jitted step on their own batch. The reference sampler keeps its inputs
+replicated.
 """
+import math
 import sys
 from typing import Sequence
 
@@ -29,6 +37,7 @@ from var_jax import cost
 from var_jax import flops as flops_lib
 from var_jax import metrics_writer
 from var_jax import model as model_lib
+from var_jax import sharding as sharding_lib
 from var_jax.data.pipeline import bucket_length
 
 
@@ -65,10 +74,17 @@ def token_logprob(logits, tokens):
 
 
 def choose_tokens(logits, key, temperature: float, top_k: int, top_p: float):
-  """Next token [B] int32 from logits [B, V]: argmax when temperature == 0, else a sample of the filtered logits."""
+  """Next token [B] int32 from logits [B, V]: argmax when temperature == 0, else a sample of the filtered logits.
+
+  The draw of row b depends on the key and row b's logits only, not on B or on how the rows are sharded: the
+  partitionable threefry (JAX's default, pinned here whatever the global flag says) draws the random bits of entry
+  [b, v] from its index b * V + v alone, so the inactive rows that pad a batch to the mesh's batch shards, and the
+  split of the rows over devices, leave every real row's sample as it is on one device.
+  """
   if temperature == 0.0:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  return jax.random.categorical(key, filter_logits(logits, temperature, top_k, top_p)).astype(jnp.int32)
+  with jax.threefry_partitionable(True):
+    return jax.random.categorical(key, filter_logits(logits, temperature, top_k, top_p)).astype(jnp.int32)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -86,8 +102,35 @@ def left_padded_inputs(lengths, width: int):
   return jnp.where(real, slots - first, 0).astype(jnp.int32), real.astype(jnp.int32)
 
 
+def batch_shards(mesh) -> int:
+  """How many shards a batch's rows split into on `mesh` (data x fsdp); 1 without a mesh."""
+  return 1 if mesh is None else math.prod(mesh.shape[a] for a in sharding_lib.BATCH_AXES)
+
+
+def padded_batch(rows: int, mesh) -> int:
+  """`rows` rounded up to a multiple of the mesh's batch shards: the batch `generate` compiles for `rows` prompts."""
+  shards = batch_shards(mesh)
+  return -(-rows // shards) * shards
+
+
+def constrain_rows(x, mesh, axis: int = 0):
+  """x with its `axis` (the batch rows) split over the mesh's batch axes and its other axes left to XLA; x itself
+  without a mesh.
+
+  The decode loop's state starts as fresh arrays (the output buffer, the done flags) that carry no sharding of their
+  own: pinned here, the loop keeps each device's rows on that device instead of XLA being free to replicate them.
+  Not the KV cache: XLA already splits it like the tokens it is computed from (tests/test_sampling_mesh.py checks
+  the compiled loop's cache buffers), and pinning it too made XLA copy it (temporaries +60% at fsdp=8, the tiny model).
+  """
+  if mesh is None:
+    return x
+  spec = [PartitionSpec.UNCONSTRAINED] * x.ndim
+  spec[axis] = sharding_lib.BATCH_AXES
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(*spec)))
+
+
 def prefill_and_decode(model, tokens, lengths, active, key, eos_id, pad_id, *, max_new_tokens: int,
-                       temperature: float, top_k: int, top_p: float):
+                       temperature: float, top_k: int, top_p: float, mesh=None):
   """Generated ids [B, N] (pad_id after EOS and in inactive rows), their counts [B] (EOS included) and their summed
   log-probs [B] float32 under the model's own distribution (log_softmax of the unscaled logits, whatever the
   temperature and filters: log pi(y|x) of the generated tokens, as a forward pass over prompt + response gives it).
@@ -96,10 +139,16 @@ def prefill_and_decode(model, tokens, lengths, active, key, eos_id, pad_id, *, m
   lengths [B] int32 (>= 1): real prompt lengths. active [B] bool: False for filler rows (never generate).
   key: the batch's PRNG key; step t samples with fold_in(key, t), so the draw does not depend on when others stop.
   eos_id, pad_id: int32 scalars, traced (not static) so a new tokenizer or EOS id does not recompile.
+  mesh: when given, the loop's state is kept split by rows over its batch axes (`constrain_rows`; B must be a
+  multiple of its data x fsdp shards); None leaves its layout to XLA (the online stages).
   """
   b, p = tokens.shape
   n = max_new_tokens
+  if b % batch_shards(mesh):
+    raise ValueError(f"prefill_and_decode: {b} rows do not split over the {batch_shards(mesh)} batch shards of mesh "
+                     f"{dict(mesh.shape)}; pad the batch with inactive rows (`padded_batch`)")
   choose = lambda logits, t: choose_tokens(logits, jax.random.fold_in(key, t), temperature, top_k, top_p)  # noqa: E731
+  rows = lambda *xs: tuple(constrain_rows(x, mesh) for x in xs)  # noqa: E731
 
   # Prefill. The last generated token is never fed back, so P + N - 1 slots suffice.
   positions, segment_ids = left_padded_inputs(lengths, p)
@@ -111,6 +160,7 @@ def prefill_and_decode(model, tokens, lengths, active, key, eos_id, pad_id, *, m
   logp = jnp.where(active, token_logprob(logits, first), 0.0)
   done = ~active | (first == eos_id)
   counts = active.astype(jnp.int32)
+  first, out, done, counts, logp = rows(first, out, done, counts, logp)
 
   def cond(carry):
     _, _, _, done, _, _, t = carry
@@ -125,7 +175,7 @@ def prefill_and_decode(model, tokens, lengths, active, key, eos_id, pad_id, *, m
     out = jax.lax.dynamic_update_slice_in_dim(out, nxt[:, None], t, axis=1)
     counts = counts + (~done).astype(jnp.int32)
     logp = logp + jnp.where(done, 0.0, token_logprob(logits, nxt))
-    return cache, nxt, out, done | (nxt == eos_id), counts, logp, t + 1
+    return (cache, *rows(nxt, out, done | (nxt == eos_id), counts, logp), t + 1)
 
   carry = (cache, first, out, done, counts, logp, jnp.int32(1))
   _, _, out, _, counts, logp, _ = jax.lax.while_loop(cond, body, carry)
@@ -133,8 +183,9 @@ def prefill_and_decode(model, tokens, lengths, active, key, eos_id, pad_id, *, m
 
 
 def _generate_cached(graphdef, state, *inputs, mesh, **options):
-  """Jitted entry: rebuilds the model from (graphdef, state) and runs `prefill_and_decode` on the inputs."""
-  result = prefill_and_decode(nnx.merge(graphdef, state), *inputs, **options)
+  """Jitted entry: rebuilds the model from (graphdef, state) and runs `prefill_and_decode` on the inputs (tokens,
+  lengths, active split by rows over the mesh's batch axes: `generate`'s `batch_inputs`), data-parallel on `mesh`."""
+  result = prefill_and_decode(nnx.merge(graphdef, state), *inputs, mesh=mesh, **options)
   if mesh is not None:
     # Replicated results are readable on every process, whatever layout XLA propagated from the parameters.
     result = jax.lax.with_sharding_constraint(result, NamedSharding(mesh, PartitionSpec()))
@@ -166,6 +217,22 @@ def left_pad(prompts: Sequence[np.ndarray], batch: int, width: int, pad_id: int)
   return tokens, lengths, np.arange(batch) < len(prompts)
 
 
+def batch_inputs(mesh, tokens, lengths, active, *scalars):
+  """The sampler's inputs as global arrays on `mesh`: tokens [B, W], lengths [B], active [B] split by rows over its
+  batch axes (`sharding.batch_sharding`), the scalars (key, eos_id, pad_id) replicated; unchanged without a mesh.
+
+  Every process passes the same full batch and places, from it, only the shards its own devices hold (rather than
+  `sharding.global_batch`, whose processes each hold only their own rows). `jax.device_put` cannot place even a
+  replicated scalar on a mesh that spans processes; `jax.make_array_from_callback` can.
+  """
+  if mesh is None:
+    return (tokens, lengths, active, *scalars)
+  place = lambda x, where: jax.make_array_from_callback(x.shape, where, lambda index: x[index])  # noqa: E731
+  replicated = NamedSharding(mesh, PartitionSpec())
+  return (*(place(x, sharding_lib.batch_sharding(mesh, x.ndim)) for x in (tokens, lengths, active)),
+          *(place(x, replicated) for x in scalars))
+
+
 def _check_prompts(prompts):
   for i, p in enumerate(prompts):
     if len(p) == 0:
@@ -179,7 +246,9 @@ def generate(model: nnx.Module, prompts: Sequence[np.ndarray], *, max_new_tokens
   with `with_logprobs` also their summed log-probs [len(prompts)] float32 under the model (`prefill_and_decode`).
 
   Prompts go in batches of `batch_size` (when there is more than one batch, the last is filled with inactive rows so
-  one shape compiles); each batch is left-padded to its longest prompt rounded up to a multiple of `bucket`.
+  one shape compiles); each batch is left-padded to its longest prompt rounded up to a multiple of `bucket`. On a
+  mesh, a batch is filled with inactive rows up to a multiple of the data x fsdp shards (`padded_batch`) and its rows
+  split over them; the results do not depend on the mesh. Every process must call it with the same prompts.
   temperature 0 is greedy; otherwise sampling from `filter_logits`. Same seed -> same samples. A non-empty `progress`
   shows a progress bar (with ETA) over the batches, labelled with it.
   """
@@ -190,18 +259,20 @@ def generate(model: nnx.Module, prompts: Sequence[np.ndarray], *, max_new_tokens
   _check_prompts(prompts)
   graphdef, state = nnx.split(model)
   mesh = params_mesh(state)
-  put = (lambda x: x) if mesh is None else (lambda x: jax.device_put(x, NamedSharding(mesh, PartitionSpec())))
+  # `batch` prompts per call, as on one device (which prompts share a call decides their keys); `rows` adds the
+  # inactive rows that split them evenly over the mesh.
   batch = min(batch_size, len(prompts))
+  rows = padded_batch(batch, mesh)
   root = jax.random.key(seed)
   out, logps = [], []
   starts = range(0, len(prompts), batch)
   for index, start in enumerate(metrics_writer.progress_bar(starts, len(starts), progress)):
     chunk = prompts[start:start + batch]
     width = bucket_length(max(len(p) for p in chunk), bucket, sys.maxsize)
-    tokens, lengths, active = left_pad(chunk, batch, width, pad_id)
+    tokens, lengths, active = left_pad(chunk, rows, width, pad_id)
     inputs = (tokens, lengths, active, jax.random.fold_in(root, index), np.int32(eos_id), np.int32(pad_id))
     ids, counts, logp = jax.device_get(generate_cached_jit(
-        graphdef, state, *map(put, inputs), mesh=mesh, max_new_tokens=int(max_new_tokens),
+        graphdef, state, *batch_inputs(mesh, *inputs), mesh=mesh, max_new_tokens=int(max_new_tokens),
         temperature=float(temperature), top_k=int(top_k), top_p=float(top_p)))
     out.extend(ids[i, :counts[i]].copy() for i in range(len(chunk)))
     logps.append(np.asarray(logp[:len(chunk)], np.float32))
@@ -209,7 +280,7 @@ def generate(model: nnx.Module, prompts: Sequence[np.ndarray], *, max_new_tokens
     # once every row has ended).
     seq = width + int(max_new_tokens)
     cost.count(tokens=int(lengths[:len(chunk)].sum() + counts[:len(chunk)].sum()),
-               flops=batch * seq * flops_lib.decoder_flops_per_token(model.cfg, seq, training=False))
+               flops=rows * seq * flops_lib.decoder_flops_per_token(model.cfg, seq, training=False))
   return (out, np.concatenate(logps)) if with_logprobs else out
 
 
