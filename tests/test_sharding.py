@@ -379,3 +379,51 @@ def test_two_processes_match_single_device(equivalence, tmp_path, run_jax_proces
   assert meta["specs"]["embed"] == str(P(None, "fsdp")) and meta["mu_specs_equal"]
   ref = {k[len("ref/"):]: v for k, v in equivalence[0].items() if k.startswith("ref/")}
   _assert_matches_reference(results, ref, equivalence[1]["adamw"])
+
+
+# One batch shard over two processes: hha's v5e-256 case (a tensor group over 4 hosts) in miniature.
+_SPAN_FLAGS = ["--config=configs/tiny.py", "--config.stages=sft", "--config.data.groups_per_batch=1",
+               "--config.mesh.data=-1", "--config.mesh.tensor=-1"]
+
+
+def _span_run(workdir, extra=()):
+  """The main job's sft stage at the test size with 1 normalizer group per step, so the automatic mesh gives the
+  batch one shard, and tensor every device."""
+  from tests.helpers import TEST_SIZE  # pylint: disable=g-import-not-at-top
+  flags = [f"--config.{k}={v}" for k, v in TEST_SIZE.items() if k != "data.groups_per_batch"]
+  return ["-m", "var_jax.main", *_SPAN_FLAGS, *flags, f"--workdir={workdir}", *extra]
+
+
+def _sft_losses(workdir):
+  with open(os.path.join(workdir, "sft", "logs", "metrics.jsonl")) as f:
+    return [(r["step"], r["loss"]) for r in map(json.loads, f) if "loss" in r]
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_a_batch_shard_over_two_processes_trains_as_one_device(tmp_path, run_jax_processes):
+  """Two processes x 1 and x 2 CPU devices (gloo), mesh data 1 x tensor 2 and 4: the one batch shard spans both
+  processes, which read the same data shard (sharding.data_shard = (0, 1)) and feed the same rows; losses and the
+  trained parameters equal those of the same job on one process with one device."""
+  one = str(tmp_path / "one")
+  logs = run_jax_processes(lambda i, port: _span_run(one), n=1)
+  assert "mesh data 1 x fsdp 1 x tensor 1 on 1 devices" in logs[0]
+  a = _sft_losses(one)
+  assert [s for s, _ in a] == [3, 6]
+  ocp = __import__("orbax.checkpoint").checkpoint
+  with ocp.StandardCheckpointer() as ckptr:
+    pa = ckptr.restore(os.path.join(one, "sft", "params"))
+  for devices in (1, 2):
+    two = str(tmp_path / f"two_x{devices}")
+    logs = run_jax_processes(lambda i, port: _span_run(two, [f"--coordinator=127.0.0.1:{port}", "--num_processes=2",
+                                                             f"--process_id={i}"]), devices=devices)
+    tensor = 2 * devices
+    assert f"mesh data 1 x fsdp 1 x tensor {tensor} on {tensor} devices" in logs[0], devices
+    assert "each tensor group spans 2 of the 2 processes, which read the same data (1 data shards)" in logs[0]
+    b = _sft_losses(two)
+    assert [s for s, _ in b] == [3, 6], devices
+    np.testing.assert_allclose([l for _, l in a], [l for _, l in b], rtol=1e-4, err_msg=f"{devices} devices")
+    with ocp.StandardCheckpointer() as ckptr:
+      pb = ckptr.restore(os.path.join(two, "sft", "params"), pa)  # Saved on the 2-process mesh: restore onto ours.
+    for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
+      np.testing.assert_allclose(x, y, atol=2e-5, err_msg=f"{devices} devices")
