@@ -36,8 +36,8 @@ def get_config():
   # The mesh fits itself (config.resolve_mesh): data takes as many devices as split the 16 groups evenly, tensor
   # the rest. 1, 2, 4, 8, 16 devices: all data-parallel (6 GPUs would give data 2 x tensor 3, which divides none of
   # Qwen2.5-0.5B's heads, MLP width or vocabulary, so nothing splits: use 4 or 8); v5e-64 and v5p-128 (64 chips,
-  # 16 hosts): data 16 x tensor 4. v5e-256 (64 hosts of 4 chips) is refused: a tensor group must stay within a
-  # host, so it needs groups_per_batch a multiple of 64.
+  # 16 hosts): data 16 x tensor 4. v5e-256 (64 hosts of 4 chips): data 16 x tensor 16, each tensor group over 4
+  # hosts (on ICI) that read the same data; groups_per_batch a multiple of 64 would keep them within a host.
   c.mesh.data = -1
   c.mesh.fsdp = 1                       # Raise (e.g. to the chips per host) for models that need FSDP.
   c.mesh.tensor = -1

@@ -23,15 +23,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture
 def run_jax_processes():
-  """run(argv_of, n=2, timeout=300) -> [log of each process]: starts n real JAX processes on the CPU, coordinated on
-  a free 127.0.0.1 port with gloo collectives (argv_of(process_id, port) -> the command line, run from the repo
-  root), waits for all, kills any left running (a hung collective must fail the test, not block CI) and asserts
-  each exited 0, showing its log otherwise."""
+  """run(argv_of, n=2, timeout=300, devices=1) -> [log of each process]: starts n real JAX processes on the CPU,
+  `devices` CPU devices each, coordinated on a free 127.0.0.1 port with gloo collectives (argv_of(process_id, port)
+  -> the command line, run from the repo root), waits for all, kills any left running (a hung collective must fail
+  the test, not block CI) and asserts each exited 0, showing its log otherwise."""
 
-  def run(argv_of, n: int = 2, timeout: float = 300) -> list[str]:
+  def run(argv_of, n: int = 2, timeout: float = 300, devices: int = 1) -> list[str]:
     port = portpicker.pick_unused_port()
-    env = {**os.environ, "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo", "JAX_PLATFORMS": "cpu"}
-    env.pop("XLA_FLAGS", None)  # One CPU device per process.
+    env = {**os.environ, "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo", "JAX_PLATFORMS": "cpu",
+           "JAX_NUM_CPU_DEVICES": str(devices)}
+    env.pop("XLA_FLAGS", None)  # Its fake device count would override `devices`.
     procs = [subprocess.Popen([sys.executable, *argv_of(i, port)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for i in range(n)]
     logs = []

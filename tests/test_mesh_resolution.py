@@ -1,5 +1,7 @@
 """Meshes that fit themselves: config.resolve_mesh fills -1 sizes so the batch splits evenly, sharding keeps tensor
-groups inside a process and warns when tensor parallelism cannot split the attention heads. Pure functions only."""
+groups inside a process (or, when the batch cannot give every process rows of its own, makes them of whole
+processes that read the same data) and warns when tensor parallelism cannot split the attention heads. Pure
+functions only."""
 import logging
 import types
 
@@ -37,7 +39,8 @@ HHA_MESHES = [
     (8, 1, (8, 1, 1)),       # 8 GPUs on a host, or v5e-8
     (16, 4, (16, 1, 1)),     # v5e-16: 4 hosts
     (64, 16, (16, 1, 4)),    # v5e-64 and v5p-128: 16 hosts
-    (256, 1, (16, 1, 16)),   # 256 devices of one process (no such TPU host: see the 64-host case below)
+    (256, 1, (16, 1, 16)),   # 256 devices of one process (no such TPU host)
+    (256, 64, (16, 1, 16)),  # v5e-256: 64 hosts; 16 groups fill 16 data shards, each tensor group spans 4 hosts
 ]
 
 
@@ -48,17 +51,29 @@ def test_hha_as_written_resolves_so_its_groups_split_evenly(devices, processes, 
   data, fsdp, tensor = _shape(sizes)
   assert data * fsdp * tensor == devices
   assert cfg.data.groups_per_batch % (data * fsdp) == 0
-  assert (devices // processes) % tensor == 0  # A tensor group stays within one process.
+  per_process = devices // processes
+  assert per_process % tensor == 0 or tensor % per_process == 0  # Within one process, or over whole ones.
   assert _shape(sizes) == expected
   config_lib.validate(cfg, devices, processes)  # The run's own check agrees.
 
 
-def test_hha_on_v5e_256_is_refused_naming_the_batch_it_needs():
-  """64 hosts of 4 chips: 16 groups fill at most 16 data shards, so tensor would be 16 and span 4 hosts."""
-  with pytest.raises(ValueError, match=r"config\.mesh\.tensor = -1: tensor 16 .* spans processes.*"
-                     r"make data\.groups_per_batch a multiple of the 64 processes"):
-    config_lib.resolve_mesh(_hha(), 256, 64)
+def test_hha_on_v5e_256_spans_tensor_groups_over_hosts_only_when_it_must():
+  """64 hosts of 4 chips: 16 groups fill at most 16 data shards, so tensor is 16 and each group spans 4 hosts, which
+  read the same data (the log says so); with 64 groups every host gets rows of its own and tensor stays within."""
+  cfg = _hha()
+  sizes = config_lib.resolve_mesh(cfg, 256, 64)
+  assert _shape(sizes) == (16, 1, 16)
+  assert config_lib.describe_mesh(cfg, sizes, 256, 64).endswith(
+      "the batch splits over 16 data x fsdp shards (data.groups_per_batch=16); each tensor group spans 4 of the 64 "
+      "processes, which read the same data (16 data shards): the batch cannot give every process rows of its own")
   assert _shape(config_lib.resolve_mesh(_hha(**{"data.groups_per_batch": 64}), 256, 64)) == (64, 1, 4)
+  # An explicit tensor of 16 where 64 groups could keep it within a host is refused, naming the way out.
+  with pytest.raises(ValueError, match=r"config\.mesh\.tensor = 16: tensor 16 .* spans processes: the batch gives "
+                     r"each of the 64 processes rows of its own.*divisor of 4"):
+    config_lib.resolve_mesh(_hha(**{"data.groups_per_batch": 64, "mesh.tensor": 16}), 256, 64)
+  # A tensor group spanning parts of processes (6 devices over processes of 4) feeds no data shard.
+  with pytest.raises(ValueError, match=r"config\.mesh\.tensor = 6: tensor 6 .* spans processes but not whole ones"):
+    config_lib.resolve_mesh(_hha(**{"data.groups_per_batch": 2, "mesh.tensor": 6}), 12, 3)
 
 
 def test_the_default_mesh_resolves_as_before():
@@ -168,6 +183,48 @@ def test_processes_tile_the_mesh_with_whole_tensor_groups(shape, processes, expe
   assert tuple(i * o for i, o in zip(inner, outer)) == shape and np.prod(outer) == processes
 
 
-def test_a_tensor_group_larger_than_a_process_cannot_be_laid_out():
-  with pytest.raises(ValueError, match="mesh tensor=16 does not divide the 4 devices of each of the 64 processes"):
-    sharding.process_blocks((16, 1, 16), 64)
+def test_a_tensor_group_larger_than_a_process_is_made_of_whole_processes():
+  """hha on v5e-256: each process one block of its 4 chips, 4 of them side by side along tensor."""
+  assert sharding.process_blocks((16, 1, 16), 64) == ((1, 1, 4), (16, 1, 4))
+  assert sharding.process_blocks((1, 1, 2), 2) == ((1, 1, 1), (1, 1, 2))
+  with pytest.raises(ValueError, match="mesh tensor=6 neither divides nor is a multiple of the 4 devices of each of "
+                     "the 3 processes"):
+    sharding.process_blocks((2, 1, 6), 3)
+
+
+def test_tensor_groups_nest_in_processes_or_not():
+  assert sharding.tensor_groups_nest_in_processes(_devices([[[0, 0]], [[1, 1]]]))       # within
+  assert sharding.tensor_groups_nest_in_processes(_devices([[[0, 0, 1, 1]], [[2, 2, 3, 3]]]))  # whole processes
+  # v5e-256's torus order at tensor 16 (8 hosts x 2 chips a row, every host in two rows): neither.
+  rows = np.repeat(np.arange(8), 2)
+  assert not sharding.tensor_groups_nest_in_processes(_devices([[rows], [rows]]))
+
+
+@pytest.mark.parametrize("process_of, groups", [
+    # One process per batch shard (tensor within): (process_index, process_count).
+    ([[[0, 0]], [[1, 1]]], [((0,), (0,)), ((1,), (1,))]),
+    # Two batch shards per process, fsdp inside it.
+    ([[[0], [0]], [[1], [1]]], [((0, 1), (0,)), ((2, 3), (1,))]),
+    # A tensor group over two processes: they form one group and read the same shard.
+    ([[[0, 0, 1, 1]], [[2, 2, 3, 3]]], [((0,), (0, 1)), ((1,), (2, 3))]),
+    # Processes out of order along the batch axis: ranked by their first batch shard.
+    ([[[1, 1]], [[0, 0]]], [((0,), (1,)), ((1,), (0,))]),
+    # hha on v5e-256 as make_mesh lays it out (process_blocks): 16 groups of 4 hosts.
+    (np.arange(64).reshape(16, 1, 4).repeat(4, axis=2), [((i,), tuple(range(4 * i, 4 * i + 4))) for i in range(16)]),
+])
+def test_data_shard_groups_are_the_processes_holding_the_same_batch_shards(process_of, groups):
+  grid = _devices(process_of)
+  assert sharding.data_shard_groups(grid) == groups
+  mesh = types.SimpleNamespace(devices=grid, axis_names=sharding.MESH_AXES)
+  for index, (_, procs) in enumerate(groups):
+    for p in procs:
+      assert sharding.data_shard(mesh, p) == (index, len(groups))
+
+
+def test_batch_shards_shared_in_part_are_refused():
+  # Process 0 holds shards 0 and 1, process 1 shards 1 and 2 (a tensor row laid over parts of two hosts).
+  with pytest.raises(ValueError, match=r"processes \[0\] hold batch shards \[0, 1\] and processes \[1\] hold "
+                     r"\[1, 2\]: they share some batch shards but not all"):
+    sharding.data_shard_groups(_devices([[[0, 0]], [[0, 1]], [[1, 1]], [[2, 2]]]))
+  with pytest.raises(ValueError, match="different numbers of batch shards"):
+    sharding.data_shard_groups(_devices([[[0, 0]], [[1, 2]], [[1, 2]], [[3, 3]]]))

@@ -227,6 +227,27 @@ print(dict(mesh.shape), "spans", sharding.tensor_groups_span_processes(mesh.devi
 """
 
 
+# hha on a v5e-256 (16x16 chips, 64 hosts of 2x2): 16 groups give 16 batch shards, so tensor 16. jax.make_mesh alone
+# lays each tensor group as a row of 16 chips over 2 chips of each of 8 hosts (every host in two groups: no data
+# shard could feed them); sharding.make_mesh makes each of 4 whole hosts, which read one data shard.
+_SPAN_LAYOUT = """
+import jax, numpy as np
+from jax.experimental import topologies
+from configs import hha
+from var_jax import config as config_lib, sharding
+devices = topologies.get_topology_desc(platform="tpu", topology_name="v5e:16x16", chip_config_name="default",
+                                       chips_per_host_bounds=(2, 2, 1), num_slices=1).devices
+sizes = config_lib.resolve_mesh(hha.get_config(), len(devices), 64)
+auto = (jax.sharding.AxisType.Auto,) * 3
+raw = jax.make_mesh((16, 1, 16), sharding.MESH_AXES, axis_types=auto, devices=devices)
+mesh = sharding.make_mesh(**sizes, devices=devices)
+groups = sharding.data_shard_groups(mesh.devices)
+print("hosts", len({d.process_index for d in devices}), "sizes", sizes, "raw nests",
+      sharding.tensor_groups_nest_in_processes(raw.devices), "nests", sharding.tensor_groups_nest_in_processes(
+      mesh.devices), "groups", [g[1] for g in groups[:2]], len(groups), sharding.data_shard(mesh, 5))
+"""
+
+
 @pytest.mark.tpu_compile
 def test_a_mesh_that_is_no_product_of_the_torus_axes_is_laid_out_anyway():
   """hha's data 16 x tensor 4 on a v6e 8x8: jax.make_mesh refuses (4 splits a ring of 8); make_mesh splits the rings."""
@@ -237,6 +258,18 @@ def test_a_mesh_that_is_no_product_of_the_torus_axes_is_laid_out_anyway():
                        env={**os.environ, **plan_lib.LIBTPU_ENV})
   assert out.returncode == 0, out.stderr[-3000:]
   assert out.stdout.splitlines()[-1] == "{'data': 16, 'fsdp': 1, 'tensor': 4} spans False"
+
+
+@pytest.mark.tpu_compile
+def test_hha_on_v5e_256_makes_each_tensor_group_of_whole_hosts():
+  """No compile: the topology's devices only (seconds)."""
+  python = _tpu_python()
+  if python is None:
+    pytest.skip("no Python with jax[tpu]==0.10.2 (libtpu): set VAR_JAX_TPU_PYTHON or create /work/tpuvenv")
+  out = subprocess.run([python, "-c", _SPAN_LAYOUT], cwd=helpers.ROOT, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert out.stdout.splitlines()[-1] == ("hosts 64 sizes {'data': 16, 'fsdp': 1, 'tensor': 16} raw nests False "
+                                         "nests True groups [(0, 1, 2, 3), (4, 5, 6, 7)] 16 (1, 16)")
 
 
 @pytest.mark.tpu_compile

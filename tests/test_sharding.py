@@ -379,3 +379,87 @@ def test_two_processes_match_single_device(equivalence, tmp_path, run_jax_proces
   assert meta["specs"]["embed"] == str(P(None, "fsdp")) and meta["mu_specs_equal"]
   ref = {k[len("ref/"):]: v for k, v in equivalence[0].items() if k.startswith("ref/")}
   _assert_matches_reference(results, ref, equivalence[1]["adamw"])
+
+
+# Batch shards over several processes: hha's v5e-256 case (16 tensor groups, each over 4 hosts) in miniature.
+
+
+def _span_run(workdir, groups: int, extra=()):
+  """The main job's sft stage at the test size with `groups` normalizer groups per step and an automatic mesh
+  (data takes as many devices as split them, tensor the rest)."""
+  from tests.helpers import TEST_SIZE  # pylint: disable=g-import-not-at-top
+  flags = [f"--config.{k}={v}" for k, v in {**TEST_SIZE, "data.groups_per_batch": groups, "stages": "sft",
+                                            "mesh.data": -1, "mesh.tensor": -1}.items()]
+  return ["-m", "var_jax.main", "--config=configs/tiny.py", *flags, f"--workdir={workdir}", *extra]
+
+
+def _sft_losses(workdir):
+  with open(os.path.join(workdir, "sft", "logs", "metrics.jsonl")) as f:
+    return [(r["step"], r["loss"]) for r in map(json.loads, f) if "loss" in r]
+
+
+def _run_sft(run_jax_processes, workdir, groups: int, processes: int, devices: int) -> str:
+  """Runs the sft job on `processes` processes x `devices` CPU devices; returns process 0's log."""
+  coordinate = lambda i, port: ([f"--coordinator=127.0.0.1:{port}", f"--num_processes={processes}",  # noqa: E731
+                                 f"--process_id={i}"] if processes > 1 else [])
+  return run_jax_processes(lambda i, port: _span_run(workdir, groups, coordinate(i, port)), n=processes,
+                           devices=devices)[0]
+
+
+def _restore_here(path):
+  """An orbax checkpoint of arrays, saved on any mesh of any processes, restored onto this process's one device."""
+  ocp = __import__("orbax.checkpoint").checkpoint
+  here = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  with ocp.StandardCheckpointer() as ckptr:
+    saved = ckptr.metadata(path).item_metadata
+    return ckptr.restore(path, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=here), saved))
+
+
+def _check_spanning_runs(tmp_path, run_jax_processes, groups: int, reference, runs) -> None:
+  """The sft job on the `reference` (processes, devices per process, mesh line) and on each of `runs` (the same):
+  the meshes logged, and the runs' losses and trained parameters equal the reference's. The reference has a
+  process per data shard (every process reading data of its own, as before batch shards could span processes), so
+  the runs read the same data in the same order."""
+  results = []
+  for processes, devices, mesh_line in [reference, *runs]:
+    what = f"{processes} processes x {devices} devices"
+    workdir = str(tmp_path / f"p{processes}_d{devices}")
+    log = _run_sft(run_jax_processes, workdir, groups, processes, devices)
+    assert mesh_line in log, (what, log[-3000:])
+    losses = _sft_losses(workdir)
+    assert [s for s, _ in losses] == [3, 6], what
+    results.append((what, losses, _restore_here(os.path.join(workdir, "sft", "params"))))
+  _, ref_losses, ref_params = results[0]
+  for what, losses, params in results[1:]:
+    np.testing.assert_allclose([l for _, l in losses], [l for _, l in ref_losses], rtol=1e-4, err_msg=what)
+    for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
+      np.testing.assert_allclose(x, y, atol=2e-5, err_msg=what)
+
+
+_AUTO = "(config.mesh data=-1, fsdp=1, tensor=-1; -1 = automatic)"
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_a_batch_shard_over_two_processes_trains_as_one_device(tmp_path, run_jax_processes):
+  """Two processes x 1 and x 2 CPU devices (gloo), 1 group per step: mesh data 1 x tensor 2 and 4, the one batch
+  shard over both processes, which read the same data shard (sharding.data_shard = (0, 1)) and feed the same rows;
+  the same as one process on one device."""
+  spans = "each tensor group spans 2 of the 2 processes, which read the same data (1 data shards)"
+  batch = "the batch splits over 1 data x fsdp shards (data.groups_per_batch=1)"
+  _check_spanning_runs(tmp_path, run_jax_processes, 1, (1, 1, f"mesh data 1 x fsdp 1 x tensor 1 on 1 devices {_AUTO}"), [
+      (2, 1, f"mesh data 1 x fsdp 1 x tensor 2 on 2 devices {_AUTO}; {batch}; {spans}"),
+      (2, 2, f"mesh data 1 x fsdp 1 x tensor 4 on 4 devices {_AUTO}; {batch}; {spans}")])
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_batch_shards_over_process_pairs_train_as_a_process_per_shard(tmp_path, run_jax_processes):
+  """Four processes (gloo, 1 CPU device each), 2 groups per step: mesh data 2 x tensor 2, processes 0 and 1 read
+  data shard 0 of 2, processes 2 and 3 shard 1, each pair feeding the rows of its batch shard: the same as two
+  processes of data 2 x tensor 1 (test_train checks those against one device fed both shards' rows)."""
+  batch = "the batch splits over 2 data x fsdp shards (data.groups_per_batch=2)"
+  _check_spanning_runs(tmp_path, run_jax_processes, 2, (2, 1, f"mesh data 2 x fsdp 1 x tensor 1 on 2 devices {_AUTO}; "
+                                                              f"{batch}\n"), [
+      (4, 1, f"mesh data 2 x fsdp 1 x tensor 2 on 4 devices {_AUTO}; {batch}; each tensor group spans 2 of the 4 "
+             "processes, which read the same data (2 data shards)")])

@@ -130,7 +130,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh.fsdp = 1                 # FSDP size: parameters and optimizer state sharded over it (the batch too);
                                   # -1 = as many as still split the batch after data (with tensor fixed: the rest).
   c.mesh.tensor = 1               # Tensor-parallel size; -1 = the devices the batch cannot split over (heads, MLP
-                                  # width and vocabulary split over them; keep it within one host).
+                                  # width and vocabulary split over them). Within one host when the batch splits
+                                  # over every host, else over whole hosts that read the same data.
   c.mesh.rules = ""               # Extra logical->mesh rules "name=axis,name=axis2+axis3,name=" ("" = defaults).
 
   c.optim = ml_collections.ConfigDict()
@@ -494,14 +495,15 @@ def resolve_mesh(cfg, num_devices: int, num_processes: int = 1) -> dict[str, int
   Args:
     cfg: the config; reads mesh.{data,fsdp,tensor}, the fields of `batch_units` and config.stages.
     num_devices: all devices of all processes (jax.device_count()).
-    num_processes: processes feeding them (jax.process_count()); each feeds batch rows of its own, so a tensor
-      group must not span two of them.
+    num_processes: processes feeding them (jax.process_count()). A tensor group stays within one process when
+      the batch can give every process rows of its own; otherwise (hha's 16 groups on a v5e-256's 64 hosts:
+      tensor 16) it may span whole processes, which then feed the same rows (`sharding.data_shard`).
   Returns:
     {'data': D, 'fsdp': F, 'tensor': T}, positive, with D x F x T = num_devices.
   Raises:
     ValueError naming the field (`_fail`): a size neither positive nor -1; fixed sizes whose product does not
     divide the devices (or, with no -1, does not equal them); units that do not divide over D x F; a tensor group
-    spanning processes.
+    spanning processes when it need not, or spanning parts of processes.
   """
   sizes = mesh_sizes(cfg)
   written = tuple(sizes.values())
@@ -527,22 +529,46 @@ def resolve_mesh(cfg, num_devices: int, num_processes: int = 1) -> dict[str, int
              "set mesh.tensor=-1 with mesh.data=-1: tensor parallelism then takes the devices the batch cannot use")
       _fail(field, count, f"{what} must divide over the {shards} data x fsdp shards ({where}); make it a multiple "
             f"of {shards}, or {fix}")
-  per_process = num_devices // num_processes
-  if per_process % sizes["tensor"]:
-    # The pipeline gives every process rows of its own (`sharding.global_batch`), so a tensor group, which holds
-    # one batch shard, must not span processes.
-    fix = (f"make {' and '.join(units)} a multiple of the {num_processes} processes" if "tensor" in auto else
-           f"set it to a divisor of {per_process}")
-    _fail("mesh.tensor", cfg.mesh.tensor, f"tensor {sizes['tensor']} ({where}) spans processes: each of the "
-          f"{num_processes} processes feeds batch rows of its own to its {per_process} devices, so a tensor group "
-          f"must stay within one; {fix}")
+  tensor, per_process = sizes["tensor"], num_devices // num_processes
+  if per_process % tensor:
+    _check_spanning_tensor(cfg, tensor, per_process, num_processes, unit, where, "tensor" in auto)
   return sizes
 
 
-def describe_mesh(cfg, sizes: dict[str, int], num_devices: int) -> str:
-  """One line for the log: the resolved mesh, the config's sizes it came from, and what the batch splits into."""
+def _check_spanning_tensor(cfg, tensor: int, per_process: int, num_processes: int, unit: int, where: str,
+                           auto_tensor: bool) -> None:
+  """Raises (`_fail`) unless a tensor group of `tensor` devices may span processes of `per_process` devices each.
+
+  A tensor group holds one batch shard, so the processes it spans feed the same rows (one data shard group,
+  `sharding.data_shard`): allowed only when it is made of whole processes (tensor a multiple of per_process) and
+  the batch's `unit` (gcd of `batch_units`) cannot give each of the processes rows of its own. When it can, a
+  layout within a host exists (data x fsdp a multiple of the processes), and it is preferred: tensor
+  parallelism within a host is the fast kind (a GPU cluster's hosts talk over the network; a TPU slice's spanning
+  groups at least run over ICI).
+  """
+  if unit % num_processes == 0:
+    fix = (f"make {' and '.join(batch_units(cfg))} a multiple of the {num_processes} processes" if auto_tensor else
+           f"set it to a divisor of {per_process}")
+    _fail("mesh.tensor", cfg.mesh.tensor, f"tensor {tensor} ({where}) spans processes: the batch gives each of the "
+          f"{num_processes} processes rows of its own for its {per_process} devices, so a tensor group stays within "
+          f"one; {fix}")
+  if tensor % per_process:
+    _fail("mesh.tensor", cfg.mesh.tensor, f"tensor {tensor} ({where}) spans processes but not whole ones: each of "
+          f"the {num_processes} processes has {per_process} devices, and a tensor group spanning processes (which "
+          f"then feed the same rows) must hold all of theirs; set mesh.tensor to a divisor or a multiple of "
+          f"{per_process}")
+
+
+def describe_mesh(cfg, sizes: dict[str, int], num_devices: int, num_processes: int = 1) -> str:
+  """One line for the log: the resolved mesh, the config's sizes it came from, and what the batch splits into (and,
+  when a tensor group spans processes, that they read the same data)."""
   written = ", ".join(f"{a}={cfg.mesh[a]}" for a in sharding_lib.MESH_AXES)
   units = ", ".join(f"{field}={count}" for field, count in batch_units(cfg).items())
-  return (f"mesh data {sizes['data']} x fsdp {sizes['fsdp']} x tensor {sizes['tensor']} on {num_devices} devices "
-          f"(config.mesh {written}; -1 = automatic); the batch splits over {sizes['data'] * sizes['fsdp']} data x "
-          f"fsdp shards ({units})")
+  shards = sizes["data"] * sizes["fsdp"]
+  line = (f"mesh data {sizes['data']} x fsdp {sizes['fsdp']} x tensor {sizes['tensor']} on {num_devices} devices "
+          f"(config.mesh {written}; -1 = automatic); the batch splits over {shards} data x fsdp shards ({units})")
+  per_process = num_devices // num_processes
+  if sizes["tensor"] > per_process:
+    line += (f"; each tensor group spans {sizes['tensor'] // per_process} of the {num_processes} processes, which "
+             f"read the same data ({shards} data shards): the batch cannot give every process rows of its own")
+  return line

@@ -574,7 +574,7 @@ def plan(cfg, target: Target, *, mfu: float = 0.4, stages: Sequence[str] | None 
     mesh = sharding_lib.make_mesh(**sizes, devices=devices)
   except (NotImplementedError, ValueError) as e:  # e.g. an axis of 8 on a 4x4x4 torus: no physical subset.
     raise PlanError(f"mesh {sizes} on {target.name}: {e}") from None
-  log(f"plan: {config_lib.describe_mesh(cfg, sizes, len(devices))}")
+  log(f"plan: {config_lib.describe_mesh(cfg, sizes, len(devices), num_processes)}")
   rules = sharding_lib.parse_rules(cfg.mesh.rules)
   mcfg = plan_model_config(cfg)
   hbm, peak = device_budget(target, devices)

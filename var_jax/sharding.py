@@ -17,7 +17,9 @@ pjit): XLA's SPMD partitioner inserts the collectives.
 
 Multi-host (TPU pod slices, GPU clusters): every process runs the same program. Call `initialize_distributed()`
 first thing (before anything touches a device), build the mesh over `jax.devices()` (all processes' devices),
-feed each process's own rows with `global_batch`, and let only `is_main_process()` write logs and files.
+feed each process's rows with `global_batch` (those of its data shard, `data_shard`: processes whose devices hold
+the same batch shards, e.g. the hosts of one tensor group, feed the same rows), and let only `is_main_process()`
+write logs and files.
 """
 import glob
 import importlib.util
@@ -69,9 +71,10 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[
 
   The axes are `AxisType.Auto` (GSPMD-style: shardings are given at the jit boundary and XLA propagates them),
   which is what `jax.jit(..., in_shardings=, out_shardings=)` steps rely on. Devices follow the physical topology
-  (`jax.make_mesh`), except that over several processes every tensor group stays within one process
-  (`process_blocks`; a tensor size that cannot raises a ValueError). `config.resolve_mesh` gives the sizes of a
-  run's config.
+  (`jax.make_mesh`), except that over several processes tensor groups and processes nest: every tensor group
+  within one process, or, for a tensor size larger than a process's devices, every tensor group made of whole
+  processes, which then feed the same rows (`process_blocks`; a tensor size that can do neither raises a
+  ValueError). `config.resolve_mesh` gives the sizes of a run's config.
   """
   devices = list(jax.devices() if devices is None else devices)
   n = len(devices)
@@ -100,38 +103,63 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[
     # then the same rings, split (`allow_split_physical_axes`), still keep each axis' neighbours on ICI links.
     mesh = Mesh(mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True), MESH_AXES,
                 axis_types=auto)
-  if not tensor_groups_span_processes(mesh.devices):
+  if tensor_groups_nest_in_processes(mesh.devices):
     return mesh
-  # Except for tensor groups: following the torus, it can lay one over two hosts (v5e-64 at tensor 4: a row of 4
-  # chips across two 2x2 hosts). A tensor group holds one batch shard and every process feeds rows of its own
-  # (`global_batch`), so lay each process's devices out as whole tensor groups (in the torus order within the
-  # host), the processes in order along data x fsdp.
+  # Except for tensor groups: following the torus, it can lay one over parts of two hosts (v5e-64 at tensor 4: a
+  # row of 4 chips across two 2x2 hosts; v5e-256 at tensor 16: a row of 16 chips over 2 chips of each of 8 hosts).
+  # A tensor group holds one batch shard, and the processes holding a batch shard must all feed its rows
+  # (`global_batch`, `data_shard`), so lay each process's devices out as whole tensor groups, or each tensor group
+  # as whole processes (in the torus order within the host), the processes in order along data x fsdp (x tensor).
   inner, outer = process_blocks(shape, len({d.process_index for d in devices}))
   grid = mesh_utils.create_hybrid_device_mesh(inner, outer, devices, process_is_granule=True)
   return Mesh(grid, MESH_AXES, axis_types=auto)
 
 
+def _process_grid(grid: np.ndarray) -> np.ndarray:
+  """The process index of every device of a device array (same shape)."""
+  return np.vectorize(lambda d: d.process_index, otypes=[int])(grid)
+
+
 def tensor_groups_span_processes(grid: np.ndarray) -> bool:
   """True when some tensor group (the devices along the last axis of a [data, fsdp, tensor] device array) belongs
   to more than one process."""
-  procs = np.vectorize(lambda d: d.process_index, otypes=[int])(grid)
+  procs = _process_grid(grid)
   return bool((procs != procs[..., :1]).any())
 
 
-def process_blocks(shape: Sequence[int], num_processes: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-  """How `num_processes` processes tile a (data, fsdp, tensor) mesh so that each holds whole tensor groups.
+def tensor_groups_nest_in_processes(grid: np.ndarray) -> bool:
+  """True when the tensor groups (last axis of a [data, fsdp, tensor] device array) and the processes nest: every
+  tensor group lies within one process, or every process's devices lie within one tensor group (a group made of
+  whole processes). Then the processes holding a batch shard hold it whole, with nothing of another shard."""
+  groups = _process_grid(grid).reshape(-1, np.shape(grid)[-1])
+  within = bool((groups == groups[:, :1]).all())
+  groups_of = {}
+  for g, row in enumerate(groups):
+    for p in set(row.tolist()):
+      groups_of.setdefault(p, set()).add(g)
+  return within or all(len(gs) == 1 for gs in groups_of.values())
 
-  Returns (inner, outer): each process holds an inner = (d, f, tensor) block, d x f = its batch shards with
-  f = gcd(fsdp, them), and the processes form an outer = (data / d, fsdp / f, 1) grid (the shapes of
-  `mesh_utils.create_hybrid_device_mesh`). Raises ValueError when tensor does not divide a process's devices or
-  the block does not tile the mesh.
+
+def process_blocks(shape: Sequence[int], num_processes: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+  """How `num_processes` processes tile a (data, fsdp, tensor) mesh so that tensor groups and processes nest.
+
+  Returns (inner, outer), the shapes of `mesh_utils.create_hybrid_device_mesh`: each process holds an inner block
+  and the processes form an outer grid, inner x outer = shape.
+  - tensor divides a process's devices: the process holds whole tensor groups, inner = (d, f, tensor), d x f = its
+    batch shards with f = gcd(fsdp, them), outer = (data / d, fsdp / f, 1).
+  - a process's devices divide tensor: each tensor group is tensor / per-process whole processes (which feed the
+    same rows, `data_shard`): inner = (1, 1, per-process devices), outer = (data, fsdp, tensor / them).
+  Raises ValueError when neither divides the other (a process would hold part of one tensor group and part of
+  another) or the block does not tile the mesh.
   """
   data, fsdp, tensor = shape
   per_process = math.prod(shape) // num_processes
+  if per_process % tensor and tensor % per_process:
+    raise ValueError(f"mesh tensor={tensor} neither divides nor is a multiple of the {per_process} devices of each "
+                     f"of the {num_processes} processes: a process would hold part of one tensor group (batch shard) "
+                     "and part of another")
   if per_process % tensor:
-    raise ValueError(f"mesh tensor={tensor} does not divide the {per_process} devices of each of the "
-                     f"{num_processes} processes: a tensor group would span processes, which feed batch rows of "
-                     "their own")
+    return (1, 1, per_process), (data, fsdp, tensor // per_process)
   shards = per_process // tensor
   f = math.gcd(fsdp, shards)
   d = shards // f
@@ -446,13 +474,72 @@ def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
 
 
+def process_batch_shards(grid: np.ndarray, axis_names: Sequence[str] = MESH_AXES) -> dict[int, frozenset[int]]:
+  """{process index: the batch shards its devices hold} of a device array with named axes.
+
+  A batch shard is one index of the batch axis's split over BATCH_AXES (('data', 'fsdp'): shard data_i * fsdp +
+  fsdp_i, the order of the rows of a global batch); its devices are those along the other axes (a tensor group).
+  Only `.process_index` of each device is read, so stand-ins do for tests.
+  """
+  batch = [axis_names.index(a) for a in BATCH_AXES if a in axis_names]
+  other = [i for i in range(len(axis_names)) if i not in batch]
+  procs = np.transpose(_process_grid(grid), batch + other)
+  shards = procs.reshape(math.prod(procs.shape[:len(batch)]), -1)
+  held = {}
+  for shard, row in enumerate(shards):
+    for p in row.tolist():
+      held.setdefault(p, set()).add(shard)
+  return {p: frozenset(s) for p, s in sorted(held.items())}
+
+
+def data_shard_groups(grid: np.ndarray, axis_names: Sequence[str] = MESH_AXES) -> list[tuple[tuple[int, ...],
+                                                                                             tuple[int, ...]]]:
+  """The data shard groups of a mesh: [(batch shards, processes)], ordered by their first batch shard.
+
+  Processes whose devices hold exactly the same batch shards form one group and read the same rows (one shard of
+  the data): one process per group when every tensor group lies within a process, several when a tensor group
+  spans processes (hha's tensor 16 over 4 hosts of 4 chips on a v5e-256).
+  Raises ValueError when two processes' batch shards overlap without being equal, or groups hold different
+  numbers of shards: no split of the data gives such processes rows of their own.
+  """
+  held = process_batch_shards(grid, axis_names)
+  groups = {}
+  for p, shards in held.items():
+    groups.setdefault(shards, []).append(p)
+  ordered = sorted(groups.items(), key=lambda kv: min(kv[0]))
+  for i, (a, procs_a) in enumerate(ordered):
+    for b, procs_b in ordered[i + 1:]:
+      if a & b:
+        raise ValueError(f"processes {procs_a} hold batch shards {sorted(a)} and processes {procs_b} hold "
+                         f"{sorted(b)}: they share some batch shards but not all, so no split of the data feeds "
+                         "them (lay tensor groups within a process, or make each of whole processes: make_mesh)")
+  if len({len(shards) for shards, _ in ordered}) > 1:
+    raise ValueError("processes hold different numbers of batch shards: "
+                     f"{ {tuple(p): len(s) for s, p in ordered} }, so their data shards would differ in size")
+  return [(tuple(sorted(shards)), tuple(procs)) for shards, procs in ordered]
+
+
+def data_shard(mesh: Mesh, process_index: int | None = None) -> tuple[int, int]:
+  """(index, count) of this process's shard of the data on `mesh`: what a data pipeline reads.
+
+  count = the data shard groups (`data_shard_groups`), index = the rank of this process's group, in the order of
+  the batch shards. With a process per group (tensor groups within processes) it is (process_index,
+  process_count) when the processes lie in order along the batch axis; processes of one group get the same index.
+  process_index: whose shard (default this process).
+  """
+  pid = jax.process_index() if process_index is None else process_index
+  groups = data_shard_groups(mesh.devices, mesh.axis_names)
+  index = next((i for i, (_, procs) in enumerate(groups) if pid in procs), None)
+  if index is None:
+    raise ValueError(f"process {pid} holds no device of the mesh (processes {[p for _, g in groups for p in g]})")
+  return index, len(groups)
+
+
 def _batch_shards(mesh: Mesh) -> tuple[int, int]:
   """(batch shards holding some of this process's devices, all batch shards) of the ('data', 'fsdp') split."""
-  pid = jax.process_index()
-  mine = np.vectorize(lambda d: d.process_index == pid, otypes=[bool])(mesh.devices)
-  other = tuple(i for i, name in enumerate(mesh.axis_names) if name not in BATCH_AXES)
-  per_shard = mine.any(axis=other) if other else mine
-  return int(per_shard.sum()), int(per_shard.size)
+  held = process_batch_shards(mesh.devices, mesh.axis_names)
+  shards = math.prod(mesh.shape[a] for a in BATCH_AXES if a in mesh.shape)
+  return len(held.get(jax.process_index(), ())), shards
 
 
 def global_batch(local_batch: dict, mesh: Mesh) -> dict:
@@ -461,8 +548,9 @@ def global_batch(local_batch: dict, mesh: Mesh) -> dict:
   Each process passes its own `local_batch` (dict of numpy arrays with the same keys, dtypes and trailing shapes on
   every process; leading axis = the rows of the batch shards this process's devices hold, in their order along the
   batch axis, which on a TPU torus need not be one contiguous run). Single process: the local batch is the global
-  batch. A batch shard must not span processes, which feed different rows: `make_mesh` keeps tensor groups within
-  a process.
+  batch. Processes whose devices hold the same batch shards (a tensor group over several processes: one data
+  shard group, `data_shard`) pass the same rows: `jax.make_array_from_process_local_data` gives each device the
+  rows of its shard from its own process's copy, so copies that differed would silently disagree.
   """
   local_shards, shards = _batch_shards(mesh)
   out = {}

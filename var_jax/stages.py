@@ -117,9 +117,14 @@ def load_task(cfg) -> Task:
 
 
 def make_pipeline(cfg, records, tok, *, k_max: int, train: bool, min_responses: int = 2,
-                  shard_index: Optional[int] = None, shard_count: Optional[int] = None, with_stats: bool = False):
+                  shard_index: Optional[int] = None, shard_count: Optional[int] = None, mesh=None,
+                  with_stats: bool = False):
   """The data pipeline of one role (with `with_stats`, (pipeline, its tokenization stats: kept, skipped,
-  truncated)); shard_index/shard_count default to this process of all processes."""
+  truncated)). shard_index/shard_count: the data shard it reads; by default this process's data shard on `mesh`
+  (`sharding.data_shard`: processes holding the same batch shards, as the hosts of a tensor group spanning
+  several, read the same one), or without a mesh this process of all processes."""
+  if mesh is not None and shard_index is None and shard_count is None:
+    shard_index, shard_count = sharding_lib.data_shard(mesh)
   d, block = cfg.data, config_lib.block_size(cfg)
   groups_per_batch = d.groups_per_batch
   if not train:  # A small held-out set still makes one (smaller) batch.
@@ -222,11 +227,12 @@ class Context:
         self._pipes[name], self.pipe_stats[name] = self.pipe("pref"), self.pipe_stats.get("pref")
         return self._pipes[name]
       if name == "sft":
-        built = make_pipeline(self.cfg, t.sft_records, t.tok, k_max=1, train=True, min_responses=1, with_stats=True)
+        built = make_pipeline(self.cfg, t.sft_records, t.tok, k_max=1, train=True, min_responses=1, mesh=self.mesh,
+                              with_stats=True)
       elif name == "pref":
-        built = make_pipeline(self.cfg, t.pref_records, t.tok, k_max=k, train=True, with_stats=True)
+        built = make_pipeline(self.cfg, t.pref_records, t.tok, k_max=k, train=True, mesh=self.mesh, with_stats=True)
       elif name == "pref_eval":
-        built = make_pipeline(self.cfg, t.eval_records, t.tok, k_max=k, train=False, with_stats=True)
+        built = make_pipeline(self.cfg, t.eval_records, t.tok, k_max=k, train=False, mesh=self.mesh, with_stats=True)
       else:
         raise KeyError(name)
       self._pipes[name], self.pipe_stats[name] = built
@@ -486,8 +492,8 @@ def run_judge(ctx: Context, stage: str) -> None:
   judge = new_model(cfg, ctx.mcfg, ctx.mesh, ctx.rules, reward=True, seed=cfg.seed + 2)
   _copy_backbone(judge, new_model(cfg, ctx.mcfg, ctx.mesh, ctx.rules, seed=cfg.seed + 2))
   # Never LoRA: the judge is the instrument every policy is measured with, the same whatever the policies trained.
-  judge = ctx.train(stage, judge, make_pipeline(cfg, train, tok, k_max=2, train=True),
-                    make_pipeline(cfg, held_out, tok, k_max=2, train=False), lora=False)
+  judge = ctx.train(stage, judge, make_pipeline(cfg, train, tok, k_max=2, train=True, mesh=ctx.mesh),
+                    make_pipeline(cfg, held_out, tok, k_max=2, train=False, mesh=ctx.mesh), lora=False)
   info["heldout_accuracy"] = evaluate.pairwise_accuracy(judge, held_out, tok, cfg.data.bucket)
   logging.info("judge: held-out pairwise accuracy %.4f on %d pairs", info["heldout_accuracy"], len(held_out))
   artifacts.save_model(judge, ctx.workdir, stage)
@@ -520,7 +526,7 @@ def build_mesh(cfg, devices=None):
   devices = list(jax.devices() if devices is None else devices)
   num_processes = len({d.process_index for d in devices})
   sizes = config_lib.resolve_mesh(cfg, len(devices), num_processes)
-  logging.info("%s", config_lib.describe_mesh(cfg, sizes, len(devices)))
+  logging.info("%s", config_lib.describe_mesh(cfg, sizes, len(devices), num_processes))
   return sharding_lib.make_mesh(**sizes, devices=devices)
 
 

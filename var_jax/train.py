@@ -407,10 +407,10 @@ class BatchFeed:
     self.it, self.mesh, self.tokens_flops, self.constants = it, mesh, tokens_flops, constants
 
   def __next__(self):
-    local = next(self.it)
-    padded_tokens = int(np.prod(local["inputs"].shape)) * jax.process_count()
-    flops = self.tokens_flops(padded_tokens) if self.tokens_flops else 0.0
-    return (sharding_lib.global_batch(local, self.mesh),) + self.constants, flops
+    batch = sharding_lib.global_batch(next(self.it), self.mesh)
+    # The global batch's tokens: processes of one data shard group feed the same rows, counted once.
+    flops = self.tokens_flops(int(np.prod(batch["inputs"].shape))) if self.tokens_flops else 0.0
+    return (batch,) + self.constants, flops
 
   def get_state(self) -> dict:
     return self.it.get_state()
