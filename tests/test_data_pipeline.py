@@ -8,8 +8,9 @@ import pytest
 
 from var_jax.data import synthetic as syn
 from var_jax.data.formats import PreferenceRecord, load_preferences
-from var_jax.data.pipeline import (PAD_PROMPT, PipelineConfig, bucket_length, build_pipeline, build_sequences,
-                                   cross_pairs, epoch_groups, make_blocks, measure_throughput, shard_blocks)
+from var_jax.data.pipeline import (PAD_PROMPT, PipelineConfig, PreferencePipeline, block_lengths_of, bucket_length,
+                                   build_pipeline, build_sequences, cross_pairs, epoch_groups, make_blocks,
+                                   measure_throughput, shard_blocks)
 from var_jax.data.tokenize import Tokenizer, byte_level_bpe_tokenizer, plain_prompt, tokenize_records
 
 
@@ -319,6 +320,83 @@ def test_two_shards_cover_the_data_once():
   assert sorted(np.concatenate(seen)) == list(range(80))
   with pytest.raises(ValueError, match="divisible by shard_count"):
     build_pipeline(records, _SYN, dataclasses.replace(cfg, groups_per_batch=3), shard_index=0, shard_count=2)
+
+
+def _pipeline_before(records, tok, cfg, shard_index, shard_count):
+  """build_pipeline as it was before a process encoded only its own prompts: every record tokenized by every
+  process, blocks over the kept ones, the tokens of the shard's blocks kept (and every block's lengths)."""
+  toks, stats = tokenize_records(records, tok, skip_invalid=True)
+  kept = np.asarray([p for p, t in enumerate(toks) if t is not None], np.int32)
+  slots = make_blocks(len(kept), cfg.block_size, cfg.seed, cfg.remainder)
+  blocks = np.where(slots == PAD_PROMPT, PAD_PROMPT, kept[np.maximum(slots, 0)]).astype(np.int32)
+  lengths = block_lengths_of(toks, blocks, cfg.k_max) if cfg.pack_len else None
+  local = shard_blocks(len(blocks), shard_index, shard_count)
+  own = {int(p): toks[p] for p in blocks[local].ravel() if p != PAD_PROMPT}
+  return PreferencePipeline(own, blocks, cfg, max_len=tok.max_prompt_len + tok.max_response_len, pad_id=tok.pad_id,
+                            shard_index=shard_index, shard_count=shard_count, block_lengths=lengths), stats
+
+
+def _shares_records(n=90):
+  """Synthetic records of 2 or 3 responses with a tokenizer that cuts most prompts and drops responses of more than
+  5 tokens (truncation="drop"): records are dropped (a pair that loses one), some lose a response (a triple), and
+  the blocks are not those of all records."""
+  tok = Tokenizer(syn.build_tokenizer(), max_prompt_len=8, max_response_len=6, truncation="drop")
+  return _mixed_records(n, seed=3), tok
+
+
+@pytest.mark.parametrize("remainder,pack_len", [("drop", 0), ("pad", 0), ("drop", 16)])
+def test_two_shards_have_the_blocks_and_tokens_of_before(remainder, pack_len):
+  records, tok = _shares_records()
+  cfg = PipelineConfig(block_size=4, group_size=2, groups_per_batch=2, k_max=3, seed=5, remainder=remainder,
+                       num_epochs=2, pack_len=pack_len)
+  owned = []
+  for shard in (0, 1):
+    pipe, stats = build_pipeline(records, tok, cfg, skip_invalid=True, shard_index=shard, shard_count=2)
+    before, before_stats = _pipeline_before(records, tok, cfg, shard, 2)
+    assert before_stats.prompts_dropped["too_few_responses"] > 0 and before_stats.responses_dropped > 0
+    # Same blocks (same records in the same slots), same share, same steps, same packed rows.
+    np.testing.assert_array_equal(pipe.blocks, before.blocks)
+    np.testing.assert_array_equal(pipe.local_blocks, before.local_blocks)
+    assert (pipe.batches_per_epoch, len(pipe), pipe.rows) == (before.batches_per_epoch, len(before), before.rows)
+    if pack_len:
+      np.testing.assert_array_equal(pipe.block_lengths, before.block_lengths)
+    # The same tokens of the same records, and only this shard's.
+    assert sorted(pipe.tokenized) == sorted(before.tokenized)
+    for p, rec in pipe.tokenized.items():
+      old = before.tokenized[p]
+      np.testing.assert_array_equal(rec.prompt_ids, old.prompt_ids)
+      assert [list(r) for r in rec.responses] == [list(r) for r in old.responses]
+      assert (rec.rewards, rec.chosen, rec.ranking, rec.source) == (old.rewards, old.chosen, old.ranking, old.source)
+    for new, old in zip(pipe.iterator(), before.iterator(), strict=True):
+      assert set(new) == set(old)
+      for key in new:
+        np.testing.assert_array_equal(new[key], old[key], err_msg=key)
+    # The response counts are every record's; the prompts encoded are the shard's (every kept one when packing).
+    assert (stats.prompts, stats.responses, stats.responses_truncated, stats.responses_dropped,
+            stats.prompts_dropped) == (before_stats.prompts, before_stats.responses, before_stats.responses_truncated,
+                                       before_stats.responses_dropped, before_stats.prompts_dropped)
+    kept = len(records) - sum(before_stats.prompts_dropped.values())
+    assert stats.prompts_encoded == (kept if pack_len else len(pipe.tokenized))
+    owned.append(set(pipe.tokenized))
+  assert not owned[0] & owned[1]
+
+
+def test_a_shard_encodes_only_its_own_prompts(monkeypatch):
+  records, tok = _shares_records()
+  cfg = PipelineConfig(block_size=4, group_size=2, groups_per_batch=2, k_max=3, seed=5)
+  prompts, responses = [], []
+  encode_prompts, encode_responses = tok.encode_prompts, tok.encode_responses
+  monkeypatch.setattr(tok, "encode_prompts", lambda xs: (prompts.append(list(xs)), encode_prompts(xs))[1])
+  monkeypatch.setattr(tok, "encode_responses", lambda xs: (responses.append(list(xs)), encode_responses(xs))[1])
+  for shard in (0, 1):
+    prompts.clear()
+    responses.clear()
+    pipe, stats = build_pipeline(records, tok, cfg, skip_invalid=True, shard_index=shard, shard_count=2)
+    own = sorted(pipe.tokenized)
+    assert 0 < len(own) < len(records) // 2
+    # One batch of the shard's own prompts (in index order); every response once (which records are kept).
+    assert prompts == [[records[p].prompt for p in own]] and stats.prompts_encoded == len(own)
+    assert responses == [[t for r in records for t in r.responses]]
 
 
 def test_blocks_read_are_the_blocks_batches_draw():

@@ -33,7 +33,9 @@ def config_differences(cfg) -> list[str]:
 def tokenized(stats) -> str:
   """A pipeline's tokenization stats (data.tokenize.TokenizeStats) in words."""
   dropped = dict(stats.prompts_dropped)
-  return (f"{stats.prompts} prompts ({stats.prompts_truncated} cut to max_prompt_len, {sum(dropped.values())} dropped"
+  # A pipeline encodes only the prompts of its process's blocks (data.pipeline.build_pipeline): cuts count among those.
+  return (f"{stats.prompts} prompts ({stats.prompts_truncated} of the {stats.prompts_encoded} encoded cut to "
+          f"max_prompt_len, {sum(dropped.values())} dropped"
           + (f": {dropped}" if dropped else "") + f"), {stats.responses} responses ({stats.responses_truncated} cut to "
           f"max_response_len, {stats.responses_dropped} dropped)")
 

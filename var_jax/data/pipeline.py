@@ -63,7 +63,7 @@ import numpy as np
 
 from var_jax.data import packing
 from var_jax.data.formats import PreferenceRecord
-from var_jax.data.tokenize import TokenizedRecord, Tokenizer, TokenizeStats, tokenize_records
+from var_jax.data.tokenize import TokenizedRecord, Tokenizer, TokenizeStats, add_prompts, tokenize_responses
 
 log = logging.getLogger(__name__)
 
@@ -465,31 +465,45 @@ def build_pipeline(records: Sequence[PreferenceRecord], tokenizer: Tokenizer, co
                    *, min_responses: int = 2, skip_invalid: bool = False, shard_index: int | None = None,
                    shard_count: int | None = None,
                    scores: Mapping[str, np.ndarray] | None = None) -> tuple[PreferencePipeline, TokenizeStats]:
-  """Tokenizes all records, blocks the ones tokenization kept, and returns (pipeline, tokenize stats).
+  """Tokenizes the records, blocks the ones tokenization kept, and returns (pipeline, tokenize stats).
 
   Blocks are made over the kept records only, so prompts that tokenization drops (skip_invalid: empty responses,
   or over-long ones under truncation="drop") leave no holes in blocks, groups and batches: with holes, a file
   that drops half its prompts trains on half-empty batches, some steps on none at all, and VAR's normalizer groups
-  lose candidates. Every process tokenizes every record (they must agree on the blocks without talking to each
-  other); a process keeps the tokens of its own blocks only.
+  lose candidates.
+
+  Every process must agree on the blocks without talking to the others, and which records are kept depends on
+  their responses' tokens only (`tokenize_responses`): so every process encodes every response (a global pass,
+  which also makes an invalid record fail on every process alike), but only the prompts of its own blocks
+  (`add_prompts`), the costly part. With packing the rows of a group are sized from every block's lengths, so then
+  every kept prompt is encoded. The stats count every record's responses and this process's prompts
+  (prompts_encoded).
   """
   shard_index, shard_count = _default_shard(shard_index, shard_count)
   k_max = config.k_max or max((len(r.responses) for r in records), default=1)
   if any(len(r.responses) > k_max for r in records):
     raise ValueError(f"a record has more than k_max={k_max} responses")
-  toks, stats = tokenize_records(records, tokenizer, min_responses=min_responses, skip_invalid=skip_invalid)
-  kept = np.asarray([p for p, t in enumerate(toks) if t is not None], np.int32)
+  responses, stats = tokenize_responses(records, tokenizer, min_responses=min_responses, skip_invalid=skip_invalid)
+  kept = np.asarray([p for p, r in enumerate(responses) if r is not None], np.int32)
   slots = make_blocks(len(kept), config.block_size, config.seed, config.remainder)
   blocks = np.where(slots == PAD_PROMPT, PAD_PROMPT, kept[np.maximum(slots, 0)]).astype(np.int32)
-  # Every block's lengths (this process keeps the tokens of its own blocks only): every process packs into as many rows.
-  lengths = block_lengths_of(toks, blocks, k_max) if config.pack_len else None
   local = shard_blocks(len(blocks), shard_index, shard_count)
-  wanted = sorted(int(p) for p in blocks[local].ravel() if p != PAD_PROMPT)
+  wanted = own_prompts(blocks, local)
+  toks, stats.prompts_truncated = add_prompts(records, responses, kept if config.pack_len else wanted, tokenizer)
+  stats.prompts_encoded = len(toks)
+  # Every block's lengths: every process packs into as many rows.
+  lengths = block_lengths_of(toks, blocks, k_max) if config.pack_len else None
   max_len = config.max_len or tokenizer.max_prompt_len + tokenizer.max_response_len
   pipe = PreferencePipeline({p: toks[p] for p in wanted}, blocks, config, max_len=max_len, pad_id=tokenizer.pad_id,
                             k_max=k_max, shard_index=shard_index, shard_count=shard_count, scores=scores,
                             block_lengths=lengths)
   return pipe, stats
+
+
+def own_prompts(blocks: np.ndarray, local_blocks: np.ndarray) -> list[int]:
+  """Sorted global prompt indices of the given block rows (blocks [num_blocks, G], local_blocks [n]), dummies left
+  out: the records a process needs tokens of."""
+  return sorted({int(p) for p in blocks[local_blocks].ravel() if p != PAD_PROMPT})
 
 
 def measure_throughput(source: str, tokenizer: Tokenizer, config: PipelineConfig = PipelineConfig(),

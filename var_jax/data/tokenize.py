@@ -32,6 +32,9 @@ Any (prompt, response) sequence -- own-context or the cross-context pairs VAR's 
   kept), then -- if the last turn alone is too long -- their oldest tokens (a leading BOS is kept). Responses with
   no tokens left are dropped and counted; a prompt left with fewer than ``min_responses`` responses raises
   ValueError, or with ``skip_invalid`` becomes None and is counted.
+- Two passes: whether a record is kept depends on its responses only (a prompt is cut, never dropped), so
+  `tokenize_responses` settles it for every record before `add_prompts` encodes the prompts a process needs (those
+  of its own blocks, var_jax/data/pipeline.build_pipeline); `tokenize_records` does both for every record.
 """
 from __future__ import annotations
 
@@ -69,11 +72,33 @@ class TokenizedRecord:
   response_masks: tuple[np.ndarray | None, ...] | None = None
 
 
+@dataclasses.dataclass(frozen=True)
+class TokenizedResponses:
+  """A record's responses as token ids: a TokenizedRecord without its prompt.
+
+  All that decides whether tokenization keeps a record is here (prompts are cut to max_prompt_len, never dropped),
+  so which records are kept, and hence the blocks, is known before any prompt is encoded. Fields as in
+  TokenizedRecord.
+  """
+  responses: tuple[np.ndarray, ...]
+  rewards: tuple[float, ...] | None
+  chosen: int
+  ranking: tuple[int, ...]
+  source: str
+  response_masks: tuple[np.ndarray | None, ...] | None = None
+
+  def with_prompt(self, prompt_ids: np.ndarray) -> TokenizedRecord:
+    """The whole TokenizedRecord, prompt_ids [P] int32 from `Tokenizer.encode_prompts`."""
+    return TokenizedRecord(prompt_ids=prompt_ids, responses=self.responses, rewards=self.rewards, chosen=self.chosen,
+                           ranking=self.ranking, source=self.source, response_masks=self.response_masks)
+
+
 @dataclasses.dataclass
 class TokenizeStats:
   """Counts from `tokenize_records` (nothing is dropped without being counted here)."""
   prompts: int = 0
-  prompts_truncated: int = 0
+  prompts_truncated: int = 0     # Of the prompts_encoded prompts.
+  prompts_encoded: int = 0       # Prompts this process encoded: all of them, or in `build_pipeline` its blocks' only.
   responses: int = 0
   responses_truncated: int = 0   # Longer than max_response_len (with their EOS), whatever `truncation` did.
   responses_dropped: int = 0     # Empty after tokenization, or truncated under truncation="drop".
@@ -296,18 +321,50 @@ def tokenize_records(records: Sequence[PreferenceRecord], tok: Tokenizer, *, min
                      skip_invalid: bool = False) -> tuple[list[TokenizedRecord | None], TokenizeStats]:
   """Tokenizes records (batched). Returns a list aligned with ``records`` (None = dropped prompt) and stats.
 
+  Every prompt is encoded, a dropped record's too (`add_prompts` encodes only some).
+
   Raises:
     ValueError: a prompt keeps fewer than ``min_responses`` responses after dropping empty ones (unless
       skip_invalid, then it is None and counted under ``prompts_dropped['too_few_responses']``).
   """
-  stats = TokenizeStats(prompts=len(records))
+  responses, stats = tokenize_responses(records, tok, min_responses=min_responses, skip_invalid=skip_invalid)
   prompt_ids, stats.prompts_truncated = tok.encode_prompts([r.prompt for r in records])
+  stats.prompts_encoded = len(records)
+  return [None if r is None else r.with_prompt(p) for r, p in zip(responses, prompt_ids)], stats
+
+
+def add_prompts(records: Sequence[PreferenceRecord], responses: Sequence[TokenizedResponses | None],
+                indices: Sequence[int], tok: Tokenizer) -> tuple[dict[int, TokenizedRecord], int]:
+  """Encodes the prompts of records[i] for i in ``indices`` only (in one batch; each kept: responses[i] not None).
+
+  Returns ({i: TokenizedRecord}, how many of these prompts were truncated). Prompts are the costly part of
+  tokenization (long multi-turn prompts, re-encoded shorter when over max_prompt_len), so a process encodes those
+  of its own blocks only.
+  """
+  indices = [int(i) for i in indices]
+  if any(responses[i] is None for i in indices):
+    raise ValueError("add_prompts: a dropped record (responses[i] is None) has no prompt to add")
+  prompt_ids, truncated = tok.encode_prompts([records[i].prompt for i in indices])
+  return {i: responses[i].with_prompt(p) for i, p in zip(indices, prompt_ids)}, truncated
+
+
+def tokenize_responses(records: Sequence[PreferenceRecord], tok: Tokenizer, *, min_responses: int = 2,
+                       skip_invalid: bool = False) -> tuple[list[TokenizedResponses | None], TokenizeStats]:
+  """Tokenizes the responses of every record (batched): all that decides which records tokenization keeps.
+
+  Returns a list aligned with ``records`` (None = dropped prompt) and stats with every count but the prompts' cuts
+  (prompts_truncated, prompts_encoded: 0, for `tokenize_records` / `add_prompts` to fill).
+
+  Raises:
+    ValueError: as `tokenize_records`.
+  """
+  stats = TokenizeStats(prompts=len(records))
   flat = [t for r in records if r.completions is None for t in r.responses]
   stats.responses = sum(len(r.responses) for r in records)
   resp_ids, stats.responses_truncated = tok.encode_responses(flat)
-  out: list[TokenizedRecord | None] = []
+  out: list[TokenizedResponses | None] = []
   pos = 0
-  for rec, pids in zip(records, prompt_ids):
+  for rec in records:
     masks = None
     if rec.completions is None:
       ids = resp_ids[pos:pos + len(rec.responses)]
@@ -334,8 +391,8 @@ def tokenize_records(records: Sequence[PreferenceRecord], tok: Tokenizer, *, min
       continue
     new_index = {k: j for j, k in enumerate(keep)}
     ranking = tuple(new_index[k] for k in rec.ranking if k in new_index)
-    out.append(TokenizedRecord(
-        prompt_ids=pids, responses=tuple(ids[k] for k in keep),
+    out.append(TokenizedResponses(
+        responses=tuple(ids[k] for k in keep),
         rewards=None if rec.rewards is None else tuple(rec.rewards[k] for k in keep),
         chosen=ranking[0], ranking=ranking, source=rec.source,
         response_masks=None if masks is None else tuple(masks[k] for k in keep)))
