@@ -204,7 +204,13 @@ raw = jax.make_mesh((16, 1, 4), sharding.MESH_AXES, axis_types=auto, devices=dev
 mesh = sharding.make_mesh(16, 1, 4, devices=devices)
 hosts = np.vectorize(lambda d: d.process_index)(mesh.devices)
 print("hosts", len({d.process_index for d in devices}), "raw spans", sharding.tensor_groups_span_processes(raw.devices),
-      "spans", sharding.tensor_groups_span_processes(mesh.devices), "data hosts", hosts[:, 0, 0].tolist())
+      "spans", sharding.tensor_groups_span_processes(mesh.devices), "data hosts", sorted(hosts[:, 0, 0].tolist()))
+# The data axis' all-reduce compiles (over hosts in process order, libtpu could not route it).
+x = jax.ShapeDtypeStruct((128, 1024, 256), jax.numpy.float32,
+                         sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data", None, "tensor")))
+jax.jit(lambda x: x.sum(0), out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "tensor"))
+        ).lower(x).compile()
+print("compiled")
 """
 
 
@@ -216,7 +222,8 @@ def test_a_multi_host_mesh_keeps_each_tensor_group_within_a_host():
     pytest.skip("no Python with jax[tpu]==0.10.2 (libtpu): set VAR_JAX_TPU_PYTHON or create /work/tpuvenv")
   out = subprocess.run([python, "-c", _LAYOUT], cwd=helpers.ROOT, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
-  assert out.stdout.splitlines()[-1] == f"hosts 16 raw spans True spans False data hosts {list(range(16))}"
+  assert out.stdout.splitlines()[-2:] == [f"hosts 16 raw spans True spans False data hosts {list(range(16))}",
+                                          "compiled"]
 
 
 _V6E = """
@@ -229,10 +236,11 @@ print(dict(mesh.shape), "spans", sharding.tensor_groups_span_processes(mesh.devi
 
 # hha on a v5e-256 (16x16 chips, 64 hosts of 2x2): 16 groups give 16 batch shards, so tensor 16. jax.make_mesh alone
 # lays each tensor group as a row of 16 chips over 2 chips of each of 8 hosts (every host in two groups: no data
-# shard could feed them); sharding.make_mesh makes each of 4 whole hosts, which read one data shard.
+# shard could feed them); sharding.make_mesh makes each a 4x4 square of 4 whole hosts, which read one data shard.
 _SPAN_LAYOUT = """
-import jax, numpy as np
+import jax, jax.numpy as jnp, numpy as np
 from jax.experimental import topologies
+from jax.sharding import NamedSharding, PartitionSpec as P
 from configs import hha
 from var_jax import config as config_lib, sharding
 devices = topologies.get_topology_desc(platform="tpu", topology_name="v5e:16x16", chip_config_name="default",
@@ -244,7 +252,13 @@ mesh = sharding.make_mesh(**sizes, devices=devices)
 groups = sharding.data_shard_groups(mesh.devices)
 print("hosts", len({d.process_index for d in devices}), "sizes", sizes, "raw nests",
       sharding.tensor_groups_nest_in_processes(raw.devices), "nests", sharding.tensor_groups_nest_in_processes(
-      mesh.devices), "groups", [g[1] for g in groups[:2]], len(groups), sharding.data_shard(mesh, 5))
+      mesh.devices), "groups", len(groups), {len(g[1]) for g in groups}, "boxes", {
+      tuple(int(np.ptp([d.coords[i] for d in row])) + 1 for i in (0, 1)) for row in mesh.devices.reshape(16, 16)})
+# The data axis' all-reduce compiles on this layout (libtpu could not route it over tensor groups of hosts in
+# process order: "Failed to create limited ICI routing replica info table").
+x = jax.ShapeDtypeStruct((128, 1024, 256), jnp.float32, sharding=NamedSharding(mesh, P("data", None, "tensor")))
+jax.jit(lambda x: x.sum(0), out_shardings=NamedSharding(mesh, P(None, "tensor"))).lower(x).compile()
+print("compiled")
 """
 
 
@@ -268,8 +282,8 @@ def test_hha_on_v5e_256_makes_each_tensor_group_of_whole_hosts():
     pytest.skip("no Python with jax[tpu]==0.10.2 (libtpu): set VAR_JAX_TPU_PYTHON or create /work/tpuvenv")
   out = subprocess.run([python, "-c", _SPAN_LAYOUT], cwd=helpers.ROOT, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
-  assert out.stdout.splitlines()[-1] == ("hosts 64 sizes {'data': 16, 'fsdp': 1, 'tensor': 16} raw nests False "
-                                         "nests True groups [(0, 1, 2, 3), (4, 5, 6, 7)] 16 (1, 16)")
+  assert out.stdout.splitlines()[-2:] == ["hosts 64 sizes {'data': 16, 'fsdp': 1, 'tensor': 16} raw nests False "
+                                          "nests True groups 16 {4} boxes {(4, 4)}", "compiled"]
 
 
 @pytest.mark.tpu_compile

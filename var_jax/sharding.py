@@ -24,6 +24,7 @@ write logs and files.
 import glob
 import importlib.util
 import logging
+import itertools
 import math
 import os
 from typing import Any, Callable, Sequence
@@ -111,8 +112,60 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[
   # (`global_batch`, `data_shard`), so lay each process's devices out as whole tensor groups, or each tensor group
   # as whole processes (in the torus order within the host), the processes in order along data x fsdp (x tensor).
   inner, outer = process_blocks(shape, len({d.process_index for d in devices}))
-  grid = mesh_utils.create_hybrid_device_mesh(inner, outer, devices, process_is_granule=True)
+  grid = torus_blocks(shape, devices)
+  if grid is None:
+    grid = mesh_utils.create_hybrid_device_mesh(inner, outer, devices, process_is_granule=True)
   return Mesh(grid, MESH_AXES, axis_types=auto)
+
+
+def _snake(box: Sequence[int]) -> list[tuple[int, ...]]:
+  """The cells of a box in boustrophedon order (the last axis reversing on alternate lines), so consecutive cells
+  are neighbours."""
+  cells = [()]
+  for size in box:
+    cells = [c + (i,) for n, c in enumerate(cells) for i in (range(size) if n % 2 == 0 else range(size - 1, -1, -1))]
+  return cells
+
+
+def torus_blocks(shape: Sequence[int], devices: Sequence[Any]) -> np.ndarray | None:
+  """A [data, fsdp, tensor] device array whose tensor groups are compact boxes of chips that nest with the hosts
+  (within one host, or whole hosts) on a TPU torus, or None when the devices have no chip coordinates (CPU, GPU),
+  share chips, or no such box tiles the torus.
+
+  Laid out by process index (`create_hybrid_device_mesh`), libtpu cannot route the data axis' all-reduce ("Failed
+  to create limited ICI routing replica info table"): neither hha's tensor 4 on a v5e-64 (a host each) nor its
+  tensor 16 on a v5e-256 (4 hosts of 2x2 chips, an 8x2 strip in process order). As boxes tiling the torus (2x2
+  and 4x4 squares), the data axis joins the same cell of every box, which it compiles. Boxes are as cubic as the
+  torus allows, in row-major order along data x fsdp, each box's chips in snake order along tensor.
+  """
+  tensor = shape[-1]
+  coords = [tuple(getattr(d, "coords", ()) or ()) for d in devices]
+  if not coords[0] or len(set(coords)) != len(devices):
+    return None
+  ndim = len(coords[0])
+  dims = tuple(max(c[i] for c in coords) + 1 for i in range(ndim))
+  if math.prod(dims) != len(devices):
+    return None
+  by_process = {}
+  for d, c in zip(devices, coords):
+    by_process.setdefault(d.process_index, []).append(c)
+  host = tuple(max(c[i] for c in by_process[devices[0].process_index]) - min(
+      c[i] for c in by_process[devices[0].process_index]) + 1 for i in range(ndim))
+  # Along each axis a box is a divisor of the host's extent (groups within a host) or a multiple of it.
+  sides = [[x for x in range(1, n + 1) if n % x == 0 and (h % x == 0 or x % h == 0)] for h, n in zip(host, dims)]
+  boxes = [b for b in itertools.product(*sides) if math.prod(b) == tensor]
+  if not boxes:
+    return None
+  box = min(boxes, key=lambda b: (max(b), b))
+  at = {c: d for d, c in zip(devices, coords)}
+  groups = []
+  for corner in itertools.product(*(range(0, n, x) for n, x in zip(dims, box))):
+    groups.append([at[tuple(o + i for o, i in zip(corner, cell))] for cell in _snake(box)])
+  grid = np.empty((len(groups), tensor), dtype=object)
+  for g, members in enumerate(groups):
+    grid[g, :] = members
+  grid = grid.reshape(tuple(shape))
+  return grid if tensor_groups_nest_in_processes(grid) else None
 
 
 def _process_grid(grid: np.ndarray) -> np.ndarray:
