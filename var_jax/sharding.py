@@ -441,7 +441,7 @@ def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
 
 
-def _batch_shards(mesh: Mesh) -> tuple[int, int]:
+def batch_shards(mesh: Mesh) -> tuple[int, int]:
   """(batch shards holding some of this process's devices, all batch shards) of the ('data', 'fsdp') split."""
   pid = jax.process_index()
   mine = np.vectorize(lambda d: d.process_index == pid, otypes=[bool])(mesh.devices)
@@ -459,7 +459,7 @@ def global_batch(local_batch: dict, mesh: Mesh) -> dict:
   batch. A batch shard must not span processes, which feed different rows: `make_mesh` keeps tensor groups within
   a process.
   """
-  local_shards, shards = _batch_shards(mesh)
+  local_shards, shards = batch_shards(mesh)
   out = {}
   for key, x in local_batch.items():
     x = np.asarray(x)
