@@ -2,8 +2,9 @@
 
     python tests/scoring_worker.py meshes OUT.npz
         (with XLA_FLAGS=--xla_force_host_platform_device_count=8) score_blocks on one device without a mesh (the
-        reference), then with the models sharded on meshes data=8, fsdp=8 and data=2 x fsdp=2 x tensor=2; saves
-        every score matrix and the PartitionSpecs of the scoring programs' inputs.
+        reference), then with the models sharded on meshes data=8, fsdp=8 and data=2 x fsdp=2 x tensor=2, and a
+        block with response loss masks; saves every score matrix and the PartitionSpecs of the scoring programs'
+        inputs (and of those var_jax.plan compiles).
     python tests/scoring_worker.py multiprocess OUT_PREFIX PORT PROCESS_ID
         one of two processes (2 CPU devices each, gloo collectives) scoring its own blocks with the models sharded
         over both on an fsdp=4 mesh; saves its matrices to OUT_PREFIX<PROCESS_ID>.npz.
@@ -119,20 +120,34 @@ def _planned_specs(mesh, name: str) -> dict:
   return out
 
 
+def masked_block(ref) -> np.ndarray:
+  """Prefix-shared log-probs [3, 5] of a block whose responses have loss masks (multi-message completions; one
+  without), on `ref`'s mesh when it has batch shards (3 prompts: some batch shards score copies)."""
+  rng, vocab = np.random.default_rng(3), ref.cfg.vocab_size
+  prompts = [rng.integers(1, vocab, size=n).astype(np.int32) for n in (3, 9, 17)]
+  responses = [rng.integers(1, vocab, size=n).astype(np.int32) for n in (2, 5, 11, 7, 4)]
+  masks = [(rng.random(len(r)) < 0.5).astype(np.float32) for r in responses[:4]] + [None]
+  options = dict(pad_id=0, bucket=BUCKET, reward=False, response_masks=masks)
+  mesh = scoring.batch_mesh(nnx.state(ref))
+  if mesh is None:
+    return scoring.prefix_shared_scores(ref, prompts, responses, **options)
+  return scoring._sharded_prefix_shared_scores(nnx.split(ref), prompts, responses, mesh=mesh, **options)  # pylint: disable=protected-access
+
+
 def meshes(out_path: str) -> None:
   assert jax.device_count() == 8, jax.devices()
   make_ref, make_rm = make_models()
   pipe = make_pipeline()
   results = {f"single/{k}": v for k, v in score_all(pipe, make_ref(), make_rm()).items()}
-  specs = {}
+  results["single/masked"] = masked_block(make_ref())
+  specs = _planned_specs(sharding.make_mesh(*MESHES["2x2x2"]), "2x2x2")  # Before the programs are wrapped.
   _recording_specs(specs)
   for name, shape in MESHES.items():
     mesh = sharding.make_mesh(*shape)
     ref, _ = sharding.create_sharded_model(make_ref, mesh)
     rm, _ = sharding.create_sharded_model(make_rm, mesh)
     results.update({f"{name}/{k}": v for k, v in score_all(pipe, ref, rm).items()})
-    if name == "2x2x2":
-      specs.update(_planned_specs(mesh, name))
+    results[f"{name}/masked"] = masked_block(ref)
   np.savez(out_path, specs=json.dumps({k: sorted(v) for k, v in specs.items()}), **results)
 
 

@@ -35,9 +35,10 @@ def _assert_same_scores(got: dict, want: dict, blocks=None) -> None:
 
 @pytest.mark.slow
 def test_score_blocks_on_meshes_equal_one_device_with_batch_sharded_inputs(tmp_path):
-  """Prefix-shared, concatenated and own-prompt-only scoring, reference and reward model, on meshes data=8, fsdp=8
-  and data=2 x fsdp=2 x tensor=2: the single-device matrices, with every input of the scoring programs split over
-  the batch axes (not replicated, so each device scores its own rows)."""
+  """Prefix-shared, concatenated and own-prompt-only scoring, reference and reward model (and a prefix-shared block
+  with response loss masks), on meshes data=8, fsdp=8 and data=2 x fsdp=2 x tensor=2: the single-device matrices,
+  with every input of the scoring programs split over the batch axes (not replicated, so each device scores its own
+  rows)."""
   out = str(tmp_path / "meshes.npz")
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
   proc = subprocess.run([sys.executable, WORKER, "meshes", out], capture_output=True, text=True, timeout=TIMEOUT_S,
@@ -49,6 +50,7 @@ def test_score_blocks_on_meshes_equal_one_device_with_batch_sharded_inputs(tmp_p
   assert set(specs) == {"batch_scores_jit", "sharded_prefix_shared_jit", "plan/2x2x2/prefix", "plan/2x2x2/concat"}
   assert set().union(*specs.values()) <= BATCH_SPECS, specs
   single = {k.split("/", 1)[1]: results[k] for k in results.files if k.startswith("single/")}
+  assert np.isfinite(single["masked"]).all()
   assert np.isfinite(single["prefix/ref_logp"]).any() and np.isnan(single["prefix/ref_logp"]).any()  # Dummy slots.
   assert np.nanstd(single["prefix/reward"]) > 1e-3  # Rewards that differ between pairs: a misread row would show.
   for mesh in scoring_worker.MESHES:

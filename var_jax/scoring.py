@@ -175,7 +175,7 @@ def _sequences(pipe, pairs, mesh: Optional[Mesh]) -> dict:
   return data_pipeline.build_sequences(pairs, length, pipe.pad_id)
 
 
-def _first(model_splits) -> Optional[Mesh]:
+def _models_mesh(model_splits) -> Optional[Mesh]:
   """The batch mesh (`batch_mesh`) of the first of the (graphdef, state) splits that is not None."""
   return next((batch_mesh(split[1]) for split in model_splits if split is not None), None)
 
@@ -218,7 +218,7 @@ def score_blocks(pipe: data_pipeline.PreferencePipeline, ref_model: Optional[nnx
     reward_model = reward_fn = None
   ref_split = nnx.split(ref_model) if ref_model is not None else None
   rm_split = nnx.split(reward_model) if reward_model is not None else None
-  mesh = _first((ref_split, rm_split))
+  mesh = _models_mesh((ref_split, rm_split))
   if own_only:
     return _score_own(pipe, out, ref_split, rm_split, reward_fn, chunk, only, mesh)
   for block in _blocks_with_progress(pipe, only, mesh):
@@ -424,7 +424,7 @@ def _sharded_prefix_shared(graphdef, state, prompt_ids, prompt_len, response_ids
 sharded_prefix_shared_jit = jax.jit(_sharded_prefix_shared, static_argnames=("reward", "mesh"))
 
 
-def sharded_prefix_shape(mesh: Optional[Mesh], prompts: int, responses: int) -> tuple[int, int]:
+def sharded_prefix_shape(mesh: Mesh, prompts: int, responses: int) -> tuple[int, int]:
   """(prompts per batch shard Gs, responses M) of a prefix-shared call on `mesh` for `prompts` prompts and
   `responses` responses per process (at least one each: every shard runs)."""
   local_shards, _ = sharding_lib.batch_shards(mesh)
