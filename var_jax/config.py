@@ -162,7 +162,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.score = ml_collections.ConfigDict()
   c.score.prefix_shared = True    # Encode each prompt once (KV cache) and score all responses against it (the
                                   # reference's log-probs and the reward model's rewards).
-  c.score.chunk = 256             # Sequences per forward pass of the pairwise (reward-model) scoring.
+  c.score.chunk = 256             # Sequences per forward pass of the pairwise (concatenated) scoring, per batch
+                                  # shard (data x fsdp: each scores its own rows).
   c.score.pairs = "read"          # "read": the (prompt, response) pairs the configured stages read: a group's
                                   # cross-context matrix for VAR's cross_context normalizer, else each response
                                   # under its own prompt; rewards only when var runs (a run of dpo / ipo alone gets

@@ -264,9 +264,9 @@ def abstract_model(mcfg, mesh, rules, *, reward: bool):
 @dataclasses.dataclass
 class Program:
   """One program to compile: `lower()` gives its jax Lowered; bytes of its parts per device; model FLOPs (flops.py)
-  and tokens of one call, and how many devices split that work: all of them for a train step and the sampler (batch
-  over data x fsdp, matmuls over tensor), the model-parallel fsdp x tensor for a call on replicated inputs (data
-  replicas repeat it)."""
+  and tokens of one call, and how many devices split that work: all of them for a train step, a score call and the
+  sampler (batch over data x fsdp, matmuls over tensor), the model-parallel fsdp x tensor for a call on replicated
+  inputs (data replicas repeat it)."""
   name: str
   lower: Callable[[], Any]
   params_bytes: int
@@ -314,37 +314,64 @@ def _lengths(cfg) -> tuple[int, int]:
           data_pipeline.bucket_length(d.max_response_len, d.bucket, 1 << 30))
 
 
+def _score_inputs(mesh, *arrays):
+  """Structs of a score call's inputs as the score stage places them: batch-sharded over ('data', 'fsdp') on a
+  mesh with batch shards (`scoring.batch_mesh`), replicated otherwise."""
+  if sharding_lib.batch_shards(mesh)[1] == 1:
+    return _replicated_inputs(mesh, *arrays)
+  return [sharded_struct(a, sharding_lib.batch_sharding(mesh, np.ndim(a))) for a in arrays]
+
+
 def _chunk_rows(cfg, mesh, rows: int) -> dict:
-  """One chunk of concatenated (prompt, response) rows as the score stage feeds them (replicated structs)."""
+  """One call's concatenated (prompt, response) rows as the score stage feeds them: a process's `rows` rows split
+  over its batch shards, at most `score.chunk` per shard and call in balanced calls (scoring._sharded_chunks;
+  one shard: scoring._in_chunks), the rows of every batch shard together."""
   p, r = cfg.data.max_prompt_len, cfg.data.max_response_len
-  chunk = min(cfg.score.chunk, rows)
+  local_shards, shards = sharding_lib.batch_shards(mesh)
+  chunk, _ = scoring.balanced_chunk(-(-rows // local_shards), cfg.score.chunk)
   t = data_pipeline.bucket_length(p + r, cfg.data.bucket, p + r)
-  seqs = data_pipeline.build_sequences([(np.ones(p, np.int32), np.ones(r, np.int32))] * chunk, t, 0)
-  return sharded_struct(seqs, NamedSharding(mesh, PartitionSpec()))
+  seqs = data_pipeline.build_sequences([(np.ones(p, np.int32), np.ones(r, np.int32))] * (chunk * shards), t, 0)
+  return dict(zip(seqs, _score_inputs(mesh, *seqs.values())))
 
 
 def score_program(cfg, mcfg, mesh, rules, reward: bool) -> Program:
-  """One block of the score stage (G prompts x M = G*K responses, scoring.score_blocks) through the reference
-  ("score/ref") or the reward model ("score/reward"): prefix-shared (scoring.prefix_shared_scores), or `score.chunk`
-  concatenated (prompt, response) rows of it."""
+  """One call of the score stage (scoring.score_blocks) through the reference ("score/ref") or the reward model
+  ("score/reward"). Prefix-shared: a block of G prompts x M = G*K responses (scoring.prefix_shared_scores), or on a
+  mesh with batch shards one block per process, its prompts split over the process's batch shards (scoring.
+  _sharded_prefix_shared_scores); otherwise `score.chunk` concatenated (prompt, response) rows per batch shard.
+  Every device works on its own rows (without batch shards, data = fsdp = 1: tensor parallelism only)."""
   d = cfg.data
   name = "score/reward" if reward else "score/ref"
   graphdef, params = abstract_model(mcfg, mesh, rules, reward=reward)
   per_token = lambda seq: flops_lib.decoder_flops_per_token(mcfg, seq, training=False, lm_head=not reward)  # noqa: E731
   g = config_lib.block_size(cfg)
+  _, shards = sharding_lib.batch_shards(mesh)
   if cfg.score.prefix_shared:
-    m = g * d.max_responses
-    p, r = _lengths(cfg)
-    args = _replicated_inputs(mesh, np.zeros((g, p), np.int32), np.zeros((g,), np.int32),
-                              np.zeros((m, r), np.int32), np.ones((m,), np.int32))
-    lower = lambda: scoring.prefix_shared_scores_jit.lower(graphdef, params, *args, reward=reward)  # noqa: E731
+    (p, r), m = _lengths(cfg), g * d.max_responses
+    if shards > 1:
+      gs, m = scoring.sharded_prefix_shape(mesh, g, m)
+      args = _score_inputs(mesh, np.zeros((shards, gs, p), np.int32), np.zeros((shards, gs), np.int32),
+                           np.zeros((shards, m, r), np.int32), np.ones((shards, m), np.int32))
+      lower = lambda: scoring.sharded_prefix_shared_jit.lower(graphdef, params, *args, reward=reward,  # noqa: E731
+                                                              mesh=mesh)
+      prompts = shards * gs
+    else:
+      args = _score_inputs(mesh, np.zeros((g, p), np.int32), np.zeros((g,), np.int32), np.zeros((m, r), np.int32),
+                           np.ones((m,), np.int32))
+      lower = lambda: scoring.prefix_shared_scores_jit.lower(graphdef, params, *args, reward=reward)  # noqa: E731
+      prompts = g
+    # Every prompt once, every response once per prompt.
     return Program(name, lower, bytes_per_device(params), 0, bytes_per_device(args),
-                   (g * p + g * m * r) * per_token(p + r), g * m * r, _model_parallel(mesh))
+                   (prompts * p + prompts * m * r) * per_token(p + r), prompts * m * r, mesh.size)
   seqs = _chunk_rows(cfg, mesh, g * g * d.max_responses)
-  jitted = scoring.reward_scores_jit if reward else scoring.policy_scores_jit
+  if shards > 1:
+    lower = lambda: scoring.batch_scores_jit.lower(graphdef, params, seqs, reward=reward, mesh=mesh)  # noqa: E731
+  else:
+    jitted = scoring.reward_scores_jit if reward else scoring.policy_scores_jit
+    lower = lambda: jitted.lower(graphdef, params, seqs)  # noqa: E731
   tokens, t = math.prod(seqs["inputs"].shape), seqs["inputs"].shape[1]
-  return Program(name, lambda: jitted.lower(graphdef, params, seqs), bytes_per_device(params), 0,
-                 bytes_per_device(seqs), tokens * per_token(t), tokens, _model_parallel(mesh))
+  return Program(name, lower, bytes_per_device(params), 0, bytes_per_device(seqs), tokens * per_token(t), tokens,
+                 mesh.size)
 
 
 def sample_program(cfg, mcfg, mesh, rules) -> Program:
@@ -515,12 +542,16 @@ def pipeline_cost(cfg, rows: Sequence[Row], stages: Sequence[str], mesh, *, trai
 
   Training stages: steps x the step's time. Score: its blocks (G prompts each: every block of `train_prompts` and
   `eval_prompts`, or with score.steps > 0 those that many batches draw) x the block's reference and reward-model
-  passes, the data replicas scoring different blocks. Eval: per policy it compares (and the reference), its
+  passes (one prefix-shared call, or its concatenated rows' calls), every process scoring its own block in each
+  call. Eval: per policy it compares (and the reference), its
   sampler calls (eval.num_prompts x samples, plus greedy answers) x the sampler's time; the passes that score the
   samples are not counted. Online stages and the judge's data are not planned."""
   by_name, d = {r.name: r for r in rows}, cfg.data
   g = config_lib.block_size(cfg)
-  replicas = max(mesh.size // _model_parallel(mesh), 1)
+  local_shards, shards = sharding_lib.batch_shards(mesh)
+  processes = shards // local_shards  # Each scores its own blocks (on one batch shard, the data replicas repeat).
+  calls = 1 if cfg.score.prefix_shared else scoring.balanced_chunk(-(-g * g * d.max_responses // local_shards),
+                                                                   cfg.score.chunk)[1]
   out = []
   for s in stages:
     st = stage_table.get(s)
@@ -534,9 +565,9 @@ def pipeline_cost(cfg, rows: Sequence[Row], stages: Sequence[str], mesh, *, trai
                                                                                    * d.group_size // g)
       else:
         blocks = -(-train_prompts // g) + -(-eval_prompts // g)
-      per_block = sum(by_name[n].seconds for n in ("score/ref", "score/reward") if n in by_name)
-      out.append((s, f"{blocks} blocks of {g} x {per_block:.3g} s / {replicas} replicas",
-                  blocks * per_block / replicas))
+      per_block = calls * sum(by_name[n].seconds for n in ("score/ref", "score/reward") if n in by_name)
+      out.append((s, f"{blocks} blocks of {g} x {per_block:.3g} s / {processes} processes",
+                  -(-blocks // processes) * per_block))
     elif st.runner == "eval" and "sample" in by_name:
       e = cfg.eval
       policies = 1 + sum(1 for p in stages if stage_table.get(p).compared)

@@ -9,17 +9,27 @@ log pi_ref and r are kept apart so every lambda reuses them; a sweep over B <= G
 missing prompts / responses are NaN (never read: the pipeline's `valid` masks them), and so are the entries no
 configured stage reads (own_only: only each response under its own prompt; rewards=False: no reward), which the
 reading stages check against the score stage's recorded coverage before they train.
+
+On a mesh with batch shards (data x fsdp > 1, as every multi-process run has) scoring is data-parallel like a
+train step: each process's rows (its blocks' pairs or prompts) are split over its batch shards as global
+jax.Arrays (`sharding.global_batch`), and every process runs the same calls with the same shapes in lockstep (the
+lengths, row counts and number of blocks agreed over the processes), reading back its own rows.
 """
+import functools
 from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
 
 from var_jax import cost
 from var_jax import flops as flops_lib
 from var_jax import metrics_writer
+from var_jax import sampling
+from var_jax import sharding as sharding_lib
 from var_jax.data import pipeline as data_pipeline
 
 
@@ -38,6 +48,74 @@ policy_scores_jit = jax.jit(_policy_scores)
 reward_scores_jit = jax.jit(_reward_scores)
 
 
+def _batch_sharded(tree, mesh: Mesh):
+  """Constrains every array of `tree` to the batch sharding, so each process's rows come back on its own devices."""
+  return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, sharding_lib.batch_sharding(mesh, x.ndim)), tree)
+
+
+def _batch_scores(graphdef, state, batch, *, reward: bool, mesh: Mesh):
+  """_policy_scores (or with reward, _reward_scores) of batch-sharded rows; the outputs batch-sharded too."""
+  return _batch_sharded((_reward_scores if reward else _policy_scores)(graphdef, state, batch), mesh)
+
+
+batch_scores_jit = jax.jit(_batch_scores, static_argnames=("reward", "mesh"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Scoring over a mesh's batch shards.
+
+
+def batch_mesh(state) -> Optional[Mesh]:
+  """The mesh whose batch axes ('data', 'fsdp') split the score stage's rows: that of the model's arrays when it has
+  more than one batch shard (several processes always do: a batch shard never spans processes). None for plain
+  arrays, or a mesh without a batch split, where inputs stay replicated as on one device (every device would
+  compute every row either way)."""
+  mesh = sampling.params_mesh(state)
+  return mesh if mesh is not None and sharding_lib.batch_shards(mesh)[1] > 1 else None
+
+
+def _agree(mesh: Optional[Mesh], *values: int) -> tuple[int, ...]:
+  """Each value's max over the processes, so that all of them run calls of the same shapes (a collective: with a
+  mesh on several processes every process calls it at the same point). `values` unchanged on one process."""
+  if mesh is None or jax.process_count() == 1:
+    return tuple(int(v) for v in values)
+  gathered = multihost_utils.process_allgather(np.asarray(values, np.int32))  # [processes, len(values)]
+  return tuple(int(v) for v in np.max(gathered, axis=0))
+
+
+def _local_rows(x: jax.Array) -> np.ndarray:
+  """This process's rows of a global array batch-sharded over its leading axis, in the order `global_batch` took
+  them: its batch shards' rows in their order along the batch axis (a shard held by several of its devices, over
+  'tensor', read once)."""
+  parts = {s.index[0].start or 0: s.data for s in x.addressable_shards}
+  return np.concatenate([np.asarray(parts[start]) for start in sorted(parts)])
+
+
+def _sharded_chunks(graphdef, state, seqs: dict, rows: int, chunk: int, mesh: Mesh, reward: bool):
+  """`_in_chunks` over the mesh's batch shards: this process's `rows` rows of seqs ([rows, T] each; T agreed by
+  the caller) split over its local batch shards, at most `chunk` rows per shard and call, in balanced calls whose
+  number and shape every process shares (the most rows of any process); numpy results of its own rows."""
+  local_shards, _ = sharding_lib.batch_shards(mesh)
+  per_shard, calls = balanced_chunk(-(-_agree(mesh, rows)[0] // local_shards), chunk)
+  step = per_shard * local_shards  # This process's rows per call.
+  padded = calls * step
+  seqs = {k: np.concatenate([v, np.repeat(v[-1:], padded - rows, axis=0)]) for k, v in seqs.items()}
+  _count_rows(nnx.merge(graphdef, state).cfg, seqs, rows, padded, lm_head=not reward)
+  outs = []
+  for start in range(0, padded, step):
+    batch = sharding_lib.global_batch({k: v[start:start + step] for k, v in seqs.items()}, mesh)
+    outs.append(jax.tree.map(_local_rows, batch_scores_jit(graphdef, state, batch, reward=reward, mesh=mesh)))
+  return jax.tree.map(lambda *xs: np.concatenate(xs)[:rows], *outs)
+
+
+def _scores_in_chunks(split, seqs: dict, rows: int, chunk: int, mesh: Optional[Mesh], reward: bool):
+  """Policy (log-prob sums, trained tokens) or reward scores of `rows` concatenated rows: `_in_chunks` on one
+  device, `_sharded_chunks` over a mesh's batch shards."""
+  if mesh is None:
+    return _in_chunks(reward_scores_jit if reward else policy_scores_jit, *split, seqs, rows, chunk)
+  return _sharded_chunks(*split, seqs, rows, chunk, mesh, reward)
+
+
 def _count_rows(model_cfg, seqs: dict, rows: int, padded_rows: int, *, lm_head: bool) -> None:
   """Reports a forward pass over `padded_rows` rows of seqs (the first `rows` real) to var_jax/cost.py."""
   t = seqs["inputs"].shape[1]
@@ -45,10 +123,17 @@ def _count_rows(model_cfg, seqs: dict, rows: int, padded_rows: int, *, lm_head: 
              flops=padded_rows * t * flops_lib.decoder_flops_per_token(model_cfg, t, training=False, lm_head=lm_head))
 
 
+def balanced_chunk(rows: int, chunk: int) -> tuple[int, int]:
+  """(rows per call, calls) for `rows` rows at most `chunk` at a time in equal calls: 170 rows at chunk 128 run as
+  2 x 85, not 2 x 128 with 86 padding rows."""
+  calls = -(-rows // chunk)
+  return -(-rows // calls), calls
+
+
 def _in_chunks(fn, graphdef, state, seqs: dict, rows: int, chunk: int):
-  """Applies fn to at most `chunk` rows at a time, in equal chunks (the last padded so one shape compiles); numpy
-  results. The chunks are balanced: 170 rows at chunk 128 run as 2 x 85, not 2 x 128 with 86 padding rows."""
-  chunk = -(-rows // -(-rows // chunk))
+  """Applies fn to at most `chunk` rows at a time, in equal chunks (`balanced_chunk`; the last padded so one shape
+  compiles); numpy results."""
+  chunk, _ = balanced_chunk(rows, chunk)
   _count_rows(nnx.merge(graphdef, state).cfg, seqs, rows, -(-rows // chunk) * chunk, lm_head=fn is policy_scores_jit)
   outs = []
   for start in range(0, rows, chunk):
@@ -68,11 +153,31 @@ def _num_trained(block) -> list[float]:
           for r, mask in zip(block["response_ids"], masks)]
 
 
-def _blocks_with_progress(pipe: data_pipeline.PreferencePipeline, only: Optional[Sequence[int]]):
-  """pipe.scoring_blocks(only) with a progress bar and ETA: on real models scoring is one of the long stages."""
+def _blocks_with_progress(pipe: data_pipeline.PreferencePipeline, only: Optional[Sequence[int]],
+                          mesh: Optional[Mesh] = None):
+  """pipe.scoring_blocks(only) with a progress bar and ETA (on real models scoring is one of the long stages). With
+  a mesh, then empty blocks (block_index None, every prompt and response missing) until the process that scores
+  the most blocks is done: every process joins every call (`only` can leave processes different numbers)."""
   wanted = None if only is None else {int(b) for b in only}
   total = sum(1 for b in pipe.local_blocks if wanted is None or int(b) in wanted)
-  return metrics_writer.progress_bar(pipe.scoring_blocks(only), total, f"score ({total} blocks)")
+  rounds = _agree(mesh, total)[0]  # Before any block: every process must reach each collective in the same order.
+  yield from metrics_writer.progress_bar(pipe.scoring_blocks(only), total, f"score ({total} blocks)")
+  g, k = pipe.config.block_size, pipe.k_max
+  for _ in range(rounds - total):
+    yield {"block_index": None, "prompt_ids": [None] * g, "response_ids": [None] * (g * k)}
+
+
+def _sequences(pipe, pairs, mesh: Optional[Mesh]) -> dict:
+  """build_sequences of a block's pairs (None: an all-padding row), at their bucketed length (the longest of any
+  process's block with a mesh)."""
+  longest = max((len(x[0]) + len(x[1]) for x in filter(None, pairs)), default=1)
+  length = _agree(mesh, data_pipeline.bucket_length(longest, pipe.config.bucket, pipe.max_len))[0]
+  return data_pipeline.build_sequences(pairs, length, pipe.pad_id)
+
+
+def _models_mesh(model_splits) -> Optional[Mesh]:
+  """The batch mesh (`batch_mesh`) of the first of the (graphdef, state) splits that is not None."""
+  return next((batch_mesh(split[1]) for split in model_splits if split is not None), None)
 
 
 def score_blocks(pipe: data_pipeline.PreferencePipeline, ref_model: Optional[nnx.Module],
@@ -82,6 +187,9 @@ def score_blocks(pipe: data_pipeline.PreferencePipeline, ref_model: Optional[nnx
                  only: Optional[Sequence[int]] = None, own_only: bool = False, rewards: bool = True) -> dict:
   """Scores every block of this process's share of `pipe` (those in `only` when given).
 
+  Models on a mesh with batch shards (`batch_mesh`) score data-parallel, every process of the run calling this
+  together: each one's rows split over its batch shards.
+
   Args:
     pipe: the pipeline whose `blocks` define the scoring blocks.
     ref_model: the frozen reference policy (None: ref_logp is 0, for include_ref_logp=False runs).
@@ -90,7 +198,7 @@ def score_blocks(pipe: data_pipeline.PreferencePipeline, ref_model: Optional[nnx
       task's gold reward, or the dataset's own rewards).
     own_rewards_only: rewards exist only for each response under its own prompt (dataset-provided rewards):
       cross-context reward entries stay NaN, so only the "per_prompt" and "batch" normalizers can use them.
-    chunk: sequences per forward pass.
+    chunk: sequences per forward pass of each batch shard (of the one device without a mesh).
     prefix_shared: score reference log-probs and rewards by encoding each prompt once into a KV cache and every
       response against it (`prefix_shared_scores`, same numbers) instead of concatenating every pair.
     only: block rows to score (`PreferencePipeline.blocks_read`); None = all.
@@ -110,82 +218,87 @@ def score_blocks(pipe: data_pipeline.PreferencePipeline, ref_model: Optional[nnx
     reward_model = reward_fn = None
   ref_split = nnx.split(ref_model) if ref_model is not None else None
   rm_split = nnx.split(reward_model) if reward_model is not None else None
+  mesh = _models_mesh((ref_split, rm_split))
   if own_only:
-    return _score_own(pipe, out, ref_split, rm_split, reward_fn, chunk, only)
-  for block in _blocks_with_progress(pipe, only):
+    return _score_own(pipe, out, ref_split, rm_split, reward_fn, chunk, only, mesh)
+  for block in _blocks_with_progress(pipe, only, mesh):
     b = block["block_index"]
     pairs = data_pipeline.cross_pairs(block)
     present = np.array([p is not None for p in pairs]).reshape(g, g * k)
     rows = len(pairs)
     chunk = min(chunk, rows)  # Every block has G * G*K rows: one compiled shape, no padding beyond a block.
-    # Each response's log-prob sums its own tokens (EOS included): that many targets.
-    out["ref_ntok"][b] = _num_trained(block)
     seqs = None
     if not prefix_shared and (ref_split is not None or rm_split is not None):  # Every pair concatenated.
-      longest = max(len(x[0]) + len(x[1]) for x in filter(None, pairs))
-      length = data_pipeline.bucket_length(longest, pipe.config.bucket, pipe.max_len)
-      seqs = data_pipeline.build_sequences(pairs, length, pipe.pad_id)
+      seqs = _sequences(pipe, pairs, mesh)
     p_idx = [i for i, p in enumerate(block["prompt_ids"]) if p is not None]
     r_idx = [m for m, r in enumerate(block["response_ids"]) if r is not None]
 
-    def shared(model, reward=False):  # [G, G*K] over the block's present prompts and responses, NaN elsewhere.
+    def shared(model, split, reward=False):  # [G, G*K] over the block's present prompts and responses, NaN elsewhere.
       scores = np.full((g, g * k), np.nan, np.float32)
       masks = block.get("response_masks")
-      scores[np.ix_(p_idx, r_idx)] = prefix_shared_scores(
-          model, [block["prompt_ids"][i] for i in p_idx], [block["response_ids"][m] for m in r_idx],
-          pad_id=pipe.pad_id, bucket=pipe.config.bucket, reward=reward,
-          response_masks=None if not masks or all(masks[m] is None for m in r_idx) else [masks[m] for m in r_idx])
+      args = ([block["prompt_ids"][i] for i in p_idx], [block["response_ids"][m] for m in r_idx])
+      options = dict(pad_id=pipe.pad_id, bucket=pipe.config.bucket, reward=reward,
+                     response_masks=None if not masks or all(masks[m] is None for m in r_idx)
+                     else [masks[m] for m in r_idx])
+      scores[np.ix_(p_idx, r_idx)] = (prefix_shared_scores(model, *args, **options) if mesh is None
+                                      else _sharded_prefix_shared_scores(split, *args, mesh=mesh, **options))
       return scores
 
     if ref_split is not None and prefix_shared:
-      out["ref_logp"][b] = np.where(present, shared(ref_model), np.nan)
+      ref_logp = np.where(present, shared(ref_model, ref_split), np.nan)
     elif ref_split is not None:
-      logp, _ = _in_chunks(policy_scores_jit, *ref_split, seqs, rows, chunk)
-      out["ref_logp"][b] = np.where(present, logp.reshape(g, g * k), np.nan)
+      logp, _ = _scores_in_chunks(ref_split, seqs, rows, chunk, mesh, reward=False)
+      ref_logp = np.where(present, logp.reshape(g, g * k), np.nan)
     else:
-      out["ref_logp"][b] = np.where(present, 0.0, np.nan)
+      ref_logp = np.where(present, 0.0, np.nan)
     own = np.arange(g * k) // k
     if rm_split is not None and prefix_shared:
-      reward = shared(reward_model, reward=True)
+      reward = shared(reward_model, rm_split, reward=True)
     elif rm_split is not None:
-      reward = _in_chunks(reward_scores_jit, *rm_split, seqs, rows, chunk).reshape(g, g * k)
+      reward = _scores_in_chunks(rm_split, seqs, rows, chunk, mesh, reward=True).reshape(g, g * k)
     else:
       reward = np.full((g, g * k), np.nan, np.float32)
       for p in range(g):
         for m in range(g * k):
           if present[p, m] and (not own_rewards_only or own[m] == p) and reward_fn is not None:
             reward[p, m] = reward_fn(b, p, m)
-    out["reward"][b] = np.where(present, reward, np.nan)
+    if b is not None:  # Not an empty block (of a process that joins the others' calls).
+      # Each response's log-prob sums its own tokens (EOS included): that many targets.
+      out["ref_ntok"][b] = _num_trained(block)
+      out["ref_logp"][b] = ref_logp
+      out["reward"][b] = np.where(present, reward, np.nan)
   return out
 
 
-def _score_own(pipe, out: dict, ref_split, rm_split, reward_fn, chunk: int, only) -> dict:
+def _score_own(pipe, out: dict, ref_split, rm_split, reward_fn, chunk: int, only, mesh: Optional[Mesh]) -> dict:
   """`score_blocks` with own_only: each block's G*K (own prompt, response) pairs, concatenated, as one fixed number
   of rows (missing pairs repeat a present one and are masked), so one shape per length bucket compiles."""
   g, k = pipe.config.block_size, pipe.k_max
   own = np.arange(g * k) // k
-  for block in _blocks_with_progress(pipe, only):
+  for block in _blocks_with_progress(pipe, only, mesh):
     b = block["block_index"]
     present = np.array([block["prompt_ids"][own[m]] is not None and r is not None
                         for m, r in enumerate(block["response_ids"])])
-    out["ref_ntok"][b] = _num_trained(block)
-    if not present.any():
+    if b is not None:
+      out["ref_ntok"][b] = _num_trained(block)
+    if not present.any() and mesh is None:
       continue
     first = int(np.argmax(present))
     masks = block.get("response_masks") or [None] * (g * k)
-    pairs = [(block["prompt_ids"][own[m]], block["response_ids"][m]) + (() if masks[m] is None else (masks[m],))
+    # Without a present pair (an empty block joining the other processes' calls) every row is padding.
+    pairs = [None if not present.any() else
+             (block["prompt_ids"][own[m]], block["response_ids"][m]) + (() if masks[m] is None else (masks[m],))
              for m in (m if present[m] else first for m in range(g * k))]
-    seqs = None
-    if ref_split is not None or rm_split is not None:
-      longest = max(len(x[0]) + len(x[1]) for x in pairs)
-      seqs = data_pipeline.build_sequences(pairs, data_pipeline.bucket_length(longest, pipe.config.bucket,
-                                                                              pipe.max_len), pipe.pad_id)
+    seqs = _sequences(pipe, pairs, mesh) if ref_split is not None or rm_split is not None else None
     rows = np.arange(g * k)
-    ref = (_in_chunks(policy_scores_jit, *ref_split, seqs, g * k, min(chunk, g * k))[0] if ref_split is not None
-           else np.zeros(g * k, np.float32))
+    ref = (_scores_in_chunks(ref_split, seqs, g * k, min(chunk, g * k), mesh, reward=False)[0]
+           if ref_split is not None else np.zeros(g * k, np.float32))
+    reward = (_scores_in_chunks(rm_split, seqs, g * k, min(chunk, g * k), mesh, reward=True)
+              if rm_split is not None else None)
+    if b is None:
+      continue
     out["ref_logp"][b, own[present], rows[present]] = ref[present]
-    if rm_split is not None:
-      reward = _in_chunks(reward_scores_jit, *rm_split, seqs, g * k, min(chunk, g * k))
+    if reward is not None:
       out["reward"][b, own[present], rows[present]] = reward[present]
     elif reward_fn is not None:
       for m in rows[present]:
@@ -261,6 +374,15 @@ def _prefix_shared_scores(graphdef, state, prompt_ids, prompt_len, response_ids,
 prefix_shared_scores_jit = jax.jit(_prefix_shared_scores, static_argnames="reward")
 
 
+def _mask_rows(response_ids, response_masks, shape) -> np.ndarray:
+  """Loss masks [M, R] float32 of right-padded responses: a response's own mask (None: all of its tokens), 0 on
+  padding."""
+  mask = np.zeros(shape, np.float32)
+  for i, (r, m) in enumerate(zip(response_ids, response_masks)):
+    mask[i, :len(r)] = 1.0 if m is None else m
+  return mask
+
+
 def prefix_shared_scores(model: nnx.Module, prompt_ids, response_ids, *, pad_id: int = 0, bucket: int = 32,
                          reward: bool = False, response_masks=None) -> np.ndarray:
   """For all G x M (prompt p, response m) pairs: log pi(response m | prompt p) summed over response tokens, or with
@@ -276,12 +398,7 @@ def prefix_shared_scores(model: nnx.Module, prompt_ids, response_ids, *, pad_id:
                            pad_id)
   r_ids, r_len = _pad_rows(response_ids,
                            data_pipeline.bucket_length(max(map(len, response_ids)), bucket, 1 << 30), pad_id)
-  r_mask = None
-  if response_masks is not None:
-    r_mask = np.zeros(r_ids.shape, np.float32)
-    for i, (r, mask) in enumerate(zip(response_ids, response_masks)):
-      r_mask[i, :len(r)] = 1.0 if mask is None else mask
-    r_mask = jnp.asarray(r_mask)
+  r_mask = None if response_masks is None else jnp.asarray(_mask_rows(response_ids, response_masks, r_ids.shape))
   graphdef, state = nnx.split(model)
   out = prefix_shared_scores_jit(graphdef, state, *map(jnp.asarray, (p_ids, p_len, r_ids, r_len)), r_mask,
                                  reward=reward)
@@ -290,6 +407,59 @@ def prefix_shared_scores(model: nnx.Module, prompt_ids, response_ids, *, pad_id:
   cost.count(tokens=int(p_len.sum() + g * r_len.sum()), flops=(g * p + g * m * r) * flops_lib.decoder_flops_per_token(
       model.cfg, p + r, training=False, lm_head=not reward))
   return np.asarray(jax.device_get(out), np.float32)
+
+
+def _sharded_prefix_shared(graphdef, state, prompt_ids, prompt_len, response_ids, response_len, response_mask=None,
+                           *, reward: bool, mesh: Mesh):
+  """`_prefix_shared_scores` of every batch shard at once: shard s scores its own prompts against its own responses.
+
+  prompt_ids [S, Gs, P], prompt_len [S, Gs], response_ids [S, M, R], response_len [S, M], response_mask
+  [S, M, R] or None, all batch-sharded over the leading shard axis -> [S, Gs, M] float32, batch-sharded too.
+  """
+  per_shard = functools.partial(_prefix_shared_scores, graphdef, state, reward=reward)
+  return _batch_sharded(jax.vmap(per_shard)(prompt_ids, prompt_len, response_ids, response_len, response_mask),
+                        mesh)
+
+
+sharded_prefix_shared_jit = jax.jit(_sharded_prefix_shared, static_argnames=("reward", "mesh"))
+
+
+def sharded_prefix_shape(mesh: Mesh, prompts: int, responses: int) -> tuple[int, int]:
+  """(prompts per batch shard Gs, responses M) of a prefix-shared call on `mesh` for `prompts` prompts and
+  `responses` responses per process (at least one each: every shard runs)."""
+  local_shards, _ = sharding_lib.batch_shards(mesh)
+  return max(-(-prompts // local_shards), 1), max(responses, 1)
+
+
+def _sharded_prefix_shared_scores(split, prompt_ids, response_ids, *, mesh: Mesh, pad_id: int, bucket: int,
+                                  reward: bool, response_masks=None) -> np.ndarray:
+  """`prefix_shared_scores` of this process's G prompts x M responses (either may be empty: a process joining the
+  others' call) with the prompts split over its local batch shards, each scoring them against all M responses.
+  Every process passes the same shapes: the longest prompt and response bucket, the most prompts and responses of
+  any process (padded with copies, whose scores are dropped). [G, M] float32."""
+  graphdef, state = split
+  local_shards, _ = sharding_lib.batch_shards(mesh)
+  longest = lambda seqs: data_pipeline.bucket_length(max(map(len, seqs), default=1), bucket, 1 << 30)  # noqa: E731
+  p, r, n_prompts, n_responses, masked = _agree(mesh, longest(prompt_ids), longest(response_ids), len(prompt_ids),
+                                                len(response_ids), response_masks is not None)
+  gs, m = sharded_prefix_shape(mesh, n_prompts, n_responses)
+  filler = [np.full(1, pad_id, np.int32)]  # Only when this process has no prompt or response at all.
+  prompts = list(prompt_ids) + (list(prompt_ids[:1]) or filler) * (local_shards * gs - len(prompt_ids))
+  responses = list(response_ids) + (list(response_ids[:1]) or filler) * (m - len(response_ids))
+  p_ids, p_len = _pad_rows(prompts, p, pad_id)
+  r_ids, r_len = _pad_rows(responses, r, pad_id)
+  tiled = lambda x: np.broadcast_to(x, (local_shards,) + x.shape)  # Every local shard scores all responses.  # noqa: E731
+  batch = {"prompt_ids": p_ids.reshape(local_shards, gs, p), "prompt_len": p_len.reshape(local_shards, gs),
+           "response_ids": tiled(r_ids), "response_len": tiled(r_len)}
+  if masked:
+    batch["response_mask"] = tiled(_mask_rows(responses, list(response_masks or []) + [None] * m, r_ids.shape))
+  batch = sharding_lib.global_batch(batch, mesh)
+  out = sharded_prefix_shared_jit(graphdef, state, batch["prompt_ids"], batch["prompt_len"], batch["response_ids"],
+                                  batch["response_len"], batch.get("response_mask"), reward=reward, mesh=mesh)
+  cost.count(tokens=int(p_len[:len(prompt_ids)].sum() + len(prompt_ids) * r_len[:len(response_ids)].sum()),
+             flops=local_shards * (gs * p + gs * m * r) * flops_lib.decoder_flops_per_token(
+                 nnx.merge(graphdef, state).cfg, p + r, training=False, lm_head=not reward))
+  return _local_rows(out).reshape(local_shards * gs, m)[:len(prompt_ids), :len(response_ids)].astype(np.float32)
 
 
 def score_pairs(model: nnx.Module, pairs, *, pad_id: int, bucket: int, reward: bool = False,

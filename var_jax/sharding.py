@@ -588,7 +588,7 @@ def data_shard(mesh: Mesh, process_index: int | None = None) -> tuple[int, int]:
   return index, len(groups)
 
 
-def _batch_shards(mesh: Mesh) -> tuple[int, int]:
+def batch_shards(mesh: Mesh) -> tuple[int, int]:
   """(batch shards holding some of this process's devices, all batch shards) of the ('data', 'fsdp') split."""
   held = process_batch_shards(mesh.devices, mesh.axis_names)
   shards = math.prod(mesh.shape[a] for a in BATCH_AXES if a in mesh.shape)
@@ -605,7 +605,7 @@ def global_batch(local_batch: dict, mesh: Mesh) -> dict:
   shard group, `data_shard`) pass the same rows: `jax.make_array_from_process_local_data` gives each device the
   rows of its shard from its own process's copy, so copies that differed would silently disagree.
   """
-  local_shards, shards = _batch_shards(mesh)
+  local_shards, shards = batch_shards(mesh)
   out = {}
   for key, x in local_batch.items():
     x = np.asarray(x)
