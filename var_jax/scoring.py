@@ -15,7 +15,6 @@ train step: each process's rows (its blocks' pairs or prompts) are split over it
 jax.Arrays (`sharding.global_batch`), and every process runs the same calls with the same shapes in lockstep (the
 lengths, row counts and number of blocks agreed over the processes), reading back its own rows.
 """
-import functools
 from typing import Callable, Optional, Sequence
 
 import jax
@@ -55,7 +54,8 @@ def _batch_sharded(tree, mesh: Mesh):
 
 def _batch_scores(graphdef, state, batch, *, reward: bool, mesh: Mesh):
   """_policy_scores (or with reward, _reward_scores) of batch-sharded rows; the outputs batch-sharded too."""
-  return _batch_sharded((_reward_scores if reward else _policy_scores)(graphdef, state, batch), mesh)
+  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # The model's batch constraints keep the rows split.
+    return _batch_sharded((_reward_scores if reward else _policy_scores)(graphdef, state, batch), mesh)
 
 
 batch_scores_jit = jax.jit(_batch_scores, static_argnames=("reward", "mesh"))
@@ -320,55 +320,67 @@ def _pad_rows(seqs, length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
   return ids, lens
 
 
-def _prefix_shared_scores(graphdef, state, prompt_ids, prompt_len, response_ids, response_len, response_mask=None,
-                          reward: bool = False):
-  """Per (prompt p, response m) pair, with each prompt encoded once: the summed log p(response m | prompt p) of a
-  policy, or (reward=True, a RewardModel) the reward read at the response's last token.
+def _shard_prefix_shared(graphdef, state, prompt_ids, prompt_len, response_ids, response_len, response_mask=None,
+                         reward: bool = False):
+  """Per batch shard s and (prompt p, response m) pair of it, with each prompt encoded once: the summed
+  log p(response m | prompt p) of a policy, or (reward=True, a RewardModel) the reward read at the response's last
+  token.
 
-  prompt_ids [G, P] (right-padded), prompt_len [G], response_ids [M, R] (right-padded), response_len [M] (>= 1),
-  response_mask [M, R] or None: 0 on the tokens left out of the sum (a multi-message completion's context turns)
-  -> [G, M] float32.
+  prompt_ids [S, G, P] (right-padded), prompt_len [S, G], response_ids [S, M, R] (right-padded), response_len
+  [S, M] (>= 1), response_mask [S, M, R] or None: 0 on the tokens left out of the sum (a multi-message completion's
+  context turns) -> [S, G, M] float32. Shard s's prompts meet only shard s's responses.
 
-  Prefill writes the G prompts into a KVCache of P + R slots (padding slots get segment 0, so they are never
-  attended). Then, one prompt at a time (`lax.map`, so one prompt's cache is tiled M-fold, never G*M-fold), all M
-  responses are appended at positions prompt_len[p] + j. The first response token is predicted from the prompt's
-  last hidden state, the others from the response's own hidden states, and the reward head reads the hidden state
-  of token response_len[m] - 1: exactly the positions and context the concatenated (naive) pair would use.
+  Prefill writes the S*G prompts into a KVCache of P + R slots (padding slots get segment 0, so they are never
+  attended). Then, one prompt index at a time (`lax.map` over G, so a prompt's cache is tiled M-fold, never G*M-fold),
+  every shard's M responses are appended at positions prompt_len[s, p] + j: S*M rows, shard-major, so under a mesh
+  the model's batch constraint (`model.batch_sharded`) splits them over the batch axes as it splits the prompts (the
+  shards are not a vmapped axis XLA may gather: under pure FSDP it gathered all of them onto every chip). The first
+  response token is predicted from the prompt's last hidden state, the others from the response's own hidden states,
+  and the reward head reads the hidden state of token response_len - 1: exactly the positions and context the
+  concatenated (naive) pair would use.
   """
   model = nnx.merge(graphdef, state)
   decoder = model.backbone if reward else model
-  g, p_len = prompt_ids.shape
-  m, r_len = response_ids.shape
-  cfg = model.cfg
+  s, g, p_len = prompt_ids.shape
+  m, r_len = response_ids.shape[1:]
   from var_jax import model as model_lib  # pylint: disable=g-import-not-at-top
-  p_seg = (jnp.arange(p_len)[None] < prompt_len[:, None]).astype(jnp.int32)
-  p_pos = jnp.broadcast_to(jnp.arange(p_len, dtype=jnp.int32), (g, p_len)) * p_seg
-  cache = model_lib.KVCache.init(cfg, g, p_len + r_len)
-  p_hidden, cache = decoder(prompt_ids, p_pos, p_seg, cache=cache)
-  last = jnp.take_along_axis(p_hidden, jnp.maximum(prompt_len - 1, 0)[:, None, None], axis=1)[:, 0]  # [G, D]
-  r_seg = (jnp.arange(r_len)[None] < response_len[:, None]).astype(jnp.int32)  # [M, R]
-  trained = r_seg > 0 if response_mask is None else (r_seg > 0) & (response_mask > 0)
-  targets = jnp.where(trained, response_ids, -1)  # Target -1 has log-prob 0.
+  p_seg = (jnp.arange(p_len) < prompt_len[..., None]).astype(jnp.int32).reshape(s * g, p_len)
+  p_pos = jnp.broadcast_to(jnp.arange(p_len, dtype=jnp.int32), (s * g, p_len)) * p_seg
+  cache = model_lib.KVCache.init(model.cfg, s * g, p_len + r_len)
+  p_hidden, cache = decoder(prompt_ids.reshape(s * g, p_len), p_pos, p_seg, cache=cache)
+  last = jnp.take_along_axis(p_hidden, jnp.maximum(prompt_len.reshape(-1) - 1, 0)[:, None, None], axis=1)[:, 0]
+  r_seg = (jnp.arange(r_len) < response_len[..., None]).astype(jnp.int32).reshape(s * m, r_len)
+  trained = r_seg > 0 if response_mask is None else (r_seg > 0) & (response_mask.reshape(s * m, r_len) > 0)
+  targets = jnp.where(trained, response_ids.reshape(s * m, r_len), -1)  # Target -1 has log-prob 0.
+  rows = lambda x: jnp.broadcast_to(x[:, None], (s, m) + x.shape[1:]).reshape((s * m,) + x.shape[1:])  # noqa: E731
 
   def one_prompt(xs):
-    k, v, pos, seg, h_last, n_prompt = xs  # k/v [L, P+R, Hkv, Dh]; pos/seg [P+R]; h_last [D]; n_prompt []
-    tiled = model_lib.KVCache(k=jnp.broadcast_to(k[:, None], (k.shape[0], m) + k.shape[1:]),
-                              v=jnp.broadcast_to(v[:, None], (v.shape[0], m) + v.shape[1:]),
-                              positions=jnp.broadcast_to(pos, (m,) + pos.shape),
-                              segment_ids=jnp.broadcast_to(seg, (m,) + seg.shape), index=cache.index)
-    r_pos = (n_prompt + jnp.arange(r_len, dtype=jnp.int32))[None] * r_seg
-    hidden, _ = decoder(response_ids, r_pos, r_seg, cache=tiled)  # [M, R, D]
+    k, v, pos, seg, h_last, n_prompt = xs  # k/v [L, S, P+R, Hkv, Dh]; pos/seg [S, P+R]; h_last [S, D]; n_prompt [S]
+    tiled = model_lib.KVCache(k=jax.vmap(rows)(k), v=jax.vmap(rows)(v), positions=rows(pos), segment_ids=rows(seg),
+                              index=cache.index)
+    r_pos = (rows(n_prompt)[:, None] + jnp.arange(r_len, dtype=jnp.int32)) * r_seg
+    hidden, _ = decoder(response_ids.reshape(s * m, r_len), r_pos, r_seg, cache=tiled)  # [S*M, R, D]
     if reward:
-      end = jnp.take_along_axis(hidden, jnp.maximum(response_len - 1, 0)[:, None, None], axis=1)[:, 0]  # [M, D]
+      end = jnp.take_along_axis(hidden, jnp.maximum(response_len.reshape(-1) - 1, 0)[:, None, None], axis=1)[:, 0]
       return jnp.einsum("md,do->mo", end, model.score[...].astype(end.dtype),
-                        preferred_element_type=jnp.float32)[:, 0]
+                        preferred_element_type=jnp.float32)[:, 0].reshape(s, m)
     # Row j of `inputs` predicts response token j: the prompt's last state, then response states 0..R-2.
-    inputs = jnp.concatenate([jnp.broadcast_to(h_last, (m, 1, h_last.shape[-1])).astype(hidden.dtype),
-                              hidden[:, :-1]], axis=1)
-    return jnp.sum(model.target_logprobs(inputs, targets), axis=-1)  # [M]
+    inputs = jnp.concatenate([rows(h_last)[:, None].astype(hidden.dtype), hidden[:, :-1]], axis=1)
+    return jnp.sum(model.target_logprobs(inputs, targets), axis=-1).reshape(s, m)
 
-  xs = (cache.k.swapaxes(0, 1), cache.v.swapaxes(0, 1), cache.positions, cache.segment_ids, last, prompt_len)
-  return jax.lax.map(one_prompt, xs)
+  by_prompt = lambda x, axis: jnp.moveaxis(x.reshape(x.shape[:axis] + (s, g) + x.shape[axis + 1:]), axis + 1, 0)  # noqa: E731
+  xs = (by_prompt(cache.k, 1), by_prompt(cache.v, 1), by_prompt(cache.positions, 0), by_prompt(cache.segment_ids, 0),
+        by_prompt(last, 0), prompt_len.T)
+  return jnp.moveaxis(jax.lax.map(one_prompt, xs), 0, 1)  # [G, S, M] -> [S, G, M]
+
+
+def _prefix_shared_scores(graphdef, state, prompt_ids, prompt_len, response_ids, response_len, response_mask=None,
+                          reward: bool = False):
+  """`_shard_prefix_shared` of one block: prompt_ids [G, P], prompt_len [G], response_ids [M, R], response_len [M],
+  response_mask [M, R] or None -> [G, M] float32."""
+  one = lambda x: None if x is None else x[None]  # noqa: E731
+  return _shard_prefix_shared(graphdef, state, *map(one, (prompt_ids, prompt_len, response_ids, response_len,
+                                                          response_mask)), reward=reward)[0]
 
 
 prefix_shared_scores_jit = jax.jit(_prefix_shared_scores, static_argnames="reward")
@@ -416,9 +428,10 @@ def _sharded_prefix_shared(graphdef, state, prompt_ids, prompt_len, response_ids
   prompt_ids [S, Gs, P], prompt_len [S, Gs], response_ids [S, M, R], response_len [S, M], response_mask
   [S, M, R] or None, all batch-sharded over the leading shard axis -> [S, Gs, M] float32, batch-sharded too.
   """
-  per_shard = functools.partial(_prefix_shared_scores, graphdef, state, reward=reward)
-  return _batch_sharded(jax.vmap(per_shard)(prompt_ids, prompt_len, response_ids, response_len, response_mask),
-                        mesh)
+  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # The model's batch constraints split the rows.
+    scores = _shard_prefix_shared(graphdef, state, prompt_ids, prompt_len, response_ids, response_len, response_mask,
+                                  reward=reward)
+  return _batch_sharded(scores, mesh)
 
 
 sharded_prefix_shared_jit = jax.jit(_sharded_prefix_shared, static_argnames=("reward", "mesh"))
