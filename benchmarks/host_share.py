@@ -65,9 +65,9 @@ def worker(cfg, shard_index: int, shard_count: int) -> dict:
   from var_jax import stages  # pylint: disable=g-import-not-at-top
   seconds, hwm = {}, {"imports": vm_hwm_mib()}
   start = time.perf_counter()
-  hf = stages._hf_tokenizer(cfg)  # pylint: disable=protected-access
+  hf = stages.hf_tokenizer(cfg)
   seconds["tokenizer"], hwm["tokenizer"] = time.perf_counter() - start, vm_hwm_mib()
-  stages._hf_tokenizer = lambda _: hf  # pylint: disable=protected-access  # load_task would open it again.
+  stages.hf_tokenizer = lambda _: hf  # load_task would open it again.
   start = time.perf_counter()
   task = stages.load_task(cfg)
   seconds["task"], hwm["task"] = time.perf_counter() - start, vm_hwm_mib()

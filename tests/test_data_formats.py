@@ -390,7 +390,7 @@ def test_load_task_passes_the_data_config(tmp_path, monkeypatch):
   from var_jax import stages
   from var_jax.data import synthetic
   folder = _parquet_dir(tmp_path)
-  monkeypatch.setattr(stages, "_hf_tokenizer", lambda cfg: synthetic.build_tokenizer())
+  monkeypatch.setattr(stages, "hf_tokenizer", lambda cfg: synthetic.build_tokenizer())
   cfg = config_lib.base_config()
   cfg.data.update(source=str(folder), eval_source=str(folder), split="train", eval_split="test",
                   data_files="train=train-00000.parquet,test=test-00000.parquet",

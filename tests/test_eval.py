@@ -76,7 +76,7 @@ def test_real_data_eval_without_the_training_reward_model(tmp_path, monkeypatch)
   from var_jax.data import synthetic  # pylint: disable=g-import-not-at-top
   pairs = str(tmp_path / "pairs.jsonl")
   _write_pairs(pairs, synthetic.preference_records(160, seed=0))
-  monkeypatch.setattr(stages, "_hf_tokenizer", lambda cfg: synthetic.build_tokenizer())
+  monkeypatch.setattr(stages, "hf_tokenizer", lambda cfg: synthetic.build_tokenizer())
   common = {"stages": "sft,reward,chosen,eval", "data.source": pairs, "data.format": "pairs",
             "data.eval_fraction": 0.3, "eval.num_prompts": 6, "eval.samples_per_prompt": 2, "eval.bootstrap": 50}
   workdir = str(tmp_path / "run")

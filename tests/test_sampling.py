@@ -86,9 +86,9 @@ def test_sampled_row_does_not_depend_on_padding_rows(partitionable):
   np.testing.assert_array_equal(small_filtered, padded_filtered[:3])
 
 
-def test_padded_batch_rounds_up_to_the_batch_shards():
+def test_padded_batch_rounds_up_to_the_row_shards():
   mesh = AbstractMesh((2, 3, 4), sharding.MESH_AXES)  # 6 batch shards; the tensor axis does not split rows.
-  assert sampling.batch_shards(mesh) == 6 and sampling.batch_shards(None) == 1
+  assert sampling.row_shards(mesh) == 6 and sampling.row_shards(None) == 1
   assert [sampling.padded_batch(n, mesh) for n in (1, 6, 7, 12)] == [6, 6, 12, 12]
   assert sampling.padded_batch(5, None) == 5
 

@@ -16,6 +16,7 @@ import pytest
 from flax import nnx
 from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec as P
 
+from var_jax import artifacts
 from var_jax import sharding
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -385,10 +386,11 @@ def test_two_processes_match_single_device(equivalence, tmp_path, run_jax_proces
 
 
 def _span_run(workdir, groups: int, extra=()):
-  """The main job's sft stage at the test size with `groups` normalizer groups per step and an automatic mesh
-  (data takes as many devices as split them, tensor the rest)."""
+  """The main job's sft and score stages at the test size with `groups` normalizer groups per step and an automatic
+  mesh (data takes as many devices as split them, tensor the rest); the score stage scores whole blocks."""
   from tests.helpers import TEST_SIZE  # pylint: disable=g-import-not-at-top
-  flags = [f"--config.{k}={v}" for k, v in {**TEST_SIZE, "data.groups_per_batch": groups, "stages": "sft",
+  flags = [f"--config.{k}={v}" for k, v in {**TEST_SIZE, "data.groups_per_batch": groups, "stages": "sft,score",
+                                            "reward.source": "gold", "score.pairs": "block",
                                             "mesh.data": -1, "mesh.tensor": -1}.items()]
   return ["-m", "var_jax.main", "--config=configs/tiny.py", *flags, f"--workdir={workdir}", *extra]
 
@@ -416,8 +418,9 @@ def _restore_here(path):
 
 
 def _check_spanning_runs(tmp_path, run_jax_processes, groups: int, reference, runs) -> None:
-  """The sft job on the `reference` (processes, devices per process, mesh line) and on each of `runs` (the same):
-  the meshes logged, and the runs' losses and trained parameters equal the reference's. The reference has a
+  """The sft and score job on the `reference` (processes, devices per process, mesh line) and on each of `runs` (the
+  same): the meshes logged, and the runs' losses, trained parameters and reference log-probs (the score stage on the
+  run's mesh, a batch shard over several processes) equal the reference's. The reference has a
   process per data shard (every process reading data of its own, as before batch shards could span processes), so
   the runs read the same data in the same order."""
   results = []
@@ -428,10 +431,13 @@ def _check_spanning_runs(tmp_path, run_jax_processes, groups: int, reference, ru
     assert mesh_line in log, (what, log[-3000:])
     losses = _sft_losses(workdir)
     assert [s for s, _ in losses] == [3, 6], what
-    results.append((what, losses, _restore_here(os.path.join(workdir, "sft", "params"))))
-  _, ref_losses, ref_params = results[0]
-  for what, losses, params in results[1:]:
+    scores = artifacts.load_scores(workdir, "train")["ref_logp"]
+    assert np.isfinite(scores).any(), what
+    results.append((what, losses, _restore_here(os.path.join(workdir, "sft", "params")), scores))
+  _, ref_losses, ref_params, ref_scores = results[0]
+  for what, losses, params, scores in results[1:]:
     np.testing.assert_allclose([l for _, l in losses], [l for _, l in ref_losses], rtol=1e-4, err_msg=what)
+    np.testing.assert_allclose(scores, ref_scores, rtol=1e-4, atol=1e-3, err_msg=what)  # NaN where the reference's.
     for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
       np.testing.assert_allclose(x, y, atol=2e-5, err_msg=what)
 

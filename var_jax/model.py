@@ -661,6 +661,8 @@ class KVCache:
 
   @classmethod
   def init(cls, cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> 'KVCache':
+    """An empty cache. Build it inside the traced function that prefills it: passed into a jit, its FRESH index
+    becomes a traced int and the prefill (still correct) attends over all max_len slots instead of its own tokens."""
     shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
     dtype = dtype or cfg.jnp_dtype
     return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),

@@ -549,7 +549,7 @@ def pipeline_cost(cfg, rows: Sequence[Row], stages: Sequence[str], mesh, *, trai
   by_name, d = {r.name: r for r in rows}, cfg.data
   g = config_lib.block_size(cfg)
   local_shards, shards = sharding_lib.batch_shards(mesh)
-  processes = shards // local_shards  # Each scores its own blocks (on one batch shard, the data replicas repeat).
+  processes = shards // local_shards  # Data shard groups (processes reading one shard count once): each scores its blocks.
   calls = 1 if cfg.score.prefix_shared else scoring.balanced_chunk(-(-g * g * d.max_responses // local_shards),
                                                                    cfg.score.chunk)[1]
   out = []

@@ -102,14 +102,14 @@ def left_padded_inputs(lengths, width: int):
   return jnp.where(real, slots - first, 0).astype(jnp.int32), real.astype(jnp.int32)
 
 
-def batch_shards(mesh) -> int:
+def row_shards(mesh) -> int:
   """How many shards a batch's rows split into on `mesh` (data x fsdp); 1 without a mesh."""
   return 1 if mesh is None else math.prod(mesh.shape[a] for a in sharding_lib.BATCH_AXES)
 
 
 def padded_batch(rows: int, mesh) -> int:
   """`rows` rounded up to a multiple of the mesh's batch shards: the batch `generate` compiles for `rows` prompts."""
-  shards = batch_shards(mesh)
+  shards = row_shards(mesh)
   return -(-rows // shards) * shards
 
 
@@ -144,8 +144,8 @@ def prefill_and_decode(model, tokens, lengths, active, key, eos_id, pad_id, *, m
   """
   b, p = tokens.shape
   n = max_new_tokens
-  if b % batch_shards(mesh):
-    raise ValueError(f"prefill_and_decode: {b} rows do not split over the {batch_shards(mesh)} batch shards of mesh "
+  if b % row_shards(mesh):
+    raise ValueError(f"prefill_and_decode: {b} rows do not split over the {row_shards(mesh)} batch shards of mesh "
                      f"{dict(mesh.shape)}; pad the batch with inactive rows (`padded_batch`)")
   choose = lambda logits, t: choose_tokens(logits, jax.random.fold_in(key, t), temperature, top_k, top_p)  # noqa: E731
   rows = lambda *xs: tuple(constrain_rows(x, mesh) for x in xs)  # noqa: E731

@@ -67,11 +67,15 @@ batch_scores_jit = jax.jit(_batch_scores, static_argnames=("reward", "mesh"))
 
 def batch_mesh(state) -> Optional[Mesh]:
   """The mesh whose batch axes ('data', 'fsdp') split the score stage's rows: that of the model's arrays when it has
-  more than one batch shard (several processes always do: a batch shard never spans processes). None for plain
-  arrays, or a mesh without a batch split, where inputs stay replicated as on one device (every device would
-  compute every row either way)."""
+  more than one batch shard, or spans several processes (even with one batch shard over whole processes that read
+  the same blocks, so that every multi-process run scores through global arrays, the path the two-process tests
+  cover). None for plain arrays, or a one-process mesh without a batch split, where inputs stay replicated as on one
+  device (every device would compute every row either way)."""
   mesh = sampling.params_mesh(state)
-  return mesh if mesh is not None and sharding_lib.batch_shards(mesh)[1] > 1 else None
+  if mesh is None:
+    return None
+  spans = len({d.process_index for d in mesh.devices.flat}) > 1
+  return mesh if spans or sharding_lib.batch_shards(mesh)[1] > 1 else None
 
 
 def _agree(mesh: Optional[Mesh], *values: int) -> tuple[int, ...]:

@@ -60,7 +60,8 @@ def _with_validation(task: "Task", fraction: float) -> "Task":
   return dataclasses.replace(task, validation_records=validation, test_records=test)
 
 
-def _hf_tokenizer(cfg):
+def hf_tokenizer(cfg):
+  """The run's Hugging Face tokenizer: config.data.tokenizer, the synthetic task's, else the policy checkpoint's."""
   if cfg.data.tokenizer:
     from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
     return AutoTokenizer.from_pretrained(cfg.data.tokenizer)
@@ -91,7 +92,7 @@ def read_preferences(d, field: str, split: str):
 def load_task(cfg) -> Task:
   """Records and tokenizer of the configured data (the embedded synthetic task or preference files)."""
   d = cfg.data
-  tok = tokenize.Tokenizer(_hf_tokenizer(cfg), max_prompt_len=d.max_prompt_len, max_response_len=d.max_response_len,
+  tok = tokenize.Tokenizer(hf_tokenizer(cfg), max_prompt_len=d.max_prompt_len, max_response_len=d.max_response_len,
                            truncation=d.truncation)
   if d.source == "synthetic":
     sft = synthetic.sft_records(d.num_sft, seed=cfg.seed)
