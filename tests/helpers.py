@@ -23,6 +23,32 @@ def program_env() -> dict:
           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
 
 
+def worker_env(**extra) -> dict:
+  """The environment for a tests/*_worker.py subprocess: the repository importable, the suite's persistent
+  compilation cache passed on (`use_suite_cache` reads it), and `extra` (e.g. XLA_FLAGS for simulated devices)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  env = dict(os.environ, PYTHONPATH=ROOT, **extra)
+  env["VAR_JAX_COMPILATION_CACHE"] = jax.config.jax_compilation_cache_dir or ""
+  return env
+
+
+def use_suite_cache() -> None:
+  """In a worker subprocess: compile through the suite's persistent cache when the parent passed one."""
+  import jax  # pylint: disable=g-import-not-at-top
+  cache = os.environ.get("VAR_JAX_COMPILATION_CACHE")
+  if cache:
+    jax.config.update("jax_compilation_cache_dir", cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def load_worker_results(path: str) -> tuple[dict, dict]:
+  """A worker's .npz: ({name: array} without "meta", the decoded "meta" JSON)."""
+  import json  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  data = np.load(path)
+  return {k: data[k] for k in data.files if k != "meta"}, json.loads(str(data["meta"]))
+
+
 def tiny_config(**overrides) -> ml_collections.ConfigDict:
   """configs/tiny.py at TEST_SIZE, then `overrides` ({"section.field": value} or {"field": value})."""
   c = tiny.get_config()

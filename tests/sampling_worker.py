@@ -30,10 +30,9 @@ from var_jax import model as model_lib  # noqa: E402
 from var_jax import sampling  # noqa: E402
 from var_jax import sharding  # noqa: E402
 
-_CACHE = os.environ.get("VAR_JAX_COMPILATION_CACHE")
-if _CACHE:
-  jax.config.update("jax_compilation_cache_dir", _CACHE)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+from tests.helpers import use_suite_cache  # noqa: E402
+
+use_suite_cache()
 
 MESHES = ((8, 1, 1), (1, 8, 1), (2, 2, 2))
 # 7 prompts in batches of 3: 3 rows split over neither 8 nor 4 batch shards, and a last batch of 1 real row. All

@@ -28,10 +28,9 @@ from var_jax.data import pipeline as data_pipeline  # noqa: E402
 from var_jax.data import synthetic  # noqa: E402
 from var_jax.data import tokenize  # noqa: E402
 
-_CACHE = os.environ.get("VAR_JAX_COMPILATION_CACHE")
-if _CACHE:
-  jax.config.update("jax_compilation_cache_dir", _CACHE)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+from tests.helpers import use_suite_cache  # noqa: E402
+
+use_suite_cache()
 
 MESHES = {"data8": (8, 1, 1), "fsdp8": (1, 8, 1), "2x2x2": (2, 2, 2)}
 G, K, BUCKET = 4, 2, 8

@@ -31,10 +31,9 @@ from var_jax import losses  # noqa: E402
 from var_jax import model as model_lib  # noqa: E402
 from var_jax import sharding  # noqa: E402
 
-_CACHE = os.environ.get("VAR_JAX_COMPILATION_CACHE")
-if _CACHE:
-  jax.config.update("jax_compilation_cache_dir", _CACHE)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+from tests.helpers import use_suite_cache  # noqa: E402
+
+use_suite_cache()
 
 MESHES = ((8, 1, 1), (2, 4, 1), (2, 2, 2))
 NUM_PROMPTS, K, T = 8, 2, 8  # N = 16 response rows: 2 rows per device on the 8-way batch split.

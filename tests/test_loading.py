@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from tests.helpers import worker_env
 from var_jax import hf_io
 from var_jax import model as model_lib
 
@@ -45,13 +46,6 @@ def test_slice_of_ours_maps_to_the_hf_slice(reward, overrides):
       assert block.size <= np.prod(spec.shape) and block.size >= ours[index].size, (path, index)
 
 
-def _env(**extra):
-  import jax
-  env = dict(os.environ, PYTHONPATH=ROOT, **extra)
-  env["VAR_JAX_COMPILATION_CACHE"] = jax.config.jax_compilation_cache_dir or ""
-  return env
-
-
 @pytest.mark.slow
 def test_sliced_load_equals_whole_load_on_meshes(tmp_path):
   """On 8 simulated devices, fsdp / tensor / data meshes, head_dim and layer-axis sharding, float32 and bfloat16,
@@ -59,7 +53,7 @@ def test_sliced_load_equals_whole_load_on_meshes(tmp_path):
   tensors converted and stacked on the host."""
   out = str(tmp_path / "meshes.json")
   proc = subprocess.run([sys.executable, WORKER, "meshes", str(tmp_path), out], capture_output=True, text=True,
-                        timeout=TIMEOUT_S, cwd=ROOT, env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"))
+                        timeout=TIMEOUT_S, cwd=ROOT, env=worker_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"))
   assert proc.returncode == 0, proc.stderr[-5000:]
   with open(out) as fh:
     results = json.load(fh)
@@ -79,7 +73,7 @@ def big_checkpoint(tmp_path_factory):
   """~1.2 GB float32 Decoder checkpoint (4 wide layers, 3 files), written by save_pretrained in a subprocess."""
   directory = str(tmp_path_factory.mktemp("loading") / "big")
   proc = subprocess.run([sys.executable, WORKER, "write", directory], capture_output=True, text=True,
-                        timeout=TIMEOUT_S, cwd=ROOT, env=_env())
+                        timeout=TIMEOUT_S, cwd=ROOT, env=worker_env())
   assert proc.returncode == 0, proc.stderr[-5000:]
   return directory
 

@@ -171,6 +171,17 @@ def _tpu_python():
   return None
 
 
+def _tpu_code_lines(code: str) -> list[str]:
+  """Runs `code` in the Python that has libtpu (skipping the test when there is none); the lines it printed."""
+  python = _tpu_python()
+  if python is None:
+    pytest.skip("no Python with jax[tpu]==0.10.2 (libtpu): set VAR_JAX_TPU_PYTHON or create /work/tpuvenv")
+  out = subprocess.run([python, "-c", code], cwd=helpers.ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, **plan_lib.LIBTPU_ENV})
+  assert out.returncode == 0, out.stderr[-3000:]
+  return out.stdout.splitlines()
+
+
 @pytest.mark.tpu_compile
 def test_plan_compiles_for_tpu_v5e_with_splash_attention():
   """`python -m var_jax.plan` for a v5e 2x2 slice with the tiny model, the splash-attention kernel included."""
@@ -217,12 +228,7 @@ print("compiled")
 @pytest.mark.tpu_compile
 def test_a_multi_host_mesh_keeps_each_tensor_group_within_a_host():
   """No compile: the topology's devices only (seconds)."""
-  python = _tpu_python()
-  if python is None:
-    pytest.skip("no Python with jax[tpu]==0.10.2 (libtpu): set VAR_JAX_TPU_PYTHON or create /work/tpuvenv")
-  out = subprocess.run([python, "-c", _LAYOUT], cwd=helpers.ROOT, capture_output=True, text=True, timeout=300)
-  assert out.returncode == 0, out.stderr[-3000:]
-  assert out.stdout.splitlines()[-2:] == [f"hosts 16 raw spans True spans False data hosts {list(range(16))}",
+  assert _tpu_code_lines(_LAYOUT)[-2:] == [f"hosts 16 raw spans True spans False data hosts {list(range(16))}",
                                           "compiled"]
 
 
@@ -265,39 +271,22 @@ print("compiled")
 @pytest.mark.tpu_compile
 def test_a_mesh_that_is_no_product_of_the_torus_axes_is_laid_out_anyway():
   """hha's data 16 x tensor 4 on a v6e 8x8: jax.make_mesh refuses (4 splits a ring of 8); make_mesh splits the rings."""
-  python = _tpu_python()
-  if python is None:
-    pytest.skip("no Python with jax[tpu]==0.10.2 (libtpu): set VAR_JAX_TPU_PYTHON or create /work/tpuvenv")
-  out = subprocess.run([python, "-c", _V6E], cwd=helpers.ROOT, capture_output=True, text=True, timeout=300,
-                       env={**os.environ, **plan_lib.LIBTPU_ENV})
-  assert out.returncode == 0, out.stderr[-3000:]
-  assert out.stdout.splitlines()[-1] == "{'data': 16, 'fsdp': 1, 'tensor': 4} spans False"
+  assert _tpu_code_lines(_V6E)[-1] == "{'data': 16, 'fsdp': 1, 'tensor': 4} spans False"
 
 
 @pytest.mark.tpu_compile
 def test_hha_on_v5e_256_makes_each_tensor_group_of_whole_hosts():
   """No compile: the topology's devices only (seconds)."""
-  python = _tpu_python()
-  if python is None:
-    pytest.skip("no Python with jax[tpu]==0.10.2 (libtpu): set VAR_JAX_TPU_PYTHON or create /work/tpuvenv")
-  out = subprocess.run([python, "-c", _SPAN_LAYOUT], cwd=helpers.ROOT, capture_output=True, text=True, timeout=300)
-  assert out.returncode == 0, out.stderr[-3000:]
-  assert out.stdout.splitlines()[-2:] == ["hosts 64 sizes {'data': 16, 'fsdp': 1, 'tensor': 16} raw nests False "
+  assert _tpu_code_lines(_SPAN_LAYOUT)[-2:] == ["hosts 64 sizes {'data': 16, 'fsdp': 1, 'tensor': 16} raw nests False "
                                           "nests True groups 16 {4} boxes {(4, 4)}", "compiled"]
 
 
 @pytest.mark.tpu_compile
 def test_a_v4_slice_compiles_for_one_device_per_chip():
   """JAX on a real v4 host sees its 4 chips as 4 megacore devices, not 8 TensorCores: so must the plan."""
-  python = _tpu_python()
-  if python is None:
-    pytest.skip("no Python with jax[tpu]==0.10.2 (libtpu): set VAR_JAX_TPU_PYTHON or create /work/tpuvenv")
   code = ("from var_jax import plan; t = plan.parse_topology('v4-16'); d = plan.target_devices(t); "
           "print(t.num_chips, len(d), d[0].device_kind, d[0].num_cores)")
-  out = subprocess.run([python, "-c", code], cwd=helpers.ROOT, capture_output=True, text=True, timeout=300,
-                       env={**os.environ, **plan_lib.LIBTPU_ENV})
-  assert out.returncode == 0, out.stderr[-3000:]
-  assert out.stdout.splitlines()[-1] == "8 8 TPU v4 2"
+  assert _tpu_code_lines(code)[-1] == "8 8 TPU v4 2"
 
 
 def test_a_reward_models_flops_leave_out_the_lm_head():

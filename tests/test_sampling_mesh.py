@@ -4,14 +4,14 @@ data-parallel, with the same tokens and log-probs as on one device, on 8 simulat
 Multi-device runs happen in subprocesses (tests/sampling_worker.py): the fake device count must be fixed before JAX
 is imported, and this pytest process has already imported it with one CPU device.
 """
-import json
 import os
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
+
+from tests.helpers import load_worker_results, worker_env
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "sampling_worker.py")
@@ -22,25 +22,14 @@ MESHES = {"8x1x1": 8, "1x8x1": 8, "2x2x2": 4}
 BATCH_SPEC = "P(('data', 'fsdp'),"  # How every batch-sharded input's PartitionSpec begins.
 
 
-def _env(**extra):
-  env = dict(os.environ, PYTHONPATH=ROOT, **extra)
-  env["VAR_JAX_COMPILATION_CACHE"] = jax.config.jax_compilation_cache_dir or ""
-  return env
-
-
-def _load(path):
-  data = np.load(path)
-  return {k: data[k] for k in data.files if k != "meta"}, json.loads(str(data["meta"]))
-
-
 @pytest.fixture(scope="module")
 def meshes(tmp_path_factory):
   """Runs the worker once on 8 fake devices: the single-device reference and the three meshes."""
   out = str(tmp_path_factory.mktemp("sampling") / "meshes.npz")
   proc = subprocess.run([sys.executable, WORKER, "meshes", out], capture_output=True, text=True, timeout=TIMEOUT_S,
-                        cwd=ROOT, env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"))
+                        cwd=ROOT, env=worker_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"))
   assert proc.returncode == 0, proc.stderr[-5000:]
-  return _load(out)
+  return load_worker_results(out)
 
 
 def _assert_matches_reference(results: dict, ref: dict) -> None:
@@ -84,6 +73,6 @@ def test_two_processes_get_the_same_samples(meshes, tmp_path, run_jax_processes)
   run_jax_processes(lambda i, port: [WORKER, "multiprocess", prefix, str(port), str(i)], timeout=TIMEOUT_S)
   ref = {k[len("ref/"):]: v for k, v in meshes[0].items() if k.startswith("ref/")}
   for process in (0, 1):
-    results, meta = _load(f"{prefix}{process}.npz")
+    results, meta = load_worker_results(f"{prefix}{process}.npz")
     assert meta["mesh_process_ids"] == [0, 0, 1, 1]  # fsdp really spans the two processes.
     _assert_matches_reference(results, ref)

@@ -16,6 +16,7 @@ import pytest
 from flax import nnx
 from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec as P
 
+from tests.helpers import load_worker_results, worker_env
 from var_jax import artifacts
 from var_jax import sharding
 
@@ -272,26 +273,15 @@ def test_cluster_detection_from_environment(monkeypatch, env, expected):
 # 8 simulated devices and two real processes.
 
 
-def _env(**extra):
-  env = dict(os.environ, PYTHONPATH=ROOT, **extra)
-  env["VAR_JAX_COMPILATION_CACHE"] = jax.config.jax_compilation_cache_dir or ""
-  return env
-
-
-def _load(path):
-  data = np.load(path)
-  return {k: data[k] for k in data.files if k != "meta"}, json.loads(str(data["meta"]))
-
-
 @pytest.fixture(scope="module")
 def equivalence(tmp_path_factory):
   """Runs the worker once on 8 fake devices: the single-device reference and the three meshes."""
   out = str(tmp_path_factory.mktemp("sharding") / "equivalence.npz")
   proc = subprocess.run([sys.executable, WORKER, "equivalence", out], capture_output=True, text=True,
                         timeout=TIMEOUT_S, cwd=ROOT,
-                        env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"))
+                        env=worker_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"))
   assert proc.returncode == 0, proc.stderr[-5000:]
-  return _load(out)
+  return load_worker_results(out)
 
 
 def _assert_matches_reference(results, ref, adamw):
@@ -374,7 +364,7 @@ def test_two_processes_match_single_device(equivalence, tmp_path, run_jax_proces
   """Two processes x 4 CPU devices (gloo), each feeding its half of the batch, take the reference step."""
   out = str(tmp_path / "multiprocess.npz")
   run_jax_processes(lambda i, port: [WORKER, "multiprocess", out, str(port), str(i)], timeout=TIMEOUT_S)
-  results, meta = _load(out)
+  results, meta = load_worker_results(out)
   # The data axis spans the two processes, so each process really holds only its own rows.
   assert meta["mesh_process_ids"] == [[0, 0, 0, 0], [1, 1, 1, 1]]
   assert meta["specs"]["embed"] == str(P(None, "fsdp")) and meta["mu_specs_equal"]
